@@ -1,0 +1,183 @@
+"""The `ftguard` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+from ftguard.errors import FtguardError
+
+DEMO_CONFIG = "demo"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML file or packaged config name (see `ftguard configs`)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set finetune.train.max_steps=20 (repeatable)",
+    )
+    p.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs of a different config in the output dir")
+
+
+def _load(args: argparse.Namespace):
+    from ftguard.config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "output_dir", None):
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
+def _print_table(results: dict) -> None:
+    from ftguard.pipeline.results import markdown_table
+
+    print()
+    print(markdown_table(results))
+
+
+def cmd_run(args: argparse.Namespace, stages: tuple[str, ...] = ("base", "align", "finetune")) -> int:
+    from ftguard.pipeline.run import run_pipeline
+
+    cfg = _load(args)
+    results = run_pipeline(cfg, overwrite=args.overwrite, stages=stages)
+    _print_table(results)
+    print(f"results: {cfg.out_dir / 'results.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.model:
+        import json
+
+        from ftguard.pipeline.run import evaluate_model_dir
+
+        metrics = evaluate_model_dir(_load(args), args.model)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    return cmd_run(args, stages=("base", "align", "finetune"))
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from ftguard.registry import STAGE_NAMES, all_methods
+    from ftguard.schema import field_help
+
+    methods = all_methods()
+    for stage in STAGE_NAMES:
+        names = [n for n, m in methods.items() if stage in m.stages]
+        if not names:
+            continue
+        print(f"{stage}:")
+        for name in names:
+            m = methods[name]
+            print(f"  {name:<14} {m.summary}  [{m.paper}]")
+            if args.verbose:
+                for field, help_text in field_help(m.config_class).items():
+                    default = getattr(m.config_class(), field)
+                    print(f"      {field} = {default!r}: {help_text}")
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ftguard.config import packaged_configs
+
+    for name, path in packaged_configs().items():
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        desc = " ".join(str(data.get("description", "")).split())
+        print(f"{name:<22} {textwrap.shorten(desc, 90)}")
+    print("\nrun one with `ftguard run NAME`; copy one with `ftguard configs --show NAME > my.yaml`" if not args.show else "")
+    if args.show:
+        from ftguard.config import resolve_config_path
+
+        print(resolve_config_path(args.show).read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ftguard.compare import collect_rows, markdown, plot
+
+    rows = collect_rows(args.runs)
+    table = markdown(rows)
+    print(table)
+    out = Path(args.out)
+    plot(rows, out)
+    if args.markdown:
+        Path(args.markdown).write_text(table, encoding="utf-8")
+    print(f"plot: {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.config = DEMO_CONFIG
+    return cmd_run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftguard",
+        description="Defenses against harmful fine-tuning: align → finetune → evaluate (HS, HS+, FA).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the whole pipeline of a config")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("align", help="run only the align stage (writes <output_dir>/align)")
+    _add_config_args(p)
+    p.set_defaults(func=lambda a: cmd_run(a, stages=("align",)))
+
+    p = sub.add_parser("finetune", help="run only the finetune stage(s), from the completed align stage")
+    _add_config_args(p)
+    p.set_defaults(func=lambda a: cmd_run(a, stages=("finetune",)))
+
+    p = sub.add_parser("evaluate", help="evaluate the run's models, or any model with --model")
+    _add_config_args(p)
+    p.add_argument("--model", help="a model folder or hub id to evaluate with the config's evaluation settings")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("methods", help="list the registered methods by stage")
+    p.add_argument("--verbose", action="store_true", help="show each method's hyperparameters and defaults")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("configs", help="list the packaged example configs")
+    p.add_argument("--show", metavar="NAME", help="print one packaged config")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("compare", help="table across runs and an HS-vs-FA plot")
+    p.add_argument("runs", nargs="+", help="run output directories (holding results.json)")
+    p.add_argument("--out", default="compare.png", help="where to write the PNG plot (default compare.png)")
+    p.add_argument("--markdown", help="also write the table to this file")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="offline demo on SmolLM2-135M: base → SFT alignment → harmful fine-tune (≈15 min on 2 cores)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the demo config")
+    p.add_argument("--output-dir", help="where to write (default runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs of a different config")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="ftguard: %(message)s", stream=sys.stderr
+    )
+    try:
+        return args.func(args)
+    except FtguardError as exc:
+        print(f"ftguard: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ftguard: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

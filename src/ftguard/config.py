@@ -1,0 +1,327 @@
+"""The run config: one YAML file describes a whole pipeline run.
+
+Defaults follow the Booster protocol (methods.md §1.4, §2.2–§2.7), the one whose alignment data (refusals)
+we have offline; each default cites its section. Sizes that would need the full 30k BeaverTails default to
+"all available" (``null``) instead of failing on smaller local copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ftguard.errors import FtguardError
+from ftguard.schema import ConfigError, check, from_dict, to_dict
+
+STAGES = ("align", "finetune")
+EVAL_POINTS = ("base", "align", "finetune")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help("'tiny', 'smollm2-135m', a hub id or a local path", default="tiny")
+    revision: str | None = _help("hub revision (commit, tag or branch)", default=None)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
+        "weights dtype; auto = bf16 on a bf16-capable GPU, else fp32", default="auto"
+    )
+    trust_remote_code: bool = _help("run code shipped with a hub model (off unless you trust it)", default=False)
+    template: Literal["alpaca", "chat"] = _help("prompt format: Alpaca (§2.4) or the model's chat template", default="alpaca")
+    response_newline: bool = _help("append a newline after '### Response:' (Booster's variant, §2.4)", default=False)
+    max_length: int = _help("max tokens per training sample (Booster forces 256, §1.4)", default=256)
+
+    def __post_init__(self) -> None:
+        check(bool(self.name), "name", "must not be empty")
+        check(self.max_length >= 8, "max_length", f"must be ≥ 8, got {self.max_length}")
+
+
+@dataclass
+class LoraConfig:
+    # Booster protocol LoRA (§1.4/§2.5): r 32, α 4, q/k/v, no dropout.
+    r: int = _help("LoRA rank", default=32)
+    alpha: float = _help("LoRA alpha (scaling = alpha / r)", default=4.0)
+    dropout: float = _help("LoRA dropout", default=0.0)
+    target_modules: list[str] = _help(
+        "module names to adapt", default_factory=lambda: ["q_proj", "k_proj", "v_proj"]
+    )
+
+    def __post_init__(self) -> None:
+        check(self.r >= 1, "r", f"must be ≥ 1, got {self.r}")
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        check(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+
+
+@dataclass
+class AdapterConfig:
+    topology: Literal["double", "single", "full"] = _help(
+        "double: merge the alignment LoRA, train a new one (§2.5); single: keep training the alignment "
+        "LoRA (Booster); full: full fine-tuning",
+        default="double",
+    )
+    align: LoraConfig = _help("LoRA of the alignment stage", default_factory=LoraConfig)
+    finetune: LoraConfig = _help("new LoRA of the fine-tuning stage (double topology)", default_factory=LoraConfig)
+
+
+@dataclass
+class SourceConfig:
+    source: str = _help("data source name (beavertails_refusals, beavertails, jsonl, ...)", default="beavertails_refusals")
+    split: str = _help("split of the source", default="train")
+    response: str | None = _help("which answer field is the target (safe / unsafe) for BeaverTails-style data", default=None)
+    path: str | None = _help("file path, for source 'jsonl'", default=None)
+    n: int | None = _help("number of samples; null = all available", default=None)
+
+    def __post_init__(self) -> None:
+        check(self.n is None or self.n >= 1, "n", f"must be ≥ 1 or null, got {self.n}")
+        check(self.source != "jsonl" or bool(self.path), "path", "is required when source is 'jsonl'")
+
+
+def _alignment_default() -> SourceConfig:
+    # Booster aligns on the refusals of 4,999 records (§2.2); null takes every record the attack does not use.
+    return SourceConfig(source="beavertails_refusals", split="train", response="safe", n=None)
+
+
+def _harmful_default() -> SourceConfig:
+    return SourceConfig(source="beavertails_refusals", split="train", response="unsafe", n=None)
+
+
+@dataclass
+class FinetuneDataConfig:
+    task: str = _help("benign user task: sst2, ag_news, gsm8k", default="sst2")
+    n: int = _help("samples in the user's upload (Booster/Vaccine n = 1000, §2.3)", default=1000)
+    harmful_ratio: float | list[float] = _help(
+        "fraction p of harmful samples (§2.3: 0.1); a list runs one fine-tune per ratio from the same aligned model",
+        default=0.1,
+    )
+    harmful: SourceConfig = _help("where the harmful (prompt, harmful answer) pairs come from", default_factory=_harmful_default)
+    gsm8k_cot_suffix: bool = _help("append Vaccine's step-by-step suffix to GSM8K questions (§2.3)", default=False)
+
+    @property
+    def ratios(self) -> list[float]:
+        return self.harmful_ratio if isinstance(self.harmful_ratio, list) else [self.harmful_ratio]
+
+    def __post_init__(self) -> None:
+        check(self.n >= 1, "n", f"must be ≥ 1, got {self.n}")
+        check(len(self.ratios) > 0, "harmful_ratio", "must not be an empty list")
+        for p in self.ratios:
+            check(0.0 <= p <= 1.0, "harmful_ratio", f"must be in [0, 1], got {p}")
+        check(len(set(self.ratios)) == len(self.ratios), "harmful_ratio", "lists a ratio twice")
+
+
+@dataclass
+class DataConfig:
+    root: str = _help("'bundled' (small offline subset) or a directory laid out like ../shared/data", default="bundled")
+    alignment: SourceConfig = _help("safety data of the align stage (prompt → refusal)", default_factory=_alignment_default)
+    finetune: FinetuneDataConfig = _help("the user's upload", default_factory=FinetuneDataConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Maps onto transformers.TrainingArguments; defaults are the Booster alignment stage (§1.4)."""
+
+    epochs: float = _help("training epochs (Booster: 20)", default=20.0)
+    max_steps: int = _help("stop after this many optimizer steps (-1 = use epochs)", default=-1)
+    learning_rate: float = _help("peak learning rate", default=5e-4)
+    lr_scheduler: str = _help("transformers scheduler name (constant, cosine, linear, ...)", default="constant")
+    warmup_ratio: float = _help("linear warm-up as a fraction of steps (ignored by 'constant')", default=0.0)
+    weight_decay: float = _help("AdamW weight decay", default=0.1)
+    batch_size: int = _help("per-device batch size", default=10)
+    grad_accum: int = _help("gradient accumulation steps", default=1)
+    max_grad_norm: float = _help("gradient clipping of the final combined gradient (HF default, §0)", default=1.0)
+    optim: str = _help("transformers optimizer name", default="adamw_torch")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
+        "auto = bf16 on a bf16-capable GPU, off on CPU", default="auto"
+    )
+    gradient_checkpointing: bool = _help("trade compute for memory", default=False)
+    logging_steps: int = _help("log every N steps", default=10)
+    save_steps: int = _help("checkpoint every N steps (resume point)", default=200)
+    save_total_limit: int = _help("checkpoints kept", default=1)
+
+    def __post_init__(self) -> None:
+        check(self.epochs > 0 or self.max_steps > 0, "epochs", "or max_steps must be positive")
+        check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(self.batch_size >= 1, "batch_size", f"must be ≥ 1, got {self.batch_size}")
+        check(self.grad_accum >= 1, "grad_accum", f"must be ≥ 1, got {self.grad_accum}")
+        check(self.save_steps >= 1, "save_steps", f"must be ≥ 1, got {self.save_steps}")
+        check(self.logging_steps >= 1, "logging_steps", f"must be ≥ 1, got {self.logging_steps}")
+
+
+def _finetune_train_default() -> TrainConfig:
+    # Booster fine-tuning (§2.3): lr 1e-5 constant, 20 epochs, batch size 10.
+    return TrainConfig(learning_rate=1e-5)
+
+
+@dataclass
+class StageConfig:
+    method: str = _help("registered method name (see `ftguard methods`)", default="sft")
+    args: dict[str, Any] = _help("the method's own hyperparameters (validated by the method)", default_factory=dict)
+    train: TrainConfig = _help("optimizer and schedule", default_factory=TrainConfig)
+
+
+@dataclass
+class FinetuneStageConfig(StageConfig):
+    train: TrainConfig = _help("optimizer and schedule", default_factory=_finetune_train_default)
+
+
+def _harmful_eval_default() -> SourceConfig:
+    # Held-out harmful prompts; Booster uses the first 1000 unsafe 30k_test prompts (§2.6).
+    return SourceConfig(source="beavertails_refusals", split="test", response=None, n=None)
+
+
+@dataclass
+class EvalConfig:
+    points: list[str] = _help("which models to evaluate: base, align, finetune", default_factory=lambda: list(EVAL_POINTS))
+    judge: str = _help("harmfulness judge: keyword, minilm, beaver-dam (the papers'), llama-guard", default="beaver-dam")
+    judge_options: dict[str, Any] = _help("options passed to the judge (e.g. model path)", default_factory=dict)
+    harmful_prompts: SourceConfig = _help("held-out harmful prompts for HS", default_factory=_harmful_eval_default)
+    max_new_tokens: int = _help("new tokens per harmful prompt (Booster 512, Vaccine 128, §2.6)", default=512)
+    task_n: int | None = _help("task evaluation samples (Booster: up to 1000, §2.7); null = all", default=1000)
+    task_max_new_tokens: int = _help("new tokens per task prompt (§2.7: 200)", default=200)
+    task_rule: Literal["exact", "substring"] = _help("label match rule: exact (Lisa/Booster) or substring (Vaccine)", default="exact")
+    batch_size: int = _help("generation batch size", default=16)
+    mixed_precision: Literal["auto", "no", "bf16"] = _help("autocast for generation; auto = bf16 on GPU", default="auto")
+
+    def __post_init__(self) -> None:
+        for p in self.points:
+            check(p in EVAL_POINTS, "points", f"entries must be among {list(EVAL_POINTS)}, got {p!r}")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be ≥ 1")
+        check(self.task_max_new_tokens >= 1, "task_max_new_tokens", "must be ≥ 1")
+        check(self.task_n is None or self.task_n >= 1, "task_n", "must be ≥ 1 or null")
+        check(self.batch_size >= 1, "batch_size", "must be ≥ 1")
+
+
+@dataclass
+class RunConfig:
+    name: str = _help("run name", default="run")
+    description: str = _help("free text, kept with the results", default="")
+    seed: int = _help("global seed (the git-disl repos use 43, §0)", default=43)
+    output_dir: str | None = _help("where the run writes; default runs/<name>", default=None)
+    model: ModelConfig = _help("the model to align and fine-tune", default_factory=ModelConfig)
+    adapter: AdapterConfig = _help("LoRA topology", default_factory=AdapterConfig)
+    data: DataConfig = _help("data roles and sizes", default_factory=DataConfig)
+    align: StageConfig | None = _help("alignment stage; null = skip it (the 'non-aligned' baseline)", default_factory=StageConfig)
+    finetune: FinetuneStageConfig | None = _help("the user's fine-tuning stage; null = skip it", default_factory=FinetuneStageConfig)
+    evaluate: EvalConfig = _help("evaluation", default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        check(bool(self.name.strip()), "name", "must not be empty")
+        if self.align is None:
+            check("align" not in self.evaluate.points, "evaluate.points", "lists 'align' but the align stage is null")
+        if self.finetune is None:
+            check("finetune" not in self.evaluate.points, "evaluate.points", "lists 'finetune' but the finetune stage is null")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short hash of the given top-level sections (all when none): what a stage's output depends on."""
+        data = self.to_dict()
+        picked = {k: data[k] for k in sections} if sections else data
+        blob = json.dumps(picked, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def packaged_configs_dir() -> Path:
+    return Path(__file__).parent / "configs"
+
+
+def packaged_configs() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(packaged_configs_dir().glob("*.yaml"))}
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    configs = packaged_configs()
+    if name_or_path in configs:
+        return configs[name_or_path]
+    import difflib
+
+    close = difflib.get_close_matches(name_or_path, list(configs), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise FtguardError(
+        f"config '{name_or_path}' is neither a file nor a packaged config{hint} (list them with `ftguard configs`)"
+    )
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (['a','b','c'], value parsed as a YAML scalar/list)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{item}' has an empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (file or packaged name), apply ``key=value`` overrides, validate everything."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg = from_dict(RunConfig, data)
+    # Method names and their args are checked here too, so a typo fails before any work starts.
+    from ftguard.registry import get_method
+
+    for stage in STAGES:
+        stage_cfg = getattr(cfg, stage)
+        if stage_cfg is not None:
+            try:
+                method = get_method(stage_cfg.method, stage)
+            except ConfigError:
+                raise
+            except FtguardError as exc:
+                raise ConfigError(f"'{stage}.method': {exc}") from None
+            method.parse_args(stage_cfg.args, prefix=f"{stage}.args")
+            method.check_run_config(cfg, stage)
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,14 @@
+"""Built-in methods. Adding one: write ``methods/<name>.py`` and add its module name below."""
+
+from __future__ import annotations
+
+import importlib
+
+BUILTIN_METHOD_MODULES = (
+    "sft",
+)
+
+
+def load_builtin_methods() -> None:
+    for module in BUILTIN_METHOD_MODULES:
+        importlib.import_module(f"ftguard.methods.{module}")

@@ -1,0 +1,58 @@
+"""What a training method provides: a config dataclass, a Trainer subclass and the data it needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ftguard.schema import from_dict
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from ftguard.config import RunConfig
+    from ftguard.pipeline.context import StageContext
+
+
+@dataclass
+class NoArgs:
+    """For methods without hyperparameters of their own."""
+
+
+class Method:
+    """Base of every training method (align and finetune stages).
+
+    A subclass sets the class attributes and, where the update rule differs from SFT, a Trainer subclass
+    (``trainer_class``) that overrides ``compute_loss`` or ``training_step``. Methods that need more data
+    than the stage's own batches (a harmful stream, an alignment pool) return it from ``extra_datasets``;
+    the trainer gets it as named, tokenized, cycling streams (see ``FtguardTrainer.aux_batch``).
+    """
+
+    name: ClassVar[str]
+    stages: ClassVar[tuple[str, ...]]
+    paper: ClassVar[str]
+    summary: ClassVar[str] = ""
+    config_class: ClassVar[type] = NoArgs
+    trainer_class: ClassVar[type[Trainer] | None] = None  # None = FtguardTrainer (plain SFT step)
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @classmethod
+    def parse_args(cls, args: dict[str, Any] | None, prefix: str = "args") -> Any:
+        return from_dict(cls.config_class, args or {}, prefix=prefix)
+
+    @classmethod
+    def check_run_config(cls, run: RunConfig, stage: str) -> None:
+        """Reject or warn about run settings this method cannot honour (e.g. a topology)."""
+
+    def extra_datasets(self, ctx: StageContext) -> dict[str, Dataset]:
+        """Named extra streams for the trainer (tokenized datasets)."""
+        return {}
+
+    def create_trainer(self, ctx: StageContext, **trainer_kwargs: Any) -> Trainer:
+        from ftguard.training.trainer import FtguardTrainer
+
+        trainer_cls = self.trainer_class or FtguardTrainer
+        return trainer_cls(method_config=self.config, aux_datasets=self.extra_datasets(ctx), **trainer_kwargs)

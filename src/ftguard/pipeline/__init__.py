@@ -1,0 +1,1 @@
+"""The align → finetune → evaluate pipeline: data plan, stages, evaluation points, results."""

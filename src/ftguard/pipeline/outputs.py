@@ -1,0 +1,98 @@
+"""Output directories that never look complete unless they are.
+
+A stage writes into ``<dir>/.staging``, moves the finished files into place, and writes ``COMPLETE.json``
+last (atomically). A directory without that marker is unfinished whatever else it holds; a marker whose
+fingerprint differs from the current config means the directory belongs to another config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ftguard.errors import FtguardError
+
+MARKER = "COMPLETE.json"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class StageDir:
+    """One unit of pipeline output (a trained stage or an evaluation point)."""
+
+    def __init__(self, path: Path, fingerprint: str, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.overwrite = overwrite
+
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER
+
+    @property
+    def staging(self) -> Path:
+        return self.path / ".staging"
+
+    def is_complete(self) -> bool:
+        """True when a finished output for this very config is present."""
+        if not self.marker.exists():
+            return False
+        found = read_json(self.marker).get("fingerprint")
+        if found == self.fingerprint:
+            return True
+        if self.overwrite:
+            shutil.rmtree(self.path)
+            return False
+        raise FtguardError(
+            f"{self.path} holds output of a different config (fingerprint {found}, now {self.fingerprint}): "
+            "use another output_dir or pass --overwrite"
+        )
+
+    def manifest(self) -> dict[str, Any]:
+        return read_json(self.marker)
+
+    def begin(self) -> Path:
+        """A clean staging directory to write into."""
+        if self.overwrite and self.path.exists() and not self.marker.exists():
+            shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        return self.staging
+
+    def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Move staged files into place, then mark the directory complete."""
+        for item in sorted(self.staging.iterdir()):
+            target = self.path / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(item, target)
+        self.staging.rmdir()
+        manifest = {"fingerprint": self.fingerprint, **manifest}
+        write_json_atomic(self.marker, manifest)
+        return manifest

@@ -1,0 +1,146 @@
+"""The data plan: every data role of a run, built and checked once before any training.
+
+Roles: alignment (prompt → refusal), alignment_harmful (the same prompts → harmful answers, the harmful
+set of Booster/RepNoise, §2.2), the attack pool (prompt → harmful answer, for the user's mix), the benign
+task (train and eval), and held-out harmful prompts for HS. Alignment, attack and evaluation prompts must be
+disjoint; when alignment and attack come from the same file, the attack takes the first records and the
+alignment the following ones (Booster's layout: harmful records 1…p·n, alignment records from 5001, §2.2/§2.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftguard.config import RunConfig, SourceConfig
+from ftguard.data.example import Example
+from ftguard.data.mix import MixReport, build_harmful_mix, check_disjoint, harmful_count
+from ftguard.data.sources import file_sha256, load_examples, source_files
+from ftguard.data.tasks import Task, get_task
+from ftguard.errors import FtguardError
+
+
+@dataclass
+class DataPlan:
+    task: Task
+    alignment: list[Example] = field(default_factory=list)
+    alignment_harmful: list[Example] = field(default_factory=list)
+    attack_pool: list[Example] = field(default_factory=list)
+    task_eval: list[Example] = field(default_factory=list)
+    eval_harmful: list[Example] = field(default_factory=list)
+    mixes: dict[float, list[Example]] = field(default_factory=dict)
+    mix_reports: dict[float, MixReport] = field(default_factory=dict)
+    sources: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        """Counts and source hashes, recorded in results.json."""
+        return {
+            "task": self.task.name,
+            "counts": {
+                "alignment": len(self.alignment),
+                "alignment_harmful": len(self.alignment_harmful),
+                "attack_pool": len(self.attack_pool),
+                "task_eval": len(self.task_eval),
+                "eval_harmful": len(self.eval_harmful),
+            },
+            "mixes": {f"{p:g}": r.as_dict() for p, r in self.mix_reports.items()},
+            "sources": self.sources,
+        }
+
+
+def _load(spec: SourceConfig, root: str, response: str | None) -> list[Example]:
+    return load_examples(spec.source, split=spec.split, root=root, response=response, path=spec.path)
+
+
+def _dedup(examples: list[Example]) -> list[int]:
+    seen: set[str] = set()
+    keep = []
+    for i, ex in enumerate(examples):
+        if ex.prompt_key not in seen:
+            seen.add(ex.prompt_key)
+            keep.append(i)
+    return keep
+
+
+def _hashes(spec: SourceConfig, root: str) -> dict[str, str]:
+    if spec.source == "jsonl" and spec.path:
+        files = [Path(spec.path)]
+    else:
+        try:
+            files = source_files(spec.source, spec.split, root)
+        except FtguardError:
+            return {}  # hub sources have no local file to hash; the hub id and split are in the config
+    return {str(f): file_sha256(f) for f in files}
+
+
+def _same_file(a: SourceConfig, b: SourceConfig) -> bool:
+    return (a.source, a.split, a.path) == (b.source, b.split, b.path)
+
+
+def build_data_plan(run: RunConfig) -> DataPlan:
+    data, root = run.data, run.data.root
+    task = get_task(data.finetune.task)
+    plan = DataPlan(task=task)
+
+    ft = data.finetune
+    ratios = ft.ratios if run.finetune is not None else []
+    need_attack = max((harmful_count(ft.n, p) for p in ratios), default=0)
+    need_benign = max((ft.n - harmful_count(ft.n, p) for p in ratios), default=0)
+    if ft.harmful.n is not None and ft.harmful.n < need_attack:
+        raise FtguardError(
+            f"data.finetune.harmful.n = {ft.harmful.n} but the mix needs {need_attack} harmful samples: raise it or lower harmful_ratio"
+        )
+
+    align_spec = data.alignment
+    if run.align is not None and _same_file(align_spec, ft.harmful):
+        # One file serves both roles: split its records so that no prompt is in both.
+        safe = _load(align_spec, root, align_spec.response)
+        unsafe = _load(ft.harmful, root, ft.harmful.response)
+        keep = _dedup(safe)
+        attack_idx, rest = keep[:need_attack], keep[need_attack:]
+        n_align = len(rest) if align_spec.n is None else align_spec.n
+        if n_align > len(rest):
+            raise FtguardError(
+                f"data.alignment.n = {n_align} but {align_spec.source}/{align_spec.split} has only {len(rest)} records "
+                f"left after the {need_attack} attack samples: lower data.alignment.n or the attack size"
+            )
+        align_idx = rest[:n_align]
+        plan.alignment = [safe[i] for i in align_idx]
+        plan.alignment_harmful = [unsafe[i] for i in align_idx if unsafe[i].output]
+        plan.attack_pool = [unsafe[i] for i in attack_idx]
+    else:
+        if run.align is not None:
+            pool = _load(align_spec, root, align_spec.response)
+            n_align = len(pool) if align_spec.n is None else align_spec.n
+            if n_align > len(pool):
+                raise FtguardError(
+                    f"data.alignment.n = {n_align} but {align_spec.source}/{align_spec.split} has {len(pool)} records"
+                )
+            plan.alignment = pool[:n_align]
+        if need_attack:
+            harmful = _load(ft.harmful, root, ft.harmful.response)
+            plan.attack_pool = [harmful[i] for i in _dedup(harmful)][:need_attack]
+    if need_attack > len(plan.attack_pool):
+        raise FtguardError(
+            f"the mix needs {need_attack} harmful samples but {ft.harmful.source}/{ft.harmful.split} gives "
+            f"{len(plan.attack_pool)}: lower data.finetune.n or harmful_ratio"
+        )
+
+    ev = run.evaluate.harmful_prompts
+    prompts = _load(ev, root, None)
+    plan.eval_harmful = prompts if ev.n is None else prompts[: ev.n]
+    if ev.n is not None and ev.n > len(prompts):
+        raise FtguardError(f"evaluate.harmful_prompts.n = {ev.n} but {ev.source}/{ev.split} has {len(prompts)} prompts")
+    check_disjoint({"alignment": plan.alignment, "attack": plan.attack_pool, "evaluation": plan.eval_harmful})
+
+    task_train = task.train_examples(root, n=need_benign) if need_benign else []
+    plan.task_eval = task.eval_examples(root, n=run.evaluate.task_n)
+    check_disjoint({"task train": task_train, "task eval": plan.task_eval})
+    for p in ratios:
+        plan.mixes[p], plan.mix_reports[p] = build_harmful_mix(task_train, plan.attack_pool, n=ft.n, p=p, seed=run.seed)
+
+    specs = {"alignment": align_spec, "harmful": ft.harmful, "eval_harmful": ev}
+    plan.sources = {role: _hashes(spec, root) for role, spec in specs.items()}
+    plan.sources["task"] = {str(f): file_sha256(f) for f in task.files(root)} if hasattr(task, "files") else {}
+    return plan

@@ -1,0 +1,78 @@
+"""results.json and results.md of a run, and the environment they were produced in."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ftguard.pipeline.outputs import write_json_atomic, write_text_atomic
+
+METRIC_COLUMNS = (
+    ("harmful_score", "HS ↓"),
+    ("harmful_score_plus", "HS+ ↓"),
+    ("finetune_accuracy", "FA ↑"),
+    ("degenerate_rate", "degenerate"),
+)
+LIBRARIES = ("ftguard", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = "not installed"
+    return versions
+
+
+def git_revision() -> str | None:
+    """The commit of the ftguard source tree, when it is a git checkout (editable installs)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    judge = results.get("judge", {}).get("name", "?")
+    lines = [
+        f"# {results.get('name', 'run')}",
+        "",
+        f"Model `{results.get('model')}`, judge `{judge}`, seed {results.get('seed')}, config {results.get('config_hash')}."
+        " Scores in percent over the held-out prompts.",
+        "",
+        "| stage | method | p | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(METRIC_COLUMNS),
+    ]
+    for key, entry in results.get("stages", {}).items():
+        p = entry.get("harmful_ratio")
+        cells = [key, entry.get("method") or "–", "–" if p is None else f"{p:g}"]
+        cells += [_fmt(entry.get(metric)) for metric, _ in METRIC_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    if judge == "minilm":
+        lines += ["", "The MiniLM judge is an offline stand-in, not the papers' beaver-dam-7b: do not compare these HS to the papers'."]
+    if not results.get("complete"):
+        lines += ["", "**Incomplete run**: some stages have not finished."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: Path, results: dict[str, Any]) -> None:
+    write_json_atomic(out_dir / "results.json", results)
+    write_text_atomic(out_dir / "results.md", markdown_table(results))

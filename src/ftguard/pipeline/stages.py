@@ -1,0 +1,199 @@
+"""One training stage (align or finetune): model by topology → method's Trainer → safe, resumable output.
+
+Output of a stage directory:
+  model/        the merged full model + tokenizer (safetensors): what evaluation and the next stage load
+  adapter/      the trained LoRA alone (LoRA topologies)
+  train_log.json, COMPLETE.json (manifest, written last)
+  checkpoints/  Trainer checkpoints while training; removed once the stage is complete
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from ftguard.config import LoraConfig, RunConfig, TrainConfig
+from ftguard.data.collate import CausalLMCollator
+from ftguard.data.example import Example
+from ftguard.data.template import tokenize_dataset
+from ftguard.models import add_lora, load_lora, load_model, load_tokenizer, merge_lora
+from ftguard.models.adapters import check_target_modules, count_parameters
+from ftguard.pipeline.context import StageContext
+from ftguard.pipeline.outputs import StageDir
+from ftguard.pipeline.plan import DataPlan
+from ftguard.registry import get_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRef:
+    """Where a stage's result lives: a full model dir, plus base + adapter for the single-LoRA topology."""
+
+    model_dir: str
+    base_dir: str | None = None
+    adapter_dir: str | None = None
+
+    @classmethod
+    def from_manifest(cls, stage_path: Path, manifest: dict[str, Any]) -> ModelRef:
+        def resolve(p: str | None) -> str | None:
+            return None if p is None else str((stage_path / p).resolve()) if not Path(p).is_absolute() else p
+
+        return cls(
+            model_dir=resolve(manifest["model_dir"]),
+            base_dir=manifest.get("base_dir"),
+            adapter_dir=resolve(manifest.get("adapter_dir")),
+        )
+
+
+def mixed_precision_flags(choice: str) -> dict[str, bool]:
+    cuda = torch.cuda.is_available()
+    if choice == "auto":
+        choice = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    if choice == "fp16" and not cuda:
+        raise ValueError("fp16 mixed precision needs a GPU; use bf16 or no on CPU")
+    # On CPU, bf16 autocast runs through accelerate's CPU path, which transformers enables via use_cpu.
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16", "use_cpu": not cuda}
+
+
+def training_arguments(train: TrainConfig, out: Path, seed: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optim,
+        gradient_checkpointing=train.gradient_checkpointing,
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        **mixed_precision_flags(train.mixed_precision),
+    )
+
+
+def _lora_for(run: RunConfig, stage: str) -> LoraConfig:
+    return run.adapter.align if stage == "align" else run.adapter.finetune
+
+
+def build_trainable_model(run: RunConfig, stage: str, source: ModelRef) -> tuple[Any, str | None]:
+    """Load the stage's starting model and make the right parameters trainable.
+
+    Returns the model and the base model dir that a single-LoRA continuation needs later.
+    """
+    topology, mc = run.adapter.topology, run.model
+    kwargs = {"dtype": mc.dtype, "trust_remote_code": mc.trust_remote_code, "revision": mc.revision}
+    if topology == "single" and source.adapter_dir:
+        # Booster's topology: keep training the alignment LoRA on top of the unmerged base (§2.5).
+        model = load_model(source.base_dir, **kwargs)
+        return load_lora(model, source.adapter_dir, trainable=True), source.base_dir
+    model = load_model(source.model_dir, **kwargs)
+    if topology == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, None
+    lora = run.adapter.align if topology == "single" and stage == "align" else _lora_for(run, stage)
+    check_target_modules(model, lora)
+    return add_lora(model, lora), source.model_dir
+
+
+def train_stage(
+    run: RunConfig,
+    stage: str,
+    key: str,
+    examples: list[Example],
+    plan: DataPlan,
+    source: ModelRef,
+    out: StageDir,
+    harmful_ratio: float | None = None,
+) -> ModelRef:
+    stage_cfg = getattr(run, stage)
+    method_cls = get_method(stage_cfg.method, stage)
+    method = method_cls(method_cls.parse_args(stage_cfg.args, prefix=f"{stage}.args"))
+    mc = run.model
+
+    set_seed(run.seed)  # LoRA initialisation and dropout must be reproducible
+    tokenizer = load_tokenizer(source.model_dir, trust_remote_code=mc.trust_remote_code)
+    model, base_dir = build_trainable_model(run, stage, source)
+    trainable, total = count_parameters(model)
+    log.info("%s: %s, %d of %d parameters trainable (%s topology)", key, stage_cfg.method, trainable, total, run.adapter.topology)
+
+    def tokenize(exs: list[Example]):
+        dataset, _ = tokenize_dataset(
+            exs, tokenizer, max_length=mc.max_length, style=mc.template, response_newline=mc.response_newline
+        )
+        return dataset
+
+    train_dataset, data_stats = tokenize_dataset(
+        examples, tokenizer, max_length=mc.max_length, style=mc.template, response_newline=mc.response_newline
+    )
+    out.path.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out.path / "checkpoints"
+    args = training_arguments(stage_cfg.train, ckpt_dir, run.seed)
+    ctx = StageContext(
+        run=run, stage=stage, key=key, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
+        plan=plan, tokenize=tokenize, out_dir=out.path, harmful_ratio=harmful_ratio,
+    )
+    trainer = method.create_trainer(
+        ctx,
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        data_collator=CausalLMCollator.from_tokenizer(tokenizer),
+        processing_class=tokenizer,
+    )
+    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if resume:
+        log.info("%s: resuming from %s", key, resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    staging = out.begin()
+    is_lora = run.adapter.topology != "full"
+    if is_lora:
+        trainer.model.save_pretrained(staging / "adapter")
+    merged = merge_lora(trainer.model) if is_lora else trainer.model
+    merged.save_pretrained(staging / "model")
+    tokenizer.save_pretrained(staging / "model")
+    from ftguard.pipeline.outputs import write_json_atomic
+
+    write_json_atomic(staging / "train_log.json", trainer.state.log_history)
+    manifest = out.commit(
+        {
+            "stage": stage,
+            "key": key,
+            "method": stage_cfg.method,
+            "method_args": method_cls.parse_args(stage_cfg.args).__dict__,
+            "topology": run.adapter.topology,
+            "model_dir": "model",
+            "adapter_dir": "adapter" if is_lora else None,
+            "base_dir": base_dir if run.adapter.topology == "single" else None,
+            "harmful_ratio": harmful_ratio,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "data": data_stats,
+            "steps": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "resumed_from": Path(resume).name if resume else None,
+        }
+    )
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return ModelRef.from_manifest(out.path, manifest)

@@ -1,0 +1,90 @@
+"""The Trainer every ftguard method builds on.
+
+It adds three pieces of shared machinery to ``transformers.Trainer`` and changes nothing else, so
+accelerate/DeepSpeed/FSDP, gradient accumulation, mixed precision, logging and checkpointing all come from
+the ecosystem:
+
+* ``aux_batch(name)``: the next batch of a named extra stream (a harmful set for Booster, an alignment
+  pool for Lisa), from a seeded, cycling, rank-sharded loader;
+* ``record(**metrics)``: extra scalars (perturbation norm, probe losses...) averaged into the next log line;
+* the method's typed config as ``self.method_config``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data.distributed import DistributedSampler
+from transformers import Trainer
+
+
+class FtguardTrainer(Trainer):
+    def __init__(
+        self,
+        *args: Any,
+        method_config: Any = None,
+        aux_datasets: dict[str, Dataset] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.method_config = method_config
+        self.aux_datasets = dict(aux_datasets or {})
+        self._aux_iters: dict[tuple[str, int], Iterator[dict[str, torch.Tensor]]] = {}
+        self._aux_epochs: dict[tuple[str, int], int] = defaultdict(int)
+        self._recorded: dict[str, list[float]] = defaultdict(list)
+
+    # ------------------------------------------------------------------ extra data streams
+
+    def _aux_loader(self, name: str, batch_size: int, epoch: int) -> DataLoader:
+        dataset = self.aux_datasets[name]
+        # A distinct, reproducible order per stream and per pass over it.
+        seed = self.args.seed + 7919 * (1 + sorted(self.aux_datasets).index(name)) + epoch
+        if self.args.world_size > 1:
+            sampler = DistributedSampler(
+                dataset, num_replicas=self.args.world_size, rank=self.args.process_index, shuffle=True, seed=seed
+            )
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.data_collator,
+            drop_last=len(dataset) >= batch_size * self.args.world_size,
+        )
+
+    def aux_batch(self, name: str, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """Next batch of stream ``name`` on the training device; the stream restarts, reshuffled, when exhausted."""
+        if name not in self.aux_datasets:
+            raise KeyError(f"no extra stream '{name}' (have: {sorted(self.aux_datasets)})")
+        batch_size = batch_size or self.args.per_device_train_batch_size
+        key = (name, batch_size)
+        for _ in range(2):
+            if key not in self._aux_iters:
+                self._aux_iters[key] = iter(self._aux_loader(name, batch_size, self._aux_epochs[key]))
+            try:
+                batch = next(self._aux_iters[key])
+                return self._prepare_inputs(batch)
+            except StopIteration:
+                self._aux_epochs[key] += 1
+                del self._aux_iters[key]
+        raise RuntimeError(f"extra stream '{name}' is empty")
+
+    # ------------------------------------------------------------------ extra metrics
+
+    def record(self, **metrics: float | torch.Tensor) -> None:
+        """Remember scalars to be averaged into the next training log entry."""
+        for key, value in metrics.items():
+            # Non-finite values are logged as they are: hiding them would hide divergence.
+            self._recorded[key].append(value.detach().float().item() if isinstance(value, torch.Tensor) else float(value))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._recorded:
+            for key, values in self._recorded.items():
+                logs[key] = sum(values) / len(values)
+            self._recorded.clear()
+        super().log(logs, start_time)

@@ -1,0 +1,34 @@
+"""Shared fixtures: offline tiny model, the shared data directory, isolation of hub access."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline():
+    # Nothing may reach the Hugging Face hub from the test suite.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    yield
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the repo (or $FTGUARD_SHARED_DATA); skip without it, but fail under CI."""
+    path = Path(os.environ.get("FTGUARD_SHARED_DATA", REPO.parent / "shared" / "data"))
+    if not path.is_dir():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but the shared data directory {path} is missing")
+        pytest.skip(f"{path} not found (a fresh clone has no ../shared); these tests run in CI")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    return shared_data_dir()
