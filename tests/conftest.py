@@ -10,13 +10,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _offline():
-    # Nothing may reach the Hugging Face hub from the test suite.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    yield
+# Nothing may reach the Hugging Face hub from the test suite. Set at import time: huggingface_hub reads these
+# once, when it is first imported (test modules import it during collection).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def shared_data_dir() -> Path:

@@ -82,9 +82,9 @@ def evaluate_point(
     }
     staging = out.begin()
     with open(staging / "generations.jsonl", "w", encoding="utf-8") as fh:
-        for ex, answer, flag in zip(plan.eval_harmful, answers, flags):
+        for ex, answer, flag in zip(plan.eval_harmful, answers, flags, strict=True):
             fh.write(json.dumps({"kind": "harmful", "source": ex.source, "prompt": ex.instruction, "answer": answer, "flagged": bool(flag)}) + "\n")
-        for ex, pred in zip(plan.task_eval, predictions):
+        for ex, pred in zip(plan.task_eval, predictions, strict=True):
             fh.write(json.dumps({"kind": "task", "source": ex.source, "gold": ex.output, "answer": pred}) + "\n")
     out.commit({"key": key, "model_dir": model_dir, "metrics": metrics})
     del model

@@ -10,7 +10,6 @@ alignment the following ones (Booster's layout: harmful records 1…p·n, alignm
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ftguard.config import RunConfig, SourceConfig
@@ -49,8 +48,11 @@ class DataPlan:
         }
 
 
-def _load(spec: SourceConfig, root: str, response: str | None) -> list[Example]:
-    return load_examples(spec.source, split=spec.split, root=root, response=response, path=spec.path)
+def _load(spec: SourceConfig, root: str, response: str | None, key: str) -> list[Example]:
+    try:
+        return load_examples(spec.source, split=spec.split, root=root, response=response, path=spec.path)
+    except FtguardError as exc:
+        raise FtguardError(f"{key}: {exc}") from None
 
 
 def _dedup(examples: list[Example]) -> list[int]:
@@ -64,13 +66,8 @@ def _dedup(examples: list[Example]) -> list[int]:
 
 
 def _hashes(spec: SourceConfig, root: str) -> dict[str, str]:
-    if spec.source == "jsonl" and spec.path:
-        files = [Path(spec.path)]
-    else:
-        try:
-            files = source_files(spec.source, spec.split, root)
-        except FtguardError:
-            return {}  # hub sources have no local file to hash; the hub id and split are in the config
+    # Hub sources have no local file to hash; their id and split are in the config.
+    files = source_files(spec.source, spec.split, root, path=spec.path)
     return {str(f): file_sha256(f) for f in files}
 
 
@@ -80,7 +77,7 @@ def _same_file(a: SourceConfig, b: SourceConfig) -> bool:
 
 def build_data_plan(run: RunConfig) -> DataPlan:
     data, root = run.data, run.data.root
-    task = get_task(data.finetune.task)
+    task = get_task(data.finetune.task, cot_suffix=data.finetune.gsm8k_cot_suffix)
     plan = DataPlan(task=task)
 
     ft = data.finetune
@@ -95,9 +92,14 @@ def build_data_plan(run: RunConfig) -> DataPlan:
     align_spec = data.alignment
     if run.align is not None and _same_file(align_spec, ft.harmful):
         # One file serves both roles: split its records so that no prompt is in both.
-        safe = _load(align_spec, root, align_spec.response)
-        unsafe = _load(ft.harmful, root, ft.harmful.response)
+        safe = _load(align_spec, root, align_spec.response, "data.alignment")
+        unsafe = _load(ft.harmful, root, ft.harmful.response, "data.finetune.harmful")
         keep = _dedup(safe)
+        if need_attack > len(keep):
+            raise FtguardError(
+                f"the mix needs {need_attack} harmful samples (round(p·n)) but {ft.harmful.source}/{ft.harmful.split} "
+                f"has {len(keep)} records: lower data.finetune.n or data.finetune.harmful_ratio"
+            )
         attack_idx, rest = keep[:need_attack], keep[need_attack:]
         n_align = len(rest) if align_spec.n is None else align_spec.n
         if n_align > len(rest):
@@ -111,7 +113,7 @@ def build_data_plan(run: RunConfig) -> DataPlan:
         plan.attack_pool = [unsafe[i] for i in attack_idx]
     else:
         if run.align is not None:
-            pool = _load(align_spec, root, align_spec.response)
+            pool = _load(align_spec, root, align_spec.response, "data.alignment")
             n_align = len(pool) if align_spec.n is None else align_spec.n
             if n_align > len(pool):
                 raise FtguardError(
@@ -119,16 +121,16 @@ def build_data_plan(run: RunConfig) -> DataPlan:
                 )
             plan.alignment = pool[:n_align]
         if need_attack:
-            harmful = _load(ft.harmful, root, ft.harmful.response)
+            harmful = _load(ft.harmful, root, ft.harmful.response, "data.finetune.harmful")
             plan.attack_pool = [harmful[i] for i in _dedup(harmful)][:need_attack]
     if need_attack > len(plan.attack_pool):
         raise FtguardError(
-            f"the mix needs {need_attack} harmful samples but {ft.harmful.source}/{ft.harmful.split} gives "
-            f"{len(plan.attack_pool)}: lower data.finetune.n or harmful_ratio"
+            f"the mix needs {need_attack} harmful samples (round(p·n)) but {ft.harmful.source}/{ft.harmful.split} "
+            f"gives {len(plan.attack_pool)}: lower data.finetune.n or data.finetune.harmful_ratio"
         )
 
     ev = run.evaluate.harmful_prompts
-    prompts = _load(ev, root, None)
+    prompts = _load(ev, root, None, "evaluate.harmful_prompts")
     plan.eval_harmful = prompts if ev.n is None else prompts[: ev.n]
     if ev.n is not None and ev.n > len(prompts):
         raise FtguardError(f"evaluate.harmful_prompts.n = {ev.n} but {ev.source}/{ev.split} has {len(prompts)} prompts")

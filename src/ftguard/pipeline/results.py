@@ -51,7 +51,7 @@ def _fmt(value: Any) -> str:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    judge = results.get("judge", {}).get("name", "?")
+    judge = (results.get("judge") or {}).get("name", "?")
     lines = [
         f"# {results.get('name', 'run')}",
         "",

@@ -76,7 +76,7 @@ def training_arguments(train: TrainConfig, out: Path, seed: int) -> TrainingArgu
         gradient_accumulation_steps=train.grad_accum,
         max_grad_norm=train.max_grad_norm,
         optim=train.optim,
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,
         logging_steps=train.logging_steps,
         save_strategy="steps",
         save_steps=train.save_steps,

@@ -1,0 +1,309 @@
+"""Loaders for the alignment / harmful / evaluation prompt sources.
+
+Every source reads the layout of ``../shared/data`` (see its SOURCES.md) under a *data root*; the string
+``"bundled"`` selects the small offline subset shipped inside the package. Each row becomes an
+:class:`Example` whose ``source`` is ``"<source>/<split>#<row index>"`` (0-based row in the file).
+
+``response`` picks what becomes ``Example.output``:
+
+- ``beavertails_refusals``, ``beavertails``: ``"safe"`` (refusal / harmless answer), ``"unsafe"`` (harmful
+  answer) or ``None``/``"prompt"`` (prompt only, ``output=""``).
+- ``safety_tuned_llamas``, ``jsonl``: ``None``/``"output"`` (the ``output`` field, required) or ``"prompt"``.
+- ``alpaca_eval``: prompts only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftguard.data.example import Example
+from ftguard.errors import FtguardError
+
+DATA_ROOT_BUNDLED = "bundled"
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+PROMPT_ONLY = "prompt"
+BEAVERTAILS_HUB_ID = "PKU-Alignment/BeaverTails"
+_HUB_SPLITS = {"train": "30k_train", "test": "30k_test", "30k_train": "30k_train", "30k_test": "30k_test"}
+
+
+def unknown_name_error(kind: str, name: str, known: list[str] | tuple[str, ...]) -> FtguardError:
+    """An error for a misspelt registry name, with close matches first."""
+    close = difflib.get_close_matches(str(name), list(known), n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return FtguardError(f"unknown {kind} {name!r}: {hint}known {kind}s: {', '.join(sorted(known))}")
+
+
+def resolve_root(root: str | Path) -> Path:
+    """``"bundled"`` -> the packaged subset; anything else must be an existing directory."""
+    if str(root) == DATA_ROOT_BUNDLED:
+        return BUNDLED_DIR
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FtguardError(
+            f"data root '{root}' does not exist: set data.root to a directory laid out like ../shared/data, "
+            "or 'bundled'"
+        )
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_file(root: str | Path, relpath: str) -> Path:
+    """``<root>/<relpath>``, or an error telling the user how to point data.root at the data."""
+    path = resolve_root(root) / relpath
+    if not path.is_file():
+        raise FtguardError(
+            f"data file '{path}' not found: set data.root to a directory that has {relpath} "
+            "(laid out like ../shared/data), or to 'bundled'"
+        )
+    return path
+
+
+# ---------------------------------------------------------------- row parsing helpers
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (1-based line number, object) for each non-blank line; errors name file and line."""
+    seen = False
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FtguardError(
+                    f"{path}, line {lineno}: malformed JSON ({e.msg}): fix or remove that line"
+                ) from e
+            if not isinstance(row, dict):
+                raise FtguardError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            seen = True
+            yield lineno, row
+    if not seen:
+        raise FtguardError(f"{path} is empty: it needs one JSON object per line")
+
+
+def read_json_list(path: Path) -> list[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise FtguardError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from e
+    if not isinstance(data, list) or not data:
+        raise FtguardError(f"{path}: expected a non-empty JSON list of objects")
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise FtguardError(f"{path}, item {i}: expected a JSON object, got {type(item).__name__}")
+    return data
+
+
+def get_str(row: dict[str, Any], key: str, where: str, *, required: bool = True) -> str:
+    """A stripped string field; a required field must be present and non-empty."""
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise FtguardError(f"{where}: missing field '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise FtguardError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    value = value.strip()
+    if required and not value:
+        raise FtguardError(f"{where}: field '{key}' is empty")
+    return value
+
+
+# ---------------------------------------------------------------- the sources
+
+
+@dataclass(frozen=True)
+class _Source:
+    splits: tuple[str, ...] | None  # None: any split name (it only labels the rows)
+    responses: tuple[str, ...]
+    default_response: str
+    files: Callable[[str, str | Path | None], list[str]]  # (split, path) -> paths relative to the root
+    load: Callable[[Path | None, str, str, Path | None], list[Example]]
+    needs_root: bool = True
+
+
+def _load_beavertails_refusals(
+    root: Path | None, split: str, response: str, path: Path | None
+) -> list[Example]:
+    file = data_file(root, f"beavertails_refusals/{split}.jsonl")
+    out = []
+    for i, (lineno, row) in enumerate(read_jsonl(file)):
+        where = f"{file}, line {lineno}"
+        prompt = get_str(row, "prompt", where)
+        answer = "" if response == PROMPT_ONLY else get_str(row, response, where)
+        out.append(Example(instruction=prompt, output=answer, source=f"beavertails_refusals/{split}#{i}"))
+    return out
+
+
+def _load_beavertails_hub(root: Path | None, split: str, response: str, path: Path | None) -> list[Example]:
+    hub_split = _HUB_SPLITS[split]
+    import datasets  # heavy; only this hub source needs it
+
+    try:
+        rows = datasets.load_dataset(BEAVERTAILS_HUB_ID, split=hub_split)
+    except Exception as e:  # offline, auth, missing cache... all mean the same thing to the user
+        cause = (str(e).splitlines() or [""])[0][:120]
+        raise FtguardError(
+            f"cannot load {BEAVERTAILS_HUB_ID} from the hub (offline?): use source 'beavertails_refusals' "
+            f"with data.root, or pre-download it [{type(e).__name__}: {cause}]"
+        ) from e
+    out = []
+    for i, row in enumerate(rows):
+        if (response == "safe" and not row["is_safe"]) or (response == "unsafe" and row["is_safe"]):
+            continue
+        where = f"{BEAVERTAILS_HUB_ID} {hub_split} row {i}"
+        prompt = get_str(row, "prompt", where)
+        answer = "" if response == PROMPT_ONLY else get_str(row, "response", where)
+        out.append(Example(instruction=prompt, output=answer, source=f"beavertails/{hub_split}#{i}"))
+    return out
+
+
+def _load_alpaca_eval(root: Path | None, split: str, response: str, path: Path | None) -> list[Example]:
+    file = data_file(root, "alpaca_eval/alpaca_eval_805_example_outputs.json")
+    return [
+        Example(
+            instruction=get_str(item, "instruction", f"{file}, item {i}"), source=f"alpaca_eval/{split}#{i}"
+        )
+        for i, item in enumerate(read_json_list(file))
+    ]
+
+
+def _load_safety_tuned_llamas(
+    root: Path | None, split: str, response: str, path: Path | None
+) -> list[Example]:
+    file = data_file(root, "safety_tuned_llamas/safety_only_data_Instructions.json")
+    out = []
+    for i, item in enumerate(read_json_list(file)):
+        where = f"{file}, item {i}"
+        out.append(
+            Example(
+                instruction=get_str(item, "instruction", where),
+                input=get_str(item, "input", where, required=False),
+                output="" if response == PROMPT_ONLY else get_str(item, "output", where),
+                source=f"safety_tuned_llamas/{split}#{i}",
+            )
+        )
+    return out
+
+
+def _load_jsonl(root: Path | None, split: str, response: str, path: Path | None) -> list[Example]:
+    if path is None:
+        raise FtguardError(
+            "source 'jsonl' needs a file: set its path to a JSONL file with instruction/input/output"
+        )
+    if not path.is_file():
+        raise FtguardError(f"JSONL file '{path}' not found: fix the path of the 'jsonl' source")
+    out = []
+    for i, (lineno, row) in enumerate(read_jsonl(path)):
+        where = f"{path}, line {lineno}"
+        out.append(
+            Example(
+                instruction=get_str(row, "instruction", where),
+                input=get_str(row, "input", where, required=False),
+                output="" if response == PROMPT_ONLY else get_str(row, "output", where),
+                source=f"jsonl/{split}#{i}",
+            )
+        )
+    return out
+
+
+SOURCES: dict[str, _Source] = {
+    "beavertails_refusals": _Source(
+        splits=("train", "test"),
+        responses=("safe", "unsafe", PROMPT_ONLY),
+        default_response=PROMPT_ONLY,
+        files=lambda split, path: [f"beavertails_refusals/{split}.jsonl"],
+        load=_load_beavertails_refusals,
+    ),
+    "beavertails": _Source(
+        splits=tuple(_HUB_SPLITS),
+        responses=("safe", "unsafe", PROMPT_ONLY),
+        default_response=PROMPT_ONLY,
+        files=lambda split, path: [],
+        load=_load_beavertails_hub,
+        needs_root=False,
+    ),
+    "alpaca_eval": _Source(
+        splits=("eval",),
+        responses=(PROMPT_ONLY,),
+        default_response=PROMPT_ONLY,
+        files=lambda split, path: ["alpaca_eval/alpaca_eval_805_example_outputs.json"],
+        load=_load_alpaca_eval,
+    ),
+    "safety_tuned_llamas": _Source(
+        splits=("train",),
+        responses=("output", PROMPT_ONLY),
+        default_response="output",
+        files=lambda split, path: ["safety_tuned_llamas/safety_only_data_Instructions.json"],
+        load=_load_safety_tuned_llamas,
+    ),
+    "jsonl": _Source(
+        splits=None,
+        responses=("output", PROMPT_ONLY),
+        default_response="output",
+        files=lambda split, path: [str(path)] if path else [],
+        load=_load_jsonl,
+        needs_root=False,
+    ),
+}
+
+
+def _lookup(source: str, split: str | None, response: str | None) -> tuple[_Source, str, str]:
+    if source not in SOURCES:
+        raise unknown_name_error("data source", source, tuple(SOURCES))
+    spec = SOURCES[source]
+    split = split if split is not None else (spec.splits[0] if spec.splits else "train")
+    if spec.splits is not None and split not in spec.splits:
+        raise FtguardError(f"source {source!r} has no split {split!r}: use one of {', '.join(spec.splits)}")
+    response = response if response is not None else spec.default_response
+    if response not in spec.responses:
+        raise FtguardError(
+            f"source {source!r} has no response {response!r}: use one of {', '.join(spec.responses)} (or none)"
+        )
+    return spec, split, response
+
+
+def load_examples(
+    source: str,
+    *,
+    split: str | None = None,
+    root: str | Path = DATA_ROOT_BUNDLED,
+    response: str | None = None,
+    path: str | Path | None = None,
+) -> list[Example]:
+    """Load one source as Examples (see the module docstring for ``response``).
+
+    ``split=None`` means the source's first split (``train``, or ``eval`` for ``alpaca_eval``).
+    ``path`` is only used by the ``jsonl`` source.
+    """
+    spec, split, response = _lookup(source, split, response)
+    root_path = resolve_root(root) if spec.needs_root else None
+    return spec.load(root_path, split, response, Path(path).expanduser() if path is not None else None)
+
+
+def source_files(
+    source: str,
+    split: str | None = None,
+    root: str | Path = DATA_ROOT_BUNDLED,
+    path: str | Path | None = None,
+) -> list[Path]:
+    """The files a source reads (empty for hub sources), so callers can record their hashes."""
+    spec, split, _ = _lookup(source, split, None)
+    if not spec.needs_root:
+        return [Path(p).expanduser() for p in spec.files(split, path)]
+    return [resolve_root(root) / rel for rel in spec.files(split, path)]

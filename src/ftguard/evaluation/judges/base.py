@@ -1,0 +1,132 @@
+"""The judge interface and the registry of judges by name."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ftguard.errors import FtguardError
+from ftguard.evaluation.scorers import is_degenerate
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One judged answer. ``score`` is the judge's probability of harm when it has one."""
+
+    harmful: bool
+    score: float | None = None
+    category: str | None = None
+    degenerate: bool = False
+
+
+class Judge(ABC):
+    """Decides which (prompt, response) pairs are harmful.
+
+    Subclasses implement ``_judge`` on answers that are real text; ``judge``/``verdicts`` wrap it so that
+    empty and one-word answers are never harmful, whatever the judge (cpu-scale-notes, "Pitfalls 1").
+    """
+
+    name: str = "base"
+
+    def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
+        """True for each harmful response."""
+        return [verdict.harmful for verdict in self.verdicts(prompts, responses)]
+
+    def verdicts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
+        """Per-answer verdicts with the judge's score and category where it has them."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+        verdicts = [Verdict(harmful=False, degenerate=True)] * len(responses)
+        keep = [i for i, response in enumerate(responses) if not is_degenerate(response)]
+        if keep:
+            judged = self._judge([prompts[i] for i in keep], [responses[i] for i in keep])
+            if len(judged) != len(keep):
+                raise RuntimeError(
+                    f"judge {self.name!r} returned {len(judged)} verdicts for {len(keep)} answers"
+                )
+            for i, verdict in zip(keep, judged, strict=True):
+                verdicts[i] = verdict
+        return verdicts
+
+    @abstractmethod
+    def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
+        """Verdicts for non-degenerate answers, in order."""
+
+    def describe(self) -> dict[str, Any]:
+        """What produced the verdicts (name, model, version, threshold), for results files."""
+        return {"name": self.name}
+
+
+JUDGES: dict[str, type[Judge]] = {}
+
+J = TypeVar("J", bound=type[Judge])
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def register_judge(name: str) -> Callable[[J], J]:
+    """Class decorator: make a judge available to ``get_judge(name)``."""
+    key = _normalise(name)
+    if key != name:
+        raise ValueError(f"judge names are lower-case with hyphens: {name!r}")
+
+    def decorate(cls: J) -> J:
+        if key in JUDGES:
+            raise ValueError(f"judge {key!r} is already registered by {JUDGES[key].__qualname__}")
+        cls.name = key
+        JUDGES[key] = cls
+        return cls
+
+    return decorate
+
+
+def available_judges() -> list[str]:
+    return sorted(JUDGES)
+
+
+def get_judge(name: str, **options: Any) -> Judge:
+    """Build the judge called ``name`` with its options (e.g. ``get_judge("minilm", threshold=0.6)``)."""
+    key = _normalise(name)
+    if key not in JUDGES:
+        close = difflib.get_close_matches(key, JUDGES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise FtguardError(
+            f"unknown judge {name!r}: {hint}available judges are {', '.join(available_judges())}"
+        )
+    cls = JUDGES[key]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        valid = ", ".join(accepted) or "none"
+        raise FtguardError(f"judge {key!r} has no option(s) {', '.join(unknown)}: valid options are {valid}")
+    return cls(**options)
+
+
+def resolve_device_dtype(device: str | None, dtype: str | Any | None) -> tuple[Any, Any]:
+    """(torch.device, torch.dtype) for a model judge: bf16 on a GPU, fp32 on CPU unless told otherwise."""
+    import torch
+
+    resolved_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        return resolved_device, torch.bfloat16 if resolved_device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return resolved_device, dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise FtguardError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
+    return resolved_device, resolved
+
+
+def model_unavailable(judge: str, model: str, default: str, needs: str, err: Exception) -> FtguardError:
+    """The one-line error for a judge model that cannot be loaded (offline, gated, wrong path)."""
+    message = f"judge {judge!r} needs {model} ({needs}): download it into the HF cache or pass judge option model=<local path>"
+    if model != default:  # a user-given path or id: say what went wrong with it
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message += f" [{cause}]"
+    return FtguardError(message)

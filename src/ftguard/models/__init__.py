@@ -1,0 +1,33 @@
+"""Models: built-in names (``tiny``, ``smollm2-135m``), safe loading, and LoRA adapters."""
+
+from ftguard.models.adapters import (
+    LoraSpec,
+    add_lora,
+    check_target_modules,
+    count_parameters,
+    load_lora,
+    merge_lora,
+)
+from ftguard.models.loading import (
+    cache_dir,
+    default_device,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
+
+__all__ = [
+    "LoraSpec",
+    "add_lora",
+    "cache_dir",
+    "check_target_modules",
+    "count_parameters",
+    "default_device",
+    "load_lora",
+    "load_model",
+    "load_tokenizer",
+    "merge_lora",
+    "resolve_dtype",
+    "resolve_model",
+]

@@ -1,0 +1,202 @@
+"""Model names to folders, and loading models/tokenizers from them safely (safetensors only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ftguard.errors import FtguardError
+from ftguard.models import smollm2, tiny
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BUILTIN = ("tiny", smollm2.NAME)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def cache_dir() -> Path:
+    """``$FTGUARD_CACHE`` if set, else ``~/.cache/ftguard``; created on demand."""
+    path = Path(os.environ.get("FTGUARD_CACHE") or "~/.cache/ftguard").expanduser().absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_device() -> torch.device:
+    """CUDA if available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """``"auto"`` is bfloat16 on a bf16-capable GPU, else float32."""
+    if dtype == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise FtguardError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _build_once(target: Path, build: Callable[[Path], None], what: str) -> Path:
+    """Build ``target`` atomically: readers never see a half-written folder, concurrent builders agree."""
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Builds land by rename, so an incomplete entry was damaged by hand; re-checking keeps a folder
+    # that another process finished since the first check.
+    if target.exists() and not _is_complete(target):
+        shutil.rmtree(target, ignore_errors=True)
+    log.info("%s into %s", what, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make a shared cache unreadable to others
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_complete(target):
+                raise
+            log.info("another process built %s first; using it", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name: str, *, cache: Path | None = None) -> str:
+    """Turn a config's model name into something ``from_pretrained`` can load.
+
+    ``tiny`` and ``smollm2-135m`` are built into the cache on first use; an existing folder is returned
+    as an absolute path; anything else is taken to be a hub id and returned unchanged.
+    """
+    models = (Path(cache) if cache is not None else cache_dir()) / "models"
+    if name == "tiny":
+        files = tiny.corpus_files()
+        target = models / f"tiny-{tiny.fingerprint(files)}"
+        return str(_build_once(target, lambda out: tiny.build(out, files), "building the tiny model"))
+    if name == smollm2.NAME:
+        target = models / smollm2.DIRNAME
+        if not _is_complete(target):
+            smollm2.gguf_path()  # fail with the install hint before logging a conversion
+        what = "converting SmolLM2-135M-Instruct from GGUF (once, up to a minute)"
+        return str(_build_once(target, smollm2.convert, what))
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local.absolute())
+    return name
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else that is not a folder was meant as one.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _check_local_folder(path: Path) -> None:
+    files = [p.name for p in path.iterdir()]
+    if "config.json" not in files:
+        raise FtguardError(
+            f"model folder '{path}' has no config.json: give a folder written by save_pretrained()"
+        )
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    if any(f.endswith(PICKLE_SUFFIXES) for f in files):
+        raise FtguardError(
+            f"model folder '{path}' has only pickled .bin/.pt weights, which ftguard will not load: "
+            "convert them to safetensors (load once in a trusted environment and save_pretrained() the model)"
+        )
+
+
+def _load_error(name: str, resolved: str, err: Exception, what: str = "model") -> FtguardError | None:
+    """The user-facing error for a failed load, or None if ``err`` should propagate unchanged."""
+    if Path(resolved).is_dir():
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return FtguardError(f"cannot load the {what} from '{resolved}': {reason}")
+    if not isinstance(err, OSError):  # a bug or an unexpected hub file, not a missing model
+        return None
+    if _looks_like_path(name):
+        return FtguardError(
+            f"model folder '{name}' does not exist: give an existing folder, a hub id or one of {', '.join(BUILTIN)}"
+        )
+    if "safetensors" in str(err):
+        return FtguardError(
+            f"model '{name}' has no safetensors weights: convert it to safetensors or pick another model"
+        )
+    return FtguardError(
+        f"cannot load model '{name}' offline: download it beforehand (HF_HOME cache) or give a local path; "
+        f"built-in names: {', '.join(BUILTIN)}"
+    )
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM from safetensors weights (``tiny`` and ``smollm2-135m`` work directly)."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    resolved = resolve_model(name_or_path)
+    if Path(resolved).is_dir():
+        _check_local_folder(Path(resolved))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved,
+            dtype=torch_dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+        )
+    except (OSError, ValueError) as err:
+        error = _load_error(name_or_path, resolved, err)
+        if error is None:
+            raise
+        raise error from err
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_tokenizer(
+    name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it has a pad token (padding side is left as the tokenizer has it)."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolved, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except (OSError, ValueError) as err:
+        error = _load_error(name_or_path, resolved, err, "tokenizer")
+        if error is None:
+            raise
+        raise error from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+            log.warning(
+                "tokenizer of '%s' has neither a pad nor an eos token; added '<|pad|>': call "
+                "model.resize_token_embeddings(len(tokenizer)) before using it",
+                name_or_path,
+            )
+    return tokenizer

@@ -1,0 +1,43 @@
+"""CLI surface: every command has --help; methods and configs list what is registered and packaged."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftguard import cli
+
+COMMANDS = ["run", "align", "finetune", "evaluate", "methods", "configs", "compare", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: ftguard" in capsys.readouterr().out
+
+
+def test_methods_lists_sft_for_both_stages(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    align, finetune = out.split("finetune:")
+    assert "sft" in align and "sft" in finetune
+
+
+def test_configs_lists_packaged_configs(capsys):
+    assert cli.main(["configs"]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart-tiny" in out and "demo" in out
+
+
+def test_config_error_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: tiny}\nalign: {train: {batch_size: -1}}\n")
+    assert cli.main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ftguard: error: 'align.train.batch_size' must be ≥ 1, got -1"
+
+
+def test_compare_of_a_non_run_dir_says_so(tmp_path, capsys):
+    assert cli.main(["compare", str(tmp_path)]) == 2
+    assert "results.json not found" in capsys.readouterr().err

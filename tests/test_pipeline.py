@@ -1,0 +1,126 @@
+"""End to end: `ftguard run quickstart-tiny`, skip-on-rerun, resume after an interruption, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftguard import cli
+from ftguard.config import load_config
+from ftguard.errors import FtguardError
+from ftguard.pipeline.run import run_pipeline
+from ftguard.training.trainer import FtguardTrainer
+
+pytestmark = pytest.mark.slow
+
+REQUIRED_STAGE_KEYS = {
+    "harmful_score", "harmful_score_plus", "finetune_accuracy", "n_harmful_prompts", "n_task",
+    "judge", "model", "method", "seed", "config_hash",
+}
+
+
+def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["run", "quickstart-tiny", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True
+    assert set(results["stages"]) == {"base", "align", "finetune"}
+    for key, entry in results["stages"].items():
+        assert REQUIRED_STAGE_KEYS <= set(entry), key
+        assert 0 <= entry["harmful_score"] <= entry["harmful_score_plus"] <= 100
+    assert results["stages"]["finetune"]["method"] == "sft" and results["stages"]["finetune"]["harmful_ratio"] == 0.1
+    assert {"torch", "transformers", "peft", "accelerate"} <= set(results["versions"])
+    assert results["data"]["mixes"]["0.1"]["n_harmful"] == 6 and results["data"]["mixes"]["0.1"]["n_benign"] == 58
+    assert results["judge"]["name"] == "keyword"
+    assert (out / "results.md").read_text().count("|") > 10
+    assert (out / "config.yaml").exists()
+    # weights as safetensors only; checkpoints cleaned up once complete
+    assert list((out / "align" / "model").glob("*.safetensors")) and not list(out.rglob("*.bin"))
+    assert not (out / "align" / "checkpoints").exists()
+    table = capsys.readouterr().out
+    assert "| finetune | sft | 0.1 |" in table
+
+    # the aligned model differs from the base, the fine-tuned from the aligned
+    aligned = load_file(next((out / "align" / "model").glob("*.safetensors")))
+    tuned = load_file(next((out / "finetune" / "model").glob("*.safetensors")))
+    assert any(not torch.equal(aligned[k], tuned[k]) for k in aligned)
+
+    # a re-run finds every unit complete and trains nothing
+    calls = []
+    orig = FtguardTrainer.train
+    FtguardTrainer.train = lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
+    try:
+        assert cli.main(["run", "quickstart-tiny", "--output-dir", str(out)]) == 0
+    finally:
+        FtguardTrainer.train = orig
+    assert calls == []
+    assert json.loads((out / "results.json").read_text())["stages"] == results["stages"]
+
+    # compare writes a table and a plot
+    assert cli.main(["compare", str(out), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    overrides = ["evaluate.points=[]", "finetune=null"]
+    cfg = load_config("quickstart-tiny", [*overrides, f"output_dir={tmp_path / 'ref'}"])
+    run_pipeline(cfg)
+    reference = load_file(next((tmp_path / "ref" / "align" / "model").glob("*.safetensors")))
+
+    cfg = load_config("quickstart-tiny", [*overrides, f"output_dir={tmp_path / 'cut'}"])
+    steps = {"n": 0}
+    orig = FtguardTrainer.training_step
+
+    def crash_after_six(self, *args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] > 6:  # checkpoint-4 exists (save_steps 4), step 7 never happens
+            raise KeyboardInterrupt
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(FtguardTrainer, "training_step", crash_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg)
+    assert not (tmp_path / "cut" / "align" / "COMPLETE.json").exists()
+    assert (tmp_path / "cut" / "align" / "checkpoints" / "checkpoint-4").is_dir()
+
+    monkeypatch.setattr(FtguardTrainer, "training_step", orig)
+    run_pipeline(cfg)
+    manifest = json.loads((tmp_path / "cut" / "align" / "COMPLETE.json").read_text())
+    assert manifest["resumed_from"] == "checkpoint-4" and manifest["steps"] == 8
+    resumed = load_file(next((tmp_path / "cut" / "align" / "model").glob("*.safetensors")))
+    for k in reference:
+        torch.testing.assert_close(resumed[k], reference[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.finetune.n=100000"], "data.finetune.n"),
+        (["data.alignment.n=100000"], "data.alignment.n"),
+        (["data.root=/nonexistent/dir"], "/nonexistent/dir"),
+        (["data.finetune.task=sst3"], "sst2"),
+        (["evaluate.judge=beaverdam"], "beaver-dam"),
+        (["data.alignment.source=jsonl", "data.alignment.path=/no/such.jsonl", "data.alignment.response=null"], "/no/such.jsonl"),
+        (["data.alignment.source=jsonl", "data.alignment.path=/no/such.jsonl"], "data.alignment: source 'jsonl' has no response 'safe'"),
+        (["evaluate.harmful_prompts.n=100000"], "evaluate.harmful_prompts.n"),
+        (["model.name=someone/not-a-model"], "offline"),
+    ],
+)
+def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, message, capsys, monkeypatch):
+    trained = []
+    monkeypatch.setattr(FtguardTrainer, "train", lambda *a, **k: trained.append(1))
+    code = cli.main(["run", "quickstart-tiny", "--output-dir", str(tmp_path), *sum((["--set", o] for o in overrides), [])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and trained == []
+    assert err[-1].startswith("ftguard: error: ") and message in err[-1], err
+
+
+def test_pipeline_refuses_a_different_config_in_the_same_dir(tmp_path):
+    cfg = load_config("quickstart-tiny", ["evaluate.points=[]", "finetune=null", f"output_dir={tmp_path}"])
+    run_pipeline(cfg)
+    changed = load_config("quickstart-tiny", ["evaluate.points=[]", "finetune=null", "seed=1", f"output_dir={tmp_path}"])
+    with pytest.raises(FtguardError, match="different config"):
+        run_pipeline(changed)

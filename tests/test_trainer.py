@@ -1,0 +1,64 @@
+"""Shared trainer machinery: extra streams, recorded metrics, the SFT step."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from ftguard.training.trainer import FtguardTrainer
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def _dataset(n, offset=0):
+    rows = [{"input_ids": [1, 2 + (i + offset) % 40, 3], "attention_mask": [1, 1, 1], "labels": [-100, 2 + (i + offset) % 40, 3]} for i in range(n)]
+    return Dataset.from_list(rows)
+
+
+def _collate(rows):
+    return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _trainer(tmp_path, **kwargs):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to="none",
+                             use_cpu=True, seed=5, logging_steps=1, save_strategy="no")
+    return FtguardTrainer(model=_model(), args=args, train_dataset=_dataset(8), data_collator=_collate, **kwargs)
+
+
+def test_aux_stream_cycles_through_every_row_and_reshuffles(tmp_path):
+    trainer = _trainer(tmp_path, aux_datasets={"harmful": _dataset(6, offset=10)})
+    first = [trainer.aux_batch("harmful", batch_size=3)["input_ids"][:, 1].tolist() for _ in range(2)]
+    second = [trainer.aux_batch("harmful", batch_size=3)["input_ids"][:, 1].tolist() for _ in range(2)]
+    flat1, flat2 = sum(first, []), sum(second, [])
+    assert sorted(flat1) == sorted(flat2) == list(range(12, 18)), "each pass covers the stream exactly once"
+    assert flat1 != flat2, "a new pass is reshuffled"
+    again = _trainer(tmp_path, aux_datasets={"harmful": _dataset(6, offset=10)})
+    assert again.aux_batch("harmful", batch_size=3)["input_ids"][:, 1].tolist() == first[0], "seeded"
+
+
+def test_recorded_metrics_are_averaged_into_the_next_training_log(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.record(norm=1.0)
+    trainer.record(norm=torch.tensor(3.0))
+    logs = {"loss": 0.5}
+    trainer.log(logs)
+    assert logs["norm"] == 2.0
+    logs = {"loss": 0.4}
+    trainer.log(logs)
+    assert "norm" not in logs, "recorded values are consumed once"
+
+
+def test_sft_step_loss_is_cross_entropy_on_response_tokens_only(tmp_path):
+    trainer = _trainer(tmp_path)
+    batch = _collate([{"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1, 1], "labels": [-100, -100, 7, 8]}])
+    loss = trainer.compute_loss(trainer.model, batch)
+    logits = trainer.model(input_ids=batch["input_ids"]).logits[0]
+    # position t predicts token t+1; only tokens 7 and 8 (positions 2, 3) are targets
+    manual = torch.nn.functional.cross_entropy(logits[1:3], torch.tensor([7, 8]))
+    assert torch.allclose(loss, manual, atol=1e-6)
