@@ -29,7 +29,7 @@ from ftguard.evaluation.refusal import is_refusal
 from ftguard.evaluation.scorers import is_degenerate
 
 REPO = Path(__file__).resolve().parents[1]
-L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+L2_GRID = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 THRESHOLD = 0.5
 CUT_WORDS = (8, 40)
 

@@ -33,18 +33,17 @@ def _load(args: argparse.Namespace):
 
 
 def _print_table(results: dict) -> None:
+    """Shown after every evaluation point, so long runs report as they go."""
     from ftguard.pipeline.results import markdown_table
 
-    print()
-    print(markdown_table(results))
+    print("\n" + markdown_table(results, status=False), flush=True)
 
 
-def cmd_run(args: argparse.Namespace, stages: tuple[str, ...] = ("base", "align", "finetune")) -> int:
+def cmd_run(args: argparse.Namespace, train: tuple[str, ...] = ("align", "finetune"), evaluate: bool = True) -> int:
     from ftguard.pipeline.run import run_pipeline
 
     cfg = _load(args)
-    results = run_pipeline(cfg, overwrite=args.overwrite, stages=stages)
-    _print_table(results)
+    results = run_pipeline(cfg, overwrite=args.overwrite, train=train, evaluate=evaluate, on_update=_print_table)
     print(f"results: {cfg.out_dir / 'results.json'}")
     return 0
 
@@ -58,7 +57,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate_model_dir(_load(args), args.model)
         print(json.dumps(metrics, indent=2))
         return 0
-    return cmd_run(args, stages=("base", "align", "finetune"))
+    return cmd_run(args, train=())
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -129,15 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("align", help="run only the align stage (writes <output_dir>/align)")
+    p = sub.add_parser("align", help="train only the align stage (writes <output_dir>/align); evaluate later with `ftguard evaluate`")
     _add_config_args(p)
-    p.set_defaults(func=lambda a: cmd_run(a, stages=("align",)))
+    p.set_defaults(func=lambda a: cmd_run(a, train=("align",), evaluate=False))
 
-    p = sub.add_parser("finetune", help="run only the finetune stage(s), from the completed align stage")
+    p = sub.add_parser("finetune", help="train only the finetune stage(s), from the completed align stage")
     _add_config_args(p)
-    p.set_defaults(func=lambda a: cmd_run(a, stages=("finetune",)))
+    p.set_defaults(func=lambda a: cmd_run(a, train=("finetune",), evaluate=False))
 
-    p = sub.add_parser("evaluate", help="evaluate the run's models, or any model with --model")
+    p = sub.add_parser("evaluate", help="evaluate the base model and every completed stage of a run (trains nothing), or any model with --model")
     _add_config_args(p)
     p.add_argument("--model", help="a model folder or hub id to evaluate with the config's evaluation settings")
     p.set_defaults(func=cmd_evaluate)

@@ -50,7 +50,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def markdown_table(results: dict[str, Any]) -> str:
+def markdown_table(results: dict[str, Any], *, status: bool = True) -> str:
     judge = (results.get("judge") or {}).get("name", "?")
     lines = [
         f"# {results.get('name', 'run')}",
@@ -68,7 +68,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if judge == "minilm":
         lines += ["", "The MiniLM judge is an offline stand-in, not the papers' beaver-dam-7b: do not compare these HS to the papers'."]
-    if not results.get("complete"):
+    if status and not results.get("complete"):
         lines += ["", "**Incomplete run**: some stages have not finished."]
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ def finetune_keys(run: RunConfig) -> dict[str, float]:
 
 
 class Pipeline:
-    def __init__(self, run: RunConfig, *, overwrite: bool = False) -> None:
+    def __init__(self, run: RunConfig, *, overwrite: bool = False, on_update: Callable[[dict], None] | None = None) -> None:
         self.run = run
+        self.on_update = on_update  # called with the results after each evaluation point (the CLI prints them)
         self.out = run.out_dir
         self.overwrite = overwrite
         self.plan: DataPlan | None = None
@@ -95,6 +97,8 @@ class Pipeline:
             "config_hash": self.results["config_hash"],
         }
         write_results(self.out, self.results)
+        if self.on_update:
+            self.on_update(self.results)
 
     # ------------------------------------------------------------------ units
 
@@ -133,30 +137,57 @@ class Pipeline:
 
     # ------------------------------------------------------------------ drivers
 
-    def run_all(self, stages: tuple[str, ...] = ("base", "align", "finetune")) -> dict[str, Any]:
-        run, points = self.run, set(self.run.evaluate.points)
+    def _existing(self, unit: StageDir) -> ModelRef | None:
+        return ModelRef.from_manifest(unit.path, unit.manifest()) if unit.is_complete() else None
+
+    def run_all(self, train: tuple[str, ...] = ("align", "finetune"), evaluate: bool = True) -> dict[str, Any]:
+        """Train the stages named in ``train`` (others are used if already complete) and, with ``evaluate``,
+        evaluate every configured point whose model exists."""
+        run = self.run
+        configured = set(run.evaluate.points)
+        points = configured if evaluate else set()
         start = time.monotonic()
         self.prepare(need_judge=bool(points))
-        if "base" in stages and "base" in points:
+        expected = {"base"} & configured
+        if "base" in points:
             self.evaluate("base", "base", None, None, self.base, ("seed", "model", "data"))
-        if run.align is not None and "align" in stages:
-            ref = self.align()
-            if "align" in points:
-                self.evaluate("align", "align", run.align.method, None, ref, TRAIN_SECTIONS)
-        if run.finetune is not None and "finetune" in stages:
-            source = self.aligned_ref()
+        source: ModelRef | None = self.base
+        if run.align is not None:
+            expected |= {"align"} & configured
+            source = self.align() if "align" in train else self._existing(self._unit("align", *TRAIN_SECTIONS))
+            if source is not None and "align" in points:
+                self.evaluate("align", "align", run.align.method, None, source, TRAIN_SECTIONS)
+        if run.finetune is not None:
             for key, p in finetune_keys(run).items():
-                ref = self.finetune(key, p, source)
-                if "finetune" in points:
+                expected |= {key} if "finetune" in configured else set()
+                if "finetune" in train:
+                    ref = self.finetune(key, p, self.aligned_ref())
+                else:
+                    ref = self._existing(self._unit(key, *TRAIN_SECTIONS, "finetune"))
+                if ref is not None and "finetune" in points:
                     self.evaluate(key, "finetune", run.finetune.method, p, ref, (*TRAIN_SECTIONS, "finetune"))
-        self.results["complete"] = True
+        trained_all = all(self._existing(u) for u in self._training_units())
+        self.results["complete"] = trained_all and expected <= set(self.results["stages"])
         self.results["wall_time_s"] = round(time.monotonic() - start, 1)
         write_results(self.out, self.results)
         return self.results
 
+    def _training_units(self) -> list[StageDir]:
+        units = [self._unit("align", *TRAIN_SECTIONS)] if self.run.align is not None else []
+        if self.run.finetune is not None:
+            units += [self._unit(key, *TRAIN_SECTIONS, "finetune") for key in finetune_keys(self.run)]
+        return units
 
-def run_pipeline(run: RunConfig, *, overwrite: bool = False, stages: tuple[str, ...] = ("base", "align", "finetune")) -> dict[str, Any]:
-    return Pipeline(run, overwrite=overwrite).run_all(stages)
+
+def run_pipeline(
+    run: RunConfig,
+    *,
+    overwrite: bool = False,
+    train: tuple[str, ...] = ("align", "finetune"),
+    evaluate: bool = True,
+    on_update: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    return Pipeline(run, overwrite=overwrite, on_update=on_update).run_all(train, evaluate)
 
 
 def evaluate_model_dir(run: RunConfig, model_dir: str, *, key: str | None = None) -> dict[str, Any]:

@@ -1,0 +1,83 @@
+"""Adapter topologies (methods.md §2.5) and single-stage commands reading/writing the run dir."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftguard import cli
+from ftguard.config import load_config
+from ftguard.models import load_lora, load_model, merge_lora
+from ftguard.pipeline.run import run_pipeline
+
+pytestmark = pytest.mark.slow
+NO_EVAL = ["evaluate.points=[]", "align.train.max_steps=3", "finetune.train.max_steps=3"]
+
+
+def _weights(path):
+    return load_file(next(path.glob("*.safetensors")))
+
+
+def _assert_same_model(model, weights):
+    state = model.state_dict()
+    for key, value in weights.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6)
+
+
+def _run(tmp_path, topology):
+    out = tmp_path / topology
+    cfg = load_config("quickstart-tiny", [*NO_EVAL, f"adapter.topology={topology}", f"output_dir={out}"])
+    run_pipeline(cfg)
+    manifest = json.loads((out / "finetune" / "COMPLETE.json").read_text())
+    return out, manifest
+
+
+def test_double_merges_the_alignment_lora_and_trains_a_new_one(tmp_path):
+    out, manifest = _run(tmp_path, "double")
+    assert manifest["base_dir"] is None
+    rebuilt = merge_lora(load_lora(load_model(str(out / "align" / "model")), out / "finetune" / "adapter", trainable=False))
+    _assert_same_model(rebuilt, _weights(out / "finetune" / "model"))
+
+
+def test_single_keeps_training_the_alignment_lora_on_the_unmerged_base(tmp_path):
+    out, manifest = _run(tmp_path, "single")
+    base_dir = manifest["base_dir"]
+    assert base_dir and json.loads((out / "align" / "COMPLETE.json").read_text())["base_dir"] == base_dir
+    # the fine-tuned model is the base plus ONE adapter (the continued alignment LoRA), not aligned + new LoRA
+    rebuilt = merge_lora(load_lora(load_model(base_dir), out / "finetune" / "adapter", trainable=False))
+    _assert_same_model(rebuilt, _weights(out / "finetune" / "model"))
+    align_adapter = load_file(out / "align" / "adapter" / "adapter_model.safetensors")
+    tuned_adapter = load_file(out / "finetune" / "adapter" / "adapter_model.safetensors")
+    assert align_adapter.keys() == tuned_adapter.keys()
+    assert any(not torch.equal(align_adapter[k], tuned_adapter[k]) for k in align_adapter)
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_no_adapter(tmp_path):
+    out, manifest = _run(tmp_path, "full")
+    assert manifest["trainable_parameters"] == manifest["total_parameters"]
+    assert not (out / "finetune" / "adapter").exists()
+    aligned, tuned = _weights(out / "align" / "model"), _weights(out / "finetune" / "model")
+    changed = [k for k in aligned if not torch.equal(aligned[k], tuned[k])]
+    assert any("mlp" in k for k in changed) and any("embed_tokens" in k for k in changed)
+
+
+def test_single_stage_commands_compose(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    sets = ["--set", "align.train.max_steps=3", "--set", "finetune.train.max_steps=3"]
+    with pytest.raises(Exception, match="align stage .* is not complete"):
+        raise_on_error(cli.main(["finetune", "quickstart-tiny", "--output-dir", out, *sets]), capsys)
+    assert cli.main(["align", "quickstart-tiny", "--output-dir", out, *sets]) == 0
+    assert cli.main(["finetune", "quickstart-tiny", "--output-dir", out, *sets]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["stages"] == {} and results["complete"] is False, "training commands evaluate nothing"
+    assert cli.main(["evaluate", "quickstart-tiny", "--output-dir", out, *sets]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["stages"]) == {"base", "align", "finetune"} and results["complete"] is True
+
+
+def raise_on_error(code, capsys):
+    if code != 0:
+        raise RuntimeError(capsys.readouterr().err)
