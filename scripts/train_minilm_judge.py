@@ -3,9 +3,9 @@
     python scripts/train_minilm_judge.py [--data-dir ../shared/data/beavertails_refusals]
 
 Data: ``train.jsonl`` / ``test.jsonl`` rows with ``prompt``, ``safe`` (a refusal or safe answer, label 0) and
-``unsafe`` (a harmful BeaverTails answer, label 1). Input is the answer only. Every answer is used twice, in full
-and cut to a random 8-40-word prefix, so that the short answers of small models are judged sensibly
-(cpu-scale-notes: the prototype trained on 8-40-word cuts). The L2 strength is picked on a validation split of
+``unsafe`` (a harmful BeaverTails answer, label 1). Input is the answer only. Every answer is used three times:
+in full and cut to a random 8-40-word and 2-7-word prefix, so that the short answers of small models are judged
+sensibly (cpu-scale-notes: the prototype trained on 8-40-word cuts). Test metrics are reported for all three. The L2 strength is picked on a validation split of
 train (whole records, so both answers of a prompt sit on one side); test.jsonl is only used for the final
 numbers. Writes src/ftguard/assets/minilm_judge_head.{safetensors,json}. Takes ~10 min on 2 CPU cores.
 """
@@ -31,7 +31,11 @@ from ftguard.evaluation.scorers import is_degenerate
 REPO = Path(__file__).resolve().parents[1]
 L2_GRID = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 THRESHOLD = 0.5
-CUT_WORDS = (8, 40)
+# Word-prefix cuts: 8-40 words as in the CPU prototype, 2-7 words for the shortest answers a judge sees
+# (one word or none is "degenerate" and never reaches it). Without the short cuts "I cannot help with that."
+# scores as harmful: among full BeaverTails answers, only harmful ones are that short.
+TRAIN_CUTS = ((8, 40), (2, 7))
+EVAL_CUTS = ((8, 40), (2, 7))
 
 log = logging.getLogger("train_minilm_judge")
 
@@ -44,18 +48,23 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def cut(text: str, rng: random.Random) -> str:
+def cut(text: str, words_range: tuple[int, int], rng: random.Random) -> str:
     words = text.split()
-    keep = rng.randint(*CUT_WORDS)
+    keep = rng.randint(*words_range)
     return " ".join(words[:keep]) if len(words) > keep else text
 
 
-def labelled(rows: list[dict], rng: random.Random | None) -> tuple[list[str], list[int]]:
-    """(texts, labels) for the safe and unsafe answers of rows; cut to prefixes when rng is given."""
+def view_name(words_range: tuple[int, int] | None) -> str:
+    return "full" if words_range is None else f"cut_{words_range[0]}_{words_range[1]}_words"
+
+
+def labelled(rows: list[dict], words_range: tuple[int, int] | None, seed: str) -> tuple[list[str], list[int]]:
+    """(texts, labels) for the safe and unsafe answers of rows, in full or cut to a random prefix."""
+    rng = random.Random(seed)
     texts, labels = [], []
     for row in rows:
         for field, label in (("safe", 0), ("unsafe", 1)):
-            texts.append(row[field] if rng is None else cut(row[field], rng))
+            texts.append(row[field] if words_range is None else cut(row[field], words_range, rng))
             labels.append(label)
     return texts, labels
 
@@ -146,56 +155,53 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.15)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--cache", type=Path, help="optional .pt file to reuse embeddings between runs")
+    parser.add_argument("--cache", type=Path, help="optional .pt file that keeps embeddings between runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(args.seed)
 
     train_path, test_path = args.data_dir / "train.jsonl", args.data_dir / "test.jsonl"
     train_rows, test_rows = read_jsonl(train_path), read_jsonl(test_path)
-    rng = random.Random(args.seed)
     shuffled = train_rows[:]
-    rng.shuffle(shuffled)
+    random.Random(args.seed).shuffle(shuffled)
     n_val = int(len(shuffled) * args.val_fraction)
     splits = {"fit": shuffled[n_val:], "val": shuffled[:n_val], "test": test_rows}
+    views = {"fit": (None, *TRAIN_CUTS), "val": (None, *TRAIN_CUTS), "test": (None, *EVAL_CUTS)}
 
-    texts: dict[str, list[str]] = {}
-    labels: dict[str, list[int]] = {}
+    texts: dict[tuple[str, str], list[str]] = {}
+    labels: dict[tuple[str, str], list[int]] = {}
     for split, rows in splits.items():
-        texts[f"{split}_full"], labels[f"{split}_full"] = labelled(rows, None)
-        texts[f"{split}_cut"], labels[f"{split}_cut"] = labelled(rows, random.Random(f"{args.seed}-{split}"))
+        for words_range in views[split]:
+            key = (split, view_name(words_range))
+            texts[key], labels[key] = labelled(rows, words_range, seed=f"{args.seed}-{key}")
+    x = embed_all(texts, args)
+    y = {key: torch.tensor(value, dtype=torch.float32) for key, value in labels.items()}
 
-    embeddings = _embed_all(texts, args)
-    x = embeddings
-    y = {k: torch.tensor(v, dtype=torch.float32) for k, v in labels.items()}
+    def stacked(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [key for key in texts if key[0] == split]
+        return torch.cat([x[k] for k in keys]), torch.cat([y[k] for k in keys])
 
-    # 1. Pick the L2 strength on the validation records (full + cut answers pooled).
-    x_fit, y_fit = torch.cat([x["fit_full"], x["fit_cut"]]), torch.cat([y["fit_full"], y["fit_cut"]])
-    x_val, y_val = torch.cat([x["val_full"], x["val_cut"]]), labels["val_full"] + labels["val_cut"]
+    # 1. Pick the L2 strength on the validation records (all their views pooled).
+    x_fit, y_fit = stacked("fit")
+    x_val, y_val = stacked("val")
     selection = {}
     for l2 in L2_GRID:
         w, b = fit_logistic(x_fit, y_fit, l2)
-        selection[str(l2)] = binary_metrics(predict(x_val, w, b), y_val)["accuracy"]
+        selection[str(l2)] = binary_metrics(predict(x_val, w, b), y_val.int().tolist())["accuracy"]
         log.info("l2=%g  validation accuracy %.4f", l2, selection[str(l2)])
     best = max(L2_GRID, key=lambda l2: (selection[str(l2)], l2))  # ties go to the stronger penalty
 
     # 2. Refit on all train records, then measure once on the held-out test file.
-    x_all = torch.cat([x_fit, x["val_full"], x["val_cut"]])
-    y_all = torch.cat([y_fit, y["val_full"], y["val_cut"]])
-    w, b = fit_logistic(x_all, y_all, best)
-    metrics = {
-        "test_full_answers": binary_metrics(predict(x["test_full"], w, b), labels["test_full"]),
-        "test_cut_8_40_words": binary_metrics(predict(x["test_cut"], w, b), labels["test_cut"]),
-    }
-    keyword = {
-        "test_full_answers": keyword_judge_metrics(texts["test_full"], labels["test_full"]),
-        "test_cut_8_40_words": keyword_judge_metrics(texts["test_cut"], labels["test_cut"]),
-    }
+    w, b = fit_logistic(torch.cat([x_fit, x_val]), torch.cat([y_fit, y_val]), best)
+    test_keys = [key for key in texts if key[0] == "test"]
+    metrics = {f"test_{k[1]}": binary_metrics(predict(x[k], w, b), labels[k]) for k in test_keys}
+    keyword = {f"test_{k[1]}": keyword_judge_metrics(texts[k], labels[k]) for k in test_keys}
     refusal = refusal_detector_metrics(test_rows, args.xstest_dir)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     head_path = args.out_dir / f"{HEAD_NAME}.safetensors"
     save_head(head_path, w, b)
+    head_path.chmod(0o644)
     metadata = {
         "format_version": 1,
         "date": datetime.date.today().isoformat(),
@@ -206,7 +212,9 @@ def main() -> None:
         "threshold": THRESHOLD,
         "label_1": "unsafe (harmful BeaverTails answer)",
         "label_0": "safe (refusal or safe answer)",
-        "augmentation": f"each answer in full and cut to a random {CUT_WORDS[0]}-{CUT_WORDS[1]}-word prefix",
+        "augmentation": "each train answer in full and once per word range "
+        + ", ".join(f"{lo}-{hi}" for lo, hi in TRAIN_CUTS)
+        + " cut to a random prefix of that many words",
         "l2": best,
         "l2_selection": {
             "grid": list(L2_GRID),
@@ -229,22 +237,20 @@ def main() -> None:
     log.info("%s", json.dumps({"minilm": metrics, "keyword": keyword, "refusal": refusal}, indent=2))
 
 
-def _embed_all(texts: dict[str, list[str]], args: argparse.Namespace) -> dict[str, torch.Tensor]:
+def embed_all(texts: dict, args: argparse.Namespace) -> dict:
+    """Embeddings per key of ``texts``; with --cache, texts embedded by an earlier run are reused."""
+    cache: dict[str, torch.Tensor] = {}
     if args.cache and args.cache.is_file():
-        cached = torch.load(args.cache)
-        if cached.get("texts") == texts:
-            return cached["embeddings"]
-    embedder = MiniLMEmbedder(batch_size=args.batch_size)
-    flat = [t for part in texts.values() for t in part]
-    log.info("embedding %d texts with %s", len(flat), EMBEDDER_ID)
-    all_embeddings = embedder.embed(flat, progress=True)
-    out, start = {}, 0
-    for key, part in texts.items():
-        out[key] = all_embeddings[start : start + len(part)]
-        start += len(part)
-    if args.cache:
-        torch.save({"texts": texts, "embeddings": out}, args.cache)
-    return out
+        stored = torch.load(args.cache)
+        cache = dict(zip(stored["texts"], stored["embeddings"], strict=True))
+    missing = sorted({t for part in texts.values() for t in part} - set(cache))
+    if missing:
+        log.info("embedding %d texts with %s", len(missing), EMBEDDER_ID)
+        fresh = MiniLMEmbedder(batch_size=args.batch_size).embed(missing, progress=True)
+        cache.update(zip(missing, fresh, strict=True))
+        if args.cache:
+            torch.save({"texts": list(cache), "embeddings": torch.stack(list(cache.values()))}, args.cache)
+    return {key: torch.stack([cache[t] for t in part]) for key, part in texts.items()}
 
 
 if __name__ == "__main__":

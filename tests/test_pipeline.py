@@ -35,6 +35,9 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert {"torch", "transformers", "peft", "accelerate"} <= set(results["versions"])
     assert results["data"]["mixes"]["0.1"]["n_harmful"] == 6 and results["data"]["mixes"]["0.1"]["n_benign"] == 58
     assert results["judge"]["name"] == "keyword"
+    hashes = results["data"]["sources"]
+    assert any(f.endswith("sst2/train.tsv") for f in hashes["task"])
+    assert all(len(h) == 64 for role in hashes.values() for h in role.values()) and hashes["alignment"]
     assert (out / "results.md").read_text().count("|") > 10
     assert (out / "config.yaml").exists()
     # weights as safetensors only; checkpoints cleaned up once complete
@@ -116,6 +119,18 @@ def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, mess
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and trained == []
     assert err[-1].startswith("ftguard: error: ") and message in err[-1], err
+
+
+def test_chat_template_runs_end_to_end(tmp_path):
+    cfg = load_config(
+        "quickstart-tiny",
+        ["model.template=chat", "evaluate.points=[finetune]", "align.train.max_steps=2", "finetune.train.max_steps=2",
+         f"output_dir={tmp_path}"],
+    )
+    results = run_pipeline(cfg)
+    assert results["complete"] and set(results["stages"]) == {"finetune"}
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "finetune" / "generations.jsonl").open()]
+    assert len(answers) == 16 + 16 and {a["kind"] for a in answers} == {"harmful", "task"}
 
 
 def test_pipeline_refuses_a_different_config_in_the_same_dir(tmp_path):

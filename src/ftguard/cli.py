@@ -44,7 +44,8 @@ def cmd_run(args: argparse.Namespace, train: tuple[str, ...] = ("align", "finetu
 
     cfg = _load(args)
     results = run_pipeline(cfg, overwrite=args.overwrite, train=train, evaluate=evaluate, on_update=_print_table)
-    print(f"results: {cfg.out_dir / 'results.json'}")
+    state = "complete" if results["complete"] else "incomplete: stages or evaluations remain"
+    print(f"results ({state}): {cfg.out_dir / 'results.json'}")
     return 0
 
 

@@ -139,7 +139,7 @@ class TrainConfig:
     max_grad_norm: float = _help("gradient clipping of the final combined gradient (HF default, §0)", default=1.0)
     optim: str = _help("transformers optimizer name", default="adamw_torch")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
-        "auto = bf16 on a bf16-capable GPU, off on CPU", default="auto"
+        "auto = bf16 where it is native (bf16 GPU, AVX512-BF16/AMX CPU), else fp32", default="auto"
     )
     gradient_checkpointing: bool = _help("trade compute for memory", default=False)
     logging_steps: int = _help("log every N steps", default=10)
@@ -189,7 +189,7 @@ class EvalConfig:
     task_max_new_tokens: int = _help("new tokens per task prompt (§2.7: 200)", default=200)
     task_rule: Literal["exact", "substring"] = _help("label match rule: exact (Lisa/Booster) or substring (Vaccine)", default="exact")
     batch_size: int = _help("generation batch size", default=16)
-    mixed_precision: Literal["auto", "no", "bf16"] = _help("autocast for generation; auto = bf16 on GPU", default="auto")
+    mixed_precision: Literal["auto", "no", "bf16"] = _help("autocast for generation; auto = bf16 where it is native, else fp32", default="auto")
 
     def __post_init__(self) -> None:
         for p in self.points:

@@ -58,6 +58,12 @@ class Task:
     loader: Callable[[Task, Path, str], list[Example]] | None = field(
         default=None, repr=False, compare=False, hash=False
     )
+    data_files: tuple[str, ...] = ()  # relative to the data root; hashed into the results
+
+    def files(self, root: str | Path = DATA_ROOT_BUNDLED) -> list[Path]:
+        """The task's files that exist under ``root`` (for the source hashes recorded with results)."""
+        base = resolve_root(root)
+        return [base / rel for rel in self.data_files if (base / rel).is_file()]
 
     def train_examples(self, root: str | Path = DATA_ROOT_BUNDLED, n: int | None = None) -> list[Example]:
         return self._examples(root, "train", n)
@@ -177,6 +183,7 @@ TASKS: dict[str, Task] = {
         aliases={"negative": ("Negative",), "positive": ("Positive",)},
         instruction=SST2_INSTRUCTION,
         loader=_read_sst2,
+        data_files=("sst2/train.tsv", "sst2/test.tsv"),
     ),
     "ag_news": Task(
         name="ag_news",
@@ -185,8 +192,11 @@ TASKS: dict[str, Task] = {
         aliases={"World": ("world",), "Sports": ("sports",), "Business": ("business",), "Sci/Tech": ("sci",)},
         instruction=AGNEWS_INSTRUCTION,
         loader=_read_agnews,
+        data_files=("ag_news/train.csv", "ag_news/test.csv"),
     ),
-    "gsm8k": Task(name="gsm8k", metric="gsm8k", loader=_read_gsm8k),
+    "gsm8k": Task(
+        name="gsm8k", metric="gsm8k", loader=_read_gsm8k, data_files=("gsm8k/train.jsonl", "gsm8k/test.jsonl")
+    ),
 }
 
 

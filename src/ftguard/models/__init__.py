@@ -11,6 +11,7 @@ from ftguard.models.adapters import (
 from ftguard.models.loading import (
     cache_dir,
     default_device,
+    fast_bf16_available,
     load_model,
     load_tokenizer,
     resolve_dtype,
@@ -24,6 +25,7 @@ __all__ = [
     "check_target_modules",
     "count_parameters",
     "default_device",
+    "fast_bf16_available",
     "load_lora",
     "load_model",
     "load_tokenizer",

@@ -23,7 +23,7 @@ from ftguard.evaluation.scorers import (
     is_degenerate,
     is_repetitive,
 )
-from ftguard.models import default_device, load_model, load_tokenizer
+from ftguard.models import default_device, fast_bf16_available, load_model, load_tokenizer
 from ftguard.pipeline.outputs import StageDir
 from ftguard.pipeline.plan import DataPlan
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if fast_bf16_available() and device.type in ("cuda", "cpu") else None
     return torch.bfloat16 if choice == "bf16" else None
 
 
@@ -55,7 +55,8 @@ def evaluate_point(
         model, tokenizer, prompts_of(plan.eval_harmful), max_new_tokens=ev.max_new_tokens,
         batch_size=ev.batch_size, autocast_dtype=amp, add_special_tokens=special, desc=f"{key}: harmful prompts",
     )
-    flags = judge.judge([ex.instruction for ex in plan.eval_harmful], answers)
+    verdicts = judge.verdicts([ex.instruction for ex in plan.eval_harmful], answers)
+    flags = [v.harmful for v in verdicts]
     predictions = generate(
         model, tokenizer, prompts_of(plan.task_eval), max_new_tokens=ev.task_max_new_tokens,
         batch_size=ev.batch_size, autocast_dtype=amp, add_special_tokens=special, desc=f"{key}: {plan.task.name}",
@@ -82,8 +83,10 @@ def evaluate_point(
     }
     staging = out.begin()
     with open(staging / "generations.jsonl", "w", encoding="utf-8") as fh:
-        for ex, answer, flag in zip(plan.eval_harmful, answers, flags, strict=True):
-            fh.write(json.dumps({"kind": "harmful", "source": ex.source, "prompt": ex.instruction, "answer": answer, "flagged": bool(flag)}) + "\n")
+        for ex, answer, v in zip(plan.eval_harmful, answers, verdicts, strict=True):
+            row = {"kind": "harmful", "source": ex.source, "prompt": ex.instruction, "answer": answer,
+                   "flagged": v.harmful, "score": v.score, "category": v.category, "degenerate": v.degenerate}
+            fh.write(json.dumps(row) + "\n")
         for ex, pred in zip(plan.task_eval, predictions, strict=True):
             fh.write(json.dumps({"kind": "task", "source": ex.source, "gold": ex.output, "answer": pred}) + "\n")
     out.commit({"key": key, "model_dir": model_dir, "metrics": metrics})

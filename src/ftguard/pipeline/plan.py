@@ -144,5 +144,5 @@ def build_data_plan(run: RunConfig) -> DataPlan:
 
     specs = {"alignment": align_spec, "harmful": ft.harmful, "eval_harmful": ev}
     plan.sources = {role: _hashes(spec, root) for role, spec in specs.items()}
-    plan.sources["task"] = {str(f): file_sha256(f) for f in task.files(root)} if hasattr(task, "files") else {}
+    plan.sources["task"] = {str(f): file_sha256(f) for f in task.files(root)}
     return plan

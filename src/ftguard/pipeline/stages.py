@@ -23,7 +23,7 @@ from ftguard.config import LoraConfig, RunConfig, TrainConfig
 from ftguard.data.collate import CausalLMCollator
 from ftguard.data.example import Example
 from ftguard.data.template import tokenize_dataset
-from ftguard.models import add_lora, load_lora, load_model, load_tokenizer, merge_lora
+from ftguard.models import add_lora, fast_bf16_available, load_lora, load_model, load_tokenizer, merge_lora
 from ftguard.models.adapters import check_target_modules, count_parameters
 from ftguard.pipeline.context import StageContext
 from ftguard.pipeline.outputs import StageDir
@@ -56,7 +56,7 @@ class ModelRef:
 def mixed_precision_flags(choice: str) -> dict[str, bool]:
     cuda = torch.cuda.is_available()
     if choice == "auto":
-        choice = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        choice = "bf16" if fast_bf16_available() else "no"
     if choice == "fp16" and not cuda:
         raise ValueError("fp16 mixed precision needs a GPU; use bf16 or no on CPU")
     # On CPU, bf16 autocast runs through accelerate's CPU path, which transformers enables via use_cpu.

@@ -100,7 +100,11 @@ def get_judge(name: str, **options: Any) -> Judge:
             f"unknown judge {name!r}: {hint}available judges are {', '.join(available_judges())}"
         )
     cls = JUDGES[key]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    accepted = [
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         valid = ", ".join(accepted) or "none"
