@@ -39,7 +39,7 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert any(f.endswith("sst2/train.tsv") for f in hashes["task"])
     assert all(len(h) == 64 for role in hashes.values() for h in role.values()) and hashes["alignment"]
     assert (out / "results.md").read_text().count("|") > 10
-    assert (out / "config.yaml").exists()
+    assert (out / "config.yaml").exists() and results["config"]["model"]["name"] == "tiny"
     # weights as safetensors only; checkpoints cleaned up once complete
     assert list((out / "align" / "model").glob("*.safetensors")) and not list(out.rglob("*.bin"))
     assert not (out / "align" / "checkpoints").exists()

@@ -76,6 +76,11 @@ def test_single_stage_commands_compose(tmp_path, capsys):
     assert cli.main(["evaluate", "quickstart-tiny", "--output-dir", out, *sets]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["stages"]) == {"base", "align", "finetune"} and results["complete"] is True
+    capsys.readouterr()
+    model_dir = str(tmp_path / "run" / "align" / "model")
+    assert cli.main(["evaluate", "quickstart-tiny", "--output-dir", out, *sets, "--model", model_dir]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["harmful_score"] == results["stages"]["align"]["harmful_score"], "same model, same greedy answers"
 
 
 def raise_on_error(code, capsys):

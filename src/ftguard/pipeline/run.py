@@ -70,6 +70,7 @@ class Pipeline:
             "versions": library_versions(),
             "git": git_revision(),
             "data": self.plan.report(),
+            "config": run.to_dict(),
             "stages": self._previous_stages(),
         }
 
