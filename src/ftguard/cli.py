@@ -112,6 +112,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from ftguard.bench import BenchSpec, markdown, run_bench
+
+    spec = BenchSpec(
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()], model=args.model, batch_size=args.batch_size,
+        seq_len=args.seq_len, warmup=args.warmup, steps=args.steps, rounds=args.rounds, topology=args.topology,
+    )
+    from ftguard.registry import all_methods
+
+    unknown = [m for m in spec.methods if m not in all_methods()]
+    if unknown:
+        raise FtguardError(f"bench: unknown method(s) {', '.join(unknown)} (see `ftguard methods`)")
+    with tempfile.TemporaryDirectory(prefix="ftguard-bench-") as tmp:
+        report = run_bench(spec, Path(tmp), memory=not args.no_memory)
+    table = markdown(report)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"json: {args.json}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     args.config = DEMO_CONFIG
     return cmd_run(args)
@@ -155,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="compare.png", help="where to write the PNG plot (default compare.png)")
     p.add_argument("--markdown", help="also write the table to this file")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="step time and peak memory of methods as ratios to SFT, measured in one run")
+    p.add_argument("--methods", default="sft", help="comma-separated method names (sft is always included)")
+    p.add_argument("--model", default="tiny", help="tiny, smollm2-135m, a hub id or a path (default tiny)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128, help="every batch is padded to exactly this many tokens")
+    p.add_argument("--topology", choices=["double", "single", "full"], default="double", help="LoRA (r 8, q/k/v/o) or full")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, interleaved across methods")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-method memory measurement")
+    p.add_argument("--json", help="write the report (time_ratio, memory_ratio per method) to this file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="offline demo on SmolLM2-135M: base → SFT alignment → harmful fine-tune (≈15 min on 2 cores)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the demo config")

@@ -1,0 +1,222 @@
+"""Booster: alignment that attenuates harmful perturbation (Huang et al., ICLR 2025; methods.md §1.4)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from ftguard.errors import FtguardError
+from ftguard.methods.base import Method
+from ftguard.registry import register_method
+from ftguard.schema import ConfigError, check
+from ftguard.training.trainer import FtguardTrainer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from ftguard.config import RunConfig
+    from ftguard.pipeline.context import StageContext
+
+log = logging.getLogger(__name__)
+
+PROBE_EPS = 1e-7  # added to ‖g_h‖ in the normalised probe step, as in the original (§1.4 step 2)
+
+
+@dataclass
+class BoosterConfig:
+    # Defaults: Booster's smooth_align.sh (methods.md §1.4).
+    lam: float = field(
+        default=5.0,
+        metadata={"help": "λ, weight of the harmful-perturbation penalty h(w) − h(w − α·ĝ_h) (§1.4: 5; GSM8K 25)"},
+    )
+    alpha: float = field(
+        default=0.1, metadata={"help": "α, length of the simulated normalised harmful step (§1.4: 0.1)"}
+    )
+    harmful_batch_size: int = field(
+        default=10,
+        metadata={"help": "harmful batch size per step and device (§1.4: hard-coded 10 in the original)"},
+    )
+    harmful_data: Literal["alignment_harmful"] = field(
+        default="alignment_harmful",
+        metadata={
+            "help": "harmful set: alignment_harmful = the harmful answers of the alignment prompts (§2.2, the "
+            "paper's records 5001–9999)"
+        },
+    )
+    allow_double_topology: bool = field(
+        default=False,
+        metadata={
+            "help": "allow adapter.topology double (an ablation: the paper fine-tunes Booster's own LoRA, "
+            "topology single, §2.5 / Booster issue #2)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check(self.lam >= 0, "lam", f"must be ≥ 0, got {self.lam}")
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        check(self.harmful_batch_size >= 1, "harmful_batch_size", f"must be ≥ 1, got {self.harmful_batch_size}")
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
+class BoosterTrainer(FtguardTrainer):
+    """Booster's step: f(w) + λ·[h(w) − h(w − α·∇h(w)/‖∇h(w)‖)], first order (straight-through).
+
+    Per micro-batch, with the Trainer's alignment batch x and a harmful batch x′ of ``harmful_batch_size``:
+
+    1. g_h = ∇h(w) on x′.
+    2. Probe: w ← w − α·g_h/(‖g_h‖ + 1e-7) on the trainable parameters (one global norm over all of them),
+       g_h′ = ∇h at the probed weights, then w is restored bit-exactly from a saved copy.
+    3. g_f = ∇f(w) on x (the Trainer's own step: GA scaling, mixed precision, backward).
+    4. The gradient of this micro-batch is g_f + λ·(g_h − g_h′), accumulated into ``.grad`` with the same
+       1/GA factor as f, so gradient accumulation sums micro-batches as for SFT; the Trainer then clips
+       (1.0) and takes the AdamW step on the combined gradient. The loss returned (logged) is f.
+
+    Cost: 3F + 3B per micro-batch. Extra memory: one copy of the trainable parameters and two gradients.
+
+    The original zeroes ``.grad`` between its passes, which is only right with accumulation 1; here g_h and g_h′
+    come from ``torch.autograd.grad`` and never touch ``.grad``, so earlier micro-batches' gradients survive.
+    """
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        cfg: BoosterConfig = self.method_config
+        self._check_distributed()
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()  # schedule-free optimizers swap weights here: probe the training weights
+        params = _trainable(model)
+        harmful = self.aux_batch("harmful", cfg.harmful_batch_size)
+
+        # DDP: the two harmful passes run under no_sync and take their gradients with torch.autograd.grad, so
+        # they neither arm DDP's reducer nor all-reduce anything, and .grad is untouched. The λ-term is added to
+        # the local .grad BEFORE f's backward (step 3). The Trainer runs that backward with sync on only for the
+        # last micro-batch of an optimizer step, and DDP then all-reduces the whole accumulated .grad (earlier
+        # micro-batches + every λ-term + g_f) once: one reduce per optimizer step, of the combined gradient.
+        # Each rank probes with its own harmful batch; ranks' weights differ only inside the probe and are
+        # restored bit-exactly before f's forward, so the replicas stay identical.
+        with self.accelerator.no_sync(model):
+            # 1. g_h = ∇h(w) on x′.
+            h, g_h = self._harmful_grad(model, harmful, params)
+            g_norm = _global_norm(g_h)
+
+            # 2. Probe at w − α·g_h/(‖g_h‖ + eps), then restore w exactly from a copy (adding the step back is
+            #    not bit-exact in floating point).
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                step = cfg.alpha / (g_norm + PROBE_EPS)
+                for p, g in zip(params, g_h, strict=True):
+                    p.sub_((g.float() * step).to(p.dtype))
+            try:
+                h_probed, g_h_probed = self._harmful_grad(model, harmful, params)
+            finally:
+                with torch.no_grad():
+                    for p, s in zip(params, saved, strict=True):
+                        p.copy_(s)
+            del saved
+
+        # 4 (first half). Accumulate λ·(g_h − g_h′), scaled like f for gradient accumulation (h is a per-batch
+        # mean, so it always takes the 1/GA factor) and by the fp16 loss scale (the GradScaler unscales .grad as
+        # a whole before clipping). Adding it before f's backward puts it inside the single DDP reduce.
+        coef = cfg.lam / self.current_gradient_accumulation_steps
+        with torch.no_grad():
+            for p, g, g_probed in zip(params, g_h, g_h_probed, strict=True):
+                term = (g - g_probed).mul_(coef * self._loss_scale()).to(p.dtype)
+                if p.grad is None:
+                    p.grad = term
+                else:
+                    p.grad.add_(term)
+        del g_h, g_h_probed
+
+        self.record(
+            booster_harmful_loss=h,
+            booster_harmful_loss_probed=h_probed,
+            booster_harmful_loss_reduction=h - h_probed,
+            booster_harmful_grad_norm=g_norm,
+        )
+        # 3. g_f = ∇f(w) on x, accumulated by the Trainer's own step (GA scaling, autocast, backward); with the
+        #    λ-term already in .grad this completes step 4. The returned loss is f.
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _harmful_grad(
+        self, model: nn.Module, batch: dict[str, Any], params: list[nn.Parameter]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """h on ``batch`` (mean over response tokens) and its gradient, in loss-scaled units, without touching .grad."""
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, batch)
+        scale = self._loss_scale()
+        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, materialize_grads=True)
+        # The probe direction is scale-free; the norm is logged and used for the step in true units.
+        grads = [g / scale for g in grads] if scale != 1.0 else list(grads)
+        return loss.detach(), grads
+
+    def _loss_scale(self) -> float:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def _check_distributed(self) -> None:
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise FtguardError(
+                f"Booster adds its harmful-gradient term to the parameters' .grad, which {kind.value} shards "
+                "and manages itself: run it single-process or with plain DDP (multi-GPU data parallel)"
+            )
+
+
+@register_method
+class Booster(Method):
+    """Booster in the alignment stage: SFT on refusals plus λ·(harmful loss − harmful loss after a simulated
+    normalised harmful step). Fine-tuning afterwards must continue the same LoRA (topology single, §2.5)."""
+
+    name = "booster"
+    stages = ("align",)
+    paper = "Huang et al., Booster: Tackling Harmful Fine-tuning for Large Language Models via Attenuating Harmful Perturbation, ICLR 2025"
+    summary = "alignment + λ·[h(w) − h(w − α·∇h/‖∇h‖)] on a harmful set (3F+3B per step)"
+    config_class = BoosterConfig
+    trainer_class = BoosterTrainer
+
+    @classmethod
+    def check_run_config(cls, run: RunConfig, stage: str) -> None:
+        cfg = cls.parse_args(getattr(run, stage).args, prefix=f"{stage}.args")
+        if run.adapter.topology != "double" or run.finetune is None:
+            # single (the paper's) and full both fine-tune the very weights Booster perturbed; without a
+            # fine-tuning stage the topology changes nothing.
+            return
+        message = (
+            "Booster hardens the alignment LoRA against a harmful step taken IN that LoRA, so the fine-tuning "
+            "stage must keep training it: the paper (Table 1) and its maintainer (Booster issue #2) use the "
+            "single topology (methods.md §2.5); with 'double' the fine-tuning trains a fresh LoRA that Booster "
+            "never saw"
+        )
+        if not cfg.allow_double_topology:
+            raise ConfigError(
+                f"'adapter.topology' is double but {message}. Set adapter.topology: single, or "
+                f"{stage}.args.allow_double_topology: true to run the double-LoRA ablation"
+            )
+        log.warning("%s.args.allow_double_topology: running Booster with adapter.topology double, an ablation: %s",
+                    stage, message)
+
+    def extra_datasets(self, ctx: StageContext) -> dict[str, Dataset]:
+        examples = getattr(ctx.plan, self.config.harmful_data)
+        if not examples:
+            raise FtguardError(
+                f"Booster needs a harmful set ({ctx.stage}.args.harmful_data = {self.config.harmful_data}: the harmful "
+                "answers of the alignment prompts) but the data plan has none. They are taken from the file shared "
+                "by data.alignment and data.finetune.harmful: give both the same source/split (e.g. "
+                "beavertails_refusals train) with data.alignment.response: safe and data.finetune.harmful.response: "
+                "unsafe, and check that this file has harmful answers"
+            )
+        return {"harmful": ctx.tokenize(examples)}

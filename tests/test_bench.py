@@ -1,0 +1,31 @@
+"""`ftguard bench`: structure and arithmetic of the report (no timing assertions: timings belong to benchmarks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftguard import cli
+from ftguard.bench import BenchSpec, markdown, run_bench
+
+pytestmark = pytest.mark.slow
+
+
+def test_report_has_ratios_to_sft_measured_in_the_same_run(tmp_path):
+    spec = BenchSpec(methods=["sft"], seq_len=192, batch_size=2, warmup=0, steps=2, rounds=1)
+    report = run_bench(spec, tmp_path, memory=True)
+    sft = report["methods"]["sft"]
+    assert sft["time_ratio"] == 1.0 and sft["memory_ratio"] == 1.0 and sft["steps"] == 2
+    assert sft["peak_memory_bytes"] > 0
+    assert "| sft |" in markdown(report)
+
+
+def test_cli_writes_json_and_rejects_unknown_methods(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--methods", "sft", "--seq-len", "192", "--batch-size", "2", "--warmup", "0", "--steps", "1", "--rounds", "1"]
+    assert cli.main([*args, "--no-memory", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["methods"]) == {"sft"} and "time_ratio" in report["methods"]["sft"]
+    assert cli.main([*args, "--methods", "sft,vacine"]) == 2
+    assert "unknown method(s) vacine" in capsys.readouterr().err
