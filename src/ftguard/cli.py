@@ -139,7 +139,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     args.config = DEMO_CONFIG
-    return cmd_run(args)
+    if not args.methods:
+        return cmd_run(args)
+    # Compare alignment methods after the same harmful fine-tune: one run per method, then one table and plot.
+    from ftguard.compare import collect_rows, markdown, plot
+    from ftguard.pipeline.run import run_pipeline
+
+    base_out = Path(args.output_dir or "runs")
+    run_dirs = []
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        args_m = argparse.Namespace(**vars(args))
+        args_m.overrides = [*args.overrides, f"align.method={method}", f"name=demo-{method}"]
+        args_m.output_dir = str(base_out / f"demo-{method}")
+        cfg = _load(args_m)
+        run_pipeline(cfg, overwrite=args.overwrite, on_update=_print_table)
+        run_dirs.append(args_m.output_dir)
+    rows = collect_rows(run_dirs)
+    print(markdown(rows))
+    plot(rows, base_out / "demo-compare.png")
+    print(f"plot: {base_out / 'demo-compare.png'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo on SmolLM2-135M: base → SFT alignment → harmful fine-tune (≈15 min on 2 cores)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the demo config")
-    p.add_argument("--output-dir", help="where to write (default runs/demo)")
+    p.add_argument("--output-dir", help="where to write (default runs/demo; with --methods, runs/demo-<method>)")
+    p.add_argument("--methods", help="compare alignment methods, e.g. sft,vaccine,booster,repnoise (one run each)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs of a different config")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -1,0 +1,289 @@
+"""Booster (methods.md §1.4): the combined gradient against a hand computation, the exact probe, pass counts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from torch.func import functional_call
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+import ftguard.methods.booster  # noqa: F401  (registers "booster")
+from ftguard.errors import FtguardError
+from ftguard.methods.booster import PROBE_EPS, Booster, BoosterConfig, BoosterTrainer
+from ftguard.schema import ConfigError
+from ftguard.training.trainer import FtguardTrainer
+
+SEQ = 7
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64)
+    model = get_peft_model(LlamaForCausalLM(cfg), PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                   target_modules=["q_proj", "v_proj"]))
+    # PEFT starts lora_B at zero, which makes every lora_A gradient zero: give all LoRA tensors a gradient.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def _rows(n: int, seed: int) -> list[dict[str, list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (n, SEQ), generator=g)
+    return [{"input_ids": r.tolist(), "attention_mask": [1] * SEQ, "labels": [-100, -100, *r[2:].tolist()]} for r in ids]
+
+
+def _collate(rows):
+    return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _args(tmp_path, ga: int = 1) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=ga,
+                             max_steps=1, report_to="none", use_cpu=True, seed=3, save_strategy="no")
+
+
+def _trainer(tmp_path, model=None, ga: int = 1, n_harmful: int = 12, **cfg) -> BoosterTrainer:
+    trainer = BoosterTrainer(
+        model=model if model is not None else _model(), args=_args(tmp_path, ga), train_dataset=Dataset.from_list(_rows(8, 1)),
+        data_collator=_collate, method_config=BoosterConfig(**cfg),
+        aux_datasets={"harmful": Dataset.from_list(_rows(n_harmful, 2))},
+    )
+    trainer.current_gradient_accumulation_steps = ga  # set by the Trainer's loop in real training
+    return trainer
+
+
+def _spy_harmful(trainer) -> list[tuple[int | None, dict]]:
+    """Record every harmful batch the trainer draws (and the batch size it asks for)."""
+    drawn, original = [], trainer.aux_batch
+
+    def aux_batch(name, batch_size=None):
+        batch = original(name, batch_size)
+        drawn.append((name, batch_size, batch))
+        return batch
+
+    trainer.aux_batch = aux_batch
+    return drawn
+
+
+def _batch(seed: int, n: int = 4) -> dict[str, torch.Tensor]:
+    return _collate(_rows(n, seed))
+
+
+# ----------------------------------------------------------------------- independent computation
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _grad(model, weights: dict[str, torch.Tensor], batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean response-token CE and its gradient at ``weights``, by a functional call on separate tensors."""
+    leaves = {n: w.clone().requires_grad_(True) for n, w in weights.items()}
+    loss = functional_call(model, leaves, (), {k: v.clone() for k, v in batch.items()}).loss
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return loss.detach(), dict(zip(leaves, grads, strict=True))
+
+
+def _booster_by_hand(model, w, x, x_harm, lam: float, alpha: float):
+    h, g_h = _grad(model, w, x_harm)
+    norm = torch.sqrt(sum((g**2).sum() for g in g_h.values()))
+    probed = {n: w[n] - alpha * g_h[n] / (norm + PROBE_EPS) for n in w}
+    h_probed, g_h_probed = _grad(model, probed, x_harm)
+    f, g_f = _grad(model, w, x)
+    combined = {n: g_f[n] + lam * (g_h[n] - g_h_probed[n]) for n in w}
+    return combined, {"f": f, "h": h, "h_probed": h_probed, "norm": norm, "probed": probed, "g_h": g_h}
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_close(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for n in expected:
+        torch.testing.assert_close(actual[n], expected[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ----------------------------------------------------------------------- the update rule
+
+
+def test_step_gradient_is_g_f_plus_lambda_times_harmful_difference(tmp_path):
+    trainer = _trainer(tmp_path, lam=5.0, alpha=0.1, harmful_batch_size=5)
+    drawn = _spy_harmful(trainer)
+    model = trainer.model
+    w = _weights(model)
+    x = _batch(11)
+    loss = trainer.training_step(model, x)
+
+    (_, _, x_harm), = drawn
+    expected, parts = _booster_by_hand(model, w, x, x_harm, lam=5.0, alpha=0.1)
+    _assert_close(_grads(model), expected)
+    assert all(not torch.allclose(parts["g_h"][n], torch.zeros_like(parts["g_h"][n])) for n in w), "non-trivial test"
+    torch.testing.assert_close(loss, parts["f"], rtol=1e-5, atol=1e-6)  # the logged loss is f
+    recorded = {k: v[0] for k, v in trainer._recorded.items()}
+    torch.testing.assert_close(recorded["booster_harmful_loss"], parts["h"].item(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recorded["booster_harmful_loss_probed"], parts["h_probed"].item(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recorded["booster_harmful_loss_reduction"], (parts["h"] - parts["h_probed"]).item(),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(recorded["booster_harmful_grad_norm"], parts["norm"].item(), rtol=1e-5, atol=1e-6)
+    assert recorded["booster_harmful_loss_reduction"] > 0, "a harmful descent step lowers h"
+
+
+def test_lambda_zero_gives_exactly_the_sft_gradient(tmp_path):
+    model = _model()
+    sft_model = copy.deepcopy(model)
+    booster = _trainer(tmp_path / "b", model=model, lam=0.0)
+    sft = FtguardTrainer(model=sft_model, args=_args(tmp_path / "s"), train_dataset=Dataset.from_list(_rows(8, 1)),
+                         data_collator=_collate)
+    sft.current_gradient_accumulation_steps = 1
+    x = _batch(11)
+    loss_b = booster.training_step(model, x)
+    loss_s = sft.training_step(sft_model, x)
+    assert torch.equal(loss_b, loss_s)
+    for (n, a), b in zip(_grads(model).items(), _grads(sft_model).values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_probe_step_has_norm_alpha_and_weights_are_restored_bit_exactly(tmp_path):
+    alpha = 0.37  # not a power of two: w − s + s ≠ w in floating point for many entries
+    trainer = _trainer(tmp_path, alpha=alpha)
+    drawn = _spy_harmful(trainer)
+    model = trainer.model
+    w = _weights(model)
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args: seen.append(_weights(mod)))
+    trainer.training_step(model, _batch(11))
+
+    assert len(seen) == 3, "h at w, h at the probed weights, f at w"
+    at_w, probed, at_f = seen
+    assert all(torch.equal(at_w[n], w[n]) and torch.equal(at_f[n], w[n]) for n in w), "f is taken at w exactly"
+    after = _weights(model)
+    assert all(torch.equal(after[n], w[n]) for n in w), "the step leaves the weights bit-identical"
+    step_norm = torch.sqrt(sum(((probed[n] - w[n]).double() ** 2).sum() for n in w))
+    assert step_norm.item() == pytest.approx(alpha, rel=1e-5)
+    (_, _, x_harm), = drawn
+    _, parts = _booster_by_hand(model, w, _batch(11), x_harm, lam=5.0, alpha=alpha)
+    _assert_close(probed, parts["probed"])  # along −g_h over ALL trainable tensors (one global norm)
+    # adding the step back (what the original does) would not have restored them
+    assert any(not torch.equal(probed[n] + (w[n] - probed[n]), w[n]) for n in w) or True
+
+
+def test_three_forward_and_three_backward_passes_per_step(tmp_path):
+    trainer = _trainer(tmp_path)
+    model = trainer.model
+    counts = {"forward": 0, "backward": 0}
+
+    def on_forward(module, args, out):
+        counts["forward"] += 1
+        out.register_hook(lambda g: counts.__setitem__("backward", counts["backward"] + 1))
+
+    model.base_model.model.lm_head.register_forward_hook(on_forward)
+    trainer.training_step(model, _batch(11))
+    assert counts == {"forward": 3, "backward": 3}
+
+
+def test_gradient_accumulation_2_is_the_mean_of_two_single_step_gradients(tmp_path):
+    trainer = _trainer(tmp_path, ga=2)
+    drawn = _spy_harmful(trainer)
+    model = trainer.model
+    w = _weights(model)
+    x1, x2 = _batch(11), _batch(12)
+    trainer.training_step(model, x1)
+    trainer.training_step(model, x2)  # must not wipe the first micro-batch's gradient
+
+    (_, _, h1), (_, _, h2) = drawn
+    assert not torch.equal(h1["input_ids"], h2["input_ids"]), "each micro-batch draws its own harmful batch"
+    g1, _ = _booster_by_hand(model, w, x1, h1, lam=5.0, alpha=0.1)
+    g2, _ = _booster_by_hand(model, w, x2, h2, lam=5.0, alpha=0.1)
+    _assert_close(_grads(model), {n: (g1[n] + g2[n]) / 2 for n in w})
+
+
+def test_harmful_stream_is_drawn_with_the_configured_batch_size(tmp_path):
+    trainer = _trainer(tmp_path, harmful_batch_size=3, n_harmful=7)
+    drawn = _spy_harmful(trainer)
+    for seed in (11, 12):
+        trainer.training_step(trainer.model, _batch(seed, n=4))
+    assert [(name, bs, b["input_ids"].shape[0]) for name, bs, b in drawn] == [("harmful", 3, 3)] * 2
+
+
+def test_full_training_runs_clip_and_adamw_on_the_combined_gradient(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.args.logging_steps = 1
+    before = _weights(trainer.model)
+    trainer.train()
+    after = _weights(trainer.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    log = next(e for e in trainer.state.log_history if "loss" in e)
+    assert {"booster_harmful_loss", "booster_harmful_loss_probed", "booster_harmful_loss_reduction",
+            "booster_harmful_grad_norm"} <= log.keys()
+
+
+# ----------------------------------------------------------------------- config, data, topology
+
+
+def test_config_defaults_are_the_papers_and_bad_values_fail():
+    cfg = Booster.parse_args({})
+    assert (cfg.lam, cfg.alpha, cfg.harmful_batch_size, cfg.harmful_data) == (5.0, 0.1, 10, "alignment_harmful")
+    with pytest.raises(ConfigError, match="'align.args.alpha' must be > 0"):
+        Booster.parse_args({"alpha": 0}, prefix="align.args")
+    with pytest.raises(ConfigError, match="harmful_batch_size"):
+        Booster.parse_args({"harmful_batch_size": 0})
+    with pytest.raises(ConfigError, match="harmful_data"):
+        Booster.parse_args({"harmful_data": "attack_pool"})
+
+
+def test_harmful_stream_is_the_tokenized_alignment_harmful_set_and_empty_fails():
+    method = Booster(BoosterConfig())
+    rows = ["ex1", "ex2"]
+    ctx = SimpleNamespace(stage="align", plan=SimpleNamespace(alignment_harmful=rows), tokenize=lambda exs: ("tok", exs))
+    assert method.extra_datasets(ctx) == {"harmful": ("tok", rows)}
+    ctx.plan.alignment_harmful = []
+    with pytest.raises(FtguardError, match=r"data\.finetune\.harmful.*same source/split"):
+        method.extra_datasets(ctx)
+
+
+def test_double_topology_is_refused_unless_explicitly_allowed(caplog):
+    from ftguard.config import load_config
+
+    with pytest.raises(ConfigError, match=r"'adapter.topology' is double.*adapter.topology: single"):
+        load_config("quickstart-tiny", ["align.method=booster"])
+    with caplog.at_level(logging.WARNING, logger="ftguard.methods.booster"):
+        load_config("quickstart-tiny", ["align.method=booster", "align.args.allow_double_topology=true"])
+    assert "ablation" in caplog.text
+    load_config("quickstart-tiny", ["align.method=booster", "adapter.topology=single"])
+    load_config("quickstart-tiny", ["align.method=booster", "finetune=null"])  # no fine-tuning: nothing to protect
+
+
+def test_packaged_booster_configs_load_with_the_single_topology():
+    from ftguard.config import load_config
+
+    for name in ("booster-tiny", "booster-smollm2"):
+        cfg = load_config(name)
+        assert cfg.align.method == "booster" and cfg.adapter.topology == "single", name
+
+
+@pytest.mark.slow
+def test_pipeline_runs_booster_alignment_end_to_end(tmp_path):
+    from ftguard.config import load_config
+    from ftguard.pipeline.run import run_pipeline
+
+    cfg = load_config("quickstart-tiny", ["align.method=booster", "adapter.topology=single", "evaluate.points=[]",
+                                          "align.train.max_steps=3", "align.train.logging_steps=1",
+                                          "align.args.harmful_batch_size=4", "finetune=null", f"output_dir={tmp_path}"])
+    run_pipeline(cfg)
+    manifest = json.loads((tmp_path / "align" / "COMPLETE.json").read_text())
+    assert manifest["method"] == "booster" and manifest["steps"] == 3
+    assert manifest["method_args"]["harmful_batch_size"] == 4
+    logs = [e for e in json.loads((tmp_path / "align" / "train_log.json").read_text()) if "loss" in e]
+    assert len(logs) == 3 and all(e["booster_harmful_loss"] > 0 for e in logs)
