@@ -136,8 +136,6 @@ class _Fixture:
         )
         trainer = method.create_trainer(ctx, model=model, args=args, train_dataset=dataset, data_collator=self.collator)
         trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
-        # Set by Trainer's own loop, which the bench replaces by single steps (accumulation 1).
-        trainer.current_gradient_accumulation_steps = 1
         return trainer, dataset
 
 

@@ -6,6 +6,7 @@ import importlib
 
 BUILTIN_METHOD_MODULES = (
     "sft",
+    "vaccine",
 )
 
 

@@ -31,6 +31,8 @@ class FtguardTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # Trainer sets this inside its loop only; methods' training_step (and the bench) may run outside it.
+        self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps
         self.method_config = method_config
         self.aux_datasets = dict(aux_datasets or {})
         self._aux_iters: dict[tuple[str, int], Iterator[dict[str, torch.Tensor]]] = {}
