@@ -17,11 +17,28 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import ftguard.methods.booster  # noqa: F401  (registers "booster")
 from ftguard.errors import FtguardError
-from ftguard.methods.booster import PROBE_EPS, Booster, BoosterConfig, BoosterTrainer
+from ftguard.methods.booster import (
+    PROBE_EPS,
+    Booster,
+    BoosterConfig,
+    BoosterTrainer,
+    BoosterVaccine,
+    BoosterVaccineConfig,
+    BoosterVaccineTrainer,
+)
 from ftguard.schema import ConfigError
 from ftguard.training.trainer import FtguardTrainer
 
 SEQ = 7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Matrices of width 16: threading only costs here, and a lot when the 2 cores are shared with other jobs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _model() -> torch.nn.Module:
@@ -175,8 +192,9 @@ def test_probe_step_has_norm_alpha_and_weights_are_restored_bit_exactly(tmp_path
     (_, _, x_harm), = drawn
     _, parts = _booster_by_hand(model, w, _batch(11), x_harm, lam=5.0, alpha=alpha)
     _assert_close(probed, parts["probed"])  # along −g_h over ALL trainable tensors (one global norm)
-    # adding the step back (what the original does) would not have restored them
-    assert any(not torch.equal(probed[n] + (w[n] - probed[n]), w[n]) for n in w) or True
+    # what the original does, subtracting then adding the step back, would not have restored them bit-exactly
+    step = {n: alpha * parts["g_h"][n] / (parts["norm"] + PROBE_EPS) for n in w}
+    assert any(not torch.equal((w[n] - step[n]) + step[n], w[n]) for n in w)
 
 
 def test_three_forward_and_three_backward_passes_per_step(tmp_path):
@@ -217,16 +235,142 @@ def test_harmful_stream_is_drawn_with_the_configured_batch_size(tmp_path):
     assert [(name, bs, b["input_ids"].shape[0]) for name, bs, b in drawn] == [("harmful", 3, 3)] * 2
 
 
-def test_full_training_runs_clip_and_adamw_on_the_combined_gradient(tmp_path):
+def test_trainer_clips_and_steps_adamw_on_the_combined_gradient(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.args.logging_steps = 1
-    before = _weights(trainer.model)
+    trainer.args.max_grad_norm = 0.05  # below this model's gradient norm, so that the clip acts
+    drawn = _spy_harmful(trainer)
+    seen, step = [], trainer.training_step
+
+    def training_step(model, inputs, num_items_in_batch=None):
+        seen.append(({k: v.clone() for k, v in inputs.items()}, _weights(model)))
+        return step(model, inputs, num_items_in_batch)
+
+    trainer.training_step = training_step
     trainer.train()
-    after = _weights(trainer.model)
-    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+    ((x, w),), ((_, _, x_harm),) = seen, drawn
+    combined, _ = _booster_by_hand(trainer.model, w, x, x_harm, lam=5.0, alpha=0.1)
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in combined.values())).item()
     log = next(e for e in trainer.state.log_history if "loss" in e)
+    assert log["grad_norm"] == pytest.approx(norm, rel=1e-4), "the Trainer's clip sees the combined gradient"
+    assert norm > trainer.args.max_grad_norm, "clipping is active in this test"
+    # One AdamW step (the Trainer's defaults) on the clipped combined gradient, done here by hand.
+    leaves = [w[n].clone().requires_grad_(True) for n in w]
+    clip = min(1.0, trainer.args.max_grad_norm / (norm + 1e-6))
+    for leaf, n in zip(leaves, w, strict=True):
+        leaf.grad = combined[n] * clip
+    torch.optim.AdamW(leaves, lr=trainer.args.learning_rate, weight_decay=trainer.args.weight_decay).step()
+    after = _weights(trainer.model)
+    _assert_close(after, {n: leaf.detach() for n, leaf in zip(w, leaves, strict=True)})
     assert {"booster_harmful_loss", "booster_harmful_loss_probed", "booster_harmful_loss_reduction",
             "booster_harmful_grad_norm"} <= log.keys()
+
+
+def test_ddp_reduces_once_per_optimizer_step_and_the_reduce_includes_the_harmful_term(tmp_path):
+    """Under DDP (one gloo process; accelerate's no_sync is pointed at DDP's own, as it is with several processes),
+    the harmful passes trigger no reduction and the last micro-batch's reduce carries the whole combined gradient.
+
+    The comm hook doubles each bucket instead of averaging it: a term added after the reduce would not be doubled.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    trainer = _trainer(tmp_path, ga=2)
+    drawn = _spy_harmful(trainer)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(trainer.model)
+        reduces = []
+
+        def doubling_hook(state, bucket):
+            reduces.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer() * 2)
+            return fut
+
+        ddp.register_comm_hook(None, doubling_hook)
+        trainer.accelerator.no_sync = lambda model: model.no_sync()
+        w = _weights(trainer.model)
+        x1, x2 = _batch(11), _batch(12)
+        with ddp.no_sync():  # what the Trainer does for every micro-batch but the last
+            trainer.training_step(ddp, x1)
+        assert reduces == []
+        trainer.training_step(ddp, x2)
+        assert reduces == [0], "one bucket, reduced once, by the final backward only"
+    finally:
+        dist.destroy_process_group()
+    (_, _, h1), (_, _, h2) = drawn
+    g1, _ = _booster_by_hand(trainer.model, w, x1, h1, lam=5.0, alpha=0.1)
+    g2, _ = _booster_by_hand(trainer.model, w, x2, h2, lam=5.0, alpha=0.1)
+    _assert_close(_grads(trainer.model), {n: g1[n] + g2[n] for n in w})  # 2 × their mean: all of it was reduced
+
+
+# ----------------------------------------------------------------------- variant: Booster + Vaccine
+
+
+def _vaccine_grad_by_hand(model, w, x, rho: float) -> dict[str, torch.Tensor]:
+    """Vaccine's gradient (§1.2) with hooks written here: ε_l = ρ·g_l/(‖g‖ + 1e-7) on each attention output."""
+    attention = [layer.self_attn for layer in model.base_model.model.model.layers]
+    outs = []
+    handles = [m.register_forward_hook(lambda mod, a, out: outs.append(out[0])) for m in attention]
+    leaves = {n: v.clone().requires_grad_(True) for n, v in w.items()}  # so the attention outputs need a gradient
+    loss = functional_call(model, leaves, (), dict(x)).loss
+    for h in handles:
+        h.remove()
+    g = torch.autograd.grad(loss, outs)
+    norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+    eps = iter([rho * gi / (norm + 1e-7) for gi in g])
+    handles = [m.register_forward_hook(lambda mod, a, out: (out[0] + next(eps), *out[1:])) for m in attention]
+    try:
+        return _grad(model, w, x)[1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _booster_vaccine_trainer(tmp_path, **cfg) -> BoosterVaccineTrainer:
+    trainer = BoosterVaccineTrainer(
+        model=_model(), args=_args(tmp_path), train_dataset=Dataset.from_list(_rows(8, 1)), data_collator=_collate,
+        method_config=BoosterVaccineConfig(**cfg), aux_datasets={"harmful": Dataset.from_list(_rows(12, 2))},
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def test_booster_vaccine_replaces_g_f_by_vaccines_perturbed_gradient(tmp_path):
+    trainer = _booster_vaccine_trainer(tmp_path, harmful_batch_size=5)
+    drawn = _spy_harmful(trainer)
+    model = trainer.model
+    counts = {"forward": 0, "backward": 0}
+
+    def on_forward(module, args, out):
+        counts["forward"] += 1
+        out.register_hook(lambda g: counts.__setitem__("backward", counts["backward"] + 1))
+
+    counter = model.base_model.model.lm_head.register_forward_hook(on_forward)
+    w = _weights(model)
+    x = _batch(11)
+    trainer.training_step(model, x)
+    counter.remove()
+    assert counts == {"forward": 4, "backward": 4}
+
+    (_, _, x_harm), = drawn
+    booster, _ = _booster_by_hand(model, w, x, x_harm, lam=5.0, alpha=0.1)
+    sft = _grad(model, w, x)[1]
+    vaccine = _vaccine_grad_by_hand(model, w, x, rho=5.0)
+    assert any(not torch.allclose(vaccine[n], sft[n], rtol=1e-3) for n in w), "ε = 5 changes the gradient"
+    _assert_close(_grads(model), {n: booster[n] - sft[n] + vaccine[n] for n in w})
+    assert {"booster_harmful_loss", "vaccine_perturbation_norm"} <= trainer._recorded.keys()
+
+
+def test_booster_vaccine_config_has_rho_5_and_booster_defaults():
+    cfg = BoosterVaccine.parse_args({})
+    assert (cfg.rho, cfg.lam, cfg.alpha, cfg.harmful_batch_size) == (5.0, 5.0, 0.1, 10)
+    with pytest.raises(ConfigError, match="unknown key 'args.layers'"):
+        BoosterVaccine.parse_args({"layers": "topk"})
+    with pytest.raises(ConfigError, match="rho"):
+        BoosterVaccine.parse_args({"rho": -1})
 
 
 # ----------------------------------------------------------------------- config, data, topology
@@ -235,7 +379,7 @@ def test_full_training_runs_clip_and_adamw_on_the_combined_gradient(tmp_path):
 def test_config_defaults_are_the_papers_and_bad_values_fail():
     cfg = Booster.parse_args({})
     assert (cfg.lam, cfg.alpha, cfg.harmful_batch_size, cfg.harmful_data) == (5.0, 0.1, 10, "alignment_harmful")
-    with pytest.raises(ConfigError, match="'align.args.alpha' must be > 0"):
+    with pytest.raises(ConfigError, match="'align.args.alpha' must be a finite number > 0"):
         Booster.parse_args({"alpha": 0}, prefix="align.args")
     with pytest.raises(ConfigError, match="harmful_batch_size"):
         Booster.parse_args({"harmful_batch_size": 0})
@@ -262,7 +406,7 @@ def test_double_topology_is_refused_unless_explicitly_allowed(caplog):
         load_config("quickstart-tiny", ["align.method=booster", "align.args.allow_double_topology=true"])
     assert "ablation" in caplog.text
     load_config("quickstart-tiny", ["align.method=booster", "adapter.topology=single"])
-    load_config("quickstart-tiny", ["align.method=booster", "finetune=null"])  # no fine-tuning: nothing to protect
+    load_config("quickstart-tiny", ["align.method=booster", "finetune=null", "evaluate.points=[base,align]"])  # no fine-tuning: nothing to protect
 
 
 def test_packaged_booster_configs_load_with_the_single_topology():
@@ -280,6 +424,7 @@ def test_pipeline_runs_booster_alignment_end_to_end(tmp_path):
 
     cfg = load_config("quickstart-tiny", ["align.method=booster", "adapter.topology=single", "evaluate.points=[]",
                                           "align.train.max_steps=3", "align.train.logging_steps=1",
+                                          "align.train.mixed_precision=bf16",  # the inner passes under autocast
                                           "align.args.harmful_batch_size=4", "finetune=null", f"output_dir={tmp_path}"])
     run_pipeline(cfg)
     manifest = json.loads((tmp_path / "align" / "COMPLETE.json").read_text())

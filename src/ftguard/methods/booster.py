@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
+from ftguard.methods.vaccine import VaccineTrainer
 from ftguard.registry import register_method
 from ftguard.schema import ConfigError, check
 from ftguard.training.trainer import FtguardTrainer
@@ -56,8 +58,8 @@ class BoosterConfig:
     )
 
     def __post_init__(self) -> None:
-        check(self.lam >= 0, "lam", f"must be ≥ 0, got {self.lam}")
-        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        check(math.isfinite(self.lam) and self.lam >= 0, "lam", f"must be a finite number ≥ 0, got {self.lam}")
+        check(math.isfinite(self.alpha) and self.alpha > 0, "alpha", f"must be a finite number > 0, got {self.alpha}")
         check(self.harmful_batch_size >= 1, "harmful_batch_size", f"must be ≥ 1, got {self.harmful_batch_size}")
 
 
@@ -78,9 +80,11 @@ class BoosterTrainer(FtguardTrainer):
     2. Probe: w ← w − α·g_h/(‖g_h‖ + 1e-7) on the trainable parameters (one global norm over all of them),
        g_h′ = ∇h at the probed weights, then w is restored bit-exactly from a saved copy.
     3. g_f = ∇f(w) on x (the Trainer's own step: GA scaling, mixed precision, backward).
-    4. The gradient of this micro-batch is g_f + λ·(g_h − g_h′), accumulated into ``.grad`` with the same
-       1/GA factor as f, so gradient accumulation sums micro-batches as for SFT; the Trainer then clips
-       (1.0) and takes the AdamW step on the combined gradient. The loss returned (logged) is f.
+    4. The gradient of this micro-batch is g_f + λ·(g_h − g_h′), accumulated into ``.grad``: f scaled as the
+       Trainer scales it (1/GA, or by the response tokens of the whole accumulated batch when it passes
+       num_items_in_batch), the λ-term by 1/GA (h is a per-batch mean), so accumulation sums micro-batches as
+       for SFT; the Trainer then clips (1.0) and takes the AdamW step on the combined gradient. The loss
+       returned (logged) is f.
 
     Cost: 3F + 3B per micro-batch. Extra memory: one copy of the trainable parameters and two gradients.
 
@@ -129,7 +133,7 @@ class BoosterTrainer(FtguardTrainer):
         # 4 (first half). Accumulate λ·(g_h − g_h′), scaled like f for gradient accumulation (h is a per-batch
         # mean, so it always takes the 1/GA factor) and by the fp16 loss scale (the GradScaler unscales .grad as
         # a whole before clipping). Adding it before f's backward puts it inside the single DDP reduce.
-        coef = cfg.lam / self.current_gradient_accumulation_steps
+        coef = cfg.lam / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         with torch.no_grad():
             for p, g, g_probed in zip(params, g_h, g_h_probed, strict=True):
                 term = (g - g_probed).mul_(coef * self._loss_scale()).to(p.dtype)
@@ -220,3 +224,51 @@ class Booster(Method):
                 "unsafe, and check that this file has harmful answers"
             )
         return {"harmful": ctx.tokenize(examples)}
+
+
+# ----------------------------------------------------------------------- variant: Booster + Vaccine
+
+
+@dataclass
+class BoosterVaccineConfig(BoosterConfig):
+    # Booster repo's --perturb_aware True (methods.md §1.4 variants): ρ = 5.
+    rho: float = field(
+        default=5.0, metadata={"help": "Vaccine's perturbation radius ρ on the attention outputs (§1.4 variants: 5)"}
+    )
+    attention_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "class name(s) of the attention sub-modules Vaccine perturbs; null = found automatically"
+        },
+    )
+    # Read by VaccineTrainer: the variant perturbs every layer, as Vaccine itself (not a config key).
+    layers: ClassVar[str] = "all"
+    topk: ClassVar[int | None] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(math.isfinite(self.rho) and self.rho >= 0, "rho", f"must be a finite number ≥ 0, got {self.rho}")
+        check(self.attention_modules is None or len(self.attention_modules) > 0, "attention_modules",
+              "must be null (automatic) or a non-empty list of class names")
+
+
+class BoosterVaccineTrainer(BoosterTrainer, VaccineTrainer):
+    """Booster + Vaccine: Booster's steps 1, 2 and 4, with step 3 (g_f) replaced by Vaccine's perturbation-aware
+    alignment gradient (``VaccineTrainer.training_step``, methods.md §1.2), 4F + 4B per micro-batch.
+
+    The method resolution order makes ``super().training_step`` in ``BoosterTrainer`` Vaccine's step, so nothing
+    is copied: Booster adds λ·(g_h − g_h′) to ``.grad`` first, then Vaccine's perturbed backward (the only
+    synchronised one under DDP) adds its gradient. The loss the Trainer logs is Vaccine's perturbed f.
+    """
+
+
+@register_method
+class BoosterVaccine(Booster):
+    """Booster's harmful-perturbation penalty on top of Vaccine's perturbation-aware alignment (§1.4 variants)."""
+
+    name = "booster_vaccine"
+    stages = ("align",)
+    paper = "Huang et al., Booster, ICLR 2025 (Booster+Vaccine variant, --perturb_aware True)"
+    summary = "Booster with the alignment gradient replaced by Vaccine's (ρ = 5); 4F+4B per step"
+    config_class = BoosterVaccineConfig
+    trainer_class = BoosterVaccineTrainer
