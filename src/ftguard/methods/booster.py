@@ -133,7 +133,7 @@ class BoosterTrainer(FtguardTrainer):
         # 4 (first half). Accumulate λ·(g_h − g_h′), scaled like f for gradient accumulation (h is a per-batch
         # mean, so it always takes the 1/GA factor) and by the fp16 loss scale (the GradScaler unscales .grad as
         # a whole before clipping). Adding it before f's backward puts it inside the single DDP reduce.
-        coef = cfg.lam / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        coef = cfg.lam / self.current_gradient_accumulation_steps
         with torch.no_grad():
             for p, g, g_probed in zip(params, g_h, g_h_probed, strict=True):
                 term = (g - g_probed).mul_(coef * self._loss_scale()).to(p.dtype)

@@ -66,7 +66,7 @@ class RandomVaccineConfig:
 
 
 class _AttentionPerturbationTrainer(FtguardTrainer):
-    """What Vaccine and RandomVaccine share: the attention modules, and the loss scaled as Trainer.training_step does."""
+    """What Vaccine and RandomVaccine share: the attention modules of the model."""
 
     _attention_cache: tuple[int, list[nn.Module]] | None = None
 
@@ -74,30 +74,6 @@ class _AttentionPerturbationTrainer(FtguardTrainer):
         if self._attention_cache is None or self._attention_cache[0] != id(model):
             self._attention_cache = (id(model), find_attention_modules(model, self.method_config.attention_modules))
         return self._attention_cache[1]
-
-    def _accumulation_steps(self) -> int:
-        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-
-    def scaled_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        """The loss exactly as ``Trainer.training_step`` backpropagates it (autocast, multi-GPU mean, 1/accumulation)."""
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        if self.args.n_gpu > 1:
-            loss = loss.mean()
-        if self.loss_is_scaled_for_ga is not None:
-            already_scaled = self.loss_is_scaled_for_ga
-        else:
-            already_scaled = (
-                self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ) or self.compute_loss_func is not None
-        if not already_scaled:
-            loss = loss / self._accumulation_steps()
-        return loss
-
-    def _begin_step(self, model: nn.Module) -> None:
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
 
 
 class VaccineTrainer(_AttentionPerturbationTrainer):
@@ -157,7 +133,7 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context():
-            self._begin_step(model)
+            self.begin_step(model)
             inputs = self._prepare_inputs(inputs)
             modules = self.attention_modules(model)
 
@@ -175,7 +151,7 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
                 self.accelerator.backward(loss)
             del inputs, eps
 
-            steps = self._accumulation_steps()
+            steps = self.current_gradient_accumulation_steps
             self.record(
                 vaccine_grad_norm=grad_norm * steps,
                 vaccine_perturbation_norm=eps_norm,
@@ -195,7 +171,7 @@ class RandomVaccineTrainer(_AttentionPerturbationTrainer):
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context():
-            self._begin_step(model)
+            self.begin_step(model)
             inputs = self._prepare_inputs(inputs)
             modules = self.attention_modules(model)
             with add_gaussian_noise(modules, math.sqrt(self.method_config.rho)) as sq_norms:

@@ -76,6 +76,26 @@ class FtguardTrainer(Trainer):
                 del self._aux_iters[key]
         raise RuntimeError(f"extra stream '{name}' is empty")
 
+    # ------------------------------------------------------------------ pieces of Trainer.training_step
+
+    def begin_step(self, model: torch.nn.Module) -> None:
+        """What Trainer.training_step does before its forward (train mode, schedule-free optimizers)."""
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+
+    def scaled_loss(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """The loss exactly as ``Trainer.training_step`` backpropagates it (autocast, multi-GPU mean, 1/accumulation)."""
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        if self.loss_is_scaled_for_ga is not None:
+            already_scaled = self.loss_is_scaled_for_ga
+        else:
+            already_scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        return loss if already_scaled else loss / self.current_gradient_accumulation_steps
+
     # ------------------------------------------------------------------ extra metrics
 
     def record(self, **metrics: float | torch.Tensor) -> None:
