@@ -101,3 +101,10 @@ def test_fingerprint_depends_only_on_named_sections():
     a, b = RunConfig(), config_from_dict({"evaluate": {"max_new_tokens": 8}})
     assert a.fingerprint("model", "align") == b.fingerprint("model", "align")
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_bare_no_in_yaml_means_the_option_no():
+    cfg = config_from_dict(yaml.safe_load("align: {train: {mixed_precision: no}}"))
+    assert cfg.align.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="must be one of"):
+        config_from_dict(yaml.safe_load("align: {train: {mixed_precision: yes}}"))

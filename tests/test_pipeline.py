@@ -110,6 +110,8 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, monkeyp
         (["data.alignment.source=jsonl", "data.alignment.path=/no/such.jsonl"], "data.alignment: source 'jsonl' has no response 'safe'"),
         (["evaluate.harmful_prompts.n=100000"], "evaluate.harmful_prompts.n"),
         (["model.name=someone/not-a-model"], "offline"),
+        (["align.method=repnoise", "data.alignment.source=safety_tuned_llamas", "data.alignment.response=null"],
+         "align.method 'repnoise' needs the data role 'alignment_harmful'"),
     ],
 )
 def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, message, capsys, monkeypatch):

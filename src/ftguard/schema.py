@@ -98,7 +98,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return None
         raise ConfigError(f"'{key}' must be null, got {value!r}")
     if origin is Literal:
-        if value in typing.get_args(tp):
+        options = typing.get_args(tp)
+        # YAML 1.1 reads a bare `no` as false: take it back when "no" is the option meant.
+        if value is False and "no" in options:
+            return "no"
+        if value in options and not isinstance(value, bool):
             return value
         raise ConfigError(f"'{key}' must be one of {_type_name(tp)}, got {value!r}")
     if origin is list:

@@ -8,6 +8,7 @@ BUILTIN_METHOD_MODULES = (
     "sft",
     "vaccine",
     "booster",
+    "repnoise",
 )
 
 

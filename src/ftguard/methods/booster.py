@@ -191,6 +191,7 @@ class Booster(Method):
     summary = "alignment + λ·[h(w) − h(w − α·∇h/‖∇h‖)] on a harmful set (3F+3B per step)"
     config_class = BoosterConfig
     trainer_class = BoosterTrainer
+    required_roles = ("alignment_harmful",)
 
     @classmethod
     def check_run_config(cls, run: RunConfig, stage: str) -> None:

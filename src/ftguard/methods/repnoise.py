@@ -296,6 +296,7 @@ class RepNoise(Method):
     paper = "Rosati et al., Representation Noising: A Defence Mechanism Against Harmful Finetuning, NeurIPS 2024"
     summary = "alignment: SFT on refusals + β·MMD(harmful MLP outputs, noise) − α·log(1 + layer-wise harmful CE)"
     config_class, trainer_class = RepNoiseConfig, RepNoiseTrainer
+    required_roles = ("alignment_harmful",)
 
     def extra_datasets(self, ctx: StageContext) -> dict[str, Dataset]:
         if not ctx.plan.alignment_harmful:

@@ -19,6 +19,11 @@ from ftguard.data.sources import file_sha256, load_examples, source_files
 from ftguard.data.tasks import Task, get_task
 from ftguard.errors import FtguardError
 
+ROLE_HINTS = {
+    "alignment_harmful": "give data.alignment and data.finetune.harmful the same source and split, with "
+    "response: safe and response: unsafe (harmful answers of the alignment prompts, §2.2)",
+}
+
 
 @dataclass
 class DataPlan:
@@ -31,6 +36,11 @@ class DataPlan:
     mixes: dict[float, list[Example]] = field(default_factory=dict)
     mix_reports: dict[float, MixReport] = field(default_factory=dict)
     sources: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def require(self, roles: tuple[str, ...], who: str) -> None:
+        for role in roles:
+            if not getattr(self, role):
+                raise FtguardError(f"{who} needs the data role '{role}', which is empty: {ROLE_HINTS.get(role, 'check data')}")
 
     def report(self) -> dict[str, Any]:
         """Counts and source hashes, recorded in results.json."""

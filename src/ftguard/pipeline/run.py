@@ -22,6 +22,7 @@ from ftguard.pipeline.outputs import StageDir, read_json, write_text_atomic
 from ftguard.pipeline.plan import DataPlan, build_data_plan
 from ftguard.pipeline.results import git_revision, library_versions, write_results
 from ftguard.pipeline.stages import ModelRef, train_stage
+from ftguard.registry import get_method
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,11 @@ class Pipeline:
         """Everything that can fail on bad input, before any training: data, model, judge."""
         run = self.run
         self.plan = build_data_plan(run)
+        for stage in ("align", "finetune"):
+            stage_cfg = getattr(run, stage)
+            if stage_cfg is not None:
+                method = get_method(stage_cfg.method, stage)
+                self.plan.require(method.required_roles, f"{stage}.method '{stage_cfg.method}'")
         self.base = ModelRef(model_dir=resolve_model(run.model.name))
         load_tokenizer(self.base.model_dir, trust_remote_code=run.model.trust_remote_code)
         if need_judge:
