@@ -3,10 +3,9 @@
 Time: every method trains its own fresh copy of the same model on the same fixed-length batches; after
 warm-up, rounds of steps are interleaved across methods (A B C A B C ...) so that drifts of the machine hit
 every method alike; the mean step time covers the method's whole step (all passes + optimizer).
-Memory: on CUDA, ``torch.cuda.max_memory_allocated`` per method in this process. On CPU, each method runs
-in a fresh subprocess and reports its peak resident memory above the process's baseline before the model is
-loaded (weights + activations + gradients + optimizer state: what a GPU's allocator would count), since a
-process's peak RSS can't be reset.
+Memory: the peak above the level reached once libraries, data and the base weights are loaded, i.e. the
+trained model copy + activations + gradients + optimizer state. On CUDA, ``torch.cuda.max_memory_allocated``;
+on CPU each method runs in a fresh subprocess (a process's peak RSS can't be reset) and reports its peak RSS.
 """
 
 from __future__ import annotations
@@ -189,25 +188,23 @@ def _current_rss_bytes() -> int:
 
 
 def memory_of(spec: BenchSpec, method: str, out_dir: Path) -> int:
-    """Peak training memory of one method (bytes), measured in this process: use a fresh process on CPU."""
-    # Libraries are imported before the baseline: their code is not training memory.
-    import datasets  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
+    """Peak training memory of one method (bytes), measured in this process: use a fresh process on CPU.
 
-    from ftguard.pipeline import context, plan, stages  # noqa: F401
-
+    Counted: the trained copy of the model, adapters, activations, gradients and optimizer state. Not
+    counted: libraries, data and the shared base weights the copy is made from (loaded before the baseline).
+    """
+    fixture = _Fixture(spec)
     gc.collect()
     baseline = _current_rss_bytes()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    fixture = _Fixture(spec)
+        baseline = torch.cuda.memory_allocated()
     trainer, dataset = fixture.trainer(method, out_dir / method)
-    del fixture.base  # the copy inside the trainer is the one that trains
-    for i in range(max(spec.warmup, 1) + 1):
-        _step(trainer, fixture.fixed_batch(dataset, i * spec.batch_size))
+    batches = [fixture.fixed_batch(dataset, i * spec.batch_size) for i in range(max(spec.warmup, 1) + 1)]
+    for batch in batches:
+        _step(trainer, batch)
     if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
+        return int(torch.cuda.max_memory_allocated()) - baseline
     return _rss_bytes() - baseline
 
 
@@ -244,7 +241,7 @@ def run_bench(spec: BenchSpec, out_dir: Path, *, memory: bool = True) -> dict[st
         "spec": spec.__dict__,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
-        "memory_method": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS above a fresh process's baseline",
+        "memory_method": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS of a fresh process above its level once libraries, data and base weights are loaded",
         "versions": library_versions(),
         "methods": methods,
     }
