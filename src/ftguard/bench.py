@@ -5,7 +5,7 @@ warm-up, rounds of steps are interleaved across methods (A B C A B C ...) so tha
 every method alike; the mean step time covers the method's whole step (all passes + optimizer).
 Memory: the peak above the level reached once libraries, data and the base weights are loaded, i.e. the
 trained model copy + activations + gradients + optimizer state. On CUDA, ``torch.cuda.max_memory_allocated``;
-on CPU each method runs in a fresh subprocess (a process's peak RSS can't be reset) and reports its peak RSS.
+on CPU each method runs in a fresh subprocess and reports its peak resident memory, sampled every 2 ms.
 """
 
 from __future__ import annotations
@@ -173,18 +173,13 @@ def measure_time(spec: BenchSpec, out_dir: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def _current_rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return _rss_bytes()
+    except OSError:  # no procfs (macOS): the lifetime peak is the best available
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def memory_of(spec: BenchSpec, method: str, out_dir: Path) -> int:
@@ -199,13 +194,38 @@ def memory_of(spec: BenchSpec, method: str, out_dir: Path) -> int:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-    trainer, dataset = fixture.trainer(method, out_dir / method)
-    batches = [fixture.fixed_batch(dataset, i * spec.batch_size) for i in range(max(spec.warmup, 1) + 1)]
-    for batch in batches:
-        _step(trainer, batch)
+    with _RssSampler() as sampler:
+        trainer, dataset = fixture.trainer(method, out_dir / method)
+        batches = [fixture.fixed_batch(dataset, i * spec.batch_size) for i in range(max(spec.warmup, 1) + 1)]
+        for batch in batches:
+            _step(trainer, batch)
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated()) - baseline
-    return _rss_bytes() - baseline
+    return sampler.peak - baseline
+
+
+class _RssSampler:
+    """Peak current RSS over a block, sampled every 2 ms: ru_maxrss can't be reset after loading peaks."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        import threading
+
+        self.interval, self.peak = interval, _current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _current_rss_bytes())
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _current_rss_bytes())
 
 
 def measure_memory(spec: BenchSpec, out_dir: Path) -> dict[str, int]:
