@@ -241,7 +241,7 @@ def embed_all(texts: dict, args: argparse.Namespace) -> dict:
     """Embeddings per key of ``texts``; with --cache, texts embedded by an earlier run are reused."""
     cache: dict[str, torch.Tensor] = {}
     if args.cache and args.cache.is_file():
-        stored = torch.load(args.cache)
+        stored = torch.load(args.cache, weights_only=True)  # plain lists and tensors: no pickled code
         cache = dict(zip(stored["texts"], stored["embeddings"], strict=True))
     missing = sorted({t for part in texts.values() for t in part} - set(cache))
     if missing:
