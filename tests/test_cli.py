@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ftguard import cli
@@ -48,7 +50,10 @@ def test_demo_methods_runs_one_pipeline_per_method_and_compares(tmp_path, capsys
     small = ["model.name=tiny", "model.max_length=256", "align.train.max_steps=2", "finetune.train.max_steps=2",
              "data.finetune.harmful_ratio=0.2", "evaluate.judge=keyword", "evaluate.harmful_prompts.n=4",
              "evaluate.task_n=4", "evaluate.points=[finetune]"]
-    args = ["demo", "--methods", "sft", "--output-dir", str(tmp_path)] + sum((["--set", s] for s in small), [])
+    args = ["demo", "--methods", "sft,booster", "--output-dir", str(tmp_path)] + sum((["--set", s] for s in small), [])
     assert cli.main(args) == 0
     assert (tmp_path / "demo-sft" / "results.json").exists() and (tmp_path / "demo-compare.png").exists()
-    assert "| demo-sft | finetune | sft | 0.2 | keyword |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| demo-sft | finetune | sft | 0.2 | keyword |" in out and "| demo-booster | finetune | sft | 0.2 | keyword |" in out
+    booster = json.loads((tmp_path / "demo-booster" / "results.json").read_text())
+    assert booster["config"]["adapter"]["topology"] == "single" and booster["config"]["align"]["method"] == "booster"

@@ -147,9 +147,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     base_out = Path(args.output_dir or "runs")
     run_dirs = []
+    from ftguard.registry import get_method
+
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         args_m = argparse.Namespace(**vars(args))
-        args_m.overrides = [*args.overrides, f"align.method={method}", f"name=demo-{method}"]
+        # Each method runs in its paper's topology (Booster: single LoRA), as the papers' tables compare them.
+        topology = get_method(method, "align").preferred_topology
+        extra = [f"adapter.topology={topology}"] if topology else []
+        args_m.overrides = [*extra, *args.overrides, f"align.method={method}", f"name=demo-{method}"]
         args_m.output_dir = str(base_out / f"demo-{method}")
         cfg = _load(args_m)
         run_pipeline(cfg, overwrite=args.overwrite, on_update=_print_table)

@@ -35,6 +35,7 @@ class Method:
     summary: ClassVar[str] = ""
     config_class: ClassVar[type] = NoArgs
     trainer_class: ClassVar[type[Trainer] | None] = None  # None = FtguardTrainer (plain SFT step)
+    preferred_topology: ClassVar[str | None] = None  # the paper's adapter topology, used by `demo --methods`
     required_roles: ClassVar[tuple[str, ...]] = ()  # data-plan roles that must be non-empty (checked before any work)
 
     def __init__(self, config: Any) -> None:

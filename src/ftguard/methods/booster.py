@@ -192,6 +192,7 @@ class Booster(Method):
     config_class = BoosterConfig
     trainer_class = BoosterTrainer
     required_roles = ("alignment_harmful",)
+    preferred_topology = "single"  # §2.5: fine-tuning continues Booster's LoRA
 
     @classmethod
     def check_run_config(cls, run: RunConfig, stage: str) -> None:
