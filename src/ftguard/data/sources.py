@@ -183,21 +183,23 @@ def _load_alpaca_eval(root: Path | None, split: str, response: str, path: Path |
     ]
 
 
+def _alpaca_row(row: dict[str, Any], where: str, response: str, source: str) -> Example:
+    """An Example from a row with instruction / input / output fields (output unless prompt-only)."""
+    return Example(
+        instruction=get_str(row, "instruction", where),
+        input=get_str(row, "input", where, required=False),
+        output="" if response == PROMPT_ONLY else get_str(row, "output", where),
+        source=source,
+    )
+
+
 def _load_safety_tuned_llamas(
     root: Path | None, split: str, response: str, path: Path | None
 ) -> list[Example]:
     file = data_file(root, "safety_tuned_llamas/safety_only_data_Instructions.json")
     out = []
     for i, item in enumerate(read_json_list(file)):
-        where = f"{file}, item {i}"
-        out.append(
-            Example(
-                instruction=get_str(item, "instruction", where),
-                input=get_str(item, "input", where, required=False),
-                output="" if response == PROMPT_ONLY else get_str(item, "output", where),
-                source=f"safety_tuned_llamas/{split}#{i}",
-            )
-        )
+        out.append(_alpaca_row(item, f"{file}, item {i}", response, f"safety_tuned_llamas/{split}#{i}"))
     return out
 
 
@@ -210,15 +212,7 @@ def _load_jsonl(root: Path | None, split: str, response: str, path: Path | None)
         raise FtguardError(f"JSONL file '{path}' not found: fix the path of the 'jsonl' source")
     out = []
     for i, (lineno, row) in enumerate(read_jsonl(path)):
-        where = f"{path}, line {lineno}"
-        out.append(
-            Example(
-                instruction=get_str(row, "instruction", where),
-                input=get_str(row, "input", where, required=False),
-                output="" if response == PROMPT_ONLY else get_str(row, "output", where),
-                source=f"jsonl/{split}#{i}",
-            )
-        )
+        out.append(_alpaca_row(row, f"{path}, line {lineno}", response, f"jsonl/{split}#{i}"))
     return out
 
 
