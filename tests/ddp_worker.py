@@ -1,0 +1,114 @@
+"""Run under ``torchrun --nproc_per_node 2``: every align method trains a tiny LoRA Llama data-parallel (gloo).
+
+For each method it counts DDP's bucket reductions (a comm hook that wraps the default all-reduce) and checks
+that both ranks end with identical weights that moved away from the start. Rank 0 writes a JSON report to
+``argv[1]``; ``test_distributed.py`` compares the methods with SFT.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+
+import ftguard.methods  # noqa: F401  (registers the built-in methods)
+from ftguard.registry import get_method
+from ftguard.training.trainer import FtguardTrainer
+
+SEQ, STEPS, GA = 9, 2, 2
+METHODS = ("sft", "vaccine", "booster", "repnoise")
+
+
+def tiny_lora_llama() -> torch.nn.Module:
+    torch.manual_seed(0)  # the same start on every rank, as from_pretrained would give
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                              target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # non-zero lora_B so that every LoRA tensor gets a gradient at step 1
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def rows(n: int, seed: int) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (n, SEQ), generator=g)
+    return Dataset.from_list(
+        [{"input_ids": r.tolist(), "attention_mask": [1] * SEQ, "labels": [-100] * 3 + r[3:].tolist()} for r in ids]
+    )
+
+
+def collate(batch):
+    return {k: torch.tensor([r[k] for r in batch]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+class CountReductions(TrainerCallback):
+    """Wraps DDP's all-reduce to count bucket reductions; registered once the Trainer has wrapped the model."""
+
+    def __init__(self, trainer: FtguardTrainer) -> None:
+        self.trainer, self.count, self.wrapped = trainer, 0, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        ddp = self.trainer.model_wrapped
+        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            raise SystemExit(f"expected a DDP-wrapped model, got {type(ddp).__name__}")
+
+        def hook(process_group, bucket):
+            self.count += 1
+            return allreduce_hook(process_group, bucket)
+
+        ddp.register_comm_hook(None, hook)
+        self.wrapped = True
+
+
+def flat_weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+
+def run(method_name: str, out_dir: str) -> dict:
+    method = get_method(method_name, "align")
+    model = tiny_lora_llama()
+    start = flat_weights(model).clone()
+    args = TrainingArguments(
+        output_dir=f"{out_dir}/{method_name}", per_device_train_batch_size=2, gradient_accumulation_steps=GA,
+        max_steps=STEPS, learning_rate=1e-2, report_to="none", use_cpu=True, ddp_backend="gloo", seed=3,
+        save_strategy="no", logging_steps=1, disable_tqdm=True,
+    )
+    trainer_cls = method.trainer_class or FtguardTrainer
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=rows(16, 1), data_collator=collate,
+        method_config=method.parse_args({}), aux_datasets={"harmful": rows(16, 2)},
+    )
+    counter = CountReductions(trainer)
+    trainer.add_callback(counter)
+    trainer.train()
+    weights = flat_weights(model)
+    gathered = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, weights)
+    return {
+        "reductions": counter.count,
+        "ranks_identical": all(torch.equal(gathered[0], g) for g in gathered),
+        "moved": float((weights - start).norm()),
+        "world_size": dist.get_world_size(),
+        "logged_keys": sorted({k for entry in trainer.state.log_history for k in entry}),
+    }
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    report = {name: run(name, out_dir) for name in METHODS}
+    if dist.get_rank() == 0:
+        with open(f"{out_dir}/report.json", "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Two real processes (torchrun, gloo): each align method reduces once per optimizer step, like SFT, and the
+ranks stay in sync. The single-process DDP tests in test_booster.py check what that one reduce contains."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(WORKER), str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["vaccine", "booster", "repnoise"])
+def test_two_processes_reduce_once_per_step_and_stay_in_sync(report, method):
+    from ddp_worker import GA, STEPS  # noqa: PLC0415  (tests/ is on sys.path under pytest's rootdir conftest)
+
+    sft, got = report["sft"], report[method]
+    assert got["world_size"] == 2
+    # One bucket for this tiny LoRA: SFT all-reduces it once per optimizer step, not once per micro-batch (GA).
+    assert sft["reductions"] == STEPS and GA > 1
+    assert got["reductions"] == sft["reductions"], "inner passes must not all-reduce"
+    assert got["ranks_identical"] and got["moved"] > 0
+    assert any(k.startswith(method) for k in got["logged_keys"]), "the method's extra terms reach the logs"
