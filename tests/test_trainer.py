@@ -62,3 +62,46 @@ def test_sft_step_loss_is_cross_entropy_on_response_tokens_only(tmp_path):
     # position t predicts token t+1; only tokens 7 and 8 (positions 2, 3) are targets
     manual = torch.nn.functional.cross_entropy(logits[1:3], torch.tensor([7, 8]))
     assert torch.allclose(loss, manual, atol=1e-6)
+
+
+class _StatefulTrainer(FtguardTrainer):
+    """Draws one aux batch per step and keeps a tensor and a counter as method state."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drawn: list[list[int]] = []
+        self.counter, self.anchor = 0, torch.zeros(3)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.drawn.append(self.aux_batch("harmful", batch_size=2)["input_ids"][:, 1].tolist())
+        self.counter += 1
+        self.anchor = self.anchor + self.counter
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def method_state(self):
+        return {"counter": self.counter}, {"anchor": self.anchor}
+
+    def load_method_state(self, values, tensors):
+        self.counter, self.anchor = values["counter"], tensors["anchor"]
+
+
+def _stateful(tmp_path, max_steps):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=max_steps,
+                             report_to="none", use_cpu=True, seed=5, save_strategy="steps", save_steps=2,
+                             logging_steps=1)
+    return _StatefulTrainer(model=_model(), args=args, train_dataset=_dataset(8), data_collator=_collate,
+                            aux_datasets={"harmful": _dataset(5, offset=10)})
+
+
+def test_resume_restores_aux_stream_positions_and_method_state(tmp_path):
+    # The aux stream has 5 rows and batch 2 (drop_last): a pass is 2 batches, so 5 steps cross pass boundaries.
+    full = _stateful(tmp_path / "full", max_steps=5)
+    full.train()
+    interrupted = _stateful(tmp_path / "cut", max_steps=5)
+    interrupted.args.max_steps = 3  # stop after the checkpoint at step 2 and one more step
+    interrupted.train()
+    resumed = _stateful(tmp_path / "cut", max_steps=5)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
+    assert resumed.drawn == full.drawn[2:], "the extra stream continues where the checkpoint left it"
+    assert resumed.counter == full.counter == 5
+    assert torch.equal(resumed.anchor, full.anchor)

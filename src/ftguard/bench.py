@@ -122,7 +122,7 @@ class _Fixture:
         known = all_methods()
         stage = "align" if method_name not in known or "align" in known[method_name].stages else "finetune"
         method_cls = get_method(method_name, stage)
-        method = method_cls(method_cls.parse_args({}))
+        method = method_cls(method_cls.parse_args(dict(method_cls.bench_args)))
         dataset = self.tokenize(self.plan.alignment)
         args = TrainingArguments(
             output_dir=str(out_dir), per_device_train_batch_size=self.spec.batch_size, max_steps=10**6,

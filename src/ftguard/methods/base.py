@@ -12,7 +12,9 @@ if TYPE_CHECKING:
     from transformers import Trainer
 
     from ftguard.config import RunConfig
+    from ftguard.data.example import Example
     from ftguard.pipeline.context import StageContext
+    from ftguard.pipeline.plan import DataPlan
 
 
 @dataclass
@@ -38,6 +40,10 @@ class Method:
     preferred_topology: ClassVar[str | None] = None  # the paper's adapter topology, used by `demo --methods`
     required_roles: ClassVar[tuple[str, ...]] = ()  # data-plan roles that must be non-empty (checked before any work)
 
+    # Args that make `ftguard bench` time the method's steady-state step (e.g. Lisa's proximal term switched on
+    # from step 0, where the paper's warm-up would leave it off for the whole short benchmark).
+    bench_args: ClassVar[dict[str, Any]] = {}
+
     def __init__(self, config: Any) -> None:
         self.config = config
 
@@ -48,6 +54,16 @@ class Method:
     @classmethod
     def check_run_config(cls, run: RunConfig, stage: str) -> None:
         """Reject or warn about run settings this method cannot honour (e.g. a topology)."""
+
+    def prepare_data(self, plan: DataPlan, run: RunConfig, stage: str) -> None:
+        """Check (and load, with ``plan.load_extra``) the data this method needs; runs before any training."""
+        plan.require(self.required_roles, f"{stage}.method '{self.name}'")
+
+    def train_examples(self, examples: list[Example], plan: DataPlan) -> tuple[list[Example], dict[str, Any]]:
+        """The stage's training examples as this method trains on them (e.g. with safety samples mixed in), and
+        a report of what changed for the stage manifest. Called once before training and once as a dry run
+        while the run is prepared, so impossible requests fail before any work."""
+        return examples, {}
 
     def extra_datasets(self, ctx: StageContext) -> dict[str, Dataset]:
         """Named extra streams for the trainer (tokenized datasets)."""

@@ -36,11 +36,29 @@ class DataPlan:
     mixes: dict[float, list[Example]] = field(default_factory=dict)
     mix_reports: dict[float, MixReport] = field(default_factory=dict)
     sources: dict[str, dict[str, str]] = field(default_factory=dict)
+    extra: dict[str, list[Example]] = field(default_factory=dict)  # method-specific sets (load_extra)
+    root: str = "bundled"
 
     def require(self, roles: tuple[str, ...], who: str) -> None:
         for role in roles:
             if not getattr(self, role):
                 raise FtguardError(f"{who} needs the data role '{role}', which is empty: {ROLE_HINTS.get(role, 'check data')}")
+
+    def load_extra(self, name: str, spec: SourceConfig, key: str) -> list[Example]:
+        """Load a method's own data set (e.g. Lisa's alignment pool from another source), deduplicated by prompt
+        and checked disjoint from the attack and evaluation prompts; recorded in the report with its hashes."""
+        examples = _load(spec, self.root, spec.response, key)
+        examples = [examples[i] for i in _dedup(examples)]
+        if spec.n is not None:
+            if spec.n > len(examples):
+                raise FtguardError(f"{key}.n = {spec.n} but {spec.source}/{spec.split} has {len(examples)} records")
+            examples = examples[: spec.n]
+        if not examples:
+            raise FtguardError(f"{key}: {spec.source}/{spec.split} gave no examples")
+        check_disjoint({name: examples, "attack": self.attack_pool, "evaluation": self.eval_harmful})
+        self.extra[name] = examples
+        self.sources[name] = _hashes(spec, self.root)
+        return examples
 
     def report(self) -> dict[str, Any]:
         """Counts and source hashes, recorded in results.json."""
@@ -52,6 +70,7 @@ class DataPlan:
                 "attack_pool": len(self.attack_pool),
                 "task_eval": len(self.task_eval),
                 "eval_harmful": len(self.eval_harmful),
+                **{name: len(examples) for name, examples in self.extra.items()},
             },
             "mixes": {f"{p:g}": r.as_dict() for p, r in self.mix_reports.items()},
             "sources": self.sources,
@@ -85,10 +104,19 @@ def _same_file(a: SourceConfig, b: SourceConfig) -> bool:
     return (a.source, a.split, a.path) == (b.source, b.split, b.path)
 
 
+def _finetune_needs_alignment(run: RunConfig) -> bool:
+    """Finetune-stage methods such as Lisa or EWC use the alignment data even when the run has no align stage."""
+    if run.finetune is None:
+        return False
+    from ftguard.registry import get_method
+
+    return "alignment" in get_method(run.finetune.method, "finetune").required_roles
+
+
 def build_data_plan(run: RunConfig) -> DataPlan:
     data, root = run.data, run.data.root
     task = get_task(data.finetune.task, cot_suffix=data.finetune.gsm8k_cot_suffix)
-    plan = DataPlan(task=task)
+    plan = DataPlan(task=task, root=root)
 
     ft = data.finetune
     ratios = ft.ratios if run.finetune is not None else []
@@ -100,7 +128,8 @@ def build_data_plan(run: RunConfig) -> DataPlan:
         )
 
     align_spec = data.alignment
-    if run.align is not None and _same_file(align_spec, ft.harmful):
+    need_alignment = run.align is not None or _finetune_needs_alignment(run)
+    if need_alignment and _same_file(align_spec, ft.harmful):
         # One file serves both roles: split its records so that no prompt is in both.
         safe = _load(align_spec, root, align_spec.response, "data.alignment")
         unsafe = _load(ft.harmful, root, ft.harmful.response, "data.finetune.harmful")
@@ -122,7 +151,7 @@ def build_data_plan(run: RunConfig) -> DataPlan:
         plan.alignment_harmful = [unsafe[i] for i in align_idx if unsafe[i].output]
         plan.attack_pool = [unsafe[i] for i in attack_idx]
     else:
-        if run.align is not None:
+        if need_alignment:
             pool = _load(align_spec, root, align_spec.response, "data.alignment")
             n_align = len(pool) if align_spec.n is None else align_spec.n
             if n_align > len(pool):

@@ -56,8 +56,12 @@ class Pipeline:
         for stage in ("align", "finetune"):
             stage_cfg = getattr(run, stage)
             if stage_cfg is not None:
-                method = get_method(stage_cfg.method, stage)
-                self.plan.require(method.required_roles, f"{stage}.method '{stage_cfg.method}'")
+                method_cls = get_method(stage_cfg.method, stage)
+                method = method_cls(method_cls.parse_args(stage_cfg.args, prefix=f"{stage}.args"))
+                method.prepare_data(self.plan, run, stage)
+                stage_sets = [self.plan.alignment] if stage == "align" else list(self.plan.mixes.values())
+                for examples in stage_sets:
+                    method.train_examples(examples, self.plan)  # dry run: impossible requests fail now
         self.base = ModelRef(model_dir=resolve_model(run.model.name))
         load_tokenizer(self.base.model_dir, trust_remote_code=run.model.trust_remote_code)
         if need_judge:

@@ -23,6 +23,7 @@ from ftguard.config import LoraConfig, RunConfig, TrainConfig
 from ftguard.data.collate import CausalLMCollator
 from ftguard.data.example import Example
 from ftguard.data.template import tokenize_dataset
+from ftguard.errors import FtguardError
 from ftguard.models import add_lora, fast_bf16_available, load_lora, load_model, load_tokenizer, merge_lora
 from ftguard.models.adapters import check_target_modules, count_parameters
 from ftguard.pipeline.context import StageContext
@@ -142,6 +143,9 @@ def train_stage(
         )
         return dataset
 
+    examples, method_data = method.train_examples(examples, plan)
+    if not examples:
+        raise FtguardError(f"{key}: no training examples for {stage_cfg.method}")
     train_dataset, data_stats = tokenize_dataset(
         examples, tokenizer, max_length=mc.max_length, style=mc.template, response_newline=mc.response_newline
     )
@@ -189,6 +193,7 @@ def train_stage(
             "trainable_parameters": trainable,
             "total_parameters": total,
             "data": data_stats,
+            "method_data": method_data,
             "steps": trainer.state.global_step,
             "train_loss": result.training_loss,
             "train_runtime_s": result.metrics.get("train_runtime"),

@@ -7,19 +7,29 @@ the ecosystem:
 * ``aux_batch(name)``: the next batch of a named extra stream (a harmful set for Booster, an alignment
   pool for Lisa), from a seeded, cycling, rank-sharded loader;
 * ``record(**metrics)``: extra scalars (perturbation norm, probe losses...) averaged into the next log line;
-* the method's typed config as ``self.method_config``.
+* the method's typed config as ``self.method_config``;
+* checkpoints that also hold the positions of the extra streams and the method's own state
+  (``method_state`` / ``load_method_state``, e.g. Lisa's anchors), so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
+from safetensors.torch import load_file, save_file
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+STATE_FILE = "ftguard_state.json"
+METHOD_TENSORS_FILE = "ftguard_method_state.safetensors"
 
 
 class FtguardTrainer(Trainer):
@@ -37,6 +47,7 @@ class FtguardTrainer(Trainer):
         self.aux_datasets = dict(aux_datasets or {})
         self._aux_iters: dict[tuple[str, int], Iterator[dict[str, torch.Tensor]]] = {}
         self._aux_epochs: dict[tuple[str, int], int] = defaultdict(int)
+        self._aux_drawn: dict[tuple[str, int], int] = defaultdict(int)  # batches drawn in the current epoch
         self._recorded: dict[str, list[float]] = defaultdict(list)
 
     # ------------------------------------------------------------------ extra data streams
@@ -67,14 +78,76 @@ class FtguardTrainer(Trainer):
         key = (name, batch_size)
         for _ in range(2):
             if key not in self._aux_iters:
-                self._aux_iters[key] = iter(self._aux_loader(name, batch_size, self._aux_epochs[key]))
+                self._aux_iters[key] = self._aux_iterator(name, batch_size)
             try:
                 batch = next(self._aux_iters[key])
+                self._aux_drawn[key] += 1
                 return self._prepare_inputs(batch)
             except StopIteration:
                 self._aux_epochs[key] += 1
+                self._aux_drawn[key] = 0
                 del self._aux_iters[key]
         raise RuntimeError(f"extra stream '{name}' is empty")
+
+    def _aux_iterator(self, name: str, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        key = (name, batch_size)
+        loader = self._aux_loader(name, batch_size, self._aux_epochs[key])
+        # After a resume, skip what was drawn before the checkpoint (indices only: no collation).
+        skip = self._aux_drawn[key]
+        if not skip:
+            return iter(loader)
+        indices = list(loader.batch_sampler)[skip:]
+        dataset, collate = loader.dataset, loader.collate_fn
+        return (collate([dataset[i] for i in batch]) for batch in indices)
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def method_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON-able values, tensors) a method must keep across a resume; override in stateful methods."""
+        return {}, {}
+
+    def load_method_state(self, values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``method_state`` returned."""
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        values, tensors = self.method_state()
+        state = {
+            "aux_streams": [
+                {"name": name, "batch_size": bs, "epoch": self._aux_epochs[(name, bs)], "drawn": self._aux_drawn[(name, bs)]}
+                for (name, bs) in sorted(set(self._aux_epochs) | set(self._aux_drawn))
+            ],
+            "method": values,
+        }
+        if tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / METHOD_TENSORS_FILE))
+        # Written last: its presence says the method state of this checkpoint is complete.
+        tmp = folder / f"{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, folder / STATE_FILE)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            self._load_ftguard_state(Path(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_ftguard_state(self, folder: Path) -> None:
+        path = folder / STATE_FILE
+        if not path.exists():
+            return  # a checkpoint of a plain Trainer: nothing of ours to restore
+        state = json.loads(path.read_text())
+        for stream in state.get("aux_streams", []):
+            key = (stream["name"], stream["batch_size"])
+            self._aux_epochs[key], self._aux_drawn[key] = stream["epoch"], stream["drawn"]
+            self._aux_iters.pop(key, None)
+        tensors_path = folder / METHOD_TENSORS_FILE
+        tensors = load_file(str(tensors_path), device="cpu") if tensors_path.exists() else {}
+        self.load_method_state(state.get("method", {}), tensors)
 
     # ------------------------------------------------------------------ pieces of Trainer.training_step
 
