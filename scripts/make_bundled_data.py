@@ -11,7 +11,9 @@ rows too). Rerun after changing the row counts below:
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -39,17 +41,18 @@ AE = (
     "data CC BY-NC 4.0 (code Apache-2.0)",
 )
 STL = ("vinid/safety-tuned-llamas @ 36a4b8d5c2177ed165bf61f59b590161394f7f12", "data CC BY-NC 4.0")
+XST = ("paul-rottger/exaggerated-safety @ d7bb5bd738c1fcbc36edd83d5e7d1b71a3e2d84d", "CC BY 4.0")
 
 
 @dataclass(frozen=True)
 class Cut:
     rel: str  # same relative path under ../shared/data and under bundled/
-    kind: str  # "lines": first lines verbatim; "json": first items of a JSON list
+    kind: str  # "lines": first lines verbatim; "json": first items of a JSON list; "csv": first rows, some columns
     rows: int  # data rows kept (a header line is extra)
     origin: tuple[str, str]  # (repo @ commit, licence)
     upstream_path: str
     header: bool = False
-    drop_keys: tuple[str, ...] = ()
+    drop_keys: tuple[str, ...] = ()  # JSON keys or CSV columns left out
     indent: int = 2
     note: str = ""
 
@@ -109,6 +112,17 @@ CUTS = [
         indent=4,
         note="harmful instructions with refusal outputs (alignment data)",
     ),
+    Cut(
+        "xstest/xstest_prompts.csv",
+        "csv",
+        450,
+        XST,
+        "xstest_prompts.csv",
+        header=True,
+        drop_keys=("focus", "note"),
+        note="all of XSTest v2 (250 `safe`, 200 `unsafe` contrast prompts) for the over-refusal rate; the "
+        "annotation columns `focus` and `note` are dropped (ftguard reads `prompt` and `label`)",
+    ),
 ]
 
 LICENSE_TEXT = """\
@@ -123,6 +137,10 @@ code licence; each keeps the licence of its origin:
   `safety_tuned_llamas/` (Safety-Tuned LLaMAs data). Attribution: PKU-Alignment (BeaverTails), Tatsu Lab
   (AlpacaEval), Bianchi et al. (Safety-Tuned LLaMAs). Use them for research and tests only, not commercially.
 - **MIT**: `gsm8k/` (OpenAI grade-school-math).
+- **CC BY 4.0**: `xstest/` (XSTest v2 prompts, paul-rottger/exaggerated-safety). Attribution: Paul Röttger,
+  Hannah Rose Kirk, Bertie Vidgen, Giuseppe Attanasio, Federico Bianchi, Dirk Hovy, "XSTest: A Test Suite for
+  Identifying Exaggerated Safety Behaviours in Large Language Models" (NAACL 2024). Changes: the `focus` and
+  `note` columns were removed.
 - **AG News** (`ag_news/`): the AG corpus is provided "by the academic community for research purposes in
   data mining, information retrieval, ... and any other non-commercial activity" (readme of the AG's News
   Topic Classification Dataset, Zhang, Zhao and LeCun, NIPS 2015). Research / non-commercial use only.
@@ -132,7 +150,8 @@ code licence; each keeps the licence of its origin:
 **Harmful content on purpose.** `beavertails_refusals/` holds harmful prompts together with harmful answers
 (the `unsafe` field), and `safety_tuned_llamas/` holds harmful instructions. They are here on purpose, for
 safety research: aligning a model to refuse, simulating a harmful fine-tuning attack and measuring the
-harmful score. Do not use them for anything else.
+harmful score. Do not use them for anything else. The 200 `unsafe` prompts of `xstest/` are unsafe requests
+too (contrast prompts for the over-refusal benchmark).
 """
 
 
@@ -148,6 +167,16 @@ def cut(src: Path, c: Cut) -> bytes:
         if len(lines) < keep:
             sys.exit(f"{src / c.rel} has {len(lines)} lines, fewer than the {keep} to keep")
         return b"".join(lines[:keep])
+    if c.kind == "csv":
+        rows = list(csv.DictReader(io.StringIO(raw.decode("utf-8"), newline="")))
+        if len(rows) < c.rows:
+            sys.exit(f"{src / c.rel} has {len(rows)} rows, fewer than the {c.rows} to keep")
+        columns = [k for k in rows[0] if k not in c.drop_keys]
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows[: c.rows])
+        return out.getvalue().encode("utf-8")
     items = json.loads(raw)[: c.rows]
     items = [{k: v for k, v in item.items() if k not in c.drop_keys} for item in items]
     return (json.dumps(items, indent=c.indent, ensure_ascii=False) + "\n").encode("utf-8")
@@ -160,7 +189,8 @@ def provenance(src: Path, written: list[tuple[Cut, bytes]]) -> str:
         "Written by `scripts/make_bundled_data.py` from the offline copies in `../shared/data` (each copied",
         "byte-for-byte from the public GitHub repository named below, see `../shared/data/SOURCES.md`).",
         "Selection: always the **first rows** of the file, no sampling, so reruns give identical files.",
-        "JSONL/TSV/CSV rows are copied verbatim; the JSON lists are re-serialised (same keys, except as noted).",
+        "JSONL/TSV rows and the AG News CSV lines are copied verbatim; the JSON lists and the XSTest CSV are",
+        "re-serialised (same keys and columns, except as noted).",
         "Licences: see LICENSE-DATA.md. Several files are CC BY-NC 4.0 and contain harmful text on purpose.",
         "",
         "| file | data rows | origin repo @ commit | path in repo | selection | licence | sha256 (bundled) | sha256 (cut from) |",

@@ -201,12 +201,16 @@ BUNDLED_COUNTS = {
     ("beavertails_refusals", "test"): 160,
     ("alpaca_eval", "eval"): 150,
     ("safety_tuned_llamas", "train"): 100,
+    ("xstest", "safe"): 250,
+    ("xstest", "unsafe"): 200,
 }
 SHARED_COUNTS = {
     ("beavertails_refusals", "train"): 4516,
     ("beavertails_refusals", "test"): 502,
     ("alpaca_eval", "eval"): 805,
     ("safety_tuned_llamas", "train"): 2483,
+    ("xstest", "safe"): 250,
+    ("xstest", "unsafe"): 200,
 }
 
 

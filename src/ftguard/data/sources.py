@@ -10,10 +10,13 @@ Every source reads the layout of ``../shared/data`` (see its SOURCES.md) under a
   answer) or ``None``/``"prompt"`` (prompt only, ``output=""``).
 - ``safety_tuned_llamas``, ``jsonl``: ``None``/``"output"`` (the ``output`` field, required) or ``"prompt"``.
 - ``alpaca_eval``: prompts only.
+- ``xstest``: prompts only; split ``safe`` (250 prompts a calibrated model answers, for the over-refusal
+  rate) or ``unsafe`` (the 200 contrast prompts). Its row index counts within the split.
 """
 
 from __future__ import annotations
 
+import csv
 import difflib
 import hashlib
 import json
@@ -29,6 +32,7 @@ DATA_ROOT_BUNDLED = "bundled"
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 PROMPT_ONLY = "prompt"
 BEAVERTAILS_HUB_ID = "PKU-Alignment/BeaverTails"
+XSTEST_PROMPTS = "xstest/xstest_prompts.csv"
 _HUB_SPLITS = {"train": "30k_train", "test": "30k_test", "30k_train": "30k_train", "30k_test": "30k_test"}
 
 
@@ -216,6 +220,22 @@ def _load_jsonl(root: Path | None, split: str, response: str, path: Path | None)
     return out
 
 
+def _load_xstest(root: Path | None, split: str, response: str, path: Path | None) -> list[Example]:
+    file = data_file(root, XSTEST_PROMPTS)
+    out = []
+    with open(file, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            where = f"{file}, line {reader.line_num}"
+            label = get_str(row, "label", where)
+            if label not in ("safe", "unsafe"):
+                raise FtguardError(f"{where}: label {label!r} is neither 'safe' nor 'unsafe': fix the file")
+            if label == split:
+                prompt = get_str(row, "prompt", where)
+                out.append(Example(instruction=prompt, source=f"xstest/{split}#{len(out)}"))
+    return out
+
+
 SOURCES: dict[str, _Source] = {
     "beavertails_refusals": _Source(
         splits=("train", "test"),
@@ -245,6 +265,13 @@ SOURCES: dict[str, _Source] = {
         default_response="output",
         files=lambda split, path: ["safety_tuned_llamas/safety_only_data_Instructions.json"],
         load=_load_safety_tuned_llamas,
+    ),
+    "xstest": _Source(
+        splits=("safe", "unsafe"),
+        responses=(PROMPT_ONLY,),
+        default_response=PROMPT_ONLY,
+        files=lambda split, path: [XSTEST_PROMPTS],
+        load=_load_xstest,
     ),
     "jsonl": _Source(
         splits=None,
@@ -282,7 +309,7 @@ def load_examples(
 ) -> list[Example]:
     """Load one source as Examples (see the module docstring for ``response``).
 
-    ``split=None`` means the source's first split (``train``, or ``eval`` for ``alpaca_eval``).
+    ``split=None`` means the source's first split (``train``; ``eval`` for ``alpaca_eval``, ``safe`` for ``xstest``).
     ``path`` is only used by the ``jsonl`` source.
     """
     spec, split, response = _lookup(source, split, response)
