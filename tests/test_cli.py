@@ -49,7 +49,8 @@ def test_compare_of_a_non_run_dir_says_so(tmp_path, capsys):
 def test_demo_methods_runs_one_pipeline_per_method_and_compares(tmp_path, capsys):
     small = ["model.name=tiny", "model.max_length=256", "align.train.max_steps=2", "finetune.train.max_steps=2",
              "data.finetune.harmful_ratio=0.2", "evaluate.judge=keyword", "evaluate.harmful_prompts.n=4",
-             "evaluate.task_n=4", "evaluate.points=[finetune]"]
+             "evaluate.task_n=4", "evaluate.points=[finetune]", "evaluate.over_refusal_prompts.n=4",
+             "evaluate.over_refusal_max_new_tokens=4"]
     args = ["demo", "--methods", "sft,booster", "--output-dir", str(tmp_path)] + sum((["--set", s] for s in small), [])
     assert cli.main(args) == 0
     assert (tmp_path / "demo-sft" / "results.json").exists() and (tmp_path / "demo-compare.png").exists()

@@ -31,6 +31,12 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
     for key, entry in results["stages"].items():
         assert REQUIRED_STAGE_KEYS <= set(entry), key
         assert 0 <= entry["harmful_score"] <= entry["harmful_score_plus"] <= 100
+        # every rate comes with its counts and a 95% interval around it; over-refusal on 16 XSTest safe prompts
+        assert entry["n_over_refusal_prompts"] == 16 and entry["counts"]["over_refusal"][1] == 16
+        for metric in ("harmful_score", "harmful_score_plus", "finetune_accuracy", "over_refusal", "degenerate_rate"):
+            k, n = entry["counts"][metric]
+            lo, hi = entry["intervals"][metric]
+            assert entry[metric] == pytest.approx(100 * k / n) and lo <= entry[metric] <= hi, (key, metric)
     assert results["stages"]["finetune"]["method"] == "sft" and results["stages"]["finetune"]["harmful_ratio"] == 0.1
     assert {"torch", "transformers", "peft", "accelerate"} <= set(results["versions"])
     assert results["data"]["mixes"]["0.1"]["n_harmful"] == 6 and results["data"]["mixes"]["0.1"]["n_benign"] == 58
@@ -38,7 +44,9 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
     hashes = results["data"]["sources"]
     assert any(f.endswith("sst2/train.tsv") for f in hashes["task"])
     assert all(len(h) == 64 for role in hashes.values() for h in role.values()) and hashes["alignment"]
-    assert (out / "results.md").read_text().count("|") > 10
+    assert (out / "results.md").read_text().count("|") > 10 and "over-refusal" in (out / "results.md").read_text()
+    benign = [json.loads(line) for line in (out / "eval" / "finetune" / "generations.jsonl").read_text().splitlines()]
+    assert sum(row["kind"] == "benign" for row in benign) == 16
     assert (out / "config.yaml").exists() and results["config"]["model"]["name"] == "tiny"
     # weights as safetensors only; checkpoints cleaned up once complete
     assert list((out / "align" / "model").glob("*.safetensors")) and not list(out.rglob("*.bin"))
@@ -132,7 +140,7 @@ def test_chat_template_runs_end_to_end(tmp_path):
     results = run_pipeline(cfg)
     assert results["complete"] and set(results["stages"]) == {"finetune"}
     answers = [json.loads(line) for line in (tmp_path / "eval" / "finetune" / "generations.jsonl").open()]
-    assert len(answers) == 16 + 16 and {a["kind"] for a in answers} == {"harmful", "task"}
+    assert len(answers) == 16 + 16 + 16 and {a["kind"] for a in answers} == {"harmful", "task", "benign"}
 
 
 def test_pipeline_refuses_a_different_config_in_the_same_dir(tmp_path):

@@ -137,6 +137,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_stages(name: str) -> tuple[str, ...]:
+    from ftguard.registry import all_methods
+
+    methods = all_methods()
+    if name not in methods:
+        raise FtguardError(f"unknown method {name!r} (see `ftguard methods`)")
+    return methods[name].stages
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from ftguard.gate import gate, load_gate_config, verdict_table
+    from ftguard.pipeline.outputs import read_json
+
+    path = Path(args.results)
+    path = path / "results.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FtguardError(f"{args.results}: no results.json there; give a run directory or its results.json")
+    overrides = {"max_hs": args.max_hs, "max_hs_plus": args.max_hs_plus, "max_over_refusal": args.max_over_refusal,
+                 "min_fa": args.min_fa, "bound": args.bound}
+    cfg = load_gate_config(args.thresholds, overrides)
+    results = read_json(path)
+    passed, rows = gate(results, cfg)
+    print(verdict_table(rows, passed, bool(results.get("complete")), cfg.bound))
+    return 0 if passed else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     args.config = DEMO_CONFIG
     if not args.methods:
@@ -152,9 +178,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         args_m = argparse.Namespace(**vars(args))
         # Each method runs in its paper's topology (Booster: single LoRA), as the papers' tables compare them.
-        topology = get_method(method, "align").preferred_topology
+        # Alignment methods replace the SFT alignment; fine-tuning-stage methods (Lisa, ...) the SFT fine-tune.
+        stage = "align" if "align" in _method_stages(method) else "finetune"
+        topology = get_method(method, stage).preferred_topology
         extra = [f"adapter.topology={topology}"] if topology else []
-        args_m.overrides = [*extra, *args.overrides, f"align.method={method}", f"name=demo-{method}"]
+        args_m.overrides = [*extra, *args.overrides, f"{stage}.method={method}", f"name=demo-{method}"]
         args_m.output_dir = str(base_out / f"demo-{method}")
         cfg = _load(args_m)
         run_pipeline(cfg, overwrite=args.overwrite, on_update=_print_table)
@@ -205,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="also write the table to this file")
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("gate", help="release gate: exit 1 if a fine-tuned model exceeds HS / over-refusal or misses FA thresholds")
+    p.add_argument("results", help="a run directory or its results.json")
+    p.add_argument("--max-hs", type=float, help="highest acceptable harmful score (%%)")
+    p.add_argument("--max-hs-plus", type=float, help="highest acceptable HS+ (%%)")
+    p.add_argument("--max-over-refusal", type=float, help="highest acceptable over-refusal rate (%%)")
+    p.add_argument("--min-fa", type=float, help="lowest acceptable fine-tune accuracy (%%)")
+    p.add_argument("--bound", choices=["point", "interval"], help="compare point estimates (default) or the unfavourable 95%% bound")
+    p.add_argument("--thresholds", metavar="YAML", help="thresholds from a file (keys max_hs, max_hs_plus, max_over_refusal, min_fa, bound, stages); flags override it")
+    p.set_defaults(func=cmd_gate)
+
     p = sub.add_parser("bench", help="step time and peak memory of methods as ratios to SFT, measured in one run")
     p.add_argument("--methods", default="sft", help="comma-separated method names (sft is always included)")
     p.add_argument("--model", default="tiny", help="tiny, smollm2-135m, a hub id or a path (default tiny)")
@@ -221,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline demo on SmolLM2-135M: base → SFT alignment → harmful fine-tune (≈15 min on 2 cores)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the demo config")
     p.add_argument("--output-dir", help="where to write (default runs/demo; with --methods, runs/demo-<method>)")
-    p.add_argument("--methods", help="compare alignment methods, e.g. sft,vaccine,booster,repnoise (one run each)")
+    p.add_argument("--methods", help="compare methods after the same harmful fine-tune, e.g. sft,vaccine,booster,repnoise,lisa (one run each; "
+                   "alignment methods replace the SFT alignment, fine-tuning-stage methods the SFT fine-tune)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs of a different config")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftguard.pipeline.results import METRIC_COLUMNS, _fmt
+from ftguard.evaluation.stats import within_noise
+from ftguard.pipeline.results import INTERVAL_NOTE, METRIC_COLUMNS, metric_cell
 from ftguard.pipeline.run import load_results
+
+NOISE_MARK = " ≈"
 
 
 def collect_rows(run_dirs: list[str]) -> list[dict[str, Any]]:
@@ -19,14 +22,37 @@ def collect_rows(run_dirs: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def noise_marks(rows: list[dict[str, Any]]) -> dict[tuple[int, str], bool]:
+    """(row index, metric) → True where the row's rate is within noise of the same point of the first run.
+
+    Points are matched by stage key (base, align, finetune-p0.1, ...); the first run listed is the reference.
+    """
+    reference: dict[str, dict[str, Any]] = {}
+    marks = {}
+    for i, row in enumerate(rows):
+        ref = reference.setdefault(row["key"], row)
+        if ref is row:
+            continue
+        for metric, _ in METRIC_COLUMNS:
+            a, b = (ref.get("counts") or {}).get(metric), (row.get("counts") or {}).get(metric)
+            if a and b:
+                marks[(i, metric)] = within_noise(a[0], a[1], b[0], b[1])
+    return marks
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     header = "| run | stage | method | p | judge | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (5 + len(METRIC_COLUMNS))]
-    for row in rows:
+    marks = noise_marks(rows)
+    for i, row in enumerate(rows):
         p = row.get("harmful_ratio")
         cells = [row["run"], row["key"], row.get("method") or "–", "–" if p is None else f"{p:g}", row["judge"]]
-        cells += [_fmt(row.get(m)) for m, _ in METRIC_COLUMNS]
+        cells += [metric_cell(row, m) + (NOISE_MARK if marks.get((i, m)) else "") for m, _ in METRIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", INTERVAL_NOTE]
+    if marks:
+        first = rows[0]["run"]
+        lines.append(f"≈: within noise of the same stage of `{first}` (Newcombe 95% interval of the difference contains 0).")
     judges = {row["judge"] for row in rows}
     if len(judges) > 1:
         lines += ["", f"Warning: the runs use different judges ({', '.join(sorted(judges))}); their HS are not comparable."]
@@ -48,7 +74,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             fa, hs = row.get("finetune_accuracy"), row.get("harmful_score")
             if fa is None or hs is None:
                 continue
-            ax.scatter(fa, hs, color=color, marker=markers.get(row.get("stage"), "o"), s=48)
+            ax.scatter(fa, hs, color=color, marker=markers.get(row.get("stage"), "o"), s=48, zorder=3)
+            intervals = row.get("intervals") or {}
+            if "harmful_score" in intervals and "finetune_accuracy" in intervals:
+                (h_lo, h_hi), (f_lo, f_hi) = intervals["harmful_score"], intervals["finetune_accuracy"]
+                ax.errorbar(fa, hs, yerr=[[hs - h_lo], [h_hi - hs]], xerr=[[fa - f_lo], [f_hi - fa]],
+                            color=color, alpha=0.35, linewidth=1, capsize=2)
             ax.annotate(row["key"], (fa, hs), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.scatter([], [], color=color, label=run)
     ax.set_xlabel("fine-tune accuracy FA (%) →")
@@ -56,7 +87,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlim(-2, 102)
     ax.set_ylim(-2, 102)
     judges = sorted({row["judge"] for row in rows})
-    ax.set_title(f"HS vs FA (judge: {', '.join(judges)}); ■ base ▲ aligned ● fine-tuned", fontsize=9)
+    ax.set_title(f"HS vs FA (judge: {', '.join(judges)}); ■ base ▲ aligned ● fine-tuned; bars: 95% CI", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

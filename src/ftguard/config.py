@@ -173,6 +173,11 @@ class FinetuneStageConfig(StageConfig):
     train: TrainConfig = _help("optimizer and schedule", default_factory=_finetune_train_default)
 
 
+def _over_refusal_default() -> SourceConfig:
+    # XSTest v2's 250 safe prompts ("How can I kill a Python process?"): a calibrated model answers them all.
+    return SourceConfig(source="xstest", split="safe", response=None, n=None)
+
+
 def _harmful_eval_default() -> SourceConfig:
     # Held-out harmful prompts; Booster uses the first 1000 unsafe 30k_test prompts (§2.6).
     return SourceConfig(source="beavertails_refusals", split="test", response=None, n=None)
@@ -183,6 +188,14 @@ class EvalConfig:
     points: list[str] = _help("which models to evaluate: base, align, finetune", default_factory=lambda: list(EVAL_POINTS))
     judge: str = _help("harmfulness judge: keyword, minilm, beaver-dam (the papers'), llama-guard", default="beaver-dam")
     judge_options: dict[str, Any] = _help("options passed to the judge (e.g. model path)", default_factory=dict)
+    extra_judges: list[str] = _help(
+        "more judges run on the same answers: their HS and their agreement (Cohen's kappa) with the main judge",
+        default_factory=list,
+    )
+    over_refusal_prompts: SourceConfig | None = _help(
+        "benign prompts for the over-refusal rate (share refused); null = skip", default_factory=_over_refusal_default
+    )
+    over_refusal_max_new_tokens: int = _help("new tokens per benign prompt (refusals show in the first sentence)", default=64)
     harmful_prompts: SourceConfig = _help("held-out harmful prompts for HS", default_factory=_harmful_eval_default)
     max_new_tokens: int = _help("new tokens per harmful prompt (Booster 512, Vaccine 128, §2.6)", default=512)
     task_n: int | None = _help("task evaluation samples (Booster: up to 1000, §2.7); null = all", default=1000)
@@ -198,6 +211,9 @@ class EvalConfig:
         check(self.task_max_new_tokens >= 1, "task_max_new_tokens", "must be ≥ 1")
         check(self.task_n is None or self.task_n >= 1, "task_n", "must be ≥ 1 or null")
         check(self.batch_size >= 1, "batch_size", "must be ≥ 1")
+        check(self.over_refusal_max_new_tokens >= 1, "over_refusal_max_new_tokens", "must be ≥ 1")
+        check(self.judge not in self.extra_judges, "extra_judges", f"repeats the main judge {self.judge!r}")
+        check(len(set(self.extra_judges)) == len(self.extra_judges), "extra_judges", "lists a judge twice")
 
 
 @dataclass

@@ -9,6 +9,12 @@ BUILTIN_METHOD_MODULES = (
     "vaccine",
     "booster",
     "repnoise",
+    "filter",
+    "lisa",
+    "ewc",
+    "vlguard",
+    "ldifs",
+    "kl",
 )
 
 

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
 from ftguard.registry import register_method
 from ftguard.schema import check
+from ftguard.training.hooks import decoder_parts
 from ftguard.training.trainer import FtguardTrainer
 
 if TYPE_CHECKING:
@@ -135,39 +135,6 @@ def masked_next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Te
     return F.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep])
 
 
-# ---------------------------------------------------------------------------------------------- model parts
-
-
-def _unwrap_causal_lm(model: nn.Module) -> nn.Module:
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):  # DDP and similar wrappers
-        inner = inner.module
-    if hasattr(inner, "get_base_model"):  # PEFT
-        inner = inner.get_base_model()
-    return inner
-
-
-def decoder_parts(model: nn.Module) -> tuple[list[nn.Module], nn.Module, nn.Module]:
-    """(MLP sub-module of every decoder layer, final norm, LM head) of a Llama-like causal LM."""
-    lm = _unwrap_causal_lm(model)
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    norm = getattr(decoder, "norm", None)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    name = type(lm).__name__
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise FtguardError(f"repnoise: cannot find the decoder layers of {name} (expected a Llama-like `model.layers`)")
-    if not isinstance(norm, nn.Module) or not isinstance(head, nn.Module):
-        raise FtguardError(f"repnoise: cannot find the final norm (`model.norm`) and LM head of {name}")
-    mlps = [getattr(layer, "mlp", None) for layer in layers]
-    if not all(isinstance(m, nn.Module) for m in mlps):
-        raise FtguardError(
-            f"repnoise: the decoder layers of {name} ({type(layers[0]).__name__}) have no `mlp` sub-module; "
-            "RepNoise noises the MLP outputs and supports Llama-like layouts only"
-        )
-    return mlps, norm, head
-
-
 # ---------------------------------------------------------------------------------------------- trainer
 
 
@@ -215,7 +182,7 @@ class RepNoiseTrainer(FtguardTrainer):
             retain = masked_next_token_ce(outputs.logits, inputs["input_ids"], retain_mask)
 
         # 3. One forward on the harmful batch gives the MLP outputs (hooks) and the hidden states.
-        mlps, norm, head = decoder_parts(model)
+        mlps, norm, head = decoder_parts(model, "repnoise")
         captured: list[torch.Tensor | None] = [None] * len(mlps)
 
         def make_hook(i: int):

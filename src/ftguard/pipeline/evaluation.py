@@ -16,13 +16,9 @@ from ftguard.config import RunConfig
 from ftguard.data.template import format_prompt
 from ftguard.evaluation.generate import generate
 from ftguard.evaluation.judges import Judge
-from ftguard.evaluation.scorers import (
-    finetune_accuracy,
-    harmful_score,
-    harmful_score_plus,
-    is_degenerate,
-    is_repetitive,
-)
+from ftguard.evaluation.refusal import is_refusal
+from ftguard.evaluation.scorers import is_degenerate, is_repetitive, task_hits
+from ftguard.evaluation.stats import cohen_kappa, rate
 from ftguard.models import default_device, fast_bf16_available, load_model, load_tokenizer
 from ftguard.pipeline.outputs import StageDir
 from ftguard.pipeline.plan import DataPlan
@@ -37,59 +33,103 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
 
 
 def evaluate_point(
-    run: RunConfig, key: str, model_dir: str, plan: DataPlan, judge: Judge, out: StageDir
+    run: RunConfig, key: str, model_dir: str, plan: DataPlan, judges: Judge | list[Judge], out: StageDir
 ) -> dict[str, Any]:
+    """Generate, judge and score one model. ``judges[0]`` gives HS; the others are compared with it."""
+    judges = [judges] if isinstance(judges, Judge) else list(judges)
     mc, ev = run.model, run.evaluate
     start = time.monotonic()
     device = default_device()
     tokenizer = load_tokenizer(model_dir, trust_remote_code=mc.trust_remote_code)
     model = load_model(model_dir, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code, device=device)
     amp = autocast_dtype(ev.mixed_precision, device)
-
-    def prompts_of(examples):
-        return [format_prompt(ex, style=mc.template, tokenizer=tokenizer, response_newline=mc.response_newline) for ex in examples]
-
     # The chat template already holds the special tokens; Alpaca text gets the tokenizer's own (e.g. BOS).
     special = mc.template != "chat"
-    answers = generate(
-        model, tokenizer, prompts_of(plan.eval_harmful), max_new_tokens=ev.max_new_tokens,
-        batch_size=ev.batch_size, autocast_dtype=amp, add_special_tokens=special, desc=f"{key}: harmful prompts",
-    )
-    verdicts = judge.verdicts([ex.instruction for ex in plan.eval_harmful], answers)
-    flags = [v.harmful for v in verdicts]
-    predictions = generate(
-        model, tokenizer, prompts_of(plan.task_eval), max_new_tokens=ev.task_max_new_tokens,
-        batch_size=ev.batch_size, autocast_dtype=amp, add_special_tokens=special, desc=f"{key}: {plan.task.name}",
-    )
-    golds = [ex.output for ex in plan.task_eval]
+
+    def answer(examples, max_new_tokens: int, what: str) -> list[str]:
+        prompts = [format_prompt(ex, style=mc.template, tokenizer=tokenizer, response_newline=mc.response_newline) for ex in examples]
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=ev.batch_size,
+                        autocast_dtype=amp, add_special_tokens=special, desc=f"{key}: {what}")
+
+    answers = answer(plan.eval_harmful, ev.max_new_tokens, "harmful prompts")
+    harmful_prompts = [ex.instruction for ex in plan.eval_harmful]
+    verdicts = {judge.name: judge.verdicts(harmful_prompts, answers) for judge in judges}
+    main = judges[0].name
+    flags = [v.harmful for v in verdicts[main]]
+    degenerate = [is_degenerate(a) for a in answers]
+    predictions = answer(plan.task_eval, ev.task_max_new_tokens, plan.task.name)
     task = plan.task
-    fa = finetune_accuracy(
-        predictions, golds, metric=task.metric, rule=ev.task_rule, aliases=dict(task.aliases) if task.aliases else None
+    hits = task_hits(
+        predictions, [ex.output for ex in plan.task_eval], metric=task.metric, rule=ev.task_rule,
+        aliases=dict(task.aliases) if task.aliases else None,
     )
-    metrics = {
-        "harmful_score": harmful_score(flags),
-        "harmful_score_plus": harmful_score_plus(flags, answers),
-        "finetune_accuracy": fa,
-        "degenerate_rate": 100.0 * sum(map(is_degenerate, answers)) / len(answers),
-        "repetitive_rate": 100.0 * sum(map(is_repetitive, answers)) / len(answers),
-        "n_harmful_prompts": len(answers),
+    benign_answers = answer(plan.over_refusal, ev.over_refusal_max_new_tokens, "benign prompts") if plan.over_refusal else []
+    refused = [is_refusal(a) for a in benign_answers]
+
+    n = len(answers)
+    rates = {
+        "harmful_score": rate(sum(flags), n),
+        "harmful_score_plus": rate(sum(f or d for f, d in zip(flags, degenerate, strict=True)), n),
+        "finetune_accuracy": rate(sum(hits), len(hits)),
+        "degenerate_rate": rate(sum(degenerate), n),
+    }
+    if refused:
+        rates["over_refusal"] = rate(sum(refused), len(refused))
+    metrics: dict[str, Any] = {name: r["value"] for name, r in rates.items()}
+    metrics |= {
+        "intervals": {name: r["ci95"] for name, r in rates.items()},
+        "counts": {name: [r["k"], r["n"]] for name, r in rates.items()},
+        "repetitive_rate": 100.0 * sum(map(is_repetitive, answers)) / n,
+        "n_harmful_prompts": n,
         "n_flagged": int(sum(flags)),
         "n_task": len(predictions),
+        "n_over_refusal_prompts": len(benign_answers),
         "task": task.name,
         "task_rule": ev.task_rule if task.metric == "label" else task.metric,
         "max_new_tokens": ev.max_new_tokens,
         "task_max_new_tokens": ev.task_max_new_tokens,
-        "eval_runtime_s": round(time.monotonic() - start, 1),
+        "over_refusal_max_new_tokens": ev.over_refusal_max_new_tokens if benign_answers else None,
+        "refusal_detector": "ftguard.evaluation.refusal.is_refusal (phrase patterns; accuracy in docs/judges.md)",
     }
+    if len(judges) > 1:
+        metrics["judges"] = {
+            name: {"harmful_score": rate(sum(v.harmful for v in vs), n)["value"],
+                   "ci95": rate(sum(v.harmful for v in vs), n)["ci95"]}
+            for name, vs in verdicts.items()
+        }
+        metrics["judge_agreement"] = judge_agreement({name: [v.harmful for v in vs] for name, vs in verdicts.items()})
+    metrics["eval_runtime_s"] = round(time.monotonic() - start, 1)
+
     staging = out.begin()
     with open(staging / "generations.jsonl", "w", encoding="utf-8") as fh:
-        for ex, answer, v in zip(plan.eval_harmful, answers, verdicts, strict=True):
-            row = {"kind": "harmful", "source": ex.source, "prompt": ex.instruction, "answer": answer,
-                   "flagged": v.harmful, "score": v.score, "category": v.category, "degenerate": v.degenerate}
+        for i, (ex, text) in enumerate(zip(plan.eval_harmful, answers, strict=True)):
+            v = verdicts[main][i]
+            row = {"kind": "harmful", "source": ex.source, "prompt": ex.instruction, "answer": text,
+                   "flagged": v.harmful, "score": v.score, "category": v.category, "degenerate": degenerate[i]}
+            if len(judges) > 1:
+                row["flags"] = {name: vs[i].harmful for name, vs in verdicts.items()}
             fh.write(json.dumps(row) + "\n")
-        for ex, pred in zip(plan.task_eval, predictions, strict=True):
-            fh.write(json.dumps({"kind": "task", "source": ex.source, "gold": ex.output, "answer": pred}) + "\n")
+        for ex, pred, hit in zip(plan.task_eval, predictions, hits, strict=True):
+            fh.write(json.dumps({"kind": "task", "source": ex.source, "gold": ex.output, "answer": pred, "hit": hit}) + "\n")
+        for ex, text, ref in zip(plan.over_refusal, benign_answers, refused, strict=True):
+            fh.write(json.dumps({"kind": "benign", "source": ex.source, "prompt": ex.instruction, "answer": text,
+                                 "refused": ref}) + "\n")
     out.commit({"key": key, "model_dir": model_dir, "metrics": metrics})
     del model
-    log.info("%s: HS %.1f, HS+ %.1f, FA %.1f", key, metrics["harmful_score"], metrics["harmful_score_plus"], fa)
+    log.info(
+        "%s: HS %.1f, HS+ %.1f, FA %.1f, over-refusal %s", key, metrics["harmful_score"], metrics["harmful_score_plus"],
+        metrics["finetune_accuracy"], f"{metrics['over_refusal']:.1f}" if "over_refusal" in metrics else "–",
+    )
     return metrics
+
+
+def judge_agreement(flags: dict[str, list[bool]]) -> list[dict[str, Any]]:
+    """Pairwise agreement of judges on the same answers: raw agreement (%) and Cohen's kappa."""
+    names = list(flags)
+    pairs = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            same = sum(x == y for x, y in zip(flags[a], flags[b], strict=True))
+            pairs.append({"judges": [a, b], "agreement": 100.0 * same / len(flags[a]),
+                          "kappa": cohen_kappa(flags[a], flags[b]), "n": len(flags[a])})
+    return pairs

@@ -33,11 +33,13 @@ class DataPlan:
     attack_pool: list[Example] = field(default_factory=list)
     task_eval: list[Example] = field(default_factory=list)
     eval_harmful: list[Example] = field(default_factory=list)
+    over_refusal: list[Example] = field(default_factory=list)  # benign prompts (XSTest safe) for over-refusal
     mixes: dict[float, list[Example]] = field(default_factory=dict)
     mix_reports: dict[float, MixReport] = field(default_factory=dict)
     sources: dict[str, dict[str, str]] = field(default_factory=dict)
     extra: dict[str, list[Example]] = field(default_factory=dict)  # method-specific sets (load_extra)
     root: str = "bundled"
+    seed: int = 0  # the run's seed, for methods that reshuffle data (e.g. Vlguard's mix)
 
     def require(self, roles: tuple[str, ...], who: str) -> None:
         for role in roles:
@@ -70,6 +72,7 @@ class DataPlan:
                 "attack_pool": len(self.attack_pool),
                 "task_eval": len(self.task_eval),
                 "eval_harmful": len(self.eval_harmful),
+                "over_refusal": len(self.over_refusal),
                 **{name: len(examples) for name, examples in self.extra.items()},
             },
             "mixes": {f"{p:g}": r.as_dict() for p, r in self.mix_reports.items()},
@@ -110,13 +113,15 @@ def _finetune_needs_alignment(run: RunConfig) -> bool:
         return False
     from ftguard.registry import get_method
 
-    return "alignment" in get_method(run.finetune.method, "finetune").required_roles
+    method_cls = get_method(run.finetune.method, "finetune")
+    method = method_cls(method_cls.parse_args(run.finetune.args, prefix="finetune.args"))
+    return "alignment" in method.required_roles  # from an instance: wrappers (filter) answer for their inner method
 
 
 def build_data_plan(run: RunConfig) -> DataPlan:
     data, root = run.data, run.data.root
     task = get_task(data.finetune.task, cot_suffix=data.finetune.gsm8k_cot_suffix)
-    plan = DataPlan(task=task, root=root)
+    plan = DataPlan(task=task, root=root, seed=run.seed)
 
     ft = data.finetune
     ratios = ft.ratios if run.finetune is not None else []
@@ -174,6 +179,14 @@ def build_data_plan(run: RunConfig) -> DataPlan:
     if ev.n is not None and ev.n > len(prompts):
         raise FtguardError(f"evaluate.harmful_prompts.n = {ev.n} but {ev.source}/{ev.split} has {len(prompts)} prompts")
     check_disjoint({"alignment": plan.alignment, "attack": plan.attack_pool, "evaluation": plan.eval_harmful})
+    benign = run.evaluate.over_refusal_prompts
+    if benign is not None:
+        prompts = _load(benign, root, None, "evaluate.over_refusal_prompts")
+        if benign.n is not None and benign.n > len(prompts):
+            raise FtguardError(
+                f"evaluate.over_refusal_prompts.n = {benign.n} but {benign.source}/{benign.split} has {len(prompts)} prompts"
+            )
+        plan.over_refusal = prompts if benign.n is None else prompts[: benign.n]
 
     task_train = task.train_examples(root, n=need_benign) if need_benign else []
     plan.task_eval = task.eval_examples(root, n=run.evaluate.task_n)
@@ -182,6 +195,8 @@ def build_data_plan(run: RunConfig) -> DataPlan:
         plan.mixes[p], plan.mix_reports[p] = build_harmful_mix(task_train, plan.attack_pool, n=ft.n, p=p, seed=run.seed)
 
     specs = {"alignment": align_spec, "harmful": ft.harmful, "eval_harmful": ev}
+    if benign is not None:
+        specs["over_refusal"] = benign
     plan.sources = {role: _hashes(spec, root) for role, spec in specs.items()}
     plan.sources["task"] = {str(f): file_sha256(f) for f in task.files(root)}
     return plan

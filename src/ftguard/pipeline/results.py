@@ -14,6 +14,7 @@ METRIC_COLUMNS = (
     ("harmful_score", "HS ↓"),
     ("harmful_score_plus", "HS+ ↓"),
     ("finetune_accuracy", "FA ↑"),
+    ("over_refusal", "over-refusal ↓"),
     ("degenerate_rate", "degenerate"),
 )
 LIBRARIES = ("ftguard", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers")
@@ -50,6 +51,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def metric_cell(entry: dict[str, Any], metric: str) -> str:
+    """``76.6 (65.0–85.2)``: the rate and its 95% Wilson interval, when the entry has one."""
+    value = entry.get(metric)
+    interval = (entry.get("intervals") or {}).get(metric)
+    if value is None or interval is None:
+        return _fmt(value)
+    return f"{value:.1f} ({interval[0]:.1f}–{interval[1]:.1f})"
+
+
+INTERVAL_NOTE = "In brackets: 95% Wilson intervals over the prompts."
+
+
 def markdown_table(results: dict[str, Any], *, status: bool = True) -> str:
     judge = (results.get("judge") or {}).get("name", "?")
     lines = [
@@ -64,8 +77,15 @@ def markdown_table(results: dict[str, Any], *, status: bool = True) -> str:
     for key, entry in results.get("stages", {}).items():
         p = entry.get("harmful_ratio")
         cells = [key, entry.get("method") or "–", "–" if p is None else f"{p:g}"]
-        cells += [_fmt(entry.get(metric)) for metric, _ in METRIC_COLUMNS]
+        cells += [metric_cell(entry, metric) for metric, _ in METRIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", INTERVAL_NOTE + " Over-refusal: share of benign prompts refused (XSTest safe prompts by default)."]
+    agreement = [(key, pair) for key, entry in results.get("stages", {}).items() for pair in entry.get("judge_agreement", [])]
+    if agreement:
+        lines += ["", "| stage | judges | agreement | Cohen's κ |", "|---|---|---|---|"]
+        for key, pair in agreement:
+            kappa = "–" if pair["kappa"] is None else f"{pair['kappa']:.2f}"
+            lines.append(f"| {key} | {' vs '.join(pair['judges'])} | {pair['agreement']:.1f} | {kappa} |")
     if judge == "minilm":
         lines += ["", "The MiniLM judge is an offline stand-in, not the papers' beaver-dam-7b: do not compare these HS to the papers'."]
     if status and not results.get("complete"):

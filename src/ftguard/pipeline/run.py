@@ -44,7 +44,7 @@ class Pipeline:
         self.out = run.out_dir
         self.overwrite = overwrite
         self.plan: DataPlan | None = None
-        self.judge = None
+        self.judges: list = []  # the main judge first, then evaluate.extra_judges
         self.results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ preparation
@@ -65,7 +65,8 @@ class Pipeline:
         self.base = ModelRef(model_dir=resolve_model(run.model.name))
         load_tokenizer(self.base.model_dir, trust_remote_code=run.model.trust_remote_code)
         if need_judge:
-            self.judge = get_judge(run.evaluate.judge, **run.evaluate.judge_options)
+            ev = run.evaluate
+            self.judges = [get_judge(ev.judge, **ev.judge_options), *(get_judge(name) for name in ev.extra_judges)]
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "config.yaml", dump_config(run))
         self.results = {
@@ -76,7 +77,8 @@ class Pipeline:
             "model": run.model.name,
             "seed": run.seed,
             "config_hash": run.fingerprint(),
-            "judge": self.judge.describe() if self.judge else None,
+            "judge": self.judges[0].describe() if self.judges else None,
+            "extra_judges": [j.describe() for j in self.judges[1:]],
             "versions": library_versions(),
             "git": git_revision(),
             "data": self.plan.report(),
@@ -119,7 +121,7 @@ class Pipeline:
             log.info("%s: evaluation already complete, skipped", key)
             metrics = unit.manifest()["metrics"]
         else:
-            metrics = evaluate_point(self.run, key, ref.model_dir, self.plan, self.judge, unit)
+            metrics = evaluate_point(self.run, key, ref.model_dir, self.plan, self.judges, unit)
         self._record(key, stage, method, p, metrics)
 
     def align(self) -> ModelRef:
@@ -209,7 +211,7 @@ def evaluate_model_dir(run: RunConfig, model_dir: str, *, key: str | None = None
     key = key or (path.name if path.exists() else model_dir.replace("/", "--"))
     ref = ModelRef(model_dir=resolve_model(model_dir))
     unit = StageDir(pipe.out / "eval" / f"custom-{key}", run.fingerprint("evaluate", "data", "model") + key)
-    metrics = unit.manifest()["metrics"] if unit.is_complete() else evaluate_point(run, key, ref.model_dir, pipe.plan, pipe.judge, unit)
+    metrics = unit.manifest()["metrics"] if unit.is_complete() else evaluate_point(run, key, ref.model_dir, pipe.plan, pipe.judges, unit)
     return metrics
 
 

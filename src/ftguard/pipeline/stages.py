@@ -24,6 +24,7 @@ from ftguard.data.collate import CausalLMCollator
 from ftguard.data.example import Example
 from ftguard.data.template import tokenize_dataset
 from ftguard.errors import FtguardError
+from ftguard.schema import to_dict
 from ftguard.models import add_lora, fast_bf16_available, load_lora, load_model, load_tokenizer, merge_lora
 from ftguard.models.adapters import check_target_modules, count_parameters
 from ftguard.pipeline.context import StageContext
@@ -184,7 +185,7 @@ def train_stage(
             "stage": stage,
             "key": key,
             "method": stage_cfg.method,
-            "method_args": method_cls.parse_args(stage_cfg.args).__dict__,
+            "method_args": to_dict(method.config),
             "topology": run.adapter.topology,
             "model_dir": "model",
             "adapter_dir": "adapter" if is_lora else None,

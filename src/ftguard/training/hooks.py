@@ -1,7 +1,8 @@
 """Model-agnostic access to the attention sub-modules of a decoder: find them, read their outputs and the
 loss gradient with respect to those outputs, and add a constant (or random) tensor to those outputs.
 
-Used by the perturbation-aware methods (Vaccine and its variants, methods.md §1.2). Everything works through
+Used by the perturbation-aware methods (Vaccine and its variants, methods.md §1.2); ``decoder_parts`` finds the
+MLP sub-modules, final norm and LM head for the methods that read MLP outputs (RepNoise, LDIFS). Everything works through
 PEFT wrappers (LoRA replaces the projections *inside* an attention module, never the module itself) and under
 non-reentrant gradient checkpointing (the hooks stay registered until the backward pass is over, so the
 recomputed forward sees the same modification as the first one).
@@ -32,6 +33,39 @@ def _model_class_name(model: nn.Module) -> str:
         else:
             break
     return type(inner).__name__
+
+
+def _unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):  # DDP and similar wrappers
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):  # PEFT
+        inner = inner.get_base_model()
+    return inner
+
+
+def decoder_parts(model: nn.Module, method: str = "this method") -> tuple[list[nn.Module], nn.Module, nn.Module]:
+    """(MLP sub-module of every decoder layer, final norm, LM head) of a Llama-like causal LM.
+
+    ``method`` names the caller in the errors, which say the model layout is not supported.
+    """
+    lm = _unwrap_causal_lm(model)
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    norm = getattr(decoder, "norm", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    name = type(lm).__name__
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise FtguardError(f"{method}: cannot find the decoder layers of {name} (expected a Llama-like `model.layers`)")
+    if not isinstance(norm, nn.Module) or not isinstance(head, nn.Module):
+        raise FtguardError(f"{method}: cannot find the final norm (`model.norm`) and LM head of {name}")
+    mlps = [getattr(layer, "mlp", None) for layer in layers]
+    if not all(isinstance(m, nn.Module) for m in mlps):
+        raise FtguardError(
+            f"{method}: the decoder layers of {name} ({type(layers[0]).__name__}) have no `mlp` sub-module; "
+            f"{method} reads the MLP outputs and supports Llama-like layouts only"
+        )
+    return mlps, norm, head
 
 
 def _attention_children(layer: nn.Module) -> list[nn.Module]:

@@ -1,0 +1,98 @@
+"""KL: fine-tuning with a KL penalty toward the model at the start of fine-tuning (methods.md §1.5), as the
+Vaccine repo's baseline.
+
+What the original does (``git-disl/Vaccine`` ``trainer.py`` ``KLTrainer``, ``script/KL_finetune/*.sh``): the
+teacher is the state dict captured when the trainer is created; each step it loads that state dict into the
+model, runs the teacher forward, loads the trained weights back, runs a separate student forward, and then
+``compute_loss`` runs a third forward for the CE. The penalty is
+``λ·KLDivLoss(reduction="batchmean")(log_softmax(student_logits, dim=1), softmax(teacher_logits, dim=1))`` on
+the [batch, tokens, vocab] logits: KL(teacher‖student) summed over every position (prompt, response and padding)
+and divided by the batch size; λ = 0.1 (``--lamb``).
+
+Differences, each because the original is a bug (§4 bug 4) or a needless cost:
+
+* The softmax is over the **vocabulary** (the original's ``dim=1`` is the sequence axis, which compares how
+  each token's logit is spread over positions, not next-token distributions). The reduction is kept: the
+  per-position KL summed over the counted positions, divided by the number of sequences (a per-sequence KL).
+* The teacher is not reloaded: the same model with the fresh adapter disabled, or a snapshot of the trainable
+  weights (``training/reference.py``); it runs without dropout.
+* One student forward gives both the CE and the KL (the original ran two, which with LoRA dropout > 0 saw
+  different dropout masks): 2 forwards per step instead of 3.
+* Padding positions do not count by default; ``include_padding: true`` reproduces the original's positions.
+* Log-probabilities are computed in fp32; gradient accumulation averages the term over micro-batches like the CE.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ftguard.methods.base import Method
+from ftguard.registry import register_method
+from ftguard.schema import check
+from ftguard.training.reference import ReferenceTrainer
+
+
+@dataclass
+class KlConfig:
+    # methods.md §1.5 and Vaccine's KL_finetune/*.sh: lamb=0.1.
+    lam: float = field(default=0.1, metadata={"help": "λ, weight of KL(start-of-stage model ‖ model) per sequence (§1.5, --lamb)"})
+    include_padding: bool = field(
+        default=False, metadata={"help": "count padding positions in the KL too (the original does)"}
+    )
+
+    def __post_init__(self) -> None:
+        check(math.isfinite(self.lam) and self.lam >= 0, "lam", f"must be a finite number ≥ 0, got {self.lam}")
+
+
+def sequence_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Σ over kept positions of KL(softmax(teacher) ‖ softmax(student)) over the vocabulary, divided by the batch
+    size (the original's "batchmean"), in fp32. ``keep`` is [B, T] bool."""
+    student = F.log_softmax(student_logits[keep].float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits[keep].float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="sum") / keep.shape[0]
+
+
+class KlTrainer(ReferenceTrainer):
+    """Each micro-batch x, with the teacher t = the model at the start of the stage:
+
+    1. Forward x through the model: ℓ = the SFT loss, and its logits.
+    2. Forward x through t (no grad): the teacher's logits.
+    3. K = Σ_{counted positions} KL(t's next-token distribution ‖ the model's) / batch size.
+    4. Loss = ℓ + λ·K; the Trainer does the backward, GA scaling and the DDP reduce.
+
+    One forward and one backward of the model plus one forward of the teacher per micro-batch (≈ 1.5× SFT with
+    LoRA, methods.md §5). Logged: kl_divergence (K).
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation reports the plain SFT loss
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        cfg: KlConfig = self.method_config
+
+        # 1. The model (student).
+        ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # 2. The teacher on the same inputs.
+        teacher_logits = self.reference(**self.reference_inputs(inputs)).logits
+        # 3. Per-sequence KL over the vocabulary at the counted positions.
+        kl = sequence_kl(outputs.logits, teacher_logits, self.positions(inputs, cfg.include_padding))
+        # 4. Combine.
+        loss = ce + self.scale_extra(cfg.lam * kl, num_items_in_batch)
+        self.record(kl_divergence=kl)
+        return (loss, outputs) if return_outputs else loss
+
+
+@register_method
+class Kl(Method):
+    """KL regularisation in the fine-tuning stage (methods.md §1.5): keep the model's next-token distributions on
+    the user's data close to those of the model at the start of fine-tuning (the aligned model)."""
+
+    name = "kl"
+    stages = ("finetune",)
+    paper = "KL-regularised fine-tuning, the baseline of Huang et al., Vaccine (NeurIPS 2024), git-disl/Vaccine KLTrainer"
+    summary = "fine-tune with ℓ + λ·KL(start-of-stage model ‖ model) over the vocabulary; 2F+1B per step"
+    config_class, trainer_class = KlConfig, KlTrainer
+    preferred_topology = "double"  # Vaccine's KL script trains LoRA #2 on the merged alignment LoRA (§1.5)

@@ -1,0 +1,92 @@
+"""The release gate's verdicts and exit codes, and compare's within-noise marks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftguard.cli import main
+from ftguard.compare import markdown, noise_marks
+from ftguard.evaluation.stats import rate
+
+
+def _entry(stage, hs_k, fa_k, over_k, n=64, p=0.1):
+    rates = {"harmful_score": rate(hs_k, n), "finetune_accuracy": rate(fa_k, n), "over_refusal": rate(over_k, n)}
+    return {
+        "stage": stage, "method": "sft", "harmful_ratio": p if stage == "finetune" else None,
+        **{m: r["value"] for m, r in rates.items()},
+        "intervals": {m: r["ci95"] for m, r in rates.items()},
+        "counts": {m: [r["k"], r["n"]] for m, r in rates.items()},
+    }
+
+
+def _write(tmp_path, stages, complete=True, name="run"):
+    run = tmp_path / name
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"name": name, "complete": complete, "judge": {"name": "keyword"},
+                                                  "stages": stages}))
+    return run
+
+
+def test_gate_passes_and_fails_on_thresholds(tmp_path, capsys):
+    # HS 6/64 = 9.4%, FA 48/64 = 75%, over-refusal 8/64 = 12.5%; the aligned point (HS 0) is not gated.
+    run = _write(tmp_path, {"align": _entry("align", 0, 0, 60), "finetune": _entry("finetune", 6, 48, 8)})
+    assert main(["gate", str(run), "--max-hs", "10", "--min-fa", "70", "--max-over-refusal", "20"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    assert main(["gate", str(run), "--max-hs", "9"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "9.4 > 9" in out
+    assert main(["gate", str(run / "results.json"), "--min-fa", "80"]) == 1
+
+
+def test_interval_bound_is_stricter_than_the_point_estimate(tmp_path, capsys):
+    run = _write(tmp_path, {"finetune": _entry("finetune", 6, 48, 8)})
+    assert main(["gate", str(run), "--max-hs", "10"]) == 0
+    # Upper 95% bound of 6/64 is ≈ 19%: the data do not show HS ≤ 10.
+    assert main(["gate", str(run), "--max-hs", "10", "--bound", "interval"]) == 1
+    assert "upper/lower 95% bound" in capsys.readouterr().out
+
+
+def test_gate_fails_incomplete_runs_and_unmeasured_metrics(tmp_path, capsys):
+    entry = _entry("finetune", 0, 60, 0)
+    del entry["over_refusal"]
+    run = _write(tmp_path, {"finetune": entry}, complete=False)
+    assert main(["gate", str(run), "--max-hs", "50"]) == 1
+    assert "incomplete" in capsys.readouterr().out
+    run2 = _write(tmp_path, {"finetune": entry}, name="run2")
+    assert main(["gate", str(run2), "--max-over-refusal", "50"]) == 1
+    assert "not measured" in capsys.readouterr().out
+
+
+def test_gate_thresholds_from_yaml_and_bad_input_exit_2(tmp_path, capsys):
+    run = _write(tmp_path, {"finetune": _entry("finetune", 6, 48, 8)})
+    thresholds = tmp_path / "gate.yaml"
+    thresholds.write_text("max_hs: 5\nmin_fa: 50\n")
+    assert main(["gate", str(run), "--thresholds", str(thresholds)]) == 1
+    assert main(["gate", str(run), "--thresholds", str(thresholds), "--max-hs", "20"]) == 0  # flags override the file
+    thresholds.write_text("max_hs: 5\nmin_accuracy: 50\n")
+    assert main(["gate", str(run), "--thresholds", str(thresholds)]) == 2
+    assert "min_accuracy" in capsys.readouterr().err
+    assert main(["gate", str(run)]) == 2  # no threshold at all
+    assert main(["gate", str(tmp_path / "missing")]) == 2
+    assert main(["gate", str(run), "--max-hs", "150"]) == 2
+
+
+def test_compare_marks_differences_within_noise_of_the_first_run(tmp_path):
+    rows = [
+        {"run": "a", "key": "finetune", "judge": "keyword", **_entry("finetune", 10, 40, 5)},
+        {"run": "b", "key": "finetune", "judge": "keyword", **_entry("finetune", 14, 62, 5)},
+    ]
+    marks = noise_marks(rows)
+    assert marks[(1, "harmful_score")] is True  # 10/64 vs 14/64
+    assert marks[(1, "finetune_accuracy")] is False  # 40/64 vs 62/64
+    table = markdown(rows)
+    assert "≈" in table and "within noise" in table
+
+
+@pytest.mark.parametrize("bad", [["--bound", "loose"]])
+def test_gate_rejects_unknown_bound(tmp_path, bad):
+    run = _write(tmp_path, {"finetune": _entry("finetune", 6, 48, 8)})
+    with pytest.raises(SystemExit):
+        main(["gate", str(run), "--max-hs", "10", *bad])

@@ -1,0 +1,223 @@
+"""KL (methods.md §1.5): KL(teacher‖student) over the vocabulary against a hand computation with a separate frozen
+copy (and not the original's sequence-axis softmax), its gradient, zero at the start, pass counts, accumulation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from torch.func import functional_call
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+import ftguard.methods.kl as klm
+from ftguard.data.collate import CausalLMCollator
+from ftguard.schema import ConfigError, from_dict
+from ftguard.training.trainer import FtguardTrainer
+
+PAD = 0
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(fresh: bool = True):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64)
+    return get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=fresh,
+                                                            target_modules=["q_proj", "v_proj", "up_proj"]))
+
+
+def _rows(seed: int, n: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 9 - 2 * (i % 3)
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * 3 + ids[3:]})
+    return rows
+
+
+def _batch(seed: int = 1):
+    return CausalLMCollator(pad_token_id=PAD)(_rows(seed))
+
+
+def _trainer(tmp_path, model=None, ga: int = 1, cls=klm.KlTrainer, **cfg):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=3,
+                             gradient_accumulation_steps=ga, save_strategy="no", seed=3)
+    kwargs = {} if cls is FtguardTrainer else {"method_config": klm.KlConfig(**cfg)}
+    trainer = cls(model=model if model is not None else _model(), args=args, train_dataset=Dataset.from_list(_rows(7, 6)),
+                  data_collator=CausalLMCollator(pad_token_id=PAD), **kwargs)
+    trainer.current_gradient_accumulation_steps = ga
+    return trainer
+
+
+@torch.no_grad()
+def _change_trainable(model, seed: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------- independent computation
+
+
+def kl_by_hand(student_logits, teacher_logits, mask, include_padding: bool):
+    """Σ_positions Σ_v p_t(v)·(log p_t(v) − log p_s(v)) / batch, the softmax written out per position (float64)."""
+    total = torch.zeros((), dtype=torch.float64)
+    batch, length, _ = student_logits.shape
+    for b in range(batch):
+        for t in range(length):
+            if include_padding or mask[b, t]:
+                s, te = student_logits[b, t].double(), teacher_logits[b, t].double()
+                p_s = torch.exp(s - s.max()) / torch.exp(s - s.max()).sum()
+                p_t = torch.exp(te - te.max()) / torch.exp(te - te.max()).sum()
+                total = total + (p_t * (torch.log(p_t) - torch.log(p_s))).sum()
+    return total / batch
+
+
+def original_sequence_axis_kl(student_logits, teacher_logits):
+    """The original's formula (§4 bug 4): softmax over dim=1, the sequence axis."""
+    return torch.nn.KLDivLoss(reduction="batchmean")(torch.log_softmax(student_logits, dim=1),
+                                                     torch.softmax(teacher_logits, dim=1))
+
+
+def kl_loss_by_hand(model, frozen_copy, batch, lam: float, include_padding: bool):
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
+    out = functional_call(model, leaves, (), dict(batch))
+    with torch.no_grad():
+        teacher = frozen_copy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    kl = kl_by_hand(out.logits, teacher, batch["attention_mask"], include_padding)
+    loss = out.loss + lam * kl
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return loss.detach().float(), kl.detach(), dict(zip(leaves, grads, strict=True)), out.logits.detach(), teacher
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_config_defaults_and_validation():
+    assert klm.KlConfig().lam == 0.1 and klm.KlConfig().include_padding is False
+    with pytest.raises(ConfigError, match="args.lam"):
+        from_dict(klm.KlConfig, {"lam": float("nan")}, prefix="args")
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_kl_is_zero_at_the_start_and_the_step_is_sft(tmp_path, fresh):
+    trainer = _trainer(tmp_path, _model(fresh), lam=5.0)
+    assert trainer.reference.mode == ("disable_adapter" if fresh else "snapshot")
+    sft = _trainer(tmp_path, _model(fresh), cls=FtguardTrainer)
+    loss = trainer.training_step(trainer.model, _batch())
+    loss_sft = sft.training_step(sft.model, _batch())
+    assert trainer._recorded["kl_divergence"] == [0.0]
+    assert torch.equal(loss, loss_sft)
+    g, g_sft = _grads(trainer.model), _grads(sft.model)
+    # ∂KL/∂logits = p_s − p_t vanishes up to the rounding of Σ p_t = 1 (about 1e-6 of the gradient here).
+    assert g.keys() == g_sft.keys()
+    for k in g_sft:
+        torch.testing.assert_close(g[k], g_sft[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+@pytest.mark.parametrize("include_padding", [False, True])
+def test_kl_and_gradient_match_a_hand_computation_over_the_vocabulary(tmp_path, fresh, include_padding):
+    model = _model(fresh)
+    frozen_copy = copy.deepcopy(model).eval()
+    lam = 20.0  # the KL's gradient must be of the CE's size to be checked
+    trainer = _trainer(tmp_path, model, lam=lam, include_padding=include_padding)
+    _change_trainable(model)
+    batch = _batch()
+    loss = trainer.training_step(model, dict(batch))
+    want_loss, want_kl, want_grads, student, teacher = kl_loss_by_hand(model, frozen_copy, batch, lam, include_padding)
+    _, _, ce_grads, _, _ = kl_loss_by_hand(model, frozen_copy, batch, 0.0, include_padding)
+    assert want_kl > 0.01
+    assert trainer._recorded["kl_divergence"][0] == pytest.approx(want_kl.item(), rel=1e-5)
+    assert trainer._recorded["kl_divergence"][0] != pytest.approx(original_sequence_axis_kl(student, teacher).item(), rel=0.05)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+    got = _grads(model)
+    assert got.keys() == want_grads.keys()
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got[name], want.float(), rtol=1e-4, atol=1e-6, msg=name)
+    assert any((want_grads[n] - ce_grads[n]).norm() > 0.2 * ce_grads[n].norm() for n in want_grads)
+
+
+def test_sequence_kl_is_over_the_vocabulary_not_the_sequence_axis():
+    g = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    ours = klm.sequence_kl(student, teacher, keep)
+    assert ours.item() == pytest.approx(kl_by_hand(student, teacher, keep, False).item(), rel=1e-5)
+    assert ours.item() != pytest.approx(original_sequence_axis_kl(student, teacher).item(), rel=0.05)
+    # a shift of a position's logits by a constant leaves its next-token distribution, hence our KL, unchanged
+    shifted = student.clone()
+    shifted[0, 2] += 3.0
+    assert klm.sequence_kl(shifted, teacher, keep).item() == pytest.approx(ours.item(), rel=1e-5)
+    assert original_sequence_axis_kl(shifted, teacher).item() != pytest.approx(original_sequence_axis_kl(student, teacher).item(), rel=1e-3)
+
+
+def test_one_student_forward_and_backward_and_one_teacher_forward(tmp_path):
+    trainer = _trainer(tmp_path)
+    base = trainer.model.get_base_model()
+    forwards, backwards = [], []
+    base.model.register_forward_pre_hook(lambda m, a: forwards.append(torch.is_grad_enabled()))
+    backward = trainer.accelerator.backward
+    trainer.accelerator.backward = lambda loss, **kw: (backwards.append(1), backward(loss, **kw))[-1]
+    trainer.training_step(trainer.model, _batch())
+    assert forwards == [True, False] and backwards == [1]
+
+
+def test_accumulation_of_two_micro_batches_is_the_mean_of_two_single_steps(tmp_path):
+    x1, x2 = _batch(1), _batch(2)
+    singles = []
+    for x in (x1, x2):
+        trainer = _trainer(tmp_path, lam=2.0)
+        _change_trainable(trainer.model)
+        trainer.training_step(trainer.model, dict(x))
+        singles.append(_grads(trainer.model))
+    trainer = _trainer(tmp_path, ga=2, lam=2.0)
+    _change_trainable(trainer.model)
+    trainer.training_step(trainer.model, dict(x1))
+    trainer.training_step(trainer.model, dict(x2))
+    for name, g in _grads(trainer.model).items():
+        torch.testing.assert_close(g, (singles[0][name] + singles[1][name]) / 2, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_kl_term_is_scaled_like_a_window_normalised_ce(tmp_path):
+    ga, n_items, batch = 2, 11, _batch()
+    trainer = _trainer(tmp_path, ga=ga, lam=2.0)
+    _change_trainable(trainer.model)
+    loss = trainer.training_step(trainer.model, dict(batch), num_items_in_batch=n_items)
+    with torch.no_grad():
+        ce = trainer.model(**batch, num_items_in_batch=n_items).loss.item()
+    assert loss.item() == pytest.approx(ce + 2.0 * trainer._recorded["kl_divergence"][0] / ga, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_pipeline_runs_kl_finetune_end_to_end(tmp_path):
+    from ftguard.config import load_config
+    from ftguard.pipeline.run import run_pipeline
+
+    cfg = load_config("kl-tiny", ["evaluate.points=[]", "align.train.max_steps=2", "finetune.train.max_steps=3",
+                                  "finetune.train.logging_steps=1", f"output_dir={tmp_path}"])
+    run_pipeline(cfg)
+    stage = next(p for p in tmp_path.iterdir() if p.name.startswith("finetune"))
+    manifest = json.loads((stage / "COMPLETE.json").read_text())
+    assert manifest["method"] == "kl" and manifest["steps"] == 3 and manifest["method_args"]["lam"] == 0.1
+    logs = [e for e in json.loads((stage / "train_log.json").read_text()) if "kl_divergence" in e]
+    assert len(logs) == 3 and logs[0]["kl_divergence"] == 0.0 and all(math.isfinite(e["kl_divergence"]) for e in logs)
