@@ -1,4 +1,4 @@
-"""Run under ``torchrun --nproc_per_node 2``: every align method trains a tiny LoRA Llama data-parallel (gloo).
+"""Run under ``torchrun --nproc_per_node 2``: every training method trains a tiny LoRA Llama data-parallel (gloo).
 
 For each method it counts DDP's bucket reductions (a comm hook that wraps the default all-reduce) and checks
 that both ranks end with identical weights that moved away from the start. Rank 0 writes a JSON report to
@@ -18,11 +18,17 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 import ftguard.methods  # noqa: F401  (registers the built-in methods)
-from ftguard.registry import get_method
+from ftguard.registry import all_methods, get_method
 from ftguard.training.trainer import FtguardTrainer
 
 SEQ, STEPS, GA = 9, 2, 2
-METHODS = ("sft", "vaccine", "booster", "repnoise")
+# Method → args: small schedules so that two steps exercise the method's extra machinery.
+METHODS = {
+    "sft": {}, "vaccine": {}, "booster": {}, "repnoise": {},
+    "lisa": {"align_steps": 1, "finetune_steps": 1, "proximal_warmup_ratio": 0.0},
+    "ewc": {}, "vlguard_reg": {}, "ldifs": {}, "kl": {},
+}
+STREAMS = ("harmful", "alignment", "fisher", "safety")  # every extra stream a method may ask for
 
 
 def tiny_lora_llama() -> torch.nn.Module:
@@ -73,8 +79,9 @@ def flat_weights(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
 
 
-def run(method_name: str, out_dir: str) -> dict:
-    method = get_method(method_name, "align")
+def run(method_name: str, method_args: dict, out_dir: str) -> dict:
+    stage = "align" if "align" in all_methods()[method_name].stages else "finetune"
+    method = get_method(method_name, stage)
     model = tiny_lora_llama()
     start = flat_weights(model).clone()
     args = TrainingArguments(
@@ -85,7 +92,7 @@ def run(method_name: str, out_dir: str) -> dict:
     trainer_cls = method.trainer_class or FtguardTrainer
     trainer = trainer_cls(
         model=model, args=args, train_dataset=rows(16, 1), data_collator=collate,
-        method_config=method.parse_args({}), aux_datasets={"harmful": rows(16, 2)},
+        method_config=method.parse_args(method_args), aux_datasets={name: rows(16, 2 + i) for i, name in enumerate(STREAMS)},
     )
     counter = CountReductions(trainer)
     trainer.add_callback(counter)
@@ -104,7 +111,7 @@ def run(method_name: str, out_dir: str) -> dict:
 
 def main() -> None:
     out_dir = sys.argv[1]
-    report = {name: run(name, out_dir) for name in METHODS}
+    report = {name: run(name, args, out_dir) for name, args in METHODS.items()}
     if dist.get_rank() == 0:
         with open(f"{out_dir}/report.json", "w") as f:
             json.dump(report, f, indent=1)
