@@ -90,3 +90,15 @@ def test_gate_rejects_unknown_bound(tmp_path, bad):
     run = _write(tmp_path, {"finetune": _entry("finetune", 6, 48, 8)})
     with pytest.raises(SystemExit):
         main(["gate", str(run), "--max-hs", "10", *bad])
+
+
+def test_results_table_shows_intervals_and_each_judges_hs(tmp_path):
+    from ftguard.pipeline.results import markdown_table
+
+    entry = _entry("finetune", 6, 48, 8)
+    entry["judges"] = {"minilm": {"harmful_score": 9.4, "ci95": [4.4, 19.0]}, "keyword": {"harmful_score": 20.3, "ci95": [12.3, 31.7]}}
+    entry["judge_agreement"] = [{"judges": ["minilm", "keyword"], "agreement": 85.9, "kappa": 0.41, "n": 64}]
+    table = markdown_table({"name": "r", "judge": {"name": "minilm"}, "complete": True, "stages": {"finetune": entry}})
+    lo, hi = entry["intervals"]["harmful_score"]
+    assert f"9.4 ({lo:.1f}–{hi:.1f})" in table
+    assert "| finetune | minilm 9.4 vs keyword 20.3 | 85.9 | 0.41 |" in table

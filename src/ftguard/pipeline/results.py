@@ -60,7 +60,7 @@ def metric_cell(entry: dict[str, Any], metric: str) -> str:
     return f"{value:.1f} ({interval[0]:.1f}–{interval[1]:.1f})"
 
 
-INTERVAL_NOTE = "In brackets: 95% Wilson intervals over the prompts."
+INTERVAL_NOTE = "In parentheses: 95% Wilson intervals over the prompts."
 
 
 def markdown_table(results: dict[str, Any], *, status: bool = True) -> str:
@@ -80,12 +80,14 @@ def markdown_table(results: dict[str, Any], *, status: bool = True) -> str:
         cells += [metric_cell(entry, metric) for metric, _ in METRIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", INTERVAL_NOTE + " Over-refusal: share of benign prompts refused (XSTest safe prompts by default)."]
-    agreement = [(key, pair) for key, entry in results.get("stages", {}).items() for pair in entry.get("judge_agreement", [])]
+    agreement = [(key, entry, pair) for key, entry in results.get("stages", {}).items() for pair in entry.get("judge_agreement", [])]
     if agreement:
-        lines += ["", "| stage | judges | agreement | Cohen's κ |", "|---|---|---|---|"]
-        for key, pair in agreement:
+        lines += ["", "| stage | judges (HS each) | agreement | Cohen's κ |", "|---|---|---|---|"]
+        for key, entry, pair in agreement:
+            hs = entry.get("judges", {})
+            names = " vs ".join(f"{j} {hs[j]['harmful_score']:.1f}" if j in hs else j for j in pair["judges"])
             kappa = "–" if pair["kappa"] is None else f"{pair['kappa']:.2f}"
-            lines.append(f"| {key} | {' vs '.join(pair['judges'])} | {pair['agreement']:.1f} | {kappa} |")
+            lines.append(f"| {key} | {names} | {pair['agreement']:.1f} | {kappa} |")
     if judge == "minilm":
         lines += ["", "The MiniLM judge is an offline stand-in, not the papers' beaver-dam-7b: do not compare these HS to the papers'."]
     if status and not results.get("complete"):
