@@ -92,30 +92,38 @@ def _mlp_outputs(model, call):
     return out, [acts[i] for i in range(len(layers))]
 
 
-def ldifs_by_hand(model, frozen_copy, batch, rho: float, include_padding: bool):
-    """(loss, distance, grads) with the start model as a separate deep copy, one position at a time."""
+def ldifs_by_hand(model, frozen_copy, batch, rho: float, include_padding: bool, cap: float | None = None):
+    """(loss, distance, grads, per-layer distances) with the start model as a separate deep copy, one position at a
+    time; with ``cap``, a layer counts only if (ρ/2)·its distance < cap (the original's filter)."""
     leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
     out, acts = _mlp_outputs(model, lambda: functional_call(model, leaves, (), dict(batch)))
     with torch.no_grad():
         _, ref = _mlp_outputs(frozen_copy, lambda: frozen_copy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
-    distance = torch.zeros(())
+    distance, layers = torch.zeros(()), []
     for a, r in zip(acts, ref, strict=True):
+        layer = torch.zeros(())
         for b in range(batch["input_ids"].shape[0]):
             for t in range(batch["input_ids"].shape[1]):
                 if include_padding or batch["attention_mask"][b, t]:
-                    distance = distance + ((a[b, t] - r[b, t]) ** 2).sum()
+                    layer = layer + ((a[b, t] - r[b, t]) ** 2).sum()
+        layers.append(layer.item())
+        if cap is None or rho / 2 * layer.item() < cap:
+            distance = distance + layer
     loss = out.loss + rho / 2 * distance
     grads = torch.autograd.grad(loss, list(leaves.values()))
-    return loss.detach(), distance.detach(), dict(zip(leaves, grads, strict=True))
+    return loss.detach(), distance.detach(), dict(zip(leaves, grads, strict=True)), layers
 
 
 # ----------------------------------------------------------------------------- tests
 
 
 def test_config_defaults_and_validation():
-    assert ld.LdifsConfig().rho == 1e-4 and ld.LdifsConfig().include_padding is False
+    cfg = ld.LdifsConfig()
+    assert (cfg.rho, cfg.include_padding, cfg.drop_layer_terms_above) == (1e-4, False, None)
     with pytest.raises(ConfigError, match="args.rho"):
         from_dict(ld.LdifsConfig, {"rho": -1.0}, prefix="args")
+    with pytest.raises(ConfigError, match="args.drop_layer_terms_above"):
+        from_dict(ld.LdifsConfig, {"drop_layer_terms_above": 0.0}, prefix="args")
     with pytest.raises(ConfigError, match="args.rhoo"):
         from_dict(ld.LdifsConfig, {"rhoo": 1.0}, prefix="args")
 
@@ -143,8 +151,8 @@ def test_loss_and_gradient_match_a_hand_computation_after_the_weights_change(tmp
     _change_trainable(model)
     batch = _batch()
     loss = trainer.training_step(model, dict(batch))
-    want_loss, want_distance, want_grads = ldifs_by_hand(model, frozen_copy, batch, rho, include_padding)
-    _, _, sft_grads = ldifs_by_hand(model, frozen_copy, batch, 0.0, include_padding)
+    want_loss, want_distance, want_grads, _ = ldifs_by_hand(model, frozen_copy, batch, rho, include_padding)
+    _, _, sft_grads, _ = ldifs_by_hand(model, frozen_copy, batch, 0.0, include_padding)
     assert want_distance > 0.01
     assert trainer._recorded["ldifs_distance"][0] == pytest.approx(want_distance.item(), rel=1e-5)
     assert trainer._recorded["ldifs_penalty"][0] == pytest.approx(rho / 2 * want_distance.item(), rel=1e-5)
@@ -155,6 +163,36 @@ def test_loss_and_gradient_match_a_hand_computation_after_the_weights_change(tmp
         torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-6, msg=name)
     moved = [n for n in want_grads if (want_grads[n] - sft_grads[n]).norm() > 0.2 * sft_grads[n].norm()]
     assert any("up_proj" in n for n in moved) and any("q_proj" in n for n in moved), "the penalty shapes the update"
+
+
+def test_the_original_layer_filter_is_an_explicit_option(tmp_path):
+    rho, batch = 40.0, _batch()
+    model = _model()
+    frozen_copy = copy.deepcopy(model).eval()
+    probe = copy.deepcopy(model)
+    _change_trainable(probe)
+    layers = ldifs_by_hand(probe, frozen_copy, batch, rho, False)[3]
+    terms = sorted(rho / 2 * d for d in layers)
+    assert terms[0] < 0.95 * terms[1], "the two layers' terms must differ to put the cap between them"
+    cap = (terms[0] + terms[1]) / 2
+
+    trainer = _trainer(tmp_path, model, rho=rho, drop_layer_terms_above=cap)
+    _change_trainable(model)
+    loss = trainer.training_step(model, dict(batch))
+    want_loss, want_distance, want_grads, _ = ldifs_by_hand(model, frozen_copy, batch, rho, False, cap=cap)
+    assert trainer._recorded["ldifs_layers_dropped"] == [1.0]
+    assert trainer._recorded["ldifs_distance"][0] == pytest.approx(want_distance.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(_grads(model)[name], want, rtol=1e-4, atol=1e-6, msg=name)
+
+    # as in the original, overflowing layers are dropped instead of stopping the run
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "up_proj.lora_B" in name:
+                p.fill_(1e30)
+    trainer.training_step(trainer.model, _batch())
+    assert trainer._recorded["ldifs_layers_dropped"][-1] >= 1 and math.isfinite(trainer._recorded["ldifs_distance"][-1])
 
 
 def test_padding_positions_change_the_distance_only_when_included(tmp_path):

@@ -7,12 +7,12 @@ trainer is created (before a resumed run loads its checkpoint, so a resume sees 
 ways, both exact:
 
 * ``disable_adapter``: a PEFT model whose trainable parameters are exactly its LoRA A/B matrices and whose every
-  lora_B is exactly zero (the double topology's fresh adapter). Such an adapter adds exactly 0, so the start-of-stage model
-  is the same model with its adapters disabled: no copy at all.
+  lora_B is exactly zero (the double topology's fresh adapter). Such an adapter adds exactly 0, so the
+  start-of-stage model is the same model with its adapters disabled: no copy at all.
 * ``snapshot``: anything else (single topology = the continued alignment LoRA; full topology; extra trainable
   modules). A copy of the trainable parameters only, swapped in with ``torch.func.functional_call``. With LoRA
-  that is LoRA-sized; with full fine-tuning it is one copy of every trainable weight (the memory of the
-  originals' second model, minus frozen buffers).
+  that is LoRA-sized; with full fine-tuning it is one copy of every weight, as much memory as the originals'
+  second model.
 
 The reference runs under ``no_grad`` and in eval mode (no dropout: a deterministic target; the original LDIFS
 copy was in eval mode too, and the original KL teacher's only dropout sat on a zero LoRA). It calls the module
