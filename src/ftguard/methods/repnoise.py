@@ -153,12 +153,6 @@ class RepNoiseTrainer(FtguardTrainer):
     Two forwards, one backward per micro-batch (the graph of both forwards).
     """
 
-    def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
-        # Mirrors Trainer.training_step: the retain loss may already be normalised over the accumulation window.
-        if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga)
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation reports the plain SFT loss
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -167,7 +161,7 @@ class RepNoiseTrainer(FtguardTrainer):
         # 1. Retain loss on the harmless (alignment) batch.
         if cfg.retain_loss == "response":
             retain, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            retain_scaled = self._loss_is_scaled_for_ga(num_items_in_batch)
+            retain_scaled = self.loss_normalised_over_window(num_items_in_batch)
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
             retain_scaled = False

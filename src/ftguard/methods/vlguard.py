@@ -229,14 +229,6 @@ class VlguardRegTrainer(FtguardTrainer):
     ``vlguard_safety_loss``.
     """
 
-    def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
-        # Mirrors Trainer.training_step's rule for whether ℓ already carries the 1/GA factor.
-        if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga)
-        return (
-            self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        ) or self.compute_loss_func is not None
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation reports the plain SFT loss
             return super().compute_loss(
@@ -247,9 +239,7 @@ class VlguardRegTrainer(FtguardTrainer):
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         safety = super().compute_loss(model, self.aux_batch(SAFETY_STREAM, cfg.safety_batch_size))
-        reg = cfg.lam * safety
-        if self._loss_is_scaled_for_ga(num_items_in_batch):
-            reg = reg / self.current_gradient_accumulation_steps
+        reg = self.scale_extra(cfg.lam * safety, num_items_in_batch)
         self.record(vlguard_safety_loss=safety)
         total = loss + reg
         return (total, outputs) if return_outputs else total

@@ -123,15 +123,6 @@ class ReferenceTrainer(FtguardTrainer):
         super().__init__(*args, **kwargs)
         self.reference = ReferenceModel(self.model)
 
-    def scale_extra(self, term: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
-        # Mirrors Trainer.training_step: a CE normalised over the whole accumulation window is not divided by the
-        # number of micro-batches afterwards, so a per-micro-batch term must be divided here.
-        if self.loss_is_scaled_for_ga is not None:
-            scaled = bool(self.loss_is_scaled_for_ga)
-        else:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
-        return term / self.current_gradient_accumulation_steps if scaled else term
-
     @staticmethod
     def reference_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
         """The student's model inputs without the labels (the reference's loss is never needed)."""

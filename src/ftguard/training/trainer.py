@@ -163,11 +163,21 @@ class FtguardTrainer(Trainer):
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if self.args.n_gpu > 1:
             loss = loss.mean()
+        return loss if self.loss_normalised_over_window(num_items_in_batch) else loss / self.current_gradient_accumulation_steps
+
+    def loss_normalised_over_window(self, num_items_in_batch: Any) -> bool:
+        """Whether ``compute_loss`` already divides by the tokens of the whole accumulation window (so the Trainer
+        will not divide by the number of micro-batches): then a per-micro-batch extra term must be divided by it.
+
+        Mirrors the test in ``Trainer.training_step``.
+        """
         if self.loss_is_scaled_for_ga is not None:
-            already_scaled = self.loss_is_scaled_for_ga
-        else:
-            already_scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
-        return loss if already_scaled else loss / self.current_gradient_accumulation_steps
+            return bool(self.loss_is_scaled_for_ga)
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def scale_extra(self, term: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+        """A per-micro-batch extra loss term, scaled like the stage loss it is added to."""
+        return term / self.current_gradient_accumulation_steps if self.loss_normalised_over_window(num_items_in_batch) else term
 
     # ------------------------------------------------------------------ extra metrics
 
