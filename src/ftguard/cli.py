@@ -39,7 +39,7 @@ def _print_table(results: dict) -> None:
     print("\n" + markdown_table(results, status=False), flush=True)
 
 
-def cmd_run(args: argparse.Namespace, train: tuple[str, ...] = ("align", "finetune"), evaluate: bool = True) -> int:
+def cmd_run(args: argparse.Namespace, train: tuple[str, ...] = ("align", "finetune", "post"), evaluate: bool = True) -> int:
     from ftguard.pipeline.run import run_pipeline
 
     cfg = _load(args)
@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train only the finetune stage(s), from the completed align stage")
     _add_config_args(p)
     p.set_defaults(func=lambda a: cmd_run(a, train=("finetune",), evaluate=False))
+
+    p = sub.add_parser("recover", help="run only the post stage (repair) on the completed fine-tuned models of a run")
+    _add_config_args(p)
+    p.set_defaults(func=lambda a: cmd_run(a, train=("post",), evaluate=False))
 
     p = sub.add_parser("evaluate", help="evaluate the base model and every completed stage of a run (trains nothing), or any model with --model")
     _add_config_args(p)

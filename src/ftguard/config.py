@@ -19,8 +19,8 @@ import yaml
 from ftguard.errors import FtguardError
 from ftguard.schema import ConfigError, check, from_dict, to_dict
 
-STAGES = ("align", "finetune")
-EVAL_POINTS = ("base", "align", "finetune")
+STAGES = ("align", "finetune", "post")
+EVAL_POINTS = ("base", "align", "finetune", "post")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -169,6 +169,19 @@ class StageConfig:
 
 
 @dataclass
+class PostStageConfig:
+    method: str = _help("registered post-stage method (see `ftguard methods`)", default="recovery")
+    args: dict[str, Any] = _help("the method's own hyperparameters (validated by the method)", default_factory=dict)
+    validation_n: int = _help(
+        "task training examples outside the user's upload, held out for methods that check the task score "
+        "while repairing (recovery's δ rule); never the evaluation set", default=64,
+    )
+
+    def __post_init__(self) -> None:
+        check(self.validation_n >= 1, "validation_n", f"must be ≥ 1, got {self.validation_n}")
+
+
+@dataclass
 class FinetuneStageConfig(StageConfig):
     train: TrainConfig = _help("optimizer and schedule", default_factory=_finetune_train_default)
 
@@ -185,7 +198,7 @@ def _harmful_eval_default() -> SourceConfig:
 
 @dataclass
 class EvalConfig:
-    points: list[str] = _help("which models to evaluate: base, align, finetune", default_factory=lambda: list(EVAL_POINTS))
+    points: list[str] = _help("which models to evaluate: base, align, finetune, post", default_factory=lambda: list(EVAL_POINTS))
     judge: str = _help("harmfulness judge: keyword, minilm, beaver-dam (the papers'), llama-guard", default="beaver-dam")
     judge_options: dict[str, Any] = _help("options passed to the judge (e.g. model path)", default_factory=dict)
     extra_judges: list[str] = _help(
@@ -227,6 +240,7 @@ class RunConfig:
     data: DataConfig = _help("data roles and sizes", default_factory=DataConfig)
     align: StageConfig | None = _help("alignment stage; null = skip it (the 'non-aligned' baseline)", default_factory=StageConfig)
     finetune: FinetuneStageConfig | None = _help("the user's fine-tuning stage; null = skip it", default_factory=FinetuneStageConfig)
+    post: PostStageConfig | None = _help("repair after fine-tuning (recovery, antidote, safelora); null = skip it", default=None)
     evaluate: EvalConfig = _help("evaluation", default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -235,6 +249,11 @@ class RunConfig:
             check("align" not in self.evaluate.points, "evaluate.points", "lists 'align' but the align stage is null")
         if self.finetune is None:
             check("finetune" not in self.evaluate.points, "evaluate.points", "lists 'finetune' but the finetune stage is null")
+        if self.post is not None:
+            check(self.finetune is not None, "post", "repairs a fine-tuned model: it needs the finetune stage")
+        elif "post" in self.evaluate.points:
+            # The default list names every point; without a post stage there is simply nothing to evaluate there.
+            self.evaluate.points = [p for p in self.evaluate.points if p != "post"]
 
     @property
     def out_dir(self) -> Path:

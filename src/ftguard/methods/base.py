@@ -74,3 +74,20 @@ class Method:
 
         trainer_cls = self.trainer_class or FtguardTrainer
         return trainer_cls(method_config=self.config, aux_datasets=self.extra_datasets(ctx), **trainer_kwargs)
+
+
+class PostMethod(Method):
+    """Base of post-fine-tuning repairs (recovery, Antidote, SafeLoRA): no training loop, a function of models.
+
+    ``repair`` gets a ``PostContext`` (the base, aligned and fine-tuned models as folders, the data plan, the
+    tokenizer, a work folder for resumable state) and returns the repaired model, in memory, plus a JSON-able
+    report for the stage manifest. The core saves the model (safetensors) and evaluates it as the ``post`` point.
+    """
+
+    stages: ClassVar[tuple[str, ...]] = ("post",)
+
+    def repair(self, ctx: Any) -> tuple[Any, dict[str, Any]]:
+        raise NotImplementedError
+
+    def create_trainer(self, ctx: StageContext, **trainer_kwargs: Any) -> Trainer:
+        raise TypeError(f"{self.name} is a post-stage method: it repairs models and has no trainer")

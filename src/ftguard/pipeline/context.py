@@ -26,3 +26,30 @@ class StageContext:
     tokenize: Callable[[list[Example]], Dataset]
     out_dir: Path
     harmful_ratio: float | None = None
+
+
+@dataclass
+class PostContext:
+    """What a post-stage method sees: every model of the run as a folder, and the data.
+
+    ``base`` is the model before alignment, ``aligned`` the output of the align stage (A), ``finetuned`` the
+    user's fine-tune (F: a merged model folder, plus the adapter and the folder it was trained on for LoRA
+    topologies). ``work_dir`` survives an interruption (resumable state); it is removed once the stage completes.
+    """
+
+    run: RunConfig
+    key: str  # output name, e.g. "post-p0.1"
+    base: Any  # ModelRef
+    aligned: Any  # ModelRef
+    finetuned: Any  # ModelRef
+    tokenizer: Any
+    plan: DataPlan
+    work_dir: Path
+    harmful_ratio: float | None = None
+
+    def load(self, ref: Any, **kwargs: Any) -> Any:
+        """A model folder as a transformers model, with the run's dtype and remote-code setting."""
+        from ftguard.models import load_model
+
+        mc = self.run.model
+        return load_model(ref.model_dir, **{"dtype": mc.dtype, "trust_remote_code": mc.trust_remote_code, **kwargs})

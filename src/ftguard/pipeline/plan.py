@@ -34,6 +34,7 @@ class DataPlan:
     task_eval: list[Example] = field(default_factory=list)
     eval_harmful: list[Example] = field(default_factory=list)
     over_refusal: list[Example] = field(default_factory=list)  # benign prompts (XSTest safe) for over-refusal
+    task_validation: list[Example] = field(default_factory=list)  # task train examples outside every upload (post stage)
     mixes: dict[float, list[Example]] = field(default_factory=dict)
     mix_reports: dict[float, MixReport] = field(default_factory=dict)
     sources: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -73,6 +74,7 @@ class DataPlan:
                 "task_eval": len(self.task_eval),
                 "eval_harmful": len(self.eval_harmful),
                 "over_refusal": len(self.over_refusal),
+                "task_validation": len(self.task_validation),
                 **{name: len(examples) for name, examples in self.extra.items()},
             },
             "mixes": {f"{p:g}": r.as_dict() for p, r in self.mix_reports.items()},
@@ -188,9 +190,11 @@ def build_data_plan(run: RunConfig) -> DataPlan:
             )
         plan.over_refusal = prompts if benign.n is None else prompts[: benign.n]
 
-    task_train = task.train_examples(root, n=need_benign) if need_benign else []
+    n_validation = run.post.validation_n if run.post is not None else 0
+    loaded = task.train_examples(root, n=need_benign + n_validation) if need_benign + n_validation else []
+    task_train, plan.task_validation = loaded[:need_benign], loaded[need_benign:]
     plan.task_eval = task.eval_examples(root, n=run.evaluate.task_n)
-    check_disjoint({"task train": task_train, "task eval": plan.task_eval})
+    check_disjoint({"task train": task_train, "task validation": plan.task_validation, "task eval": plan.task_eval})
     for p in ratios:
         plan.mixes[p], plan.mix_reports[p] = build_harmful_mix(task_train, plan.attack_pool, n=ft.n, p=p, seed=run.seed)
 

@@ -20,6 +20,7 @@ from ftguard.models import load_tokenizer, resolve_model
 from ftguard.pipeline.evaluation import evaluate_point
 from ftguard.pipeline.outputs import StageDir, read_json, write_text_atomic
 from ftguard.pipeline.plan import DataPlan, build_data_plan
+from ftguard.pipeline.post import post_stage
 from ftguard.pipeline.results import git_revision, library_versions, write_results
 from ftguard.pipeline.stages import ModelRef, train_stage
 from ftguard.registry import get_method
@@ -28,6 +29,12 @@ log = logging.getLogger(__name__)
 
 # What each unit's output depends on: a change elsewhere (e.g. evaluation settings) must not retrain.
 TRAIN_SECTIONS = ("seed", "model", "adapter", "data", "align")
+POST_SECTIONS = (*TRAIN_SECTIONS, "finetune", "post")
+
+
+def post_key_of(finetune_key: str) -> str:
+    """finetune → post, finetune-p0.1 → post-p0.1."""
+    return "post" + finetune_key[len("finetune"):]
 
 
 def finetune_keys(run: RunConfig) -> dict[str, float]:
@@ -53,13 +60,13 @@ class Pipeline:
         """Everything that can fail on bad input, before any training: data, model, judge."""
         run = self.run
         self.plan = build_data_plan(run)
-        for stage in ("align", "finetune"):
+        for stage in ("align", "finetune", "post"):
             stage_cfg = getattr(run, stage)
             if stage_cfg is not None:
                 method_cls = get_method(stage_cfg.method, stage)
                 method = method_cls(method_cls.parse_args(stage_cfg.args, prefix=f"{stage}.args"))
                 method.prepare_data(self.plan, run, stage)
-                stage_sets = [self.plan.alignment] if stage == "align" else list(self.plan.mixes.values())
+                stage_sets = {"align": [self.plan.alignment], "finetune": list(self.plan.mixes.values())}.get(stage, [])
                 for examples in stage_sets:
                     method.train_examples(examples, self.plan)  # dry run: impossible requests fail now
         self.base = ModelRef(model_dir=resolve_model(run.model.name))
@@ -141,6 +148,14 @@ class Pipeline:
             raise FtguardError(f"the align stage in {unit.path} is not complete: run `ftguard align` (or `ftguard run`) first")
         return ModelRef.from_manifest(unit.path, unit.manifest())
 
+    def post(self, key: str, p: float, finetuned: ModelRef) -> ModelRef:
+        unit = self._unit(key, *POST_SECTIONS)
+        if unit.is_complete():
+            log.info("%s: already complete, skipped", key)
+            return ModelRef.from_manifest(unit.path, unit.manifest())
+        return post_stage(self.run, key, self.plan, base=self.base, aligned=self.aligned_ref(), finetuned=finetuned,
+                          out=unit, harmful_ratio=p)
+
     def finetune(self, key: str, p: float, source: ModelRef) -> ModelRef:
         unit = self._unit(key, *TRAIN_SECTIONS, "finetune")
         if unit.is_complete():
@@ -153,7 +168,7 @@ class Pipeline:
     def _existing(self, unit: StageDir) -> ModelRef | None:
         return ModelRef.from_manifest(unit.path, unit.manifest()) if unit.is_complete() else None
 
-    def run_all(self, train: tuple[str, ...] = ("align", "finetune"), evaluate: bool = True) -> dict[str, Any]:
+    def run_all(self, train: tuple[str, ...] = ("align", "finetune", "post"), evaluate: bool = True) -> dict[str, Any]:
         """Train the stages named in ``train`` (others are used if already complete) and, with ``evaluate``,
         evaluate every configured point whose model exists."""
         run = self.run
@@ -179,6 +194,15 @@ class Pipeline:
                     ref = self._existing(self._unit(key, *TRAIN_SECTIONS, "finetune"))
                 if ref is not None and "finetune" in points:
                     self.evaluate(key, "finetune", run.finetune.method, p, ref, (*TRAIN_SECTIONS, "finetune"))
+                if run.post is not None:
+                    post_key = post_key_of(key)
+                    expected |= {post_key} if "post" in configured else set()
+                    if "post" in train and ref is not None:
+                        repaired = self.post(post_key, p, ref)
+                    else:
+                        repaired = self._existing(self._unit(post_key, *POST_SECTIONS))
+                    if repaired is not None and "post" in points:
+                        self.evaluate(post_key, "post", run.post.method, p, repaired, POST_SECTIONS)
         trained_all = all(self._existing(u) for u in self._training_units())
         self.results["complete"] = trained_all and expected <= set(self.results["stages"])
         self.results["wall_time_s"] = round(time.monotonic() - start, 1)
@@ -189,6 +213,8 @@ class Pipeline:
         units = [self._unit("align", *TRAIN_SECTIONS)] if self.run.align is not None else []
         if self.run.finetune is not None:
             units += [self._unit(key, *TRAIN_SECTIONS, "finetune") for key in finetune_keys(self.run)]
+        if self.run.post is not None:
+            units += [self._unit(post_key_of(key), *POST_SECTIONS) for key in finetune_keys(self.run)]
         return units
 
 
@@ -196,7 +222,7 @@ def run_pipeline(
     run: RunConfig,
     *,
     overwrite: bool = False,
-    train: tuple[str, ...] = ("align", "finetune"),
+    train: tuple[str, ...] = ("align", "finetune", "post"),
     evaluate: bool = True,
     on_update: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
