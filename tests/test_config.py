@@ -46,7 +46,7 @@ def test_defaults_follow_booster_protocol():
         ({"align": {"method": "sfd"}}, "unknown method 'sfd' for stage 'align'; did you mean 'sft'?"),
         ({"align": {"args": {"rho": 2}}}, "unknown key 'align.args.rho'"),
         ({"align": None, "evaluate": {"points": ["align"]}}, "lists 'align' but the align stage is null"),
-        ({"evaluate": {"points": ["post"]}}, "'evaluate.points' entries must be among"),
+        ({"evaluate": {"points": ["aligned"]}}, "'evaluate.points' entries must be among"),
         ({"data": {"alignment": {"source": "jsonl"}}}, "'data.alignment.path' is required"),
     ],
 )
