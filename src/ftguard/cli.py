@@ -178,8 +178,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         args_m = argparse.Namespace(**vars(args))
         # Each method runs in its paper's topology (Booster: single LoRA), as the papers' tables compare them.
-        # Alignment methods replace the SFT alignment; fine-tuning-stage methods (Lisa, ...) the SFT fine-tune.
-        stage = "align" if "align" in _method_stages(method) else "finetune"
+        # Alignment methods replace the SFT alignment; fine-tuning-stage methods (Lisa, ...) the SFT fine-tune;
+        # post-stage methods (recovery, ...) repair the SFT fine-tune, and the repaired model is evaluated too.
+        stages = _method_stages(method)
+        stage = "align" if "align" in stages else "finetune" if "finetune" in stages else "post"
         topology = get_method(method, stage).preferred_topology
         extra = [f"adapter.topology={topology}"] if topology else []
         args_m.overrides = [*extra, *args.overrides, f"{stage}.method={method}", f"name=demo-{method}"]
