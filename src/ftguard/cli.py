@@ -66,6 +66,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from ftguard.schema import field_help
 
     methods = all_methods()
+    width = max(map(len, methods))
     for stage in STAGE_NAMES:
         names = [n for n, m in methods.items() if stage in m.stages]
         if not names:
@@ -73,7 +74,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{stage}:")
         for name in names:
             m = methods[name]
-            print(f"  {name:<14} {m.summary}  [{m.paper}]")
+            print(f"  {name:<{width}}  {m.summary}  [{m.paper}]")
             if args.verbose:
                 for field, help_text in field_help(m.config_class).items():
                     default = getattr(m.config_class(), field)
