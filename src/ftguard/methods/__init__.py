@@ -15,6 +15,9 @@ BUILTIN_METHOD_MODULES = (
     "vlguard",
     "ldifs",
     "kl",
+    "antidote",
+    "safelora",
+    "recovery",
 )
 
 
