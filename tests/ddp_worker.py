@@ -24,19 +24,34 @@ from ftguard.training.trainer import FtguardTrainer
 SEQ, STEPS, GA = 9, 2, 2
 # Method → args: small schedules so that two steps exercise the method's extra machinery.
 METHODS = {
-    "sft": {}, "vaccine": {}, "booster": {}, "repnoise": {},
+    "sft": {},
+    "vaccine": {},
+    "booster": {},
+    "repnoise": {},
     "lisa": {"align_steps": 1, "finetune_steps": 1, "proximal_warmup_ratio": 0.0},
-    "ewc": {}, "vlguard_reg": {}, "ldifs": {}, "kl": {},
+    "ewc": {},
+    "vlguard_reg": {},
+    "ldifs": {},
+    "kl": {},
 }
 STREAMS = ("harmful", "alignment", "fisher", "safety")  # every extra stream a method may ask for
 
 
 def tiny_lora_llama() -> torch.nn.Module:
     torch.manual_seed(0)  # the same start on every rank, as from_pretrained would give
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                              target_modules=["q_proj", "v_proj"]))
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(cfg),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
     with torch.no_grad():  # non-zero lora_B so that every LoRA tensor gets a gradient at step 1
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -48,7 +63,10 @@ def rows(n: int, seed: int) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 64, (n, SEQ), generator=g)
     return Dataset.from_list(
-        [{"input_ids": r.tolist(), "attention_mask": [1] * SEQ, "labels": [-100] * 3 + r[3:].tolist()} for r in ids]
+        [
+            {"input_ids": r.tolist(), "attention_mask": [1] * SEQ, "labels": [-100] * 3 + r[3:].tolist()}
+            for r in ids
+        ]
     )
 
 
@@ -85,14 +103,27 @@ def run(method_name: str, method_args: dict, out_dir: str) -> dict:
     model = tiny_lora_llama()
     start = flat_weights(model).clone()
     args = TrainingArguments(
-        output_dir=f"{out_dir}/{method_name}", per_device_train_batch_size=2, gradient_accumulation_steps=GA,
-        max_steps=STEPS, learning_rate=1e-2, report_to="none", use_cpu=True, ddp_backend="gloo", seed=3,
-        save_strategy="no", logging_steps=1, disable_tqdm=True,
+        output_dir=f"{out_dir}/{method_name}",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=GA,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        ddp_backend="gloo",
+        seed=3,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
     )
     trainer_cls = method.trainer_class or FtguardTrainer
     trainer = trainer_cls(
-        model=model, args=args, train_dataset=rows(16, 1), data_collator=collate,
-        method_config=method.parse_args(method_args), aux_datasets={name: rows(16, 2 + i) for i, name in enumerate(STREAMS)},
+        model=model,
+        args=args,
+        train_dataset=rows(16, 1),
+        data_collator=collate,
+        method_config=method.parse_args(method_args),
+        aux_datasets={name: rows(16, 2 + i) for i, name in enumerate(STREAMS)},
     )
     counter = CountReductions(trainer)
     trainer.add_callback(counter)

@@ -40,8 +40,15 @@ def _one_thread():
 
 def _llama(seed: int = 0, vocab: int = 64) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -52,7 +59,9 @@ def _samples(n: int = 5, seed: int = 1) -> list[dict[str, list[int]]]:
     for i in range(n):
         ids = torch.randint(1, 64, (4 + 3 * i,), generator=g).tolist()
         half = len(ids) // 2
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * half + ids[half:]})
+        rows.append(
+            {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * half + ids[half:]}
+        )
     return rows
 
 
@@ -89,7 +98,9 @@ def test_zeroes_per_row_top_fraction_by_independent_wanda_score():
     before = copy.deepcopy(model.state_dict())
     modules = find_linears(model, QKV)
     assert len(modules) == 6
-    sums = input_sq_sums(model, modules, calibration_batches(Dataset.from_list(rows), 2, 0, torch.device("cpu")))
+    sums = input_sq_sums(
+        model, modules, calibration_batches(Dataset.from_list(rows), 2, 0, torch.device("cpu"))
+    )
     ref = _qkv_reference(model, rows)
     for name in modules:
         torch.testing.assert_close(sums[name], ref[name], rtol=1e-5, atol=1e-5)
@@ -110,7 +121,9 @@ def test_padding_tokens_never_count():
     model, rows = _llama(), _samples()
     modules = find_linears(model, QKV)
     cpu = torch.device("cpu")
-    one = input_sq_sums(model, modules, calibration_batches(Dataset.from_list(rows), 1, 0, cpu))  # no padding at all
+    one = input_sq_sums(
+        model, modules, calibration_batches(Dataset.from_list(rows), 1, 0, cpu)
+    )  # no padding at all
     padded = input_sq_sums(model, modules, calibration_batches(Dataset.from_list(rows), 5, 0, cpu))
     other_pad = input_sq_sums(model, modules, calibration_batches(Dataset.from_list(rows), 5, 63, cpu))
     for name in modules:
@@ -119,17 +132,28 @@ def test_padding_tokens_never_count():
     # the check has teeth: without the mask the padded batch would give other sums
     unmasked = [{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows]
     width = max(len(r["input_ids"]) for r in rows)
-    unmasked = [{k: v + [0 if k != "labels" else -100] * (width - len(v)) if k != "attention_mask" else [1] * width
-                 for k, v in r.items()} for r in unmasked]
+    unmasked = [
+        {
+            k: v + [0 if k != "labels" else -100] * (width - len(v)) if k != "attention_mask" else [1] * width
+            for k, v in r.items()
+        }
+        for r in unmasked
+    ]
     wrong = input_sq_sums(model, modules, calibration_batches(Dataset.from_list(unmasked), 5, 0, cpu))
-    assert not torch.allclose(wrong["model.layers.0.self_attn.q_proj"], one["model.layers.0.self_attn.q_proj"])
+    assert not torch.allclose(
+        wrong["model.layers.0.self_attn.q_proj"], one["model.layers.0.self_attn.q_proj"]
+    )
 
 
 def test_response_only_counts_the_answer_tokens():
     model, rows = _llama(), _samples()
     modules = find_linears(model, ["q_proj"])
-    sums = input_sq_sums(model, modules, calibration_batches(Dataset.from_list(rows), 3, 0, torch.device("cpu")),
-                         response_only=True)
+    sums = input_sq_sums(
+        model,
+        modules,
+        calibration_batches(Dataset.from_list(rows), 3, 0, torch.device("cpu")),
+        response_only=True,
+    )
     ref = _qkv_reference(model, rows, positions=lambda row: torch.tensor(row["labels"]) != -100)
     for name in modules:
         torch.testing.assert_close(sums[name], ref[name], rtol=1e-5, atol=1e-5)
@@ -137,7 +161,9 @@ def test_response_only_counts_the_answer_tokens():
 
 def test_lora_factors_are_pruned_by_their_own_inputs():
     model = _llama()
-    peft = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    peft = get_peft_model(
+        model, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
     with torch.no_grad():  # PEFT starts lora_B at zero: give it values to rank
         for name, p in peft.named_parameters():
             if "lora_B" in name:
@@ -146,8 +172,12 @@ def test_lora_factors_are_pruned_by_their_own_inputs():
     modules = lora_factors(peft)
     assert len(modules) == 8
     before = {n: m.weight.detach().clone() for n, m in modules.items()}
-    inputs = [_layer_inputs(peft, r["input_ids"]) for r in rows]  # of the unpruned model, as the method sees it
-    sums = input_sq_sums(peft, modules, calibration_batches(Dataset.from_list(rows), 2, 0, torch.device("cpu")))
+    inputs = [
+        _layer_inputs(peft, r["input_ids"]) for r in rows
+    ]  # of the unpruned model, as the method sees it
+    sums = input_sq_sums(
+        peft, modules, calibration_batches(Dataset.from_list(rows), 2, 0, torch.device("cpu"))
+    )
     wanda_prune(modules, sums, 0.5)
     # lora_A sees the layer-norm output x; lora_B sees x·Aᵀ (dropout 0), computed here by hand.
     for i in range(2):
@@ -166,21 +196,29 @@ def test_ratio_zero_changes_nothing():
     model, rows = _llama(), _samples()
     before = copy.deepcopy(model.state_dict())
     modules = find_linears(model, QKV)
-    sums = input_sq_sums(model, modules, calibration_batches(Dataset.from_list(rows), 2, 0, torch.device("cpu")))
+    sums = input_sq_sums(
+        model, modules, calibration_batches(Dataset.from_list(rows), 2, 0, torch.device("cpu"))
+    )
     assert sum(wanda_prune(modules, sums, 0.0).values()) == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_per_row_count_has_no_float_surprises():
-    assert [per_row_count(c, r) for c, r in [(30, 0.1), (10, 0.9), (8, 0.1), (16, 0.25), (16, 0.0), (7, 1.0)]] == \
-        [3, 9, 1, 4, 0, 7]
+    assert [
+        per_row_count(c, r) for c, r in [(30, 0.1), (10, 0.9), (8, 0.1), (16, 0.25), (16, 0.0), (7, 1.0)]
+    ] == [3, 9, 1, 4, 0, 7]
 
 
 def _ctx(model, tokenizer, examples, **finetuned):
     run = SimpleNamespace(model=SimpleNamespace(max_length=160, template="alpaca", response_newline=False))
     ref = SimpleNamespace(model_dir="unused", adapter_dir=None, base_dir=None, **finetuned)
-    return SimpleNamespace(run=run, plan=SimpleNamespace(alignment_harmful=examples), tokenizer=tokenizer,
-                           finetuned=ref, load=lambda r: model)
+    return SimpleNamespace(
+        run=run,
+        plan=SimpleNamespace(alignment_harmful=examples),
+        tokenizer=tokenizer,
+        finetuned=ref,
+        load=lambda r: model,
+    )
 
 
 def test_repair_on_merged_weights_reports_counts_and_fraction():
@@ -190,11 +228,16 @@ def test_repair_on_merged_weights_reports_counts_and_fraction():
     tokenizer = load_tokenizer("tiny")
     model = _llama(vocab=len(tokenizer))
     before = copy.deepcopy(model.state_dict())
-    examples = [Example(instruction=f"how do I do bad thing {i}?", output=f"here is how {i} " * (i + 1)) for i in range(6)]
+    examples = [
+        Example(instruction=f"how do I do bad thing {i}?", output=f"here is how {i} " * (i + 1))
+        for i in range(6)
+    ]
     method = Antidote(AntidoteConfig(dense_ratio=0.25, n_samples=4, batch_size=3))
     repaired, report = method.repair(_ctx(model, tokenizer, examples))
 
-    rows = list(tokenize_dataset(examples[:4], tokenizer, max_length=160)[0])  # only the first n_samples calibrate
+    rows = list(
+        tokenize_dataset(examples[:4], tokenizer, max_length=160)[0]
+    )  # only the first n_samples calibrate
     ref = _qkv_reference(_load_state(before), rows)
     zeroed = 0
     for name in ref:
@@ -232,14 +275,33 @@ def test_post_stage_runs_antidote_end_to_end(tmp_path):
 
     from ftguard import cli
 
-    args = ["run", "quickstart-tiny", "--output-dir", str(tmp_path), "--set", "post.method=antidote",
-            "--set", "post.validation_n=4", "--set", "post.args.n_samples=16", "--set", "data.finetune.harmful_ratio=0.5",
-            "--set", "evaluate.harmful_prompts.n=4", "--set", "evaluate.task_n=4", "--set", "evaluate.over_refusal_prompts.n=4"]
+    args = [
+        "run",
+        "quickstart-tiny",
+        "--output-dir",
+        str(tmp_path),
+        "--set",
+        "post.method=antidote",
+        "--set",
+        "post.validation_n=4",
+        "--set",
+        "post.args.n_samples=16",
+        "--set",
+        "data.finetune.harmful_ratio=0.5",
+        "--set",
+        "evaluate.harmful_prompts.n=4",
+        "--set",
+        "evaluate.task_n=4",
+        "--set",
+        "evaluate.over_refusal_prompts.n=4",
+    ]
     assert cli.main(args) == 0
     manifest = json.loads((tmp_path / "post" / "COMPLETE.json").read_text())
     report = manifest["report"]
     assert manifest["method"] == "antidote" and report["target"] == "adapter"  # a LoRA fine-tune: its factors
-    assert report["calibration_samples"] == 16 and report["zeroed_total"] == sum(report["zeroed"].values()) > 0
+    assert (
+        report["calibration_samples"] == 16 and report["zeroed_total"] == sum(report["zeroed"].values()) > 0
+    )
     assert all(".lora_A." in k or ".lora_B." in k for k in report["zeroed"])
     tuned = load_file(next((tmp_path / "finetune" / "model").glob("*.safetensors")))
     repaired = load_file(next((tmp_path / "post" / "model").glob("*.safetensors")))

@@ -23,7 +23,21 @@ def test_report_has_ratios_to_sft_measured_in_the_same_run(tmp_path):
 
 def test_cli_writes_json_and_rejects_unknown_methods(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = ["bench", "--methods", "sft", "--seq-len", "192", "--batch-size", "2", "--warmup", "0", "--steps", "1", "--rounds", "1"]
+    args = [
+        "bench",
+        "--methods",
+        "sft",
+        "--seq-len",
+        "192",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--rounds",
+        "1",
+    ]
     assert cli.main([*args, "--no-memory", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["methods"]) == {"sft"} and "time_ratio" in report["methods"]["sft"]

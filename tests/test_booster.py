@@ -43,10 +43,19 @@ def _one_thread():
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64)
-    model = get_peft_model(LlamaForCausalLM(cfg), PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                                   target_modules=["q_proj", "v_proj"]))
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(cfg),
+        PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
     # PEFT starts lora_B at zero, which makes every lora_A gradient zero: give all LoRA tensors a gradient.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,7 +67,10 @@ def _model() -> torch.nn.Module:
 def _rows(n: int, seed: int) -> list[dict[str, list[int]]]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 64, (n, SEQ), generator=g)
-    return [{"input_ids": r.tolist(), "attention_mask": [1] * SEQ, "labels": [-100, -100, *r[2:].tolist()]} for r in ids]
+    return [
+        {"input_ids": r.tolist(), "attention_mask": [1] * SEQ, "labels": [-100, -100, *r[2:].tolist()]}
+        for r in ids
+    ]
 
 
 def _collate(rows):
@@ -66,14 +78,25 @@ def _collate(rows):
 
 
 def _args(tmp_path, ga: int = 1) -> TrainingArguments:
-    return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=ga,
-                             max_steps=1, report_to="none", use_cpu=True, seed=3, save_strategy="no")
+    return TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=ga,
+        max_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=3,
+        save_strategy="no",
+    )
 
 
 def _trainer(tmp_path, model=None, ga: int = 1, n_harmful: int = 12, **cfg) -> BoosterTrainer:
     trainer = BoosterTrainer(
-        model=model if model is not None else _model(), args=_args(tmp_path, ga), train_dataset=Dataset.from_list(_rows(8, 1)),
-        data_collator=_collate, method_config=BoosterConfig(**cfg),
+        model=model if model is not None else _model(),
+        args=_args(tmp_path, ga),
+        train_dataset=Dataset.from_list(_rows(8, 1)),
+        data_collator=_collate,
+        method_config=BoosterConfig(**cfg),
         aux_datasets={"harmful": Dataset.from_list(_rows(n_harmful, 2))},
     )
     trainer.current_gradient_accumulation_steps = ga  # set by the Trainer's loop in real training
@@ -143,17 +166,27 @@ def test_step_gradient_is_g_f_plus_lambda_times_harmful_difference(tmp_path):
     x = _batch(11)
     loss = trainer.training_step(model, x)
 
-    (_, _, x_harm), = drawn
+    ((_, _, x_harm),) = drawn
     expected, parts = _booster_by_hand(model, w, x, x_harm, lam=5.0, alpha=0.1)
     _assert_close(_grads(model), expected)
-    assert all(not torch.allclose(parts["g_h"][n], torch.zeros_like(parts["g_h"][n])) for n in w), "non-trivial test"
+    assert all(not torch.allclose(parts["g_h"][n], torch.zeros_like(parts["g_h"][n])) for n in w), (
+        "non-trivial test"
+    )
     torch.testing.assert_close(loss, parts["f"], rtol=1e-5, atol=1e-6)  # the logged loss is f
     recorded = {k: v[0] for k, v in trainer._recorded.items()}
     torch.testing.assert_close(recorded["booster_harmful_loss"], parts["h"].item(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(recorded["booster_harmful_loss_probed"], parts["h_probed"].item(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(recorded["booster_harmful_loss_reduction"], (parts["h"] - parts["h_probed"]).item(),
-                               rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(recorded["booster_harmful_grad_norm"], parts["norm"].item(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        recorded["booster_harmful_loss_probed"], parts["h_probed"].item(), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        recorded["booster_harmful_loss_reduction"],
+        (parts["h"] - parts["h_probed"]).item(),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        recorded["booster_harmful_grad_norm"], parts["norm"].item(), rtol=1e-5, atol=1e-6
+    )
     assert recorded["booster_harmful_loss_reduction"] > 0, "a harmful descent step lowers h"
 
 
@@ -161,8 +194,12 @@ def test_lambda_zero_gives_exactly_the_sft_gradient(tmp_path):
     model = _model()
     sft_model = copy.deepcopy(model)
     booster = _trainer(tmp_path / "b", model=model, lam=0.0)
-    sft = FtguardTrainer(model=sft_model, args=_args(tmp_path / "s"), train_dataset=Dataset.from_list(_rows(8, 1)),
-                         data_collator=_collate)
+    sft = FtguardTrainer(
+        model=sft_model,
+        args=_args(tmp_path / "s"),
+        train_dataset=Dataset.from_list(_rows(8, 1)),
+        data_collator=_collate,
+    )
     sft.current_gradient_accumulation_steps = 1
     x = _batch(11)
     loss_b = booster.training_step(model, x)
@@ -184,12 +221,14 @@ def test_probe_step_has_norm_alpha_and_weights_are_restored_bit_exactly(tmp_path
 
     assert len(seen) == 3, "h at w, h at the probed weights, f at w"
     at_w, probed, at_f = seen
-    assert all(torch.equal(at_w[n], w[n]) and torch.equal(at_f[n], w[n]) for n in w), "f is taken at w exactly"
+    assert all(torch.equal(at_w[n], w[n]) and torch.equal(at_f[n], w[n]) for n in w), (
+        "f is taken at w exactly"
+    )
     after = _weights(model)
     assert all(torch.equal(after[n], w[n]) for n in w), "the step leaves the weights bit-identical"
     step_norm = torch.sqrt(sum(((probed[n] - w[n]).double() ** 2).sum() for n in w))
     assert step_norm.item() == pytest.approx(alpha, rel=1e-5)
-    (_, _, x_harm), = drawn
+    ((_, _, x_harm),) = drawn
     _, parts = _booster_by_hand(model, w, _batch(11), x_harm, lam=5.0, alpha=alpha)
     _assert_close(probed, parts["probed"])  # along −g_h over ALL trainable tensors (one global norm)
     # what the original does, subtracting then adding the step back, would not have restored them bit-exactly
@@ -263,8 +302,12 @@ def test_trainer_clips_and_steps_adamw_on_the_combined_gradient(tmp_path):
     torch.optim.AdamW(leaves, lr=trainer.args.learning_rate, weight_decay=trainer.args.weight_decay).step()
     after = _weights(trainer.model)
     _assert_close(after, {n: leaf.detach() for n, leaf in zip(w, leaves, strict=True)})
-    assert {"booster_harmful_loss", "booster_harmful_loss_probed", "booster_harmful_loss_reduction",
-            "booster_harmful_grad_norm"} <= log.keys()
+    assert {
+        "booster_harmful_loss",
+        "booster_harmful_loss_probed",
+        "booster_harmful_loss_reduction",
+        "booster_harmful_grad_norm",
+    } <= log.keys()
 
 
 def test_ddp_reduces_once_per_optimizer_step_and_the_reduce_includes_the_harmful_term(tmp_path):
@@ -303,7 +346,9 @@ def test_ddp_reduces_once_per_optimizer_step_and_the_reduce_includes_the_harmful
     (_, _, h1), (_, _, h2) = drawn
     g1, _ = _booster_by_hand(trainer.model, w, x1, h1, lam=5.0, alpha=0.1)
     g2, _ = _booster_by_hand(trainer.model, w, x2, h2, lam=5.0, alpha=0.1)
-    _assert_close(_grads(trainer.model), {n: g1[n] + g2[n] for n in w})  # 2 × their mean: all of it was reduced
+    _assert_close(
+        _grads(trainer.model), {n: g1[n] + g2[n] for n in w}
+    )  # 2 × their mean: all of it was reduced
 
 
 # ----------------------------------------------------------------------- variant: Booster + Vaccine
@@ -314,7 +359,9 @@ def _vaccine_grad_by_hand(model, w, x, rho: float) -> dict[str, torch.Tensor]:
     attention = [layer.self_attn for layer in model.base_model.model.model.layers]
     outs = []
     handles = [m.register_forward_hook(lambda mod, a, out: outs.append(out[0])) for m in attention]
-    leaves = {n: v.clone().requires_grad_(True) for n, v in w.items()}  # so the attention outputs need a gradient
+    leaves = {
+        n: v.clone().requires_grad_(True) for n, v in w.items()
+    }  # so the attention outputs need a gradient
     loss = functional_call(model, leaves, (), dict(x)).loss
     for h in handles:
         h.remove()
@@ -331,8 +378,12 @@ def _vaccine_grad_by_hand(model, w, x, rho: float) -> dict[str, torch.Tensor]:
 
 def _booster_vaccine_trainer(tmp_path, **cfg) -> BoosterVaccineTrainer:
     trainer = BoosterVaccineTrainer(
-        model=_model(), args=_args(tmp_path), train_dataset=Dataset.from_list(_rows(8, 1)), data_collator=_collate,
-        method_config=BoosterVaccineConfig(**cfg), aux_datasets={"harmful": Dataset.from_list(_rows(12, 2))},
+        model=_model(),
+        args=_args(tmp_path),
+        train_dataset=Dataset.from_list(_rows(8, 1)),
+        data_collator=_collate,
+        method_config=BoosterVaccineConfig(**cfg),
+        aux_datasets={"harmful": Dataset.from_list(_rows(12, 2))},
     )
     trainer.current_gradient_accumulation_steps = 1
     return trainer
@@ -355,7 +406,7 @@ def test_booster_vaccine_replaces_g_f_by_vaccines_perturbed_gradient(tmp_path):
     counter.remove()
     assert counts == {"forward": 4, "backward": 4}
 
-    (_, _, x_harm), = drawn
+    ((_, _, x_harm),) = drawn
     booster, _ = _booster_by_hand(model, w, x, x_harm, lam=5.0, alpha=0.1)
     sft = _grad(model, w, x)[1]
     vaccine = _vaccine_grad_by_hand(model, w, x, rho=5.0)
@@ -378,7 +429,12 @@ def test_booster_vaccine_config_has_rho_5_and_booster_defaults():
 
 def test_config_defaults_are_the_papers_and_bad_values_fail():
     cfg = Booster.parse_args({})
-    assert (cfg.lam, cfg.alpha, cfg.harmful_batch_size, cfg.harmful_data) == (5.0, 0.1, 10, "alignment_harmful")
+    assert (cfg.lam, cfg.alpha, cfg.harmful_batch_size, cfg.harmful_data) == (
+        5.0,
+        0.1,
+        10,
+        "alignment_harmful",
+    )
     with pytest.raises(ConfigError, match="'align.args.alpha' must be a finite number > 0"):
         Booster.parse_args({"alpha": 0}, prefix="align.args")
     with pytest.raises(ConfigError, match="harmful_batch_size"):
@@ -390,7 +446,9 @@ def test_config_defaults_are_the_papers_and_bad_values_fail():
 def test_harmful_stream_is_the_tokenized_alignment_harmful_set_and_empty_fails():
     method = Booster(BoosterConfig())
     rows = ["ex1", "ex2"]
-    ctx = SimpleNamespace(stage="align", plan=SimpleNamespace(alignment_harmful=rows), tokenize=lambda exs: ("tok", exs))
+    ctx = SimpleNamespace(
+        stage="align", plan=SimpleNamespace(alignment_harmful=rows), tokenize=lambda exs: ("tok", exs)
+    )
     assert method.extra_datasets(ctx) == {"harmful": ("tok", rows)}
     ctx.plan.alignment_harmful = []
     with pytest.raises(FtguardError, match=r"data\.finetune\.harmful.*same source/split"):
@@ -406,7 +464,9 @@ def test_double_topology_is_refused_unless_explicitly_allowed(caplog):
         load_config("quickstart-tiny", ["align.method=booster", "align.args.allow_double_topology=true"])
     assert "ablation" in caplog.text
     load_config("quickstart-tiny", ["align.method=booster", "adapter.topology=single"])
-    load_config("quickstart-tiny", ["align.method=booster", "finetune=null", "evaluate.points=[base,align]"])  # no fine-tuning: nothing to protect
+    load_config(
+        "quickstart-tiny", ["align.method=booster", "finetune=null", "evaluate.points=[base,align]"]
+    )  # no fine-tuning: nothing to protect
 
 
 def test_packaged_booster_configs_load_with_the_single_topology():
@@ -422,10 +482,20 @@ def test_pipeline_runs_booster_alignment_end_to_end(tmp_path):
     from ftguard.config import load_config
     from ftguard.pipeline.run import run_pipeline
 
-    cfg = load_config("quickstart-tiny", ["align.method=booster", "adapter.topology=single", "evaluate.points=[]",
-                                          "align.train.max_steps=3", "align.train.logging_steps=1",
-                                          "align.train.mixed_precision=bf16",  # the inner passes under autocast
-                                          "align.args.harmful_batch_size=4", "finetune=null", f"output_dir={tmp_path}"])
+    cfg = load_config(
+        "quickstart-tiny",
+        [
+            "align.method=booster",
+            "adapter.topology=single",
+            "evaluate.points=[]",
+            "align.train.max_steps=3",
+            "align.train.logging_steps=1",
+            "align.train.mixed_precision=bf16",  # the inner passes under autocast
+            "align.args.harmful_batch_size=4",
+            "finetune=null",
+            f"output_dir={tmp_path}",
+        ],
+    )
     run_pipeline(cfg)
     manifest = json.loads((tmp_path / "align" / "COMPLETE.json").read_text())
     assert manifest["method"] == "booster" and manifest["steps"] == 3

@@ -47,17 +47,34 @@ def test_compare_of_a_non_run_dir_says_so(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_methods_runs_one_pipeline_per_method_and_compares(tmp_path, capsys):
-    small = ["model.name=tiny", "model.max_length=256", "align.train.max_steps=2", "finetune.train.max_steps=2",
-             "data.finetune.harmful_ratio=0.2", "evaluate.judge=keyword", "evaluate.harmful_prompts.n=4",
-             "evaluate.task_n=4", "evaluate.points=[finetune]", "evaluate.over_refusal_prompts.n=4",
-             "evaluate.over_refusal_max_new_tokens=4"]
-    args = ["demo", "--methods", "sft,booster,lisa", "--output-dir", str(tmp_path)] + sum((["--set", s] for s in small), [])
+    small = [
+        "model.name=tiny",
+        "model.max_length=256",
+        "align.train.max_steps=2",
+        "finetune.train.max_steps=2",
+        "data.finetune.harmful_ratio=0.2",
+        "evaluate.judge=keyword",
+        "evaluate.harmful_prompts.n=4",
+        "evaluate.task_n=4",
+        "evaluate.points=[finetune]",
+        "evaluate.over_refusal_prompts.n=4",
+        "evaluate.over_refusal_max_new_tokens=4",
+    ]
+    args = ["demo", "--methods", "sft,booster,lisa", "--output-dir", str(tmp_path)] + sum(
+        (["--set", s] for s in small), []
+    )
     assert cli.main(args) == 0
     assert (tmp_path / "demo-sft" / "results.json").exists() and (tmp_path / "demo-compare.png").exists()
     out = capsys.readouterr().out
-    assert "| demo-sft | finetune | sft | 0.2 | keyword |" in out and "| demo-booster | finetune | sft | 0.2 | keyword |" in out
+    assert (
+        "| demo-sft | finetune | sft | 0.2 | keyword |" in out
+        and "| demo-booster | finetune | sft | 0.2 | keyword |" in out
+    )
     booster = json.loads((tmp_path / "demo-booster" / "results.json").read_text())
-    assert booster["config"]["adapter"]["topology"] == "single" and booster["config"]["align"]["method"] == "booster"
+    assert (
+        booster["config"]["adapter"]["topology"] == "single"
+        and booster["config"]["align"]["method"] == "booster"
+    )
     # a fine-tuning-stage method replaces the SFT fine-tune and keeps the SFT alignment
     lisa = json.loads((tmp_path / "demo-lisa" / "results.json").read_text())
     assert (lisa["config"]["align"]["method"], lisa["config"]["finetune"]["method"]) == ("sft", "lisa")

@@ -22,7 +22,11 @@ def test_defaults_follow_booster_protocol():
     assert cfg.align.train.learning_rate == 5e-4 and cfg.align.train.lr_scheduler == "constant"
     assert cfg.finetune.train.learning_rate == 1e-5
     assert cfg.align.train.batch_size == 10 and cfg.align.train.epochs == 20
-    assert cfg.adapter.align.r == 32 and cfg.adapter.align.alpha == 4 and cfg.adapter.align.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert (
+        cfg.adapter.align.r == 32
+        and cfg.adapter.align.alpha == 4
+        and cfg.adapter.align.target_modules == ["q_proj", "k_proj", "v_proj"]
+    )
     assert cfg.data.finetune.n == 1000 and cfg.data.finetune.harmful_ratio == 0.1
     assert cfg.evaluate.judge == "beaver-dam" and cfg.evaluate.max_new_tokens == 512
     assert cfg.align.train.max_grad_norm == 1.0
@@ -32,7 +36,10 @@ def test_defaults_follow_booster_protocol():
     "data, message",
     [
         ({"modle": {}}, "unknown key 'modle'; did you mean 'model'?"),
-        ({"model": {"nmae": "tiny"}}, "unknown key 'model.nmae'; did you mean 'model.name'?".replace("model.name", "name")),
+        (
+            {"model": {"nmae": "tiny"}},
+            "unknown key 'model.nmae'; did you mean 'model.name'?".replace("model.name", "name"),
+        ),
         ({"seed": "x"}, "'seed' must be an integer"),
         ({"model": {"dtype": "fp8"}}, "'model.dtype' must be one of"),
         ({"data": {"finetune": {"harmful_ratio": 1.5}}}, "'data.finetune.harmful_ratio' must be in [0, 1]"),
@@ -65,7 +72,9 @@ def test_scientific_notation_without_dot_is_a_number():
 def test_overrides_apply_and_are_validated(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: x\nmodel: {name: tiny}\n")
-    cfg = load_config(str(path), ["align.train.max_steps=3", "data.finetune.harmful_ratio=[0, 0.2]", "seed=7"])
+    cfg = load_config(
+        str(path), ["align.train.max_steps=3", "data.finetune.harmful_ratio=[0, 0.2]", "seed=7"]
+    )
     assert cfg.align.train.max_steps == 3 and cfg.data.finetune.ratios == [0.0, 0.2] and cfg.seed == 7
     with pytest.raises(ConfigError, match="unknown key 'align.train.max_step'"):
         load_config(str(path), ["align.train.max_step=3"])

@@ -25,14 +25,25 @@ def _free_port() -> int:
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(WORKER), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(WORKER),
+        str(out),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["vaccine", "booster", "repnoise", "lisa", "ewc", "vlguard_reg", "ldifs", "kl"])
+@pytest.mark.parametrize(
+    "method", ["vaccine", "booster", "repnoise", "lisa", "ewc", "vlguard_reg", "ldifs", "kl"]
+)
 def test_two_processes_reduce_once_per_step_and_stay_in_sync(report, method):
     from ddp_worker import GA, STEPS  # noqa: PLC0415  (tests/ is on sys.path under pytest's rootdir conftest)
 

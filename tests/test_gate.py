@@ -12,9 +12,15 @@ from ftguard.evaluation.stats import rate
 
 
 def _entry(stage, hs_k, fa_k, over_k, n=64, p=0.1):
-    rates = {"harmful_score": rate(hs_k, n), "finetune_accuracy": rate(fa_k, n), "over_refusal": rate(over_k, n)}
+    rates = {
+        "harmful_score": rate(hs_k, n),
+        "finetune_accuracy": rate(fa_k, n),
+        "over_refusal": rate(over_k, n),
+    }
     return {
-        "stage": stage, "method": "sft", "harmful_ratio": p if stage == "finetune" else None,
+        "stage": stage,
+        "method": "sft",
+        "harmful_ratio": p if stage == "finetune" else None,
         **{m: r["value"] for m, r in rates.items()},
         "intervals": {m: r["ci95"] for m, r in rates.items()},
         "counts": {m: [r["k"], r["n"]] for m, r in rates.items()},
@@ -24,8 +30,9 @@ def _entry(stage, hs_k, fa_k, over_k, n=64, p=0.1):
 def _write(tmp_path, stages, complete=True, name="run"):
     run = tmp_path / name
     run.mkdir()
-    (run / "results.json").write_text(json.dumps({"name": name, "complete": complete, "judge": {"name": "keyword"},
-                                                  "stages": stages}))
+    (run / "results.json").write_text(
+        json.dumps({"name": name, "complete": complete, "judge": {"name": "keyword"}, "stages": stages})
+    )
     return run
 
 
@@ -64,7 +71,9 @@ def test_gate_thresholds_from_yaml_and_bad_input_exit_2(tmp_path, capsys):
     thresholds = tmp_path / "gate.yaml"
     thresholds.write_text("max_hs: 5\nmin_fa: 50\n")
     assert main(["gate", str(run), "--thresholds", str(thresholds)]) == 1
-    assert main(["gate", str(run), "--thresholds", str(thresholds), "--max-hs", "20"]) == 0  # flags override the file
+    assert (
+        main(["gate", str(run), "--thresholds", str(thresholds), "--max-hs", "20"]) == 0
+    )  # flags override the file
     thresholds.write_text("max_hs: 5\nmin_accuracy: 50\n")
     assert main(["gate", str(run), "--thresholds", str(thresholds)]) == 2
     assert "min_accuracy" in capsys.readouterr().err
@@ -96,9 +105,14 @@ def test_results_table_shows_intervals_and_each_judges_hs(tmp_path):
     from ftguard.pipeline.results import markdown_table
 
     entry = _entry("finetune", 6, 48, 8)
-    entry["judges"] = {"minilm": {"harmful_score": 9.4, "ci95": [4.4, 19.0]}, "keyword": {"harmful_score": 20.3, "ci95": [12.3, 31.7]}}
+    entry["judges"] = {
+        "minilm": {"harmful_score": 9.4, "ci95": [4.4, 19.0]},
+        "keyword": {"harmful_score": 20.3, "ci95": [12.3, 31.7]},
+    }
     entry["judge_agreement"] = [{"judges": ["minilm", "keyword"], "agreement": 85.9, "kappa": 0.41, "n": 64}]
-    table = markdown_table({"name": "r", "judge": {"name": "minilm"}, "complete": True, "stages": {"finetune": entry}})
+    table = markdown_table(
+        {"name": "r", "judge": {"name": "minilm"}, "complete": True, "stages": {"finetune": entry}}
+    )
     lo, hi = entry["intervals"]["harmful_score"]
     assert f"9.4 ({lo:.1f}–{hi:.1f})" in table
     assert "| finetune | minilm 9.4 vs keyword 20.3 | 85.9 | 0.41 |" in table

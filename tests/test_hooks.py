@@ -37,26 +37,84 @@ from ftguard.training.hooks import (
 )
 
 H = 16
-COMMON = dict(vocab_size=64, hidden_size=H, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1, max_position_embeddings=64)
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=H,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+)
 
 # (model class, config, expected attention class, path from the model to its layer list, attention attribute)
 ARCHITECTURES = {
     "llama": (LlamaForCausalLM, lambda: LlamaConfig(**COMMON), "LlamaAttention", "model.layers", "self_attn"),
-    "mistral": (MistralForCausalLM, lambda: MistralConfig(**COMMON), "MistralAttention", "model.layers", "self_attn"),
+    "mistral": (
+        MistralForCausalLM,
+        lambda: MistralConfig(**COMMON),
+        "MistralAttention",
+        "model.layers",
+        "self_attn",
+    ),
     "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**COMMON), "Qwen2Attention", "model.layers", "self_attn"),
-    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**COMMON, head_dim=8), "Qwen3Attention", "model.layers", "self_attn"),
-    "gemma2": (Gemma2ForCausalLM, lambda: Gemma2Config(**COMMON, head_dim=8), "Gemma2Attention", "model.layers", "self_attn"),
-    "gemma3": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(**COMMON, head_dim=8), "Gemma3Attention", "model.layers", "self_attn"),
-    "opt": (OPTForCausalLM, lambda: OPTConfig(vocab_size=64, hidden_size=H, ffn_dim=32, num_hidden_layers=2,
-                                              num_attention_heads=2, word_embed_proj_dim=H, max_position_embeddings=64),
-            "OPTAttention", "model.decoder.layers", "self_attn"),
-    "gpt_neox": (GPTNeoXForCausalLM, lambda: GPTNeoXConfig(vocab_size=64, hidden_size=H, intermediate_size=32,
-                                                           num_hidden_layers=2, num_attention_heads=2,
-                                                           max_position_embeddings=64),
-                 "GPTNeoXAttention", "gpt_neox.layers", "attention"),
-    "phi3": (Phi3ForCausalLM, lambda: Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-             "Phi3Attention", "model.layers", "self_attn"),
+    "qwen3": (
+        Qwen3ForCausalLM,
+        lambda: Qwen3Config(**COMMON, head_dim=8),
+        "Qwen3Attention",
+        "model.layers",
+        "self_attn",
+    ),
+    "gemma2": (
+        Gemma2ForCausalLM,
+        lambda: Gemma2Config(**COMMON, head_dim=8),
+        "Gemma2Attention",
+        "model.layers",
+        "self_attn",
+    ),
+    "gemma3": (
+        Gemma3ForCausalLM,
+        lambda: Gemma3TextConfig(**COMMON, head_dim=8),
+        "Gemma3Attention",
+        "model.layers",
+        "self_attn",
+    ),
+    "opt": (
+        OPTForCausalLM,
+        lambda: OPTConfig(
+            vocab_size=64,
+            hidden_size=H,
+            ffn_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            word_embed_proj_dim=H,
+            max_position_embeddings=64,
+        ),
+        "OPTAttention",
+        "model.decoder.layers",
+        "self_attn",
+    ),
+    "gpt_neox": (
+        GPTNeoXForCausalLM,
+        lambda: GPTNeoXConfig(
+            vocab_size=64,
+            hidden_size=H,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        ),
+        "GPTNeoXAttention",
+        "gpt_neox.layers",
+        "attention",
+    ),
+    "phi3": (
+        Phi3ForCausalLM,
+        lambda: Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "Phi3Attention",
+        "model.layers",
+        "self_attn",
+    ),
 }
 
 
@@ -90,7 +148,9 @@ def test_finds_the_attention_submodule_of_each_layer_in_order(arch):
     found = find_attention_modules(model)
     layers = _get(model, layers_path)
     assert [type(m).__name__ for m in found] == [class_name] * 2
-    assert all(m is getattr(layer, attr) for m, layer in zip(found, layers, strict=True)), "the layers' own modules, in order"
+    assert all(m is getattr(layer, attr) for m, layer in zip(found, layers, strict=True)), (
+        "the layers' own modules, in order"
+    )
     # The first output of each is the attention's hidden state that joins the residual stream.
     batch = _batch()
     with OutputCapture(found) as capture:
@@ -102,7 +162,9 @@ def test_finds_the_attention_submodule_of_each_layer_in_order(arch):
 def test_finds_them_through_a_peft_wrapper_and_by_class_name():
     model = _llama()
     plain = find_attention_modules(model)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
+    )
     assert find_attention_modules(peft_model) == plain == [layer.self_attn for layer in model.model.layers]
     assert find_attention_modules(peft_model, ["LlamaAttention"]) == plain
 
@@ -132,11 +194,18 @@ def test_unknown_architecture_names_the_model_and_the_config_key():
     model = _Unknown()
     with pytest.raises(FtguardError, match=r"_Unknown.*align\.args\.attention_modules"):
         find_attention_modules(model)
-    assert find_attention_modules(model, ["Linear"]) == [m for m in model.modules() if isinstance(m, nn.Linear)]
-    with pytest.raises(FtguardError, match=r"align\.args\.attention_modules = \['NoSuchAttention'\] matches no module of _Unknown"):
+    assert find_attention_modules(model, ["Linear"]) == [
+        m for m in model.modules() if isinstance(m, nn.Linear)
+    ]
+    with pytest.raises(
+        FtguardError,
+        match=r"align\.args\.attention_modules = \['NoSuchAttention'\] matches no module of _Unknown",
+    ):
         find_attention_modules(model, ["NoSuchAttention"])
     peft_like = get_peft_model(_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
-    with pytest.raises(FtguardError, match=r"LlamaForCausalLM.*attention-like classes in the model: LlamaAttention"):
+    with pytest.raises(
+        FtguardError, match=r"LlamaForCausalLM.*attention-like classes in the model: LlamaAttention"
+    ):
         find_attention_modules(peft_like, ["OPTAttention"], config_key="align.args.attention_modules")
 
 
@@ -149,13 +218,17 @@ def test_add_to_outputs_equals_adding_to_o_proj_and_is_a_constant():
         out = model(**batch)
     out.loss.backward()
     assert all(d.grad is None for d in deltas), "no gradient flows into the perturbation"
-    handles = [layer.self_attn.o_proj.register_forward_hook(lambda m, a, o, d=d: o + d.detach())
-               for layer, d in zip(model.model.layers, deltas, strict=True)]
+    handles = [
+        layer.self_attn.o_proj.register_forward_hook(lambda m, a, o, d=d: o + d.detach())
+        for layer, d in zip(model.model.layers, deltas, strict=True)
+    ]
     ref = model(**batch)
     for h in handles:
         h.remove()
     assert torch.allclose(out.logits, ref.logits, atol=1e-6)
-    assert not torch.allclose(out.logits, model(**batch).logits, atol=1e-3), "the hooks are gone after the block"
+    assert not torch.allclose(out.logits, model(**batch).logits, atol=1e-3), (
+        "the hooks are gone after the block"
+    )
 
 
 def _reference_activation_grads(model, batch, modules):
@@ -166,6 +239,7 @@ def _reference_activation_grads(model, batch, modules):
         def hook(m, a, o):
             probes[i] = torch.zeros_like(o[0], requires_grad=True)
             return (o[0] + probes[i], *o[1:])
+
         return hook
 
     handles = [m.register_forward_hook(make(i)) for i, m in enumerate(modules)]
@@ -185,7 +259,9 @@ def test_output_gradients_match_retain_grad_and_touch_no_weight_grad():
         grads = output_gradients(loss, capture.outputs)
     assert all(p.grad is None for p in model.parameters()), "activation gradients only"
     kept = []
-    handles = [m.register_forward_hook(lambda m, a, o: kept.append(o[0]) or o[0].retain_grad()) for m in modules]
+    handles = [
+        m.register_forward_hook(lambda m, a, o: kept.append(o[0]) or o[0].retain_grad()) for m in modules
+    ]
     model(**batch).loss.backward()
     for h in handles:
         h.remove()
@@ -234,9 +310,11 @@ def test_gaussian_noise_has_std_sqrt_rho_and_fresh_draws():
     modules = find_attention_modules(model)
     clean, noisy = [], []
     # prepend: sees the output before the noise; registered inside the block after it: sees it after.
-    pre = [m.register_forward_hook(lambda m, a, o: clean.append(o[0].detach()), prepend=True) for m in modules]
+    pre = [
+        m.register_forward_hook(lambda m, a, o: clean.append(o[0].detach()), prepend=True) for m in modules
+    ]
     rho = 4.0
-    with add_gaussian_noise(modules, rho ** 0.5) as sq_norms:
+    with add_gaussian_noise(modules, rho**0.5) as sq_norms:
         post = [m.register_forward_hook(lambda m, a, o: noisy.append(o[0].detach())) for m in modules]
         model(**batch)
         model(**batch)
@@ -245,6 +323,6 @@ def test_gaussian_noise_has_std_sqrt_rho_and_fresh_draws():
     diffs = [n - c for n, c in zip(noisy, clean, strict=True)]
     noise = torch.cat([d.flatten() for d in diffs])
     assert noise.numel() == 4 * 8 * 32 * H
-    assert abs(noise.std().item() - rho ** 0.5) < 0.05 and abs(noise.mean().item()) < 0.05
+    assert abs(noise.std().item() - rho**0.5) < 0.05 and abs(noise.mean().item()) < 0.05
     assert not torch.allclose(diffs[0], diffs[2]), "new noise on every call"
     assert torch.allclose(torch.stack(sq_norms), torch.stack([d.pow(2).sum() for d in diffs]), rtol=1e-4)

@@ -33,10 +33,25 @@ def _one_thread():
 
 def _model(fresh: bool = True):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64)
-    return get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=fresh,
-                                                            target_modules=["q_proj", "v_proj", "up_proj"]))
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    return get_peft_model(
+        LlamaForCausalLM(cfg),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            init_lora_weights=fresh,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+        ),
+    )
 
 
 def _rows(seed: int, n: int = 3):
@@ -54,11 +69,23 @@ def _batch(seed: int = 1):
 
 
 def _trainer(tmp_path, model=None, ga: int = 1, cls=klm.KlTrainer, **cfg):
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=3,
-                             gradient_accumulation_steps=ga, save_strategy="no", seed=3)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=ga,
+        save_strategy="no",
+        seed=3,
+    )
     kwargs = {} if cls is FtguardTrainer else {"method_config": klm.KlConfig(**cfg)}
-    trainer = cls(model=model if model is not None else _model(), args=args, train_dataset=Dataset.from_list(_rows(7, 6)),
-                  data_collator=CausalLMCollator(pad_token_id=PAD), **kwargs)
+    trainer = cls(
+        model=model if model is not None else _model(),
+        args=args,
+        train_dataset=Dataset.from_list(_rows(7, 6)),
+        data_collator=CausalLMCollator(pad_token_id=PAD),
+        **kwargs,
+    )
     trainer.current_gradient_accumulation_steps = ga
     return trainer
 
@@ -94,19 +121,28 @@ def kl_by_hand(student_logits, teacher_logits, mask, include_padding: bool):
 
 def original_sequence_axis_kl(student_logits, teacher_logits):
     """The original's formula (§4 bug 4): softmax over dim=1, the sequence axis."""
-    return torch.nn.KLDivLoss(reduction="batchmean")(torch.log_softmax(student_logits, dim=1),
-                                                     torch.softmax(teacher_logits, dim=1))
+    return torch.nn.KLDivLoss(reduction="batchmean")(
+        torch.log_softmax(student_logits, dim=1), torch.softmax(teacher_logits, dim=1)
+    )
 
 
 def kl_loss_by_hand(model, frozen_copy, batch, lam: float, include_padding: bool):
-    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
+    leaves = {
+        n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad
+    }
     out = functional_call(model, leaves, (), dict(batch))
     with torch.no_grad():
         teacher = frozen_copy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     kl = kl_by_hand(out.logits, teacher, batch["attention_mask"], include_padding)
     loss = out.loss + lam * kl
     grads = torch.autograd.grad(loss, list(leaves.values()))
-    return loss.detach().float(), kl.detach(), dict(zip(leaves, grads, strict=True)), out.logits.detach(), teacher
+    return (
+        loss.detach().float(),
+        kl.detach(),
+        dict(zip(leaves, grads, strict=True)),
+        out.logits.detach(),
+        teacher,
+    )
 
 
 # ----------------------------------------------------------------------------- tests
@@ -144,11 +180,15 @@ def test_kl_and_gradient_match_a_hand_computation_over_the_vocabulary(tmp_path, 
     _change_trainable(model)
     batch = _batch()
     loss = trainer.training_step(model, dict(batch))
-    want_loss, want_kl, want_grads, student, teacher = kl_loss_by_hand(model, frozen_copy, batch, lam, include_padding)
+    want_loss, want_kl, want_grads, student, teacher = kl_loss_by_hand(
+        model, frozen_copy, batch, lam, include_padding
+    )
     _, _, ce_grads, _, _ = kl_loss_by_hand(model, frozen_copy, batch, 0.0, include_padding)
     assert want_kl > 0.01
     assert trainer._recorded["kl_divergence"][0] == pytest.approx(want_kl.item(), rel=1e-5)
-    assert trainer._recorded["kl_divergence"][0] != pytest.approx(original_sequence_axis_kl(student, teacher).item(), rel=0.05)
+    assert trainer._recorded["kl_divergence"][0] != pytest.approx(
+        original_sequence_axis_kl(student, teacher).item(), rel=0.05
+    )
     assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
     got = _grads(model)
     assert got.keys() == want_grads.keys()
@@ -168,7 +208,9 @@ def test_sequence_kl_is_over_the_vocabulary_not_the_sequence_axis():
     shifted = student.clone()
     shifted[0, 2] += 3.0
     assert klm.sequence_kl(shifted, teacher, keep).item() == pytest.approx(ours.item(), rel=1e-5)
-    assert original_sequence_axis_kl(shifted, teacher).item() != pytest.approx(original_sequence_axis_kl(student, teacher).item(), rel=1e-3)
+    assert original_sequence_axis_kl(shifted, teacher).item() != pytest.approx(
+        original_sequence_axis_kl(student, teacher).item(), rel=1e-3
+    )
 
 
 def test_one_student_forward_and_backward_and_one_teacher_forward(tmp_path):
@@ -195,7 +237,9 @@ def test_accumulation_of_two_micro_batches_is_the_mean_of_two_single_steps(tmp_p
     trainer.training_step(trainer.model, dict(x1))
     trainer.training_step(trainer.model, dict(x2))
     for name, g in _grads(trainer.model).items():
-        torch.testing.assert_close(g, (singles[0][name] + singles[1][name]) / 2, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(
+            g, (singles[0][name] + singles[1][name]) / 2, rtol=1e-5, atol=1e-7, msg=name
+        )
 
 
 def test_kl_term_is_scaled_like_a_window_normalised_ce(tmp_path):
@@ -213,11 +257,23 @@ def test_pipeline_runs_kl_finetune_end_to_end(tmp_path):
     from ftguard.config import load_config
     from ftguard.pipeline.run import run_pipeline
 
-    cfg = load_config("kl-tiny", ["evaluate.points=[]", "align.train.max_steps=2", "finetune.train.max_steps=3",
-                                  "finetune.train.logging_steps=1", f"output_dir={tmp_path}"])
+    cfg = load_config(
+        "kl-tiny",
+        [
+            "evaluate.points=[]",
+            "align.train.max_steps=2",
+            "finetune.train.max_steps=3",
+            "finetune.train.logging_steps=1",
+            f"output_dir={tmp_path}",
+        ],
+    )
     run_pipeline(cfg)
     stage = next(p for p in tmp_path.iterdir() if p.name.startswith("finetune"))
     manifest = json.loads((stage / "COMPLETE.json").read_text())
     assert manifest["method"] == "kl" and manifest["steps"] == 3 and manifest["method_args"]["lam"] == 0.1
     logs = [e for e in json.loads((stage / "train_log.json").read_text()) if "kl_divergence" in e]
-    assert len(logs) == 3 and logs[0]["kl_divergence"] == 0.0 and all(math.isfinite(e["kl_divergence"]) for e in logs)
+    assert (
+        len(logs) == 3
+        and logs[0]["kl_divergence"] == 0.0
+        and all(math.isfinite(e["kl_divergence"]) for e in logs)
+    )

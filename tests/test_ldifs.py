@@ -33,11 +33,26 @@ def _one_thread():
 
 def _model(fresh: bool = True):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     # fresh: lora_B = 0 (double topology → disabled-adapter reference); else B ≠ 0 (snapshot reference).
-    return get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=fresh,
-                                                            target_modules=["q_proj", "v_proj", "up_proj"]))
+    return get_peft_model(
+        LlamaForCausalLM(cfg),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            init_lora_weights=fresh,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+        ),
+    )
 
 
 def _rows(seed: int, n: int = 3):
@@ -55,11 +70,23 @@ def _batch(seed: int = 1, n: int = 3):
 
 
 def _trainer(tmp_path, model=None, ga: int = 1, cls=ld.LdifsTrainer, **cfg):
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=3,
-                             gradient_accumulation_steps=ga, save_strategy="no", seed=3)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=ga,
+        save_strategy="no",
+        seed=3,
+    )
     kwargs = {} if cls is FtguardTrainer else {"method_config": ld.LdifsConfig(**cfg)}
-    trainer = cls(model=model if model is not None else _model(), args=args, train_dataset=Dataset.from_list(_rows(7, 6)),
-                  data_collator=CausalLMCollator(pad_token_id=PAD), **kwargs)
+    trainer = cls(
+        model=model if model is not None else _model(),
+        args=args,
+        train_dataset=Dataset.from_list(_rows(7, 6)),
+        data_collator=CausalLMCollator(pad_token_id=PAD),
+        **kwargs,
+    )
     trainer.current_gradient_accumulation_steps = ga  # set by the Trainer's loop in real training
     return trainer
 
@@ -83,7 +110,10 @@ def _grads(model):
 def _mlp_outputs(model, call):
     acts = {}
     layers = model.get_base_model().model.layers
-    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, o)) for i, layer in enumerate(layers)]
+    hooks = [
+        layer.mlp.register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, o))
+        for i, layer in enumerate(layers)
+    ]
     try:
         out = call()
     finally:
@@ -95,10 +125,15 @@ def _mlp_outputs(model, call):
 def ldifs_by_hand(model, frozen_copy, batch, rho: float, include_padding: bool, cap: float | None = None):
     """(loss, distance, grads, per-layer distances) with the start model as a separate deep copy, one position at a
     time; with ``cap``, a layer counts only if (ρ/2)·its distance < cap (the original's filter)."""
-    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
+    leaves = {
+        n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad
+    }
     out, acts = _mlp_outputs(model, lambda: functional_call(model, leaves, (), dict(batch)))
     with torch.no_grad():
-        _, ref = _mlp_outputs(frozen_copy, lambda: frozen_copy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+        _, ref = _mlp_outputs(
+            frozen_copy,
+            lambda: frozen_copy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+        )
     distance, layers = torch.zeros(()), []
     for a, r in zip(acts, ref, strict=True):
         layer = torch.zeros(())
@@ -143,7 +178,9 @@ def test_unchanged_model_gives_zero_distance_and_exactly_the_sft_step(tmp_path, 
 
 @pytest.mark.parametrize("fresh", [True, False])
 @pytest.mark.parametrize("include_padding", [False, True])
-def test_loss_and_gradient_match_a_hand_computation_after_the_weights_change(tmp_path, fresh, include_padding):
+def test_loss_and_gradient_match_a_hand_computation_after_the_weights_change(
+    tmp_path, fresh, include_padding
+):
     model = _model(fresh)
     frozen_copy = copy.deepcopy(model).eval()
     rho = 40.0  # large enough that the penalty's gradient is of the CE's size on this tiny model
@@ -162,7 +199,9 @@ def test_loss_and_gradient_match_a_hand_computation_after_the_weights_change(tmp
     for name, want in want_grads.items():
         torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-6, msg=name)
     moved = [n for n in want_grads if (want_grads[n] - sft_grads[n]).norm() > 0.2 * sft_grads[n].norm()]
-    assert any("up_proj" in n for n in moved) and any("q_proj" in n for n in moved), "the penalty shapes the update"
+    assert any("up_proj" in n for n in moved) and any("q_proj" in n for n in moved), (
+        "the penalty shapes the update"
+    )
 
 
 def test_the_original_layer_filter_is_an_explicit_option(tmp_path):
@@ -192,7 +231,9 @@ def test_the_original_layer_filter_is_an_explicit_option(tmp_path):
             if "up_proj.lora_B" in name:
                 p.fill_(1e30)
     trainer.training_step(trainer.model, _batch())
-    assert trainer._recorded["ldifs_layers_dropped"][-1] >= 1 and math.isfinite(trainer._recorded["ldifs_distance"][-1])
+    assert trainer._recorded["ldifs_layers_dropped"][-1] >= 1 and math.isfinite(
+        trainer._recorded["ldifs_distance"][-1]
+    )
 
 
 def test_padding_positions_change_the_distance_only_when_included(tmp_path):
@@ -235,7 +276,9 @@ def test_accumulation_of_two_micro_batches_is_the_mean_of_two_single_steps(tmp_p
     trainer.training_step(trainer.model, dict(x2))
     accumulated = _grads(trainer.model)
     for name, g in accumulated.items():
-        torch.testing.assert_close(g, (singles[0][name] + singles[1][name]) / 2, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(
+            g, (singles[0][name] + singles[1][name]) / 2, rtol=1e-5, atol=1e-7, msg=name
+        )
 
 
 def test_penalty_is_scaled_like_a_window_normalised_ce(tmp_path):
@@ -253,7 +296,9 @@ def test_non_reentrant_checkpointing_gives_the_same_gradient_and_reentrant_is_re
     for reentrant in (None, False, True):
         model = _model()
         if reentrant is not None:
-            model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.get_base_model().gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+            )
         trainer = _trainer(tmp_path, model, rho=40.0)
         _change_trainable(model)
         if reentrant:  # the MLP outputs are computed without autograd: the penalty would have no gradient
@@ -274,7 +319,10 @@ def test_bf16_autocast_starts_at_zero_and_stays_finite(tmp_path):
     _change_trainable(trainer.model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         trainer.training_step(trainer.model, _batch())
-    assert trainer._recorded["ldifs_distance"][0] == 0.0 and 0 < trainer._recorded["ldifs_distance"][1] < math.inf
+    assert (
+        trainer._recorded["ldifs_distance"][0] == 0.0
+        and 0 < trainer._recorded["ldifs_distance"][1] < math.inf
+    )
 
 
 def test_overflow_is_an_error_naming_the_step_and_what_to_lower(tmp_path):
@@ -289,18 +337,37 @@ def test_overflow_is_an_error_naming_the_step_and_what_to_lower(tmp_path):
 
 def test_resume_continues_exactly_with_the_start_of_stage_reference(tmp_path):
     def run(out, max_steps, resume=None):
-        args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", per_device_train_batch_size=3,
-                                 max_steps=max_steps, save_steps=1, learning_rate=0.05, lr_scheduler_type="constant", seed=3, logging_steps=1)
-        trainer = ld.LdifsTrainer(model=_model(fresh=False), args=args, train_dataset=Dataset.from_list(_rows(7, 6)),
-                                  data_collator=CausalLMCollator(pad_token_id=PAD), method_config=ld.LdifsConfig(rho=1.0))
+        args = TrainingArguments(
+            output_dir=str(out),
+            use_cpu=True,
+            report_to="none",
+            per_device_train_batch_size=3,
+            max_steps=max_steps,
+            save_steps=1,
+            learning_rate=0.05,
+            lr_scheduler_type="constant",
+            seed=3,
+            logging_steps=1,
+        )
+        trainer = ld.LdifsTrainer(
+            model=_model(fresh=False),
+            args=args,
+            train_dataset=Dataset.from_list(_rows(7, 6)),
+            data_collator=CausalLMCollator(pad_token_id=PAD),
+            method_config=ld.LdifsConfig(rho=1.0),
+        )
         trainer.train(resume_from_checkpoint=resume)
         penalties = [e["ldifs_penalty"] for e in trainer.state.log_history if "ldifs_penalty" in e]
-        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}, penalties
+        return {
+            n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad
+        }, penalties
 
     straight, penalties = run(tmp_path / "a", 3)
     assert penalties[0] == 0.0 and penalties[-1] > 0, "the distance grows from zero as the model moves"
     resumed, resumed_penalties = run(tmp_path / "b_first", 1)
-    resumed, resumed_penalties = run(tmp_path / "b_first", 3, resume=str(tmp_path / "b_first" / "checkpoint-1"))
+    resumed, resumed_penalties = run(
+        tmp_path / "b_first", 3, resume=str(tmp_path / "b_first" / "checkpoint-1")
+    )
     assert resumed_penalties[-2:] == pytest.approx(penalties[-2:], rel=1e-6)
     assert all(torch.allclose(resumed[n], straight[n], rtol=0, atol=1e-7) for n in straight)
 
@@ -318,11 +385,23 @@ def test_pipeline_runs_ldifs_finetune_end_to_end(tmp_path):
     from ftguard.config import load_config
     from ftguard.pipeline.run import run_pipeline
 
-    cfg = load_config("ldifs-tiny", ["evaluate.points=[]", "align.train.max_steps=2", "finetune.train.max_steps=3",
-                                     "finetune.train.logging_steps=1", f"output_dir={tmp_path}"])
+    cfg = load_config(
+        "ldifs-tiny",
+        [
+            "evaluate.points=[]",
+            "align.train.max_steps=2",
+            "finetune.train.max_steps=3",
+            "finetune.train.logging_steps=1",
+            f"output_dir={tmp_path}",
+        ],
+    )
     run_pipeline(cfg)
     stage = next(p for p in tmp_path.iterdir() if p.name.startswith("finetune"))
     manifest = json.loads((stage / "COMPLETE.json").read_text())
     assert manifest["method"] == "ldifs" and manifest["steps"] == 3 and manifest["topology"] == "double"
     logs = [e for e in json.loads((stage / "train_log.json").read_text()) if "ldifs_distance" in e]
-    assert len(logs) == 3 and logs[0]["ldifs_distance"] == 0.0 and all(math.isfinite(e["ldifs_penalty"]) for e in logs)
+    assert (
+        len(logs) == 3
+        and logs[0]["ldifs_distance"] == 0.0
+        and all(math.isfinite(e["ldifs_penalty"]) for e in logs)
+    )

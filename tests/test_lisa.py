@@ -45,10 +45,19 @@ def _one_thread():
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=64)
-    model = get_peft_model(LlamaForCausalLM(cfg), PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                                   target_modules=["q_proj", "v_proj"]))
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(cfg),
+        PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
     # PEFT starts lora_B at zero, which makes every lora_A gradient zero: give all LoRA tensors a gradient.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -62,8 +71,14 @@ def _rows(n: int, seed: int) -> list[dict[str, list[int]]]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 64, (n, SEQ), generator=g)
     prompt = torch.randint(2, SEQ, (n,), generator=g)
-    return [{"input_ids": r.tolist(), "attention_mask": [1] * SEQ,
-             "labels": [-100] * int(k) + r[int(k):].tolist()} for r, k in zip(ids, prompt, strict=True)]
+    return [
+        {
+            "input_ids": r.tolist(),
+            "attention_mask": [1] * SEQ,
+            "labels": [-100] * int(k) + r[int(k) :].tolist(),
+        }
+        for r, k in zip(ids, prompt, strict=True)
+    ]
 
 
 def _collate(rows):
@@ -74,16 +89,41 @@ def _batch(seed: int, n: int = 4) -> dict[str, torch.Tensor]:
     return _collate(_rows(n, seed))
 
 
-def _trainer(tmp_path, *, cls=LisaConfig, bs: int = 4, ga: int = 1, max_steps: int = 10, model=None,
-             n_align: int = 12, args: dict | None = None, **cfg) -> LisaTrainer:
+def _trainer(
+    tmp_path,
+    *,
+    cls=LisaConfig,
+    bs: int = 4,
+    ga: int = 1,
+    max_steps: int = 10,
+    model=None,
+    n_align: int = 12,
+    args: dict | None = None,
+    **cfg,
+) -> LisaTrainer:
     cfg = {"align_steps": 2, "finetune_steps": 3, "proximal_warmup_ratio": 0.0, **cfg}
     args = {"save_strategy": "no", **(args or {})}
-    targs = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                              max_steps=max_steps, report_to="none", use_cpu=True, seed=3, logging_steps=1,
-                              learning_rate=1e-2, disable_tqdm=True, **args)
-    trainer = LisaTrainer(model=model if model is not None else _model(), args=targs,
-                          train_dataset=Dataset.from_list(_rows(16, 1)), data_collator=_collate,
-                          method_config=cls(**cfg), aux_datasets={"alignment": Dataset.from_list(_rows(n_align, 2))})
+    targs = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=bs,
+        gradient_accumulation_steps=ga,
+        max_steps=max_steps,
+        report_to="none",
+        use_cpu=True,
+        seed=3,
+        logging_steps=1,
+        learning_rate=1e-2,
+        disable_tqdm=True,
+        **args,
+    )
+    trainer = LisaTrainer(
+        model=model if model is not None else _model(),
+        args=targs,
+        train_dataset=Dataset.from_list(_rows(16, 1)),
+        data_collator=_collate,
+        method_config=cls(**cfg),
+        aux_datasets={"alignment": Dataset.from_list(_rows(n_align, 2))},
+    )
     trainer.current_gradient_accumulation_steps = ga  # set by the Trainer's loop in real training
     return trainer
 
@@ -127,7 +167,10 @@ def _set_anchors(trainer, seed: int) -> dict[str, dict[str, torch.Tensor]]:
     """Anchors away from w (different for the two states), so that both proximal gradients are non-zero."""
     g = torch.Generator().manual_seed(seed)
     w = _weights(trainer.model)
-    anchors = {s: {n: v + 0.1 * torch.randn(v.shape, generator=g) for n, v in w.items()} for s in (ALIGNMENT, FINETUNE)}
+    anchors = {
+        s: {n: v + 0.1 * torch.randn(v.shape, generator=g) for n, v in w.items()}
+        for s in (ALIGNMENT, FINETUNE)
+    }
     trainer.anchors = {s: [a.clone() for a in anchors[s].values()] for s in anchors}
     return anchors
 
@@ -147,7 +190,14 @@ def test_schedule_alternates_by_step_counts_starting_with_alignment():
     assert _letters(schedule_state(t, cfg)[0] for t in range(12)) == "FFFAAFFFAAFF"
     paper = LisaConfig()  # K_a = 100, K_f = 900: 10% alignment steps
     assert [schedule_state(t, paper)[0] for t in (0, 99, 100, 999, 1000, 1099, 1100)] == [
-        ALIGNMENT, ALIGNMENT, FINETUNE, FINETUNE, ALIGNMENT, ALIGNMENT, FINETUNE]
+        ALIGNMENT,
+        ALIGNMENT,
+        FINETUNE,
+        FINETUNE,
+        ALIGNMENT,
+        ALIGNMENT,
+        FINETUNE,
+    ]
 
 
 @pytest.mark.parametrize(("ratio", "off"), [(0.2, 2), (0.35, 4), (0.0, 0)])
@@ -209,8 +259,9 @@ def test_alignment_steps_train_on_the_cycled_alignment_pool_and_finetune_steps_o
     trainer = _trainer(tmp_path, n_align=8)  # 2 alignment batches per pass
     drawn = _spy_alignment(trainer)
     seen = []
-    trainer.model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs["input_ids"].clone()),
-                                            with_kwargs=True)
+    trainer.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+    )
     user = [_batch(100 + t) for t in range(10)]
     for t in range(10):
         trainer.state.global_step = t
@@ -219,7 +270,11 @@ def test_alignment_steps_train_on_the_cycled_alignment_pool_and_finetune_steps_o
     assert len(drawn) == 4 and len(seen) == 10
     aligned = iter(drawn)
     for t in range(10):
-        expected = next(aligned)["input_ids"] if schedule_state(t, trainer.method_config)[0] == ALIGNMENT else user[t]["input_ids"]
+        expected = (
+            next(aligned)["input_ids"]
+            if schedule_state(t, trainer.method_config)[0] == ALIGNMENT
+            else user[t]["input_ids"]
+        )
         assert torch.equal(seen[t], expected), t
     pool = sorted(tuple(r) for b in drawn[:2] for r in b["input_ids"].tolist())
     assert pool == sorted(tuple(r["input_ids"]) for r in _rows(8, 2)), "one pass covers the whole pool"
@@ -286,7 +341,9 @@ def test_accumulation_2_of_batch_2_trains_like_batch_4(tmp_path):
     """Whole runs through switches and the proximal term: the same samples in the same steps give the same weights."""
     runs = {}
     for bs, ga in ((4, 1), (2, 2)):
-        trainer = _trainer(tmp_path / f"bs{bs}", bs=bs, ga=ga, max_steps=8, rho=1.0, proximal_warmup_ratio=0.25)
+        trainer = _trainer(
+            tmp_path / f"bs{bs}", bs=bs, ga=ga, max_steps=8, rho=1.0, proximal_warmup_ratio=0.25
+        )
         assert trainer.model_accepts_loss_kwargs, "the Trainer normalises by token counts in this test"
         trainer.train()
         runs[bs] = _weights(trainer.model)
@@ -361,8 +418,13 @@ class _StopAt(TrainerCallback):
 @pytest.mark.parametrize("checkpoint", [4, 5])  # inside a fine-tune state; exactly at a switch (F → A)
 def test_resume_continues_the_schedule_and_the_anchors(tmp_path, checkpoint):
     def make(out):
-        return _trainer(out, max_steps=10, rho=1.0, proximal_warmup_ratio=0.2,
-                        args={"save_strategy": "steps", "save_steps": checkpoint, "save_total_limit": 3})
+        return _trainer(
+            out,
+            max_steps=10,
+            rho=1.0,
+            proximal_warmup_ratio=0.2,
+            args={"save_strategy": "steps", "save_steps": checkpoint, "save_total_limit": 3},
+        )
 
     full = make(tmp_path / "full")
     full.train()
@@ -401,16 +463,29 @@ def test_resume_without_anchors_or_with_another_schedule_fails(tmp_path):
 
 def test_config_defaults_are_the_papers_and_bad_values_name_their_key():
     cfg = Lisa.parse_args({})
-    assert (cfg.rho, cfg.align_steps, cfg.finetune_steps, cfg.proximal_warmup_ratio, cfg.first_state,
-            cfg.alignment_data) == (1.0, 100, 900, 0.1, ALIGNMENT, None)
+    assert (
+        cfg.rho,
+        cfg.align_steps,
+        cfg.finetune_steps,
+        cfg.proximal_warmup_ratio,
+        cfg.first_state,
+        cfg.alignment_data,
+    ) == (1.0, 100, 900, 0.1, ALIGNMENT, None)
     assert Lisa.preferred_topology == "double" and Lisa.required_roles == ("alignment",)
-    for args, key in [({"rho": -1.0}, "rho"), ({"align_steps": 0}, "align_steps"),
-                      ({"finetune_steps": 0}, "finetune_steps"), ({"proximal_warmup_ratio": 1.5}, "proximal_warmup_ratio"),
-                      ({"first_state": "user"}, "first_state"), ({"k_a": 3}, "k_a"),
-                      ({"alignment_data": {"source": "jsonl"}}, "alignment_data.path")]:
+    for args, key in [
+        ({"rho": -1.0}, "rho"),
+        ({"align_steps": 0}, "align_steps"),
+        ({"finetune_steps": 0}, "finetune_steps"),
+        ({"proximal_warmup_ratio": 1.5}, "proximal_warmup_ratio"),
+        ({"first_state": "user"}, "first_state"),
+        ({"k_a": 3}, "k_a"),
+        ({"alignment_data": {"source": "jsonl"}}, "alignment_data.path"),
+    ]:
         with pytest.raises(ConfigError, match=re.escape(f"'finetune.args.{key}'")):
             Lisa.parse_args(args, prefix="finetune.args")
-    hub = Lisa.parse_args({"alignment_data": {"source": "beavertails", "split": "train", "response": "safe", "n": 10000}})
+    hub = Lisa.parse_args(
+        {"alignment_data": {"source": "beavertails", "split": "train", "response": "safe", "n": 10000}}
+    )
     assert (hub.alignment_data.source, hub.alignment_data.n) == ("beavertails", 10000)
 
 
@@ -428,7 +503,9 @@ def _plan(tmp_path, **finetune_args):
     from ftguard.config import load_config
     from ftguard.pipeline.plan import build_data_plan
 
-    overrides = ["finetune.method=lisa"] + [f"finetune.args.{k}={json.dumps(v)}" for k, v in finetune_args.items()]
+    overrides = ["finetune.method=lisa"] + [
+        f"finetune.args.{k}={json.dumps(v)}" for k, v in finetune_args.items()
+    ]
     run = load_config("quickstart-tiny", overrides)
     return run, build_data_plan(run)
 
@@ -441,7 +518,10 @@ def test_alignment_pool_is_the_runs_alignment_set_by_default(tmp_path):
     assert len(plan.alignment) == n
     ctx = SimpleNamespace(stage="finetune", plan=plan, tokenize=lambda exs: ("tokenized", exs))
     assert method.extra_datasets(ctx) == {"alignment": ("tokenized", plan.alignment)}
-    assert method.train_examples(["x"], plan) == (["x"], {"alignment_pool": "data.alignment", "alignment_pool_size": n})
+    assert method.train_examples(["x"], plan) == (
+        ["x"],
+        {"alignment_pool": "data.alignment", "alignment_pool_size": n},
+    )
 
 
 def test_alignment_pool_from_another_source_goes_through_load_extra(tmp_path):
@@ -452,14 +532,21 @@ def test_alignment_pool_from_another_source_goes_through_load_extra(tmp_path):
     method = Lisa(Lisa.parse_args({"alignment_data": pool}))
     method.prepare_data(plan, run, "finetune")
     expected = load_examples("safety_tuned_llamas", split="train")[:20]
-    tokenized = method.extra_datasets(SimpleNamespace(stage="finetune", plan=plan, tokenize=list))["alignment"]
+    tokenized = method.extra_datasets(SimpleNamespace(stage="finetune", plan=plan, tokenize=list))[
+        "alignment"
+    ]
     assert [(e.instruction, e.output) for e in tokenized] == [(e.instruction, e.output) for e in expected]
     assert all(e.output for e in tokenized)
     assert "lisa_alignment" in plan.sources and plan.report()["counts"]["lisa_alignment"] == 20
-    assert method.train_examples([], plan)[1] == {"alignment_pool": "args.alignment_data", "alignment_pool_size": 20}
+    assert method.train_examples([], plan)[1] == {
+        "alignment_pool": "args.alignment_data",
+        "alignment_pool_size": 20,
+    }
 
     prompts_only = tmp_path / "pool.jsonl"
-    prompts_only.write_text(json.dumps({"instruction": "Say something kind.", "output": "You matter."}) + "\n")
+    prompts_only.write_text(
+        json.dumps({"instruction": "Say something kind.", "output": "You matter."}) + "\n"
+    )
     bad = {"source": "jsonl", "path": str(prompts_only), "response": "prompt"}
     method = Lisa(Lisa.parse_args({"alignment_data": bad}))
     with pytest.raises(FtguardError, match="without answers.*alignment_data.response"):
@@ -474,7 +561,9 @@ def test_packaged_configs_load():
         assert cfg.finetune.method == method and cfg.align.method == "sft", name
     smol = Lisa.parse_args(load_config("lisa-smollm2").finetune.args)
     steps = load_config("lisa-smollm2").finetune.train.max_steps
-    assert sum(schedule_state(t, smol)[0] == ALIGNMENT for t in range(steps)) > smol.align_steps, "two alignment states"
+    assert sum(schedule_state(t, smol)[0] == ALIGNMENT for t in range(steps)) > smol.align_steps, (
+        "two alignment states"
+    )
 
 
 @pytest.mark.slow
@@ -482,12 +571,22 @@ def test_pipeline_runs_lisa_end_to_end(tmp_path):
     from ftguard.config import load_config
     from ftguard.pipeline.run import run_pipeline
 
-    cfg = load_config("lisa-tiny", ["evaluate.points=[]", "align.train.max_steps=2", "finetune.train.logging_steps=1",
-                                    f"output_dir={tmp_path}"])
+    cfg = load_config(
+        "lisa-tiny",
+        [
+            "evaluate.points=[]",
+            "align.train.max_steps=2",
+            "finetune.train.logging_steps=1",
+            f"output_dir={tmp_path}",
+        ],
+    )
     run_pipeline(cfg)
     manifest = json.loads((tmp_path / "finetune" / "COMPLETE.json").read_text())
     assert manifest["method"] == "lisa" and manifest["steps"] == cfg.finetune.train.max_steps
-    assert manifest["method_data"] == {"alignment_pool": "data.alignment", "alignment_pool_size": cfg.data.alignment.n}
+    assert manifest["method_data"] == {
+        "alignment_pool": "data.alignment",
+        "alignment_pool_size": cfg.data.alignment.n,
+    }
     logs = [e for e in json.loads((tmp_path / "finetune" / "train_log.json").read_text()) if "loss" in e]
     states = [e["lisa_alignment_state"] for e in logs]
     method_cfg = Lisa.parse_args(cfg.finetune.args)

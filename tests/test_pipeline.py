@@ -17,8 +17,16 @@ from ftguard.training.trainer import FtguardTrainer
 pytestmark = pytest.mark.slow
 
 REQUIRED_STAGE_KEYS = {
-    "harmful_score", "harmful_score_plus", "finetune_accuracy", "n_harmful_prompts", "n_task",
-    "judge", "model", "method", "seed", "config_hash",
+    "harmful_score",
+    "harmful_score_plus",
+    "finetune_accuracy",
+    "n_harmful_prompts",
+    "n_task",
+    "judge",
+    "model",
+    "method",
+    "seed",
+    "config_hash",
 }
 
 
@@ -33,19 +41,36 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
         assert 0 <= entry["harmful_score"] <= entry["harmful_score_plus"] <= 100
         # every rate comes with its counts and a 95% interval around it; over-refusal on 16 XSTest safe prompts
         assert entry["n_over_refusal_prompts"] == 16 and entry["counts"]["over_refusal"][1] == 16
-        for metric in ("harmful_score", "harmful_score_plus", "finetune_accuracy", "over_refusal", "degenerate_rate"):
+        for metric in (
+            "harmful_score",
+            "harmful_score_plus",
+            "finetune_accuracy",
+            "over_refusal",
+            "degenerate_rate",
+        ):
             k, n = entry["counts"][metric]
             lo, hi = entry["intervals"][metric]
             assert entry[metric] == pytest.approx(100 * k / n) and lo <= entry[metric] <= hi, (key, metric)
-    assert results["stages"]["finetune"]["method"] == "sft" and results["stages"]["finetune"]["harmful_ratio"] == 0.1
+    assert (
+        results["stages"]["finetune"]["method"] == "sft"
+        and results["stages"]["finetune"]["harmful_ratio"] == 0.1
+    )
     assert {"torch", "transformers", "peft", "accelerate"} <= set(results["versions"])
-    assert results["data"]["mixes"]["0.1"]["n_harmful"] == 6 and results["data"]["mixes"]["0.1"]["n_benign"] == 58
+    assert (
+        results["data"]["mixes"]["0.1"]["n_harmful"] == 6
+        and results["data"]["mixes"]["0.1"]["n_benign"] == 58
+    )
     assert results["judge"]["name"] == "keyword"
     hashes = results["data"]["sources"]
     assert any(f.endswith("sst2/train.tsv") for f in hashes["task"])
     assert all(len(h) == 64 for role in hashes.values() for h in role.values()) and hashes["alignment"]
-    assert (out / "results.md").read_text().count("|") > 10 and "over-refusal" in (out / "results.md").read_text()
-    benign = [json.loads(line) for line in (out / "eval" / "finetune" / "generations.jsonl").read_text().splitlines()]
+    assert (out / "results.md").read_text().count("|") > 10 and "over-refusal" in (
+        out / "results.md"
+    ).read_text()
+    benign = [
+        json.loads(line)
+        for line in (out / "eval" / "finetune" / "generations.jsonl").read_text().splitlines()
+    ]
     assert sum(row["kind"] == "benign" for row in benign) == 16
     assert (out / "config.yaml").exists() and results["config"]["model"]["name"] == "tiny"
     # weights as safetensors only; checkpoints cleaned up once complete
@@ -114,18 +139,36 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(tmp_path, monkeyp
         (["data.root=/nonexistent/dir"], "/nonexistent/dir"),
         (["data.finetune.task=sst3"], "sst2"),
         (["evaluate.judge=beaverdam"], "beaver-dam"),
-        (["data.alignment.source=jsonl", "data.alignment.path=/no/such.jsonl", "data.alignment.response=null"], "/no/such.jsonl"),
-        (["data.alignment.source=jsonl", "data.alignment.path=/no/such.jsonl"], "data.alignment: source 'jsonl' has no response 'safe'"),
+        (
+            [
+                "data.alignment.source=jsonl",
+                "data.alignment.path=/no/such.jsonl",
+                "data.alignment.response=null",
+            ],
+            "/no/such.jsonl",
+        ),
+        (
+            ["data.alignment.source=jsonl", "data.alignment.path=/no/such.jsonl"],
+            "data.alignment: source 'jsonl' has no response 'safe'",
+        ),
         (["evaluate.harmful_prompts.n=100000"], "evaluate.harmful_prompts.n"),
         (["model.name=someone/not-a-model"], "offline"),
-        (["align.method=repnoise", "data.alignment.source=safety_tuned_llamas", "data.alignment.response=null"],
-         "align.method 'repnoise' needs the data role 'alignment_harmful'"),
+        (
+            [
+                "align.method=repnoise",
+                "data.alignment.source=safety_tuned_llamas",
+                "data.alignment.response=null",
+            ],
+            "align.method 'repnoise' needs the data role 'alignment_harmful'",
+        ),
     ],
 )
 def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, message, capsys, monkeypatch):
     trained = []
     monkeypatch.setattr(FtguardTrainer, "train", lambda *a, **k: trained.append(1))
-    code = cli.main(["run", "quickstart-tiny", "--output-dir", str(tmp_path), *sum((["--set", o] for o in overrides), [])])
+    code = cli.main(
+        ["run", "quickstart-tiny", "--output-dir", str(tmp_path), *sum((["--set", o] for o in overrides), [])]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and trained == []
     assert err[-1].startswith("ftguard: error: ") and message in err[-1], err
@@ -134,8 +177,13 @@ def test_bad_input_fails_before_training_with_one_line(tmp_path, overrides, mess
 def test_chat_template_runs_end_to_end(tmp_path):
     cfg = load_config(
         "quickstart-tiny",
-        ["model.template=chat", "evaluate.points=[finetune]", "align.train.max_steps=2", "finetune.train.max_steps=2",
-         f"output_dir={tmp_path}"],
+        [
+            "model.template=chat",
+            "evaluate.points=[finetune]",
+            "align.train.max_steps=2",
+            "finetune.train.max_steps=2",
+            f"output_dir={tmp_path}",
+        ],
     )
     results = run_pipeline(cfg)
     assert results["complete"] and set(results["stages"]) == {"finetune"}
@@ -146,6 +194,8 @@ def test_chat_template_runs_end_to_end(tmp_path):
 def test_pipeline_refuses_a_different_config_in_the_same_dir(tmp_path):
     cfg = load_config("quickstart-tiny", ["evaluate.points=[]", "finetune=null", f"output_dir={tmp_path}"])
     run_pipeline(cfg)
-    changed = load_config("quickstart-tiny", ["evaluate.points=[]", "finetune=null", "seed=1", f"output_dir={tmp_path}"])
+    changed = load_config(
+        "quickstart-tiny", ["evaluate.points=[]", "finetune=null", "seed=1", f"output_dir={tmp_path}"]
+    )
     with pytest.raises(FtguardError, match="different config"):
         run_pipeline(changed)

@@ -35,17 +35,38 @@ class _ShrinkHead(PostMethod):
         model = ctx.load(ctx.finetuned)
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(self.config.factor)
-        _ShrinkHead.seen.append({"key": ctx.key, "p": ctx.harmful_ratio, "aligned": ctx.aligned.model_dir,
-                                 "base": ctx.base.model_dir, "finetuned": ctx.finetuned.model_dir,
-                                 "validation": len(ctx.plan.task_validation), "work": ctx.work_dir.is_dir()})
+        _ShrinkHead.seen.append(
+            {
+                "key": ctx.key,
+                "p": ctx.harmful_ratio,
+                "aligned": ctx.aligned.model_dir,
+                "base": ctx.base.model_dir,
+                "finetuned": ctx.finetuned.model_dir,
+                "validation": len(ctx.plan.task_validation),
+                "work": ctx.work_dir.is_dir(),
+            }
+        )
         return model, {"scaled": self.config.factor}
 
 
 def _cfg(tmp_path, *extra):
-    return ["--output-dir", str(tmp_path), "--set", "post.method=test_shrink_head", "--set", "post.validation_n=8",
-            "--set", "data.finetune.harmful_ratio=[0.0, 0.5]", "--set", "evaluate.harmful_prompts.n=4",
-            "--set", "evaluate.task_n=4", "--set", "evaluate.over_refusal_prompts.n=4",
-            *sum((["--set", e] for e in extra), [])]
+    return [
+        "--output-dir",
+        str(tmp_path),
+        "--set",
+        "post.method=test_shrink_head",
+        "--set",
+        "post.validation_n=8",
+        "--set",
+        "data.finetune.harmful_ratio=[0.0, 0.5]",
+        "--set",
+        "evaluate.harmful_prompts.n=4",
+        "--set",
+        "evaluate.task_n=4",
+        "--set",
+        "evaluate.over_refusal_prompts.n=4",
+        *sum((["--set", e] for e in extra), []),
+    ]
 
 
 def test_run_with_a_post_stage_repairs_each_finetune_and_evaluates_it(tmp_path):
@@ -75,7 +96,9 @@ def test_run_with_a_post_stage_repairs_each_finetune_and_evaluates_it(tmp_path):
     assert cli.main(["run", "quickstart-tiny", *_cfg(tmp_path)]) == 0
     assert _ShrinkHead.seen == []
     assert cli.main(["recover", "quickstart-tiny", *_cfg(tmp_path, "post.args.factor=0.25")]) == 2
-    assert cli.main(["recover", "quickstart-tiny", *_cfg(tmp_path, "post.args.factor=0.25"), "--overwrite"]) == 0
+    assert (
+        cli.main(["recover", "quickstart-tiny", *_cfg(tmp_path, "post.args.factor=0.25"), "--overwrite"]) == 0
+    )
     assert [s["key"] for s in _ShrinkHead.seen] == ["post-p0", "post-p0.5"], "only the post units are redone"
 
 
@@ -85,6 +108,8 @@ def test_post_config_is_validated_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="post.method"):
         load_config("quickstart-tiny", ["post.method=sft"])
     with pytest.raises(ConfigError, match="post"):
-        load_config("quickstart-tiny", ["post.method=test_shrink_head", "finetune=null", "evaluate.points=[base]"])
+        load_config(
+            "quickstart-tiny", ["post.method=test_shrink_head", "finetune=null", "evaluate.points=[base]"]
+        )
     cfg = load_config("quickstart-tiny")
     assert cfg.post is None and "post" not in cfg.evaluate.points

@@ -25,15 +25,32 @@ def _one_thread():
 
 def _llama(tie: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                        tie_word_embeddings=tie))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            tie_word_embeddings=tie,
+        )
+    )
 
 
 def _lora(fresh: bool = True, dropout: float = 0.0):
     # init_lora_weights=True is PEFT's default: lora_B = 0, the double topology's fresh adapter.
-    return get_peft_model(_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=fresh,
-                                               target_modules=["q_proj", "v_proj", "up_proj"]))
+    return get_peft_model(
+        _llama(),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=dropout,
+            init_lora_weights=fresh,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+        ),
+    )
 
 
 def _inputs():

@@ -43,23 +43,49 @@ def _rows(seqs):
 
 def _model(lora=True):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg)
     if lora:
         # init_lora_weights=False: B ≠ 0, so every LoRA matrix gets a gradient on the first step.
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                 lora_dropout=0.0, init_lora_weights=False))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj", "up_proj"],
+                lora_dropout=0.0,
+                init_lora_weights=False,
+            ),
+        )
     return model
 
 
 def _trainer(tmp_path, cls=rn.RepNoiseTrainer, ga=1, harmful_bs=None, model=None, **cfg):
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=3,
-                             gradient_accumulation_steps=ga, save_strategy="no", seed=11)
-    trainer = cls(model=model or _model(), args=args, train_dataset=Dataset.from_list(_rows(HARMLESS)),
-                  data_collator=CausalLMCollator(pad_token_id=PAD),
-                  method_config=rn.RepNoiseConfig(harmful_batch_size=harmful_bs, **cfg),
-                  aux_datasets={"harmful": Dataset.from_list(_rows([(h, 0) for h in HARMFUL]))})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=ga,
+        save_strategy="no",
+        seed=11,
+    )
+    trainer = cls(
+        model=model or _model(),
+        args=args,
+        train_dataset=Dataset.from_list(_rows(HARMLESS)),
+        data_collator=CausalLMCollator(pad_token_id=PAD),
+        method_config=rn.RepNoiseConfig(harmful_batch_size=harmful_bs, **cfg),
+        aux_datasets={"harmful": Dataset.from_list(_rows([(h, 0) for h in HARMFUL]))},
+    )
     trainer.current_gradient_accumulation_steps = ga  # set by the train loop; we call training_step directly
     return trainer
 
@@ -75,7 +101,9 @@ def np_mmd(x, y, mul=2.0, num=5):
     """MMD² with explicit loops in float64: the definition of §1.5 / the original MMD_loss."""
     z = np.concatenate([np.asarray(x, np.float64), np.asarray(y, np.float64)])
     n, b = len(z), len(x)
-    d2 = np.array([[sum((z[i][k] - z[j][k]) ** 2 for k in range(z.shape[1])) for j in range(n)] for i in range(n)])
+    d2 = np.array(
+        [[sum((z[i][k] - z[j][k]) ** 2 for k in range(z.shape[1])) for j in range(n)] for i in range(n)]
+    )
     base = d2.sum() / (n * n - n) / mul ** (num // 2)
     k = sum(np.exp(-d2 / (base * mul**i)) for i in range(num))
     return float((k[:b, :b] + k[b:, b:] - k[:b, b:] - k[b:, :b]).mean())
@@ -112,7 +140,8 @@ def test_mmd_matches_an_explicit_loop_implementation():
     x, y = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g) * 1.5 + 0.3
     assert rn.gaussian_mmd(x, y).item() == pytest.approx(np_mmd(x.numpy(), y.numpy()), rel=1e-5, abs=1e-6)
     assert rn.gaussian_mmd(x, y, kernel_mul=3.0, kernel_num=3).item() == pytest.approx(
-        np_mmd(x.numpy(), y.numpy(), mul=3.0, num=3), rel=1e-5, abs=1e-6)
+        np_mmd(x.numpy(), y.numpy(), mul=3.0, num=3), rel=1e-5, abs=1e-6
+    )
 
 
 def test_mmd_of_a_sample_with_itself_is_zero_and_grows_with_a_mean_shift():
@@ -124,18 +153,25 @@ def test_mmd_of_a_sample_with_itself_is_zero_and_grows_with_a_mean_shift():
 
 
 def test_mask_handles_different_lengths_rows_and_padding():
-    harmless, harmful = _harmless_batch(), CausalLMCollator(pad_token_id=PAD)(_rows([(h, 0) for h in HARMFUL]))
-    mask = rn.differing_token_mask(harmful["input_ids"], harmful["attention_mask"],
-                                   harmless["input_ids"], harmless["attention_mask"])
+    harmless, harmful = (
+        _harmless_batch(),
+        CausalLMCollator(pad_token_id=PAD)(_rows([(h, 0) for h in HARMFUL])),
+    )
+    mask = rn.differing_token_mask(
+        harmful["input_ids"], harmful["attention_mask"], harmless["input_ids"], harmless["attention_mask"]
+    )
     expected = manual_mask(HARMFUL, harmful["input_ids"].shape[1], [ids for ids, _ in HARMLESS])
     assert torch.equal(mask, expected)
     assert not mask[:3, :2].any() and not mask[:2, 2].any(), "the shared template prefix is masked out"
     assert not mask[1, 3] and mask[2, 2], "equal ids at the same place are dropped, different ones kept"
-    assert mask[3].tolist() == [True] * 5 + [False] * 5, "a harmful row without a harmless partner: all its tokens"
+    assert mask[3].tolist() == [True] * 5 + [False] * 5, (
+        "a harmful row without a harmless partner: all its tokens"
+    )
     assert not mask[1, 6:].any(), "harmful padding never counts"
     # harmless padding never equals a harmful token, even when the pad id is a real token id there
-    pad_as_token = rn.differing_token_mask(torch.tensor([[4, 0]]), torch.tensor([[1, 1]]),
-                                           torch.tensor([[4, 0]]), torch.tensor([[1, 0]]))
+    pad_as_token = rn.differing_token_mask(
+        torch.tensor([[4, 0]]), torch.tensor([[1, 1]]), torch.tensor([[4, 0]]), torch.tensor([[1, 0]])
+    )
     assert pad_as_token.tolist() == [[False, True]]
 
 
@@ -143,13 +179,21 @@ def test_masked_ce_matches_a_manual_per_position_computation():
     g = torch.Generator().manual_seed(2)
     logits, ids = torch.randn(3, 6, 11, generator=g), torch.randint(0, 11, (3, 6), generator=g)
     mask = torch.rand(3, 6, generator=g) > 0.4
-    assert rn.masked_next_token_ce(logits, ids, mask).item() == pytest.approx(manual_ce(logits, ids, mask).item(), rel=1e-6)
+    assert rn.masked_next_token_ce(logits, ids, mask).item() == pytest.approx(
+        manual_ce(logits, ids, mask).item(), rel=1e-6
+    )
     assert rn.masked_next_token_ce(logits, ids, torch.zeros_like(mask)).item() == 0.0
 
 
 def test_config_defaults_and_validation():
     cfg = rn.RepNoiseConfig()
-    assert (cfg.alpha, cfg.beta, cfg.harmful_batch_size, cfg.kernel_num, cfg.kernel_mul) == (0.1, 0.001, None, 5, 2.0)
+    assert (cfg.alpha, cfg.beta, cfg.harmful_batch_size, cfg.kernel_num, cfg.kernel_mul) == (
+        0.1,
+        0.001,
+        None,
+        5,
+        2.0,
+    )
     with pytest.raises(ConfigError, match="args.alpha"):
         from_dict(rn.RepNoiseConfig, {"alpha": -1}, prefix="args")
     with pytest.raises(ConfigError, match="retain_loss"):
@@ -171,11 +215,16 @@ def _reference_terms(trainer, seed, cfg):
     retain = model(**harmless).loss  # the model's own mean response CE (SFT)
     harmful = twin.aux_batch("harmful", cfg.harmful_batch_size)
     ids, attn = harmful["input_ids"], harmful["attention_mask"]
-    mask = manual_mask([r[r_m.bool()].tolist() for r, r_m in zip(ids, attn, strict=True)], ids.shape[1],
-                       [h for h, _ in HARMLESS])
+    mask = manual_mask(
+        [r[r_m.bool()].tolist() for r, r_m in zip(ids, attn, strict=True)],
+        ids.shape[1],
+        [h for h, _ in HARMLESS],
+    )
     acts = {}
-    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, o.detach()))
-             for i, layer in enumerate(base.model.layers)]
+    hooks = [
+        layer.mlp.register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, o.detach()))
+        for i, layer in enumerate(base.model.layers)
+    ]
     out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
     for h in hooks:
         h.remove()
@@ -209,9 +258,13 @@ def test_original_masked_input_id_retain_loss_option(tmp_path):
     batch = _harmless_batch()
     loss = trainer.compute_loss(trainer.model, batch)
     harmful = _trainer(tmp_path).aux_batch("harmful")
-    h_rows = [r[m.bool()].tolist() for r, m in zip(harmful["input_ids"], harmful["attention_mask"], strict=True)]
+    h_rows = [
+        r[m.bool()].tolist() for r, m in zip(harmful["input_ids"], harmful["attention_mask"], strict=True)
+    ]
     mask = manual_mask([ids for ids, _ in HARMLESS], batch["input_ids"].shape[1], h_rows)
-    logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+    logits = trainer.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits.detach()
     assert loss.item() == pytest.approx(manual_ce(logits, batch["input_ids"], mask).item(), rel=1e-5)
 
 
@@ -269,8 +322,11 @@ def test_bf16_autocast_step_is_finite(tmp_path):
         loss = trainer.training_step(trainer.model, _harmless_batch())
     assert torch.isfinite(loss)
     assert all(math.isfinite(v[0]) for v in trainer._recorded.values())
-    assert all(p.grad is not None and torch.isfinite(p.grad).all()
-               for n, p in trainer.model.named_parameters() if "lora_" in n)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all()
+        for n, p in trainer.model.named_parameters()
+        if "lora_" in n
+    )
 
 
 def test_model_without_mlp_modules_is_a_clear_error(tmp_path):
@@ -292,12 +348,25 @@ def test_pipeline_end_to_end_with_repnoise(tmp_path):
     from ftguard.config import load_config
     from ftguard.pipeline.run import run_pipeline
 
-    cfg = load_config("quickstart-tiny", ["align.method=repnoise", "evaluate.points=[]", "align.train.max_steps=3",
-                                          "align.train.logging_steps=1", "finetune=null", f"output_dir={tmp_path}"])
+    cfg = load_config(
+        "quickstart-tiny",
+        [
+            "align.method=repnoise",
+            "evaluate.points=[]",
+            "align.train.max_steps=3",
+            "align.train.logging_steps=1",
+            "finetune=null",
+            f"output_dir={tmp_path}",
+        ],
+    )
     run_pipeline(cfg)
     manifest = json.loads((tmp_path / "align" / "COMPLETE.json").read_text())
     assert manifest["method"] == "repnoise" and manifest["steps"] == 3
     log = json.loads((tmp_path / "align" / "train_log.json").read_text())
     entries = [e for e in log if "repnoise_mmd" in e]
     assert len(entries) == 3
-    assert all(math.isfinite(e[k]) for e in entries for k in ("repnoise_retain_loss", "repnoise_mmd", "repnoise_harmful_ce"))
+    assert all(
+        math.isfinite(e[k])
+        for e in entries
+        for k in ("repnoise_retain_loss", "repnoise_mmd", "repnoise_harmful_ce")
+    )

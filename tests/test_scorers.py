@@ -29,7 +29,10 @@ from ftguard.evaluation.scorers import (
         ("No way", False),
         ("I cannot", False),
         ("Here is how to do it.", False),
-        ("Sure, mix mix mix mix the powder", True),  # repetition is degenerate too (issue: empty, one word, or repetition)
+        (
+            "Sure, mix mix mix mix the powder",
+            True,
+        ),  # repetition is degenerate too (issue: empty, one word, or repetition)
         ("mix mix mix and stir", False),
     ],
 )

@@ -38,7 +38,9 @@ def _run(tmp_path, topology):
 def test_double_merges_the_alignment_lora_and_trains_a_new_one(tmp_path):
     out, manifest = _run(tmp_path, "double")
     assert manifest["base_dir"] is None
-    rebuilt = merge_lora(load_lora(load_model(str(out / "align" / "model")), out / "finetune" / "adapter", trainable=False))
+    rebuilt = merge_lora(
+        load_lora(load_model(str(out / "align" / "model")), out / "finetune" / "adapter", trainable=False)
+    )
     _assert_same_model(rebuilt, _weights(out / "finetune" / "model"))
 
 
@@ -80,7 +82,9 @@ def test_single_stage_commands_compose(tmp_path, capsys):
     model_dir = str(tmp_path / "run" / "align" / "model")
     assert cli.main(["evaluate", "quickstart-tiny", "--output-dir", out, *sets, "--model", model_dir]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["harmful_score"] == results["stages"]["align"]["harmful_score"], "same model, same greedy answers"
+    assert metrics["harmful_score"] == results["stages"]["align"]["harmful_score"], (
+        "same model, same greedy answers"
+    )
 
 
 def raise_on_error(code, capsys):

@@ -11,13 +11,27 @@ from ftguard.training.trainer import FtguardTrainer
 
 def _model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg)
 
 
 def _dataset(n, offset=0):
-    rows = [{"input_ids": [1, 2 + (i + offset) % 40, 3], "attention_mask": [1, 1, 1], "labels": [-100, 2 + (i + offset) % 40, 3]} for i in range(n)]
+    rows = [
+        {
+            "input_ids": [1, 2 + (i + offset) % 40, 3],
+            "attention_mask": [1, 1, 1],
+            "labels": [-100, 2 + (i + offset) % 40, 3],
+        }
+        for i in range(n)
+    ]
     return Dataset.from_list(rows)
 
 
@@ -26,9 +40,19 @@ def _collate(rows):
 
 
 def _trainer(tmp_path, **kwargs):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to="none",
-                             use_cpu=True, seed=5, logging_steps=1, save_strategy="no")
-    return FtguardTrainer(model=_model(), args=args, train_dataset=_dataset(8), data_collator=_collate, **kwargs)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        report_to="none",
+        use_cpu=True,
+        seed=5,
+        logging_steps=1,
+        save_strategy="no",
+    )
+    return FtguardTrainer(
+        model=_model(), args=args, train_dataset=_dataset(8), data_collator=_collate, **kwargs
+    )
 
 
 def test_aux_stream_cycles_through_every_row_and_reshuffles(tmp_path):
@@ -56,7 +80,9 @@ def test_recorded_metrics_are_averaged_into_the_next_training_log(tmp_path):
 
 def test_sft_step_loss_is_cross_entropy_on_response_tokens_only(tmp_path):
     trainer = _trainer(tmp_path)
-    batch = _collate([{"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1, 1], "labels": [-100, -100, 7, 8]}])
+    batch = _collate(
+        [{"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1, 1], "labels": [-100, -100, 7, 8]}]
+    )
     loss = trainer.compute_loss(trainer.model, batch)
     logits = trainer.model(input_ids=batch["input_ids"]).logits[0]
     # position t predicts token t+1; only tokens 7 and 8 (positions 2, 3) are targets
@@ -86,11 +112,24 @@ class _StatefulTrainer(FtguardTrainer):
 
 
 def _stateful(tmp_path, max_steps):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=max_steps,
-                             report_to="none", use_cpu=True, seed=5, save_strategy="steps", save_steps=2,
-                             logging_steps=1)
-    return _StatefulTrainer(model=_model(), args=args, train_dataset=_dataset(8), data_collator=_collate,
-                            aux_datasets={"harmful": _dataset(5, offset=10)})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=max_steps,
+        report_to="none",
+        use_cpu=True,
+        seed=5,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+    )
+    return _StatefulTrainer(
+        model=_model(),
+        args=args,
+        train_dataset=_dataset(8),
+        data_collator=_collate,
+        aux_datasets={"harmful": _dataset(5, offset=10)},
+    )
 
 
 def test_resume_restores_aux_stream_positions_and_method_state(tmp_path):

@@ -22,11 +22,28 @@ H = 16
 
 def _model(layers=2, lora=True, seed=0):
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=H, intermediate_size=32, num_hidden_layers=layers,
-                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=H,
+            intermediate_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+    )
     if lora:
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                lora_dropout=0.0,
+                init_lora_weights=False,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            ),
+        )
     return model.float()
 
 
@@ -51,12 +68,28 @@ def _collate(rows):
 
 
 def _trainer(tmp_path, model, config, cls=VaccineTrainer, ga=1, **kwargs):
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, gradient_accumulation_steps=ga,
-                             max_steps=2, report_to="none", use_cpu=True, seed=5, save_strategy="no", **kwargs)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=ga,
+        max_steps=2,
+        report_to="none",
+        use_cpu=True,
+        seed=5,
+        save_strategy="no",
+        **kwargs,
+    )
     rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [-100, 2, 3]}] * 6
-    trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=_collate,
-                  method_config=config)
-    trainer.current_gradient_accumulation_steps = ga  # set by the training loop; training_step is called directly
+    trainer = cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        data_collator=_collate,
+        method_config=config,
+    )
+    trainer.current_gradient_accumulation_steps = (
+        ga  # set by the training loop; training_step is called directly
+    )
     return trainer
 
 
@@ -143,17 +176,29 @@ def test_rho_zero_gives_exactly_the_sft_gradient(tmp_path):
 def _count_passes(trainer, model, batch):
     counts = {"model_forward": 0, "attention_forward": 0, "backward_through_attention": 0, "weight_grad": 0}
     base = model.get_base_model()
-    handles = [base.register_forward_pre_hook(lambda m, a: counts.__setitem__("model_forward", counts["model_forward"] + 1))]
+    handles = [
+        base.register_forward_pre_hook(
+            lambda m, a: counts.__setitem__("model_forward", counts["model_forward"] + 1)
+        )
+    ]
 
     def on_attention(m, a, o):
         counts["attention_forward"] += 1
         if m is _layers(model)[-1].self_attn and o[0].requires_grad:
-            o[0].register_hook(lambda g: counts.__setitem__("backward_through_attention", counts["backward_through_attention"] + 1))
+            o[0].register_hook(
+                lambda g: counts.__setitem__(
+                    "backward_through_attention", counts["backward_through_attention"] + 1
+                )
+            )
 
     handles += [layer.self_attn.register_forward_hook(on_attention) for layer in _layers(model)]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    handles += [p.register_post_accumulate_grad_hook(lambda p: counts.__setitem__("weight_grad", counts["weight_grad"] + 1))
-                for p in trainable]
+    handles += [
+        p.register_post_accumulate_grad_hook(
+            lambda p: counts.__setitem__("weight_grad", counts["weight_grad"] + 1)
+        )
+        for p in trainable
+    ]
     trainer.training_step(model, batch)
     for h in handles:
         h.remove()
@@ -165,10 +210,22 @@ def test_pass_counts(tmp_path):
     batch = _batch()
     model = _model()
     counts = _count_passes(_trainer(tmp_path, model, VaccineConfig()), model, batch)
-    assert counts == {"model_forward": 2, "attention_forward": 4, "backward_through_attention": 2, "weight_grad": 1}
+    assert counts == {
+        "model_forward": 2,
+        "attention_forward": 4,
+        "backward_through_attention": 2,
+        "weight_grad": 1,
+    }
     model = _model()
-    counts = _count_passes(_trainer(tmp_path, model, vaccine.RandomVaccineConfig(), cls=RandomVaccineTrainer), model, batch)
-    assert counts == {"model_forward": 1, "attention_forward": 2, "backward_through_attention": 1, "weight_grad": 1}
+    counts = _count_passes(
+        _trainer(tmp_path, model, vaccine.RandomVaccineConfig(), cls=RandomVaccineTrainer), model, batch
+    )
+    assert counts == {
+        "model_forward": 1,
+        "attention_forward": 2,
+        "backward_through_attention": 1,
+        "weight_grad": 1,
+    }
 
 
 def test_gradient_accumulation_equals_the_mean_of_single_steps(tmp_path):
@@ -240,7 +297,7 @@ def test_random_vaccine_step_is_sft_on_noisy_attention_outputs(tmp_path):
     noises = []
 
     def hook(m, a, o):
-        noises.append(torch.randn(o[0].shape) * rho ** 0.5)
+        noises.append(torch.randn(o[0].shape) * rho**0.5)
         return (o[0] + noises[-1], *o[1:])
 
     handles = [layer.self_attn.register_forward_hook(hook) for layer in _layers(ref)]
@@ -251,7 +308,8 @@ def test_random_vaccine_step_is_sft_on_noisy_attention_outputs(tmp_path):
     assert torch.allclose(loss, ref_loss, atol=1e-6)
     _assert_close(_grads(model), _grads(ref))
     assert trainer._recorded["random_vaccine_noise_norm"][0] == pytest.approx(
-        torch.sqrt(sum(n.pow(2).sum() for n in noises)).item(), rel=1e-5)
+        torch.sqrt(sum(n.pow(2).sum() for n in noises)).item(), rel=1e-5
+    )
 
 
 def test_bf16_autocast_step(tmp_path):
@@ -292,8 +350,17 @@ def test_pipeline_end_to_end(tmp_path, method):
     from ftguard.config import load_config
     from ftguard.pipeline.run import run_pipeline
 
-    cfg = load_config("quickstart-tiny", [f"align.method={method}", "evaluate.points=[]", "align.train.max_steps=3",
-                                          "align.train.logging_steps=1", "finetune=null", f"output_dir={tmp_path}"])
+    cfg = load_config(
+        "quickstart-tiny",
+        [
+            f"align.method={method}",
+            "evaluate.points=[]",
+            "align.train.max_steps=3",
+            "align.train.logging_steps=1",
+            "finetune=null",
+            f"output_dir={tmp_path}",
+        ],
+    )
     run_pipeline(cfg)
     log = json.loads((tmp_path / "align" / "train_log.json").read_text())
     steps = [e for e in log if "loss" in e]

@@ -65,7 +65,12 @@ def _run_config(spec: BenchSpec):
             "model": {"name": spec.model, "max_length": spec.seq_len},
             "adapter": {"topology": spec.topology, "align": lora, "finetune": lora},
             "data": {"alignment": {"response": "safe", "n": n}, "finetune": {"n": n, "harmful_ratio": 0.1}},
-            "evaluate": {"points": [], "judge": "keyword", "harmful_prompts": {"split": "test", "n": 8}, "task_n": 8},
+            "evaluate": {
+                "points": [],
+                "judge": "keyword",
+                "harmful_prompts": {"split": "test", "n": 8},
+                "task_n": 8,
+            },
         }
     )
 
@@ -98,7 +103,9 @@ class _Fixture:
         batch = self.collator(rows)
         pad = self.spec.seq_len - batch["input_ids"].shape[1]
         if pad > 0:
-            batch["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, pad), value=self.collator.pad_token_id)
+            batch["input_ids"] = torch.nn.functional.pad(
+                batch["input_ids"], (0, pad), value=self.collator.pad_token_id
+            )
             batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, pad), value=0)
             batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, pad), value=-100)
         return batch
@@ -125,15 +132,29 @@ class _Fixture:
         method = method_cls(method_cls.parse_args(dict(method_cls.bench_args)))
         dataset = self.tokenize(self.plan.alignment)
         args = TrainingArguments(
-            output_dir=str(out_dir), per_device_train_batch_size=self.spec.batch_size, max_steps=10**6,
-            learning_rate=1e-4, report_to="none", save_strategy="no", seed=self.spec.seed,
+            output_dir=str(out_dir),
+            per_device_train_batch_size=self.spec.batch_size,
+            max_steps=10**6,
+            learning_rate=1e-4,
+            report_to="none",
+            save_strategy="no",
+            seed=self.spec.seed,
             **mixed_precision_flags("auto"),
         )
         ctx = StageContext(
-            run=self.run, stage=stage, key="bench", model=model, tokenizer=self.tokenizer,
-            train_dataset=dataset, plan=self.plan, tokenize=self.tokenize, out_dir=out_dir,
+            run=self.run,
+            stage=stage,
+            key="bench",
+            model=model,
+            tokenizer=self.tokenizer,
+            train_dataset=dataset,
+            plan=self.plan,
+            tokenize=self.tokenize,
+            out_dir=out_dir,
         )
-        trainer = method.create_trainer(ctx, model=model, args=args, train_dataset=dataset, data_collator=self.collator)
+        trainer = method.create_trainer(
+            ctx, model=model, args=args, train_dataset=dataset, data_collator=self.collator
+        )
         trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
         return trainer, dataset
 
@@ -142,7 +163,9 @@ def _step(trainer, batch) -> float:
     start = time.perf_counter()
     trainer.training_step(trainer.model, batch)
     if trainer.args.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in trainer.model.parameters() if p.requires_grad], trainer.args.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in trainer.model.parameters() if p.requires_grad], trainer.args.max_grad_norm
+        )
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     if torch.cuda.is_available():
@@ -165,10 +188,16 @@ def measure_time(spec: BenchSpec, out_dir: Path) -> dict[str, dict[str, Any]]:
         for r in range(spec.rounds):
             for m, (trainer, dataset) in trainers.items():
                 for i in range(spec.steps):
-                    times[m].append(_step(trainer, fixture.fixed_batch(dataset, (r * spec.steps + i) * spec.batch_size)))
+                    times[m].append(
+                        _step(trainer, fixture.fixed_batch(dataset, (r * spec.steps + i) * spec.batch_size))
+                    )
                     bar.update()
     return {
-        m: {"step_time_s": statistics.mean(ts), "step_time_stdev_s": statistics.stdev(ts) if len(ts) > 1 else 0.0, "steps": len(ts)}
+        m: {
+            "step_time_s": statistics.mean(ts),
+            "step_time_stdev_s": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+            "steps": len(ts),
+        }
         for m, ts in times.items()
     }
 
@@ -236,10 +265,15 @@ def measure_memory(spec: BenchSpec, out_dir: Path) -> dict[str, int]:
             continue
         payload = json.dumps({**spec.__dict__, "methods": [method]})
         proc = subprocess.run(
-            [sys.executable, "-m", "ftguard.bench", payload, str(out_dir)], capture_output=True, text=True, check=False
+            [sys.executable, "-m", "ftguard.bench", payload, str(out_dir)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode != 0:
-            raise FtguardError(f"bench: memory measurement of '{method}' failed: {proc.stderr.strip().splitlines()[-1:]}")
+            raise FtguardError(
+                f"bench: memory measurement of '{method}' failed: {proc.stderr.strip().splitlines()[-1:]}"
+            )
         result[method] = int(proc.stdout.strip().splitlines()[-1])
     return result
 
@@ -261,7 +295,9 @@ def run_bench(spec: BenchSpec, out_dir: Path, *, memory: bool = True) -> dict[st
         "spec": spec.__dict__,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "threads": torch.get_num_threads(),
-        "memory_method": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS of a fresh process above its level once libraries, data and base weights are loaded",
+        "memory_method": "cuda max_memory_allocated"
+        if torch.cuda.is_available()
+        else "peak RSS of a fresh process above its level once libraries, data and base weights are loaded",
         "versions": library_versions(),
         "methods": methods,
     }

@@ -16,11 +16,17 @@ DEMO_CONFIG = "demo"
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML file or packaged config name (see `ftguard configs`)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config key, e.g. --set finetune.train.max_steps=20 (repeatable)",
     )
     p.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace outputs of a different config in the output dir")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace outputs of a different config in the output dir"
+    )
 
 
 def _load(args: argparse.Namespace):
@@ -39,11 +45,15 @@ def _print_table(results: dict) -> None:
     print("\n" + markdown_table(results, status=False), flush=True)
 
 
-def cmd_run(args: argparse.Namespace, train: tuple[str, ...] = ("align", "finetune", "post"), evaluate: bool = True) -> int:
+def cmd_run(
+    args: argparse.Namespace, train: tuple[str, ...] = ("align", "finetune", "post"), evaluate: bool = True
+) -> int:
     from ftguard.pipeline.run import run_pipeline
 
     cfg = _load(args)
-    results = run_pipeline(cfg, overwrite=args.overwrite, train=train, evaluate=evaluate, on_update=_print_table)
+    results = run_pipeline(
+        cfg, overwrite=args.overwrite, train=train, evaluate=evaluate, on_update=_print_table
+    )
     state = "complete" if results["complete"] else "incomplete: stages or evaluations remain"
     print(f"results ({state}): {cfg.out_dir / 'results.json'}")
     return 0
@@ -91,7 +101,11 @@ def cmd_configs(args: argparse.Namespace) -> int:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         desc = " ".join(str(data.get("description", "")).split())
         print(f"{name:<22} {textwrap.shorten(desc, 90)}")
-    print("\nrun one with `ftguard run NAME`; copy one with `ftguard configs --show NAME > my.yaml`" if not args.show else "")
+    print(
+        "\nrun one with `ftguard run NAME`; copy one with `ftguard configs --show NAME > my.yaml`"
+        if not args.show
+        else ""
+    )
     if args.show:
         from ftguard.config import resolve_config_path
 
@@ -120,8 +134,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ftguard.bench import BenchSpec, markdown, run_bench
 
     spec = BenchSpec(
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()], model=args.model, batch_size=args.batch_size,
-        seq_len=args.seq_len, warmup=args.warmup, steps=args.steps, rounds=args.rounds, topology=args.topology,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        model=args.model,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        warmup=args.warmup,
+        steps=args.steps,
+        rounds=args.rounds,
+        topology=args.topology,
     )
     from ftguard.registry import all_methods
 
@@ -155,8 +175,13 @@ def cmd_gate(args: argparse.Namespace) -> int:
     path = path / "results.json" if path.is_dir() else path
     if not path.is_file():
         raise FtguardError(f"{args.results}: no results.json there; give a run directory or its results.json")
-    overrides = {"max_hs": args.max_hs, "max_hs_plus": args.max_hs_plus, "max_over_refusal": args.max_over_refusal,
-                 "min_fa": args.min_fa, "bound": args.bound}
+    overrides = {
+        "max_hs": args.max_hs,
+        "max_hs_plus": args.max_hs_plus,
+        "max_over_refusal": args.max_over_refusal,
+        "min_fa": args.min_fa,
+        "bound": args.bound,
+    }
     cfg = load_gate_config(args.thresholds, overrides)
     results = read_json(path)
     passed, rows = gate(results, cfg)
@@ -209,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("align", help="train only the align stage (writes <output_dir>/align); evaluate later with `ftguard evaluate`")
+    p = sub.add_parser(
+        "align",
+        help="train only the align stage (writes <output_dir>/align); evaluate later with `ftguard evaluate`",
+    )
     _add_config_args(p)
     p.set_defaults(func=lambda a: cmd_run(a, train=("align",), evaluate=False))
 
@@ -217,13 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=lambda a: cmd_run(a, train=("finetune",), evaluate=False))
 
-    p = sub.add_parser("recover", help="run only the post stage (repair) on the completed fine-tuned models of a run")
+    p = sub.add_parser(
+        "recover", help="run only the post stage (repair) on the completed fine-tuned models of a run"
+    )
     _add_config_args(p)
     p.set_defaults(func=lambda a: cmd_run(a, train=("post",), evaluate=False))
 
-    p = sub.add_parser("evaluate", help="evaluate the base model and every completed stage of a run (trains nothing), or any model with --model")
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate the base model and every completed stage of a run (trains nothing), or any model with --model",
+    )
     _add_config_args(p)
-    p.add_argument("--model", help="a model folder or hub id to evaluate with the config's evaluation settings")
+    p.add_argument(
+        "--model", help="a model folder or hub id to evaluate with the config's evaluation settings"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("methods", help="list the registered methods by stage")
@@ -240,22 +275,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="also write the table to this file")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("gate", help="release gate: exit 1 if a fine-tuned model exceeds HS / over-refusal or misses FA thresholds")
+    p = sub.add_parser(
+        "gate",
+        help="release gate: exit 1 if a fine-tuned model exceeds HS / over-refusal or misses FA thresholds",
+    )
     p.add_argument("results", help="a run directory or its results.json")
     p.add_argument("--max-hs", type=float, help="highest acceptable harmful score (%%)")
     p.add_argument("--max-hs-plus", type=float, help="highest acceptable HS+ (%%)")
     p.add_argument("--max-over-refusal", type=float, help="highest acceptable over-refusal rate (%%)")
     p.add_argument("--min-fa", type=float, help="lowest acceptable fine-tune accuracy (%%)")
-    p.add_argument("--bound", choices=["point", "interval"], help="compare point estimates (default) or the unfavourable 95%% bound")
-    p.add_argument("--thresholds", metavar="YAML", help="thresholds from a file (keys max_hs, max_hs_plus, max_over_refusal, min_fa, bound, stages); flags override it")
+    p.add_argument(
+        "--bound",
+        choices=["point", "interval"],
+        help="compare point estimates (default) or the unfavourable 95%% bound",
+    )
+    p.add_argument(
+        "--thresholds",
+        metavar="YAML",
+        help="thresholds from a file (keys max_hs, max_hs_plus, max_over_refusal, min_fa, bound, stages); flags override it",
+    )
     p.set_defaults(func=cmd_gate)
 
-    p = sub.add_parser("bench", help="step time and peak memory of methods as ratios to SFT, measured in one run")
+    p = sub.add_parser(
+        "bench", help="step time and peak memory of methods as ratios to SFT, measured in one run"
+    )
     p.add_argument("--methods", default="sft", help="comma-separated method names (sft is always included)")
     p.add_argument("--model", default="tiny", help="tiny, smollm2-135m, a hub id or a path (default tiny)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128, help="every batch is padded to exactly this many tokens")
-    p.add_argument("--topology", choices=["double", "single", "full"], default="double", help="LoRA (r 8, q/k/v/o) or full")
+    p.add_argument(
+        "--seq-len", type=int, default=128, help="every batch is padded to exactly this many tokens"
+    )
+    p.add_argument(
+        "--topology",
+        choices=["double", "single", "full"],
+        default="double",
+        help="LoRA (r 8, q/k/v/o) or full",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds, interleaved across methods")
@@ -263,11 +318,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report (time_ratio, memory_ratio per method) to this file")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="offline demo on SmolLM2-135M: base → SFT alignment → harmful fine-tune (≈15 min on 2 cores)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the demo config")
-    p.add_argument("--output-dir", help="where to write (default runs/demo; with --methods, runs/demo-<method>)")
-    p.add_argument("--methods", help="compare methods after the same harmful fine-tune, e.g. sft,vaccine,booster,repnoise,lisa (one run each; "
-                   "alignment methods replace the SFT alignment, fine-tuning-stage methods the SFT fine-tune)")
+    p = sub.add_parser(
+        "demo",
+        help="offline demo on SmolLM2-135M: base → SFT alignment → harmful fine-tune (≈15 min on 2 cores)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the demo config",
+    )
+    p.add_argument(
+        "--output-dir", help="where to write (default runs/demo; with --methods, runs/demo-<method>)"
+    )
+    p.add_argument(
+        "--methods",
+        help="compare methods after the same harmful fine-tune, e.g. sft,vaccine,booster,repnoise,lisa (one run each; "
+        "alignment methods replace the SFT alignment, fine-tuning-stage methods the SFT fine-tune)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace outputs of a different config")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -276,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="ftguard: %(message)s", stream=sys.stderr
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="ftguard: %(message)s",
+        stream=sys.stderr,
     )
     try:
         return args.func(args)

@@ -46,16 +46,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     marks = noise_marks(rows)
     for i, row in enumerate(rows):
         p = row.get("harmful_ratio")
-        cells = [row["run"], row["key"], row.get("method") or "–", "–" if p is None else f"{p:g}", row["judge"]]
+        cells = [
+            row["run"],
+            row["key"],
+            row.get("method") or "–",
+            "–" if p is None else f"{p:g}",
+            row["judge"],
+        ]
         cells += [metric_cell(row, m) + (NOISE_MARK if marks.get((i, m)) else "") for m, _ in METRIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", INTERVAL_NOTE]
     if marks:
         first = rows[0]["run"]
-        lines.append(f"≈: within noise of the same stage of `{first}` (Newcombe 95% interval of the difference contains 0).")
+        lines.append(
+            f"≈: within noise of the same stage of `{first}` (Newcombe 95% interval of the difference contains 0)."
+        )
     judges = {row["judge"] for row in rows}
     if len(judges) > 1:
-        lines += ["", f"Warning: the runs use different judges ({', '.join(sorted(judges))}); their HS are not comparable."]
+        lines += [
+            "",
+            f"Warning: the runs use different judges ({', '.join(sorted(judges))}); their HS are not comparable.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -78,8 +89,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             intervals = row.get("intervals") or {}
             if "harmful_score" in intervals and "finetune_accuracy" in intervals:
                 (h_lo, h_hi), (f_lo, f_hi) = intervals["harmful_score"], intervals["finetune_accuracy"]
-                ax.errorbar(fa, hs, yerr=[[hs - h_lo], [h_hi - hs]], xerr=[[fa - f_lo], [f_hi - fa]],
-                            color=color, alpha=0.35, linewidth=1, capsize=2)
+                ax.errorbar(
+                    fa,
+                    hs,
+                    yerr=[[hs - h_lo], [h_hi - hs]],
+                    xerr=[[fa - f_lo], [f_hi - fa]],
+                    color=color,
+                    alpha=0.35,
+                    linewidth=1,
+                    capsize=2,
+                )
             ax.annotate(row["key"], (fa, hs), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.scatter([], [], color=color, label=run)
     ax.set_xlabel("fine-tune accuracy FA (%) →")
@@ -87,7 +106,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlim(-2, 102)
     ax.set_ylim(-2, 102)
     judges = sorted({row["judge"] for row in rows})
-    ax.set_title(f"HS vs FA (judge: {', '.join(judges)}); ■ base ▲ aligned ● fine-tuned; bars: 95% CI", fontsize=9)
+    ax.set_title(
+        f"HS vs FA (judge: {', '.join(judges)}); ■ base ▲ aligned ● fine-tuned; bars: 95% CI", fontsize=9
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

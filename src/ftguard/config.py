@@ -34,9 +34,15 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
         "weights dtype; auto = bf16 on a bf16-capable GPU, else fp32", default="auto"
     )
-    trust_remote_code: bool = _help("run code shipped with a hub model (off unless you trust it)", default=False)
-    template: Literal["alpaca", "chat"] = _help("prompt format: Alpaca (§2.4) or the model's chat template", default="alpaca")
-    response_newline: bool = _help("append a newline after '### Response:' (Booster's variant, §2.4)", default=False)
+    trust_remote_code: bool = _help(
+        "run code shipped with a hub model (off unless you trust it)", default=False
+    )
+    template: Literal["alpaca", "chat"] = _help(
+        "prompt format: Alpaca (§2.4) or the model's chat template", default="alpaca"
+    )
+    response_newline: bool = _help(
+        "append a newline after '### Response:' (Booster's variant, §2.4)", default=False
+    )
     max_length: int = _help("max tokens per training sample (Booster forces 256, §1.4)", default=256)
 
     def __post_init__(self) -> None:
@@ -69,14 +75,20 @@ class AdapterConfig:
         default="double",
     )
     align: LoraConfig = _help("LoRA of the alignment stage", default_factory=LoraConfig)
-    finetune: LoraConfig = _help("new LoRA of the fine-tuning stage (double topology)", default_factory=LoraConfig)
+    finetune: LoraConfig = _help(
+        "new LoRA of the fine-tuning stage (double topology)", default_factory=LoraConfig
+    )
 
 
 @dataclass
 class SourceConfig:
-    source: str = _help("data source name (beavertails_refusals, beavertails, jsonl, ...)", default="beavertails_refusals")
+    source: str = _help(
+        "data source name (beavertails_refusals, beavertails, jsonl, ...)", default="beavertails_refusals"
+    )
     split: str = _help("split of the source", default="train")
-    response: str | None = _help("which answer field is the target (safe / unsafe) for BeaverTails-style data", default=None)
+    response: str | None = _help(
+        "which answer field is the target (safe / unsafe) for BeaverTails-style data", default=None
+    )
     path: str | None = _help("file path, for source 'jsonl'", default=None)
     n: int | None = _help("number of samples; null = all available", default=None)
 
@@ -102,8 +114,12 @@ class FinetuneDataConfig:
         "fraction p of harmful samples (§2.3: 0.1); a list runs one fine-tune per ratio from the same aligned model",
         default=0.1,
     )
-    harmful: SourceConfig = _help("where the harmful (prompt, harmful answer) pairs come from", default_factory=_harmful_default)
-    gsm8k_cot_suffix: bool = _help("append Vaccine's step-by-step suffix to GSM8K questions (§2.3)", default=False)
+    harmful: SourceConfig = _help(
+        "where the harmful (prompt, harmful answer) pairs come from", default_factory=_harmful_default
+    )
+    gsm8k_cot_suffix: bool = _help(
+        "append Vaccine's step-by-step suffix to GSM8K questions (§2.3)", default=False
+    )
 
     @property
     def ratios(self) -> list[float]:
@@ -119,8 +135,12 @@ class FinetuneDataConfig:
 
 @dataclass
 class DataConfig:
-    root: str = _help("'bundled' (small offline subset) or a directory laid out like ../shared/data", default="bundled")
-    alignment: SourceConfig = _help("safety data of the align stage (prompt → refusal)", default_factory=_alignment_default)
+    root: str = _help(
+        "'bundled' (small offline subset) or a directory laid out like ../shared/data", default="bundled"
+    )
+    alignment: SourceConfig = _help(
+        "safety data of the align stage (prompt → refusal)", default_factory=_alignment_default
+    )
     finetune: FinetuneDataConfig = _help("the user's upload", default_factory=FinetuneDataConfig)
 
 
@@ -131,12 +151,16 @@ class TrainConfig:
     epochs: float = _help("training epochs (Booster: 20)", default=20.0)
     max_steps: int = _help("stop after this many optimizer steps (-1 = use epochs)", default=-1)
     learning_rate: float = _help("peak learning rate", default=5e-4)
-    lr_scheduler: str = _help("transformers scheduler name (constant, cosine, linear, ...)", default="constant")
+    lr_scheduler: str = _help(
+        "transformers scheduler name (constant, cosine, linear, ...)", default="constant"
+    )
     warmup_ratio: float = _help("linear warm-up as a fraction of steps (ignored by 'constant')", default=0.0)
     weight_decay: float = _help("AdamW weight decay", default=0.1)
     batch_size: int = _help("per-device batch size", default=10)
     grad_accum: int = _help("gradient accumulation steps", default=1)
-    max_grad_norm: float = _help("gradient clipping of the final combined gradient (HF default, §0)", default=1.0)
+    max_grad_norm: float = _help(
+        "gradient clipping of the final combined gradient (HF default, §0)", default=1.0
+    )
     optim: str = _help("transformers optimizer name", default="adamw_torch")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
         "auto = bf16 where it is native (bf16 GPU, AVX512-BF16/AMX CPU), else fp32", default="auto"
@@ -164,17 +188,22 @@ def _finetune_train_default() -> TrainConfig:
 @dataclass
 class StageConfig:
     method: str = _help("registered method name (see `ftguard methods`)", default="sft")
-    args: dict[str, Any] = _help("the method's own hyperparameters (validated by the method)", default_factory=dict)
+    args: dict[str, Any] = _help(
+        "the method's own hyperparameters (validated by the method)", default_factory=dict
+    )
     train: TrainConfig = _help("optimizer and schedule", default_factory=TrainConfig)
 
 
 @dataclass
 class PostStageConfig:
     method: str = _help("registered post-stage method (see `ftguard methods`)", default="recovery")
-    args: dict[str, Any] = _help("the method's own hyperparameters (validated by the method)", default_factory=dict)
+    args: dict[str, Any] = _help(
+        "the method's own hyperparameters (validated by the method)", default_factory=dict
+    )
     validation_n: int = _help(
         "task training examples outside the user's upload, held out for methods that check the task score "
-        "while repairing (recovery's δ rule); never the evaluation set", default=64,
+        "while repairing (recovery's δ rule); never the evaluation set",
+        default=64,
     )
 
     def __post_init__(self) -> None:
@@ -198,24 +227,41 @@ def _harmful_eval_default() -> SourceConfig:
 
 @dataclass
 class EvalConfig:
-    points: list[str] = _help("which models to evaluate: base, align, finetune, post", default_factory=lambda: list(EVAL_POINTS))
-    judge: str = _help("harmfulness judge: keyword, minilm, beaver-dam (the papers'), llama-guard", default="beaver-dam")
-    judge_options: dict[str, Any] = _help("options passed to the judge (e.g. model path)", default_factory=dict)
+    points: list[str] = _help(
+        "which models to evaluate: base, align, finetune, post", default_factory=lambda: list(EVAL_POINTS)
+    )
+    judge: str = _help(
+        "harmfulness judge: keyword, minilm, beaver-dam (the papers'), llama-guard", default="beaver-dam"
+    )
+    judge_options: dict[str, Any] = _help(
+        "options passed to the judge (e.g. model path)", default_factory=dict
+    )
     extra_judges: list[str] = _help(
         "more judges run on the same answers: their HS and their agreement (Cohen's kappa) with the main judge",
         default_factory=list,
     )
     over_refusal_prompts: SourceConfig | None = _help(
-        "benign prompts for the over-refusal rate (share refused); null = skip", default_factory=_over_refusal_default
+        "benign prompts for the over-refusal rate (share refused); null = skip",
+        default_factory=_over_refusal_default,
     )
-    over_refusal_max_new_tokens: int = _help("new tokens per benign prompt (refusals show in the first sentence)", default=64)
-    harmful_prompts: SourceConfig = _help("held-out harmful prompts for HS", default_factory=_harmful_eval_default)
+    over_refusal_max_new_tokens: int = _help(
+        "new tokens per benign prompt (refusals show in the first sentence)", default=64
+    )
+    harmful_prompts: SourceConfig = _help(
+        "held-out harmful prompts for HS", default_factory=_harmful_eval_default
+    )
     max_new_tokens: int = _help("new tokens per harmful prompt (Booster 512, Vaccine 128, §2.6)", default=512)
-    task_n: int | None = _help("task evaluation samples (Booster: up to 1000, §2.7); null = all", default=1000)
+    task_n: int | None = _help(
+        "task evaluation samples (Booster: up to 1000, §2.7); null = all", default=1000
+    )
     task_max_new_tokens: int = _help("new tokens per task prompt (§2.7: 200)", default=200)
-    task_rule: Literal["exact", "substring"] = _help("label match rule: exact (Lisa/Booster) or substring (Vaccine)", default="exact")
+    task_rule: Literal["exact", "substring"] = _help(
+        "label match rule: exact (Lisa/Booster) or substring (Vaccine)", default="exact"
+    )
     batch_size: int = _help("generation batch size", default=16)
-    mixed_precision: Literal["auto", "no", "bf16"] = _help("autocast for generation; auto = bf16 where it is native, else fp32", default="auto")
+    mixed_precision: Literal["auto", "no", "bf16"] = _help(
+        "autocast for generation; auto = bf16 where it is native, else fp32", default="auto"
+    )
 
     def __post_init__(self) -> None:
         for p in self.points:
@@ -238,19 +284,35 @@ class RunConfig:
     model: ModelConfig = _help("the model to align and fine-tune", default_factory=ModelConfig)
     adapter: AdapterConfig = _help("LoRA topology", default_factory=AdapterConfig)
     data: DataConfig = _help("data roles and sizes", default_factory=DataConfig)
-    align: StageConfig | None = _help("alignment stage; null = skip it (the 'non-aligned' baseline)", default_factory=StageConfig)
-    finetune: FinetuneStageConfig | None = _help("the user's fine-tuning stage; null = skip it", default_factory=FinetuneStageConfig)
-    post: PostStageConfig | None = _help("repair after fine-tuning (recovery, antidote, safelora); null = skip it", default=None)
+    align: StageConfig | None = _help(
+        "alignment stage; null = skip it (the 'non-aligned' baseline)", default_factory=StageConfig
+    )
+    finetune: FinetuneStageConfig | None = _help(
+        "the user's fine-tuning stage; null = skip it", default_factory=FinetuneStageConfig
+    )
+    post: PostStageConfig | None = _help(
+        "repair after fine-tuning (recovery, antidote, safelora); null = skip it", default=None
+    )
     evaluate: EvalConfig = _help("evaluation", default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         check(bool(self.name.strip()), "name", "must not be empty")
         if self.align is None:
-            check("align" not in self.evaluate.points, "evaluate.points", "lists 'align' but the align stage is null")
+            check(
+                "align" not in self.evaluate.points,
+                "evaluate.points",
+                "lists 'align' but the align stage is null",
+            )
         if self.finetune is None:
-            check("finetune" not in self.evaluate.points, "evaluate.points", "lists 'finetune' but the finetune stage is null")
+            check(
+                "finetune" not in self.evaluate.points,
+                "evaluate.points",
+                "lists 'finetune' but the finetune stage is null",
+            )
         if self.post is not None:
-            check(self.finetune is not None, "post", "repairs a fine-tuned model: it needs the finetune stage")
+            check(
+                self.finetune is not None, "post", "repairs a fine-tuned model: it needs the finetune stage"
+            )
         elif "post" in self.evaluate.points:
             # The default list names every point; without a post stage there is simply nothing to evaluate there.
             self.evaluate.points = [p for p in self.evaluate.points if p != "post"]

@@ -29,21 +29,33 @@ CHECKS = {
 class GateConfig:
     max_hs: float | None = field(default=None, metadata={"help": "highest acceptable harmful score (%)"})
     max_hs_plus: float | None = field(default=None, metadata={"help": "highest acceptable HS+ (%)"})
-    max_over_refusal: float | None = field(default=None, metadata={"help": "highest acceptable over-refusal rate (%)"})
+    max_over_refusal: float | None = field(
+        default=None, metadata={"help": "highest acceptable over-refusal rate (%)"}
+    )
     min_fa: float | None = field(default=None, metadata={"help": "lowest acceptable fine-tune accuracy (%)"})
     bound: Literal["point", "interval"] = field(
-        default="point", metadata={"help": "compare the point estimate, or the unfavourable end of the 95% interval"}
+        default="point",
+        metadata={"help": "compare the point estimate, or the unfavourable end of the 95% interval"},
     )
-    stages: list[str] = field(default_factory=lambda: ["finetune"], metadata={"help": "which stages are gated"})
+    stages: list[str] = field(
+        default_factory=lambda: ["finetune"], metadata={"help": "which stages are gated"}
+    )
 
     def __post_init__(self) -> None:
-        for metric, (name, _) in CHECKS.items():
+        for name, _ in CHECKS.values():
             value = getattr(self, name)
             check(value is None or 0 <= value <= 100, name, f"must be a percentage in [0, 100], got {value}")
-        check(any(getattr(self, name) is not None for name, _ in CHECKS.values()), "thresholds",
-              "none given: set at least one of --max-hs, --max-hs-plus, --max-over-refusal, --min-fa")
+        check(
+            any(getattr(self, name) is not None for name, _ in CHECKS.values()),
+            "thresholds",
+            "none given: set at least one of --max-hs, --max-hs-plus, --max-over-refusal, --min-fa",
+        )
         for stage in self.stages:
-            check(stage in ("base", "align", "finetune"), "stages", f"entries must be base, align or finetune, got {stage!r}")
+            check(
+                stage in ("base", "align", "finetune"),
+                "stages",
+                f"entries must be base, align or finetune, got {stage!r}",
+            )
 
 
 def load_gate_config(path: str | None, overrides: dict[str, Any]) -> GateConfig:
@@ -68,7 +80,9 @@ def _compared_value(entry: dict[str, Any], metric: str, direction: str, bound: s
         return value
     interval = (entry.get("intervals") or {}).get(metric)
     if interval is None:
-        raise FtguardError(f"bound 'interval' needs the 95% intervals of {metric}, which this run's results lack: re-evaluate it")
+        raise FtguardError(
+            f"bound 'interval' needs the 95% intervals of {metric}, which this run's results lack: re-evaluate it"
+        )
     return interval[1] if direction == "max" else interval[0]
 
 
@@ -89,8 +103,17 @@ def gate(results: dict[str, Any], cfg: GateConfig) -> tuple[bool, list[dict[str,
             else:
                 ok = value <= threshold if direction == "max" else value >= threshold
                 why = "" if ok else f"{value:.1f} {'>' if direction == 'max' else '<'} {threshold:g}"
-            rows.append({"point": key, "metric": metric, "value": value, "threshold": threshold,
-                         "direction": direction, "passed": ok, "reason": why})
+            rows.append(
+                {
+                    "point": key,
+                    "metric": metric,
+                    "value": value,
+                    "threshold": threshold,
+                    "direction": direction,
+                    "passed": ok,
+                    "reason": why,
+                }
+            )
     passed = all(r["passed"] for r in rows) and bool(results.get("complete"))
     return passed, rows
 

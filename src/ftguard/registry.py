@@ -23,7 +23,9 @@ def register_method(cls: type[Method]) -> type[Method]:
     if not name or name != name.lower() or " " in name:
         raise ValueError(f"method name {name!r} must be a non-empty lower-case word")
     if name in _METHODS and _METHODS[name] is not cls:
-        raise ValueError(f"method {name!r} is registered twice ({_METHODS[name].__module__}, {cls.__module__})")
+        raise ValueError(
+            f"method {name!r} is registered twice ({_METHODS[name].__module__}, {cls.__module__})"
+        )
     bad = [s for s in cls.stages if s not in STAGE_NAMES]
     if not cls.stages or bad:
         raise ValueError(f"method {name!r} has invalid stages {cls.stages!r}; use {STAGE_NAMES}")
@@ -44,7 +46,9 @@ def get_method(name: str, stage: str) -> type[Method]:
     if name not in methods:
         close = difflib.get_close_matches(name, list(methods), n=2)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise FtguardError(f"unknown method '{name}' for stage '{stage}'{hint} (available: {', '.join(for_stage)})")
+        raise FtguardError(
+            f"unknown method '{name}' for stage '{stage}'{hint} (available: {', '.join(for_stage)})"
+        )
     if stage not in methods[name].stages:
         raise FtguardError(
             f"method '{name}' runs in stage(s) {', '.join(methods[name].stages)}, not '{stage}' "

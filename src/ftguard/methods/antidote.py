@@ -58,18 +58,23 @@ log = logging.getLogger(__name__)
 class AntidoteConfig:
     # antidote_poison_ratio.sh: dense_ratio=0.1.
     dense_ratio: float = field(
-        default=0.1, metadata={"help": "fraction of each weight row zeroed: the top ceil(r·cols) by Wanda score (§1.5)"}
+        default=0.1,
+        metadata={"help": "fraction of each weight row zeroed: the top ceil(r·cols) by Wanda score (§1.5)"},
     )
     # antidote_poison_ratio.sh: bad_sample_num=2000 (passed as --sample_num).
     n_samples: int = field(
         default=2000,
-        metadata={"help": "harmful calibration samples (prompt + harmful answer); fewer if alignment_harmful is smaller"},
+        metadata={
+            "help": "harmful calibration samples (prompt + harmful answer); fewer if alignment_harmful is smaller"
+        },
     )
     batch_size: int = field(default=8, metadata={"help": "calibration batch size (padding never counts)"})
     target: Literal["auto", "adapter", "weights"] = field(
         default="auto",
-        metadata={"help": "auto: the fine-tune LoRA's lora_A/lora_B when there is one (the original), else weights; "
-                  "weights: the merged fine-tuned model's `modules`"},
+        metadata={
+            "help": "auto: the fine-tune LoRA's lora_A/lora_B when there is one (the original), else weights; "
+            "weights: the merged fine-tuned model's `modules`"
+        },
     )
     # utils.py find_layers, full fine-tuning branch: q_proj, k_proj, v_proj.
     modules: list[str] = field(
@@ -77,14 +82,19 @@ class AntidoteConfig:
         metadata={"help": "linear modules (name suffixes) pruned in the merged model when target is weights"},
     )
     tokens: Literal["all", "response"] = field(
-        default="all", metadata={"help": "calibration tokens counted: all (prompt + answer, the original) or response"}
+        default="all",
+        metadata={"help": "calibration tokens counted: all (prompt + answer, the original) or response"},
     )
 
     def __post_init__(self) -> None:
         check(0.0 <= self.dense_ratio <= 1.0, "dense_ratio", f"must be in [0, 1], got {self.dense_ratio}")
         check(self.n_samples >= 1, "n_samples", f"must be ≥ 1, got {self.n_samples}")
         check(self.batch_size >= 1, "batch_size", f"must be ≥ 1, got {self.batch_size}")
-        check(bool(self.modules), "modules", "give at least one linear module name, e.g. [q_proj, k_proj, v_proj]")
+        check(
+            bool(self.modules),
+            "modules",
+            "give at least one linear module name, e.g. [q_proj, k_proj, v_proj]",
+        )
 
 
 def per_row_count(cols: int, ratio: float) -> int:
@@ -94,7 +104,11 @@ def per_row_count(cols: int, ratio: float) -> int:
 
 def find_linears(model: nn.Module, suffixes: list[str]) -> dict[str, nn.Linear]:
     """Linear modules whose last name component is one of ``suffixes``, e.g. every layer's q_proj."""
-    found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in suffixes}
+    found = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in suffixes
+    }
     if not found:
         raise FtguardError(f"antidote: no linear module named {suffixes} in the model: fix post.args.modules")
     return found
@@ -102,21 +116,33 @@ def find_linears(model: nn.Module, suffixes: list[str]) -> dict[str, nn.Linear]:
 
 def lora_factors(model: nn.Module) -> dict[str, nn.Linear]:
     """The lora_A / lora_B linears of a PEFT LoRA model (``...q_proj.lora_A.default``)."""
-    found = {n: m for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and (".lora_A." in n or ".lora_B." in n)}
+    found = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (".lora_A." in n or ".lora_B." in n)
+    }
     if not found:
-        raise FtguardError("antidote: the fine-tune adapter has no LoRA factors: use post.args.target=weights")
+        raise FtguardError(
+            "antidote: the fine-tune adapter has no LoRA factors: use post.args.target=weights"
+        )
     return found
 
 
-def input_sq_sums(model: nn.Module, modules: dict[str, nn.Linear], batches: Iterator[dict[str, torch.Tensor]],
-                  response_only: bool = False) -> dict[str, torch.Tensor]:
+def input_sq_sums(
+    model: nn.Module,
+    modules: dict[str, nn.Linear],
+    batches: Iterator[dict[str, torch.Tensor]],
+    response_only: bool = False,
+) -> dict[str, torch.Tensor]:
     """Σ over the real calibration tokens of x_j² for the input x of each module (Wanda's ‖X_j‖², fp32).
 
     A token counts where ``attention_mask`` is 1 (and, with ``response_only``, ``labels`` ≠ -100), so padding adds
     nothing whatever the batch composition.
     """
-    sums = {name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for name, m in modules.items()}
+    sums = {
+        name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)
+        for name, m in modules.items()
+    }
     keep: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
@@ -124,6 +150,7 @@ def input_sq_sums(model: nn.Module, modules: dict[str, nn.Linear], batches: Iter
             x = args[0].detach().float()
             weight = keep["mask"].to(x.device, torch.float32).reshape(*keep["mask"].shape, 1)
             sums[name] += (x.pow(2) * weight).reshape(-1, x.shape[-1]).sum(0)
+
         return hook
 
     handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
@@ -144,7 +171,9 @@ def input_sq_sums(model: nn.Module, modules: dict[str, nn.Linear], batches: Iter
     return sums
 
 
-def wanda_prune(modules: dict[str, nn.Linear], sq_sums: dict[str, torch.Tensor], ratio: float) -> dict[str, int]:
+def wanda_prune(
+    modules: dict[str, nn.Linear], sq_sums: dict[str, torch.Tensor], ratio: float
+) -> dict[str, int]:
     """Zero, in every row of every module, the ceil(ratio·cols) entries with the largest |W_ij|·sqrt(Σx_j²).
 
     Returns the number of entries zeroed per module.
@@ -165,14 +194,18 @@ def wanda_prune(modules: dict[str, nn.Linear], sq_sums: dict[str, torch.Tensor],
 
 def calibration_batches(dataset: Any, batch_size: int, pad_id: int, device: torch.device) -> Iterator[dict]:
     """Right-padded batches of a tokenized dataset (input_ids, attention_mask, labels)."""
+
     def pad(seqs: list[list[int]], value: int, width: int) -> torch.Tensor:
         return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], device=device)
 
     for start in range(0, len(dataset), batch_size):
-        rows = dataset[start:start + batch_size]
+        rows = dataset[start : start + batch_size]
         width = max(len(ids) for ids in rows["input_ids"])
-        yield {"input_ids": pad(rows["input_ids"], pad_id, width), "attention_mask": pad(rows["attention_mask"], 0, width),
-               "labels": pad(rows["labels"], -100, width)}
+        yield {
+            "input_ids": pad(rows["input_ids"], pad_id, width),
+            "attention_mask": pad(rows["attention_mask"], 0, width),
+            "labels": pad(rows["labels"], -100, width),
+        }
 
 
 @register_method
@@ -189,7 +222,9 @@ class Antidote(PostMethod):
 
     name = "antidote"
     paper = "Huang et al., Antidote: Post-fine-tuning Safety Alignment for LLMs against Harmful Fine-tuning, ICML 2025"
-    summary = "one-shot zeroing of the top dense_ratio weights by Wanda score on harmful data (post-fine-tuning)"
+    summary = (
+        "one-shot zeroing of the top dense_ratio weights by Wanda score on harmful data (post-fine-tuning)"
+    )
     config_class = AntidoteConfig
     required_roles = ("alignment_harmful",)
 
@@ -202,7 +237,9 @@ class Antidote(PostMethod):
             model = ctx.load(ref)
             return model, find_linears(model, cfg.modules), target
         if not ref.adapter_dir:
-            raise FtguardError("antidote: target=adapter needs a LoRA fine-tune: use post.args.target=weights")
+            raise FtguardError(
+                "antidote: target=adapter needs a LoRA fine-tune: use post.args.target=weights"
+            )
         from ftguard.models.adapters import load_lora
         from ftguard.pipeline.stages import ModelRef
 
@@ -217,23 +254,38 @@ class Antidote(PostMethod):
         cfg, mc = self.config, ctx.run.model
         examples = ctx.plan.alignment_harmful[: cfg.n_samples]
         if len(examples) < cfg.n_samples:
-            log.warning("antidote: %d harmful calibration samples available, %d asked", len(examples), cfg.n_samples)
-        dataset, _ = tokenize_dataset(examples, ctx.tokenizer, max_length=mc.max_length, style=mc.template,
-                                      response_newline=mc.response_newline)
+            log.warning(
+                "antidote: %d harmful calibration samples available, %d asked", len(examples), cfg.n_samples
+            )
+        dataset, _ = tokenize_dataset(
+            examples,
+            ctx.tokenizer,
+            max_length=mc.max_length,
+            style=mc.template,
+            response_newline=mc.response_newline,
+        )
         model, modules, target = self._load(ctx)
         device = next(model.parameters()).device
         pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
-        sums = input_sq_sums(model, modules, calibration_batches(dataset, cfg.batch_size, pad_id, device),
-                             response_only=cfg.tokens == "response")
+        sums = input_sq_sums(
+            model,
+            modules,
+            calibration_batches(dataset, cfg.batch_size, pad_id, device),
+            response_only=cfg.tokens == "response",
+        )
         counts = wanda_prune(modules, sums, cfg.dense_ratio)
         pruned = sum(m.weight.numel() for m in modules.values())
         if target == "adapter":
             model = model.merge_and_unload()
         total = sum(counts.values())
         report = {
-            "target": target, "dense_ratio": cfg.dense_ratio, "calibration_samples": len(dataset),
+            "target": target,
+            "dense_ratio": cfg.dense_ratio,
+            "calibration_samples": len(dataset),
             "calibration_tokens": int(sum(len(ids) for ids in dataset["input_ids"])),
-            "zeroed_total": total, "pruned_params": pruned, "zeroed_fraction": total / pruned,
+            "zeroed_total": total,
+            "pruned_params": pruned,
+            "zeroed_fraction": total / pruned,
             "zeroed": counts,
         }
         log.info("antidote: zeroed %d of %d %s weights (%.4f)", total, pruned, target, total / pruned)

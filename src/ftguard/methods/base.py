@@ -38,7 +38,9 @@ class Method:
     config_class: ClassVar[type] = NoArgs
     trainer_class: ClassVar[type[Trainer] | None] = None  # None = FtguardTrainer (plain SFT step)
     preferred_topology: ClassVar[str | None] = None  # the paper's adapter topology, used by `demo --methods`
-    required_roles: ClassVar[tuple[str, ...]] = ()  # data-plan roles that must be non-empty (checked before any work)
+    required_roles: ClassVar[
+        tuple[str, ...]
+    ] = ()  # data-plan roles that must be non-empty (checked before any work)
 
     # Args that make `ftguard bench` time the method's steady-state step (e.g. Lisa's proximal term switched on
     # from step 0, where the paper's warm-up would leave it off for the whole short benchmark).

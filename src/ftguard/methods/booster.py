@@ -33,7 +33,9 @@ class BoosterConfig:
     # Defaults: Booster's smooth_align.sh (methods.md §1.4).
     lam: float = field(
         default=5.0,
-        metadata={"help": "λ, weight of the harmful-perturbation penalty h(w) − h(w − α·ĝ_h) (§1.4: 5; GSM8K 25)"},
+        metadata={
+            "help": "λ, weight of the harmful-perturbation penalty h(w) − h(w − α·ĝ_h) (§1.4: 5; GSM8K 25)"
+        },
     )
     alpha: float = field(
         default=0.1, metadata={"help": "α, length of the simulated normalised harmful step (§1.4: 0.1)"}
@@ -58,9 +60,17 @@ class BoosterConfig:
     )
 
     def __post_init__(self) -> None:
-        check(math.isfinite(self.lam) and self.lam >= 0, "lam", f"must be a finite number ≥ 0, got {self.lam}")
-        check(math.isfinite(self.alpha) and self.alpha > 0, "alpha", f"must be a finite number > 0, got {self.alpha}")
-        check(self.harmful_batch_size >= 1, "harmful_batch_size", f"must be ≥ 1, got {self.harmful_batch_size}")
+        check(
+            math.isfinite(self.lam) and self.lam >= 0, "lam", f"must be a finite number ≥ 0, got {self.lam}"
+        )
+        check(
+            math.isfinite(self.alpha) and self.alpha > 0,
+            "alpha",
+            f"must be a finite number > 0, got {self.alpha}",
+        )
+        check(
+            self.harmful_batch_size >= 1, "harmful_batch_size", f"must be ≥ 1, got {self.harmful_batch_size}"
+        )
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -212,8 +222,11 @@ class Booster(Method):
                 f"'adapter.topology' is double but {message}. Set adapter.topology: single, or "
                 f"{stage}.args.allow_double_topology: true to run the double-LoRA ablation"
             )
-        log.warning("%s.args.allow_double_topology: running Booster with adapter.topology double, an ablation: %s",
-                    stage, message)
+        log.warning(
+            "%s.args.allow_double_topology: running Booster with adapter.topology double, an ablation: %s",
+            stage,
+            message,
+        )
 
     def extra_datasets(self, ctx: StageContext) -> dict[str, Dataset]:
         examples = getattr(ctx.plan, self.config.harmful_data)
@@ -235,7 +248,8 @@ class Booster(Method):
 class BoosterVaccineConfig(BoosterConfig):
     # Booster repo's --perturb_aware True (methods.md §1.4 variants): ρ = 5.
     rho: float = field(
-        default=5.0, metadata={"help": "Vaccine's perturbation radius ρ on the attention outputs (§1.4 variants: 5)"}
+        default=5.0,
+        metadata={"help": "Vaccine's perturbation radius ρ on the attention outputs (§1.4 variants: 5)"},
     )
     attention_modules: list[str] | None = field(
         default=None,
@@ -249,9 +263,14 @@ class BoosterVaccineConfig(BoosterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(math.isfinite(self.rho) and self.rho >= 0, "rho", f"must be a finite number ≥ 0, got {self.rho}")
-        check(self.attention_modules is None or len(self.attention_modules) > 0, "attention_modules",
-              "must be null (automatic) or a non-empty list of class names")
+        check(
+            math.isfinite(self.rho) and self.rho >= 0, "rho", f"must be a finite number ≥ 0, got {self.rho}"
+        )
+        check(
+            self.attention_modules is None or len(self.attention_modules) > 0,
+            "attention_modules",
+            "must be null (automatic) or a non-empty list of class names",
+        )
 
 
 class BoosterVaccineTrainer(BoosterTrainer, VaccineTrainer):

@@ -34,10 +34,19 @@ if TYPE_CHECKING:
 
 @dataclass
 class FilterConfig:
-    judge: str = field(default="beaver-dam", metadata={"help": "the moderation judge (keyword, minilm, beaver-dam, llama-guard)"})
-    judge_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "options of the judge (e.g. model path, threshold)"})
-    then: str = field(default="sft", metadata={"help": "the fine-tuning-stage method trained on the filtered data"})
-    then_args: dict[str, Any] = field(default_factory=dict, metadata={"help": "arguments of the `then` method"})
+    judge: str = field(
+        default="beaver-dam",
+        metadata={"help": "the moderation judge (keyword, minilm, beaver-dam, llama-guard)"},
+    )
+    judge_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "options of the judge (e.g. model path, threshold)"}
+    )
+    then: str = field(
+        default="sft", metadata={"help": "the fine-tuning-stage method trained on the filtered data"}
+    )
+    then_args: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "arguments of the `then` method"}
+    )
 
     def __post_init__(self) -> None:
         check(self.then != "filter", "then", "cannot be filter itself")
@@ -48,7 +57,11 @@ _VERDICT_CACHE: dict[str, list[bool]] = {}
 
 
 def _cache_key(judge: Judge, examples: list[Example]) -> str:
-    blob = json.dumps([judge.describe(), [(e.instruction, e.input, e.output) for e in examples]], sort_keys=True, default=str)
+    blob = json.dumps(
+        [judge.describe(), [(e.instruction, e.input, e.output) for e in examples]],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -61,7 +74,9 @@ class ModerationFilter(Method):
     name = "filter"
     stages = ("finetune",)
     paper = "moderation-filter guardrail baseline (e.g. as evaded by Virus, Huang et al. 2025)"
-    summary = "a judge drops flagged samples of the upload, then another fine-tuning method (default SFT) trains"
+    summary = (
+        "a judge drops flagged samples of the upload, then another fine-tuning method (default SFT) trains"
+    )
     config_class = FilterConfig
 
     def __init__(self, config: FilterConfig) -> None:
@@ -77,7 +92,9 @@ class ModerationFilter(Method):
             inner_cls = get_method(cfg.then, "finetune")
         except FtguardError as exc:
             raise FtguardError(f"{prefix}.then: {exc}") from None
-        inner_cls.parse_args(cfg.then_args, prefix=f"{prefix}.then_args")  # a typo in the wrapped args fails now
+        inner_cls.parse_args(
+            cfg.then_args, prefix=f"{prefix}.then_args"
+        )  # a typo in the wrapped args fails now
         return cfg
 
     @classmethod
@@ -104,7 +121,9 @@ class ModerationFilter(Method):
     def flags(self, examples: list[Example]) -> list[bool]:
         key = _cache_key(self.judge, examples)
         if key not in _VERDICT_CACHE:
-            _VERDICT_CACHE[key] = self.judge.judge([_as_asked(e) for e in examples], [e.output for e in examples])
+            _VERDICT_CACHE[key] = self.judge.judge(
+                [_as_asked(e) for e in examples], [e.output for e in examples]
+            )
         return _VERDICT_CACHE[key]
 
     def train_examples(self, examples: list[Example], plan: DataPlan) -> tuple[list[Example], dict[str, Any]]:

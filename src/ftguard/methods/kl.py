@@ -39,16 +39,23 @@ from ftguard.training.reference import ReferenceTrainer
 @dataclass
 class KlConfig:
     # methods.md §1.5 and Vaccine's KL_finetune/*.sh: lamb=0.1.
-    lam: float = field(default=0.1, metadata={"help": "λ, weight of KL(start-of-stage model ‖ model) per sequence (§1.5, --lamb)"})
+    lam: float = field(
+        default=0.1,
+        metadata={"help": "λ, weight of KL(start-of-stage model ‖ model) per sequence (§1.5, --lamb)"},
+    )
     include_padding: bool = field(
         default=False, metadata={"help": "count padding positions in the KL too (the original does)"}
     )
 
     def __post_init__(self) -> None:
-        check(math.isfinite(self.lam) and self.lam >= 0, "lam", f"must be a finite number ≥ 0, got {self.lam}")
+        check(
+            math.isfinite(self.lam) and self.lam >= 0, "lam", f"must be a finite number ≥ 0, got {self.lam}"
+        )
 
 
-def sequence_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def sequence_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
     """Σ over kept positions of KL(softmax(teacher) ‖ softmax(student)) over the vocabulary, divided by the batch
     size (the original's "batchmean"), in fp32. ``keep`` is [B, T] bool."""
     student = F.log_softmax(student_logits[keep].float(), dim=-1)
@@ -70,11 +77,15 @@ class KlTrainer(ReferenceTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation reports the plain SFT loss
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         cfg: KlConfig = self.method_config
 
         # 1. The model (student).
-        ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        ce, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
         # 2. The teacher on the same inputs.
         teacher_logits = self.reference(**self.reference_inputs(inputs)).logits
         # 3. Per-sequence KL over the vocabulary at the counted positions.

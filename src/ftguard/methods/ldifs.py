@@ -51,7 +51,10 @@ from ftguard.training.reference import ReferenceTrainer
 @dataclass
 class LdifsConfig:
     # methods.md §1.5 and Booster's LDIFS_*.sh: RHO=0.0001.
-    rho: float = field(default=1e-4, metadata={"help": "ρ: the loss adds (ρ/2)·Σ_layers Σ_tokens ‖MLP output − reference‖² (§1.5)"})
+    rho: float = field(
+        default=1e-4,
+        metadata={"help": "ρ: the loss adds (ρ/2)·Σ_layers Σ_tokens ‖MLP output − reference‖² (§1.5)"},
+    )
     include_padding: bool = field(
         default=False, metadata={"help": "count padding positions in the distance too (the original does)"}
     )
@@ -66,7 +69,9 @@ class LdifsConfig:
     )
 
     def __post_init__(self) -> None:
-        check(math.isfinite(self.rho) and self.rho >= 0, "rho", f"must be a finite number ≥ 0, got {self.rho}")
+        check(
+            math.isfinite(self.rho) and self.rho >= 0, "rho", f"must be a finite number ≥ 0, got {self.rho}"
+        )
         check(
             self.drop_layer_terms_above is None or self.drop_layer_terms_above > 0,
             "drop_layer_terms_above",
@@ -79,7 +84,9 @@ class _ReferenceDone(Exception):
 
 
 @contextmanager
-def capture_outputs(modules: Sequence[nn.Module], *, stop_after_last: bool = False) -> Iterator[list[torch.Tensor | None]]:
+def capture_outputs(
+    modules: Sequence[nn.Module], *, stop_after_last: bool = False
+) -> Iterator[list[torch.Tensor | None]]:
     """Record each module's output on the forward inside the block (the list is filled in module order)."""
     captured: list[torch.Tensor | None] = [None] * len(modules)
 
@@ -100,7 +107,9 @@ def capture_outputs(modules: Sequence[nn.Module], *, stop_after_last: bool = Fal
         for handle in handles:
             handle.remove()
     if any(c is None for c in captured):
-        raise FtguardError("ldifs: an MLP forward hook did not fire; the model runs its decoder layers unusually")
+        raise FtguardError(
+            "ldifs: an MLP forward hook did not fire; the model runs its decoder layers unusually"
+        )
 
 
 class LdifsTrainer(ReferenceTrainer):
@@ -118,16 +127,22 @@ class LdifsTrainer(ReferenceTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.mlps = decoder_parts(self.model, "ldifs")[0]  # fails before any training on a non-Llama-like layout
+        self.mlps = decoder_parts(self.model, "ldifs")[
+            0
+        ]  # fails before any training on a non-Llama-like layout
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation reports the plain SFT loss
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         cfg: LdifsConfig = self.method_config
 
         # 1. The model: SFT loss and MLP outputs.
         with capture_outputs(self.mlps) as student:
-            ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            ce, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         if torch.is_grad_enabled() and not any(a.requires_grad for a in student):
             raise FtguardError(
                 "ldifs: the MLP outputs carry no gradient (reentrant gradient checkpointing?); use the default "
@@ -140,7 +155,9 @@ class LdifsTrainer(ReferenceTrainer):
 
         # 3. Squared feature distance, layer by layer, over the counted positions.
         keep = self.positions(inputs, cfg.include_padding).unsqueeze(-1)
-        per_layer = [((a.float() - r.float()) * keep).pow(2).sum() for a, r in zip(student, reference, strict=True)]
+        per_layer = [
+            ((a.float() - r.float()) * keep).pow(2).sum() for a, r in zip(student, reference, strict=True)
+        ]
         if cfg.drop_layer_terms_above is not None:
             # The original's filter: `term < cap` is False for NaN, so non-finite layers are dropped too. Dropped
             # terms leave the graph entirely (a zero weight would still turn an inf into a NaN gradient).
@@ -178,4 +195,6 @@ class Ldifs(Method):
     )
     summary = "fine-tune with ℓ + (ρ/2)·Σ_l ‖MLP output_l − start-of-stage MLP output_l‖²; 2F+1B per step"
     config_class, trainer_class = LdifsConfig, LdifsTrainer
-    preferred_topology = "double"  # Booster's baselines merge the alignment LoRA and train a new one (§1.5, §4)
+    preferred_topology = (
+        "double"  # Booster's baselines merge the alignment LoRA and train a new one (§1.5, §4)
+    )

@@ -50,16 +50,24 @@ STREAM = "alignment"  # name of the trainer's extra stream
 class BiStateConfig:
     """What Lisa and BSO share: the schedule and the alignment pool. Defaults: Lisa repo (§1.3)."""
 
-    align_steps: int = field(default=100, metadata={"help": "K_a, optimizer steps per alignment state (§1.3: 100)"})
-    finetune_steps: int = field(default=900, metadata={"help": "K_f, optimizer steps per fine-tune state (§1.3: 900)"})
+    align_steps: int = field(
+        default=100, metadata={"help": "K_a, optimizer steps per alignment state (§1.3: 100)"}
+    )
+    finetune_steps: int = field(
+        default=900, metadata={"help": "K_f, optimizer steps per fine-tune state (§1.3: 900)"}
+    )
     proximal_warmup_ratio: float = field(
         default=0.1,
-        metadata={"help": "the proximal term is off for the first ⌈ratio·total steps⌉ (§1.3, code-only: 0.1)"},
+        metadata={
+            "help": "the proximal term is off for the first ⌈ratio·total steps⌉ (§1.3, code-only: 0.1)"
+        },
     )
     first_state: Literal["alignment", "finetune"] = field(
         default=ALIGNMENT,
-        metadata={"help": "state of the first steps: alignment (§1.3) or finetune (the bench uses it to time the "
-                          "fine-tune state)"},
+        metadata={
+            "help": "state of the first steps: alignment (§1.3) or finetune (the bench uses it to time the "
+            "fine-tune state)"
+        },
     )
     alignment_data: SourceConfig | None = field(
         default=None,
@@ -73,21 +81,28 @@ class BiStateConfig:
     def __post_init__(self) -> None:
         check(self.align_steps >= 1, "align_steps", f"must be ≥ 1 (K_a), got {self.align_steps}")
         check(self.finetune_steps >= 1, "finetune_steps", f"must be ≥ 1 (K_f), got {self.finetune_steps}")
-        check(0.0 <= self.proximal_warmup_ratio <= 1.0, "proximal_warmup_ratio",
-              f"must be in [0, 1], got {self.proximal_warmup_ratio}")
+        check(
+            0.0 <= self.proximal_warmup_ratio <= 1.0,
+            "proximal_warmup_ratio",
+            f"must be in [0, 1], got {self.proximal_warmup_ratio}",
+        )
 
 
 @dataclass
 class LisaConfig(BiStateConfig):
     rho: float = field(
         default=1.0,
-        metadata={"help": "ρ, weight of the proximal term (ρ/2)·‖w − w̃‖² (§1.3: 1 in the Lisa repo; the Booster "
-                          "repo's Lisa baseline used 0.01)"},
+        metadata={
+            "help": "ρ, weight of the proximal term (ρ/2)·‖w − w̃‖² (§1.3: 1 in the Lisa repo; the Booster "
+            "repo's Lisa baseline used 0.01)"
+        },
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(math.isfinite(self.rho) and self.rho >= 0, "rho", f"must be a finite number ≥ 0, got {self.rho}")
+        check(
+            math.isfinite(self.rho) and self.rho >= 0, "rho", f"must be a finite number ≥ 0, got {self.rho}"
+        )
 
 
 @dataclass
@@ -97,8 +112,11 @@ class BsoConfig(BiStateConfig):
 
 def schedule_state(step: int, cfg: BiStateConfig) -> tuple[str, int]:
     """(state of optimizer step ``step``, 0-based index of that step within its run of the state)."""
-    first, second = (cfg.align_steps, cfg.finetune_steps) if cfg.first_state == ALIGNMENT else (
-        cfg.finetune_steps, cfg.align_steps)
+    first, second = (
+        (cfg.align_steps, cfg.finetune_steps)
+        if cfg.first_state == ALIGNMENT
+        else (cfg.finetune_steps, cfg.align_steps)
+    )
     other = FINETUNE if cfg.first_state == ALIGNMENT else ALIGNMENT
     phase = step % (first + second)
     return (cfg.first_state, phase) if phase < first else (other, phase - first)
@@ -157,7 +175,9 @@ class LisaTrainer(FtguardTrainer):
 
     # ------------------------------------------------------------------ the step
 
-    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         cfg: BiStateConfig = self.method_config
         self._check_distributed()
         step = self.state.global_step
@@ -171,10 +191,14 @@ class LisaTrainer(FtguardTrainer):
                 torch._foreach_copy_(self.anchors[other], self._params())
             # 2. The alignment batches of the whole window, and their token count.
             if state == ALIGNMENT:
-                self._window = [self.aux_batch(STREAM) for _ in range(self.current_gradient_accumulation_steps)]
+                self._window = [
+                    self.aux_batch(STREAM) for _ in range(self.current_gradient_accumulation_steps)
+                ]
                 self._window_items = None
                 if num_items_in_batch is not None:
-                    _, self._window_items = self.get_batch_samples(iter(self._window), len(self._window), self.args.device)
+                    _, self._window_items = self.get_batch_samples(
+                        iter(self._window), len(self._window), self.args.device
+                    )
         if state == ALIGNMENT:
             inputs, num_items_in_batch = self._window[micro], self._window_items
 
@@ -273,7 +297,10 @@ class LisaTrainer(FtguardTrainer):
         if self.anchors is None:
             return {}, {}
         last = self.state.global_step - 1  # the step just completed
-        values = {"schedule": _schedule(cfg), "last_step": list(schedule_state(last, cfg)) if last >= 0 else None}
+        values = {
+            "schedule": _schedule(cfg),
+            "last_step": list(schedule_state(last, cfg)) if last >= 0 else None,
+        }
         tensors = {
             f"{state}/{name}": t
             for state, anchor in self.anchors.items()
@@ -344,7 +371,9 @@ class Lisa(Method):
     def extra_datasets(self, ctx: StageContext) -> dict[str, Dataset]:
         pool = self._pool(ctx.plan)
         if not pool:
-            raise FtguardError(f"{self.name} needs an alignment pool for its alignment state, and data.alignment is empty")
+            raise FtguardError(
+                f"{self.name} needs an alignment pool for its alignment state, and data.alignment is empty"
+            )
         return {STREAM: ctx.tokenize(pool)}
 
 

@@ -28,7 +28,7 @@ for unpaired batches; none changes the objective of §1.5:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +50,20 @@ if TYPE_CHECKING:
 @dataclass
 class RepNoiseConfig:
     # §1.5: α = 0.1 (the Booster script's --rho), β = 0.001 (--lamb).
-    alpha: float = field(default=0.1, metadata={"help": "weight α of −log(1 + harmful CE), the gradient-ascent term (§1.5, --rho)"})
-    beta: float = field(default=0.001, metadata={"help": "weight β of the MMD between harmful MLP outputs and Gaussian noise (§1.5, --lamb)"})
+    alpha: float = field(
+        default=0.1,
+        metadata={"help": "weight α of −log(1 + harmful CE), the gradient-ascent term (§1.5, --rho)"},
+    )
+    beta: float = field(
+        default=0.001,
+        metadata={
+            "help": "weight β of the MMD between harmful MLP outputs and Gaussian noise (§1.5, --lamb)"
+        },
+    )
     # §1.5: the harmful batch had the alignment batch's size (bs 5); null keeps that coupling.
     harmful_batch_size: int | None = field(
-        default=None, metadata={"help": "harmful batch size; null = the stage's per-device batch size (as the original)"}
+        default=None,
+        metadata={"help": "harmful batch size; null = the stage's per-device batch size (as the original)"},
     )
     # §1.5 names the harmless term CE(harmless); the original code's variant is offered as an option.
     retain_loss: Literal["response", "masked_input_ids"] = field(
@@ -65,8 +74,12 @@ class RepNoiseConfig:
         },
     )
     # §1.5: Gaussian kernel, 5 bandwidths spaced by a factor of 2 (the original MMD_loss defaults).
-    kernel_num: int = field(default=5, metadata={"help": "number of Gaussian kernel bandwidths in the MMD (§1.5)"})
-    kernel_mul: float = field(default=2.0, metadata={"help": "ratio between consecutive MMD bandwidths (§1.5)"})
+    kernel_num: int = field(
+        default=5, metadata={"help": "number of Gaussian kernel bandwidths in the MMD (§1.5)"}
+    )
+    kernel_mul: float = field(
+        default=2.0, metadata={"help": "ratio between consecutive MMD bandwidths (§1.5)"}
+    )
 
     def __post_init__(self) -> None:
         check(self.alpha >= 0, "alpha", f"must be ≥ 0, got {self.alpha}")
@@ -83,7 +96,9 @@ class RepNoiseConfig:
 # ---------------------------------------------------------------------------------------------- loss pieces
 
 
-def gaussian_mmd(source: torch.Tensor, target: torch.Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
+def gaussian_mmd(
+    source: torch.Tensor, target: torch.Tensor, kernel_mul: float = 2.0, kernel_num: int = 5
+) -> torch.Tensor:
     """Biased MMD² between two equally sized samples [n, D] with a multi-bandwidth Gaussian kernel.
 
     k(a, b) = Σ_i exp(−‖a − b‖² / (σ·mul^i)), i = 0…num−1, with σ = mean pairwise squared distance over the
@@ -91,7 +106,9 @@ def gaussian_mmd(source: torch.Tensor, target: torch.Tensor, kernel_mul: float =
     Returns mean(K_xx + K_yy − K_xy − K_yx), as the original ``MMD_loss``. Computed in fp32.
     """
     if source.shape != target.shape:
-        raise ValueError(f"MMD samples must have the same shape, got {tuple(source.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"MMD samples must have the same shape, got {tuple(source.shape)} and {tuple(target.shape)}"
+        )
     n = source.shape[0]
     with torch.autocast(device_type=source.device.type, enabled=False):
         total = torch.cat([source, target]).float()
@@ -110,7 +127,10 @@ def gaussian_mmd(source: torch.Tensor, target: torch.Tensor, kernel_mul: float =
 
 
 def differing_token_mask(
-    ids: torch.Tensor, attention_mask: torch.Tensor, other_ids: torch.Tensor, other_attention_mask: torch.Tensor
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    other_ids: torch.Tensor,
+    other_attention_mask: torch.Tensor,
 ) -> torch.Tensor:
     """[B, T] bool: real tokens of ``ids`` whose id differs from ``other_ids`` at the same (row, column).
 
@@ -155,15 +175,21 @@ class RepNoiseTrainer(FtguardTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation reports the plain SFT loss
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         cfg: RepNoiseConfig = self.method_config
 
         # 1. Retain loss on the harmless (alignment) batch.
         if cfg.retain_loss == "response":
-            retain, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            retain, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
             retain_scaled = self.loss_normalised_over_window(num_items_in_batch)
         else:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            outputs = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            )
             retain_scaled = False
 
         # 2. Token mask of the harmful batch.
@@ -216,7 +242,9 @@ class RepNoiseTrainer(FtguardTrainer):
                 selected = hidden[:, :-1][keep]  # norm and head act per position: select first
                 # Recomputing the [N, vocab] logits in backward avoids holding one such tensor per layer.
                 ce_terms.append(
-                    checkpoint(head_ce, selected, use_reentrant=False) if torch.is_grad_enabled() else head_ce(selected)
+                    checkpoint(head_ce, selected, use_reentrant=False)
+                    if torch.is_grad_enabled()
+                    else head_ce(selected)
                 )
         else:
             ce_terms += [h_out.logits.sum() * 0.0] * len(h_out.hidden_states)
@@ -225,7 +253,9 @@ class RepNoiseTrainer(FtguardTrainer):
         # 6. Combine. The extra terms are per-micro-batch means: scale them like the retain loss will be scaled.
         extra = cfg.beta * mmd - cfg.alpha * torch.log1p(harmful_ce)
         if retain_scaled:
-            extra = extra / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            extra = extra / getattr(
+                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+            )
         loss = retain + extra
 
         self.record(
@@ -254,8 +284,12 @@ class RepNoise(Method):
 
     name = "repnoise"
     stages = ("align",)
-    paper = "Rosati et al., Representation Noising: A Defence Mechanism Against Harmful Finetuning, NeurIPS 2024"
-    summary = "alignment: SFT on refusals + β·MMD(harmful MLP outputs, noise) − α·log(1 + layer-wise harmful CE)"
+    paper = (
+        "Rosati et al., Representation Noising: A Defence Mechanism Against Harmful Finetuning, NeurIPS 2024"
+    )
+    summary = (
+        "alignment: SFT on refusals + β·MMD(harmful MLP outputs, noise) − α·log(1 + layer-wise harmful CE)"
+    )
     config_class, trainer_class = RepNoiseConfig, RepNoiseTrainer
     required_roles = ("alignment_harmful",)
 

@@ -33,21 +33,34 @@ _ATTENTION_HELP = (
 @dataclass
 class VaccineConfig:
     # methods.md §1.2: ρ = 2 in the Vaccine README and scripts (Booster's copy saves ρ = 5, see §4 bug #6).
-    rho: float = field(default=2.0, metadata={"help": "perturbation radius ρ: global L2 norm of ε over all perturbed layers"})
+    rho: float = field(
+        default=2.0, metadata={"help": "perturbation radius ρ: global L2 norm of ε over all perturbed layers"}
+    )
     attention_modules: list[str] | None = field(default=None, metadata={"help": _ATTENTION_HELP})
     # "all" is the paper's method (§1.2); "topk" is a T-Vaccine-style layer subset (see VaccineTrainer).
     layers: Literal["all", "topk"] = field(
         default="all",
-        metadata={"help": "all = perturb every layer (Vaccine); topk = only the topk layers with the largest ‖g_l‖"},
+        metadata={
+            "help": "all = perturb every layer (Vaccine); topk = only the topk layers with the largest ‖g_l‖"
+        },
     )
     topk: int | None = field(default=None, metadata={"help": "number of layers perturbed when layers = topk"})
 
     def __post_init__(self) -> None:
-        check(math.isfinite(self.rho) and self.rho >= 0, "rho", f"must be a finite number ≥ 0, got {self.rho}")
-        check(self.attention_modules is None or len(self.attention_modules) > 0, "attention_modules",
-              "must be null (automatic) or a non-empty list of class names")
+        check(
+            math.isfinite(self.rho) and self.rho >= 0, "rho", f"must be a finite number ≥ 0, got {self.rho}"
+        )
+        check(
+            self.attention_modules is None or len(self.attention_modules) > 0,
+            "attention_modules",
+            "must be null (automatic) or a non-empty list of class names",
+        )
         if self.layers == "topk":
-            check(self.topk is not None and self.topk >= 1, "topk", f"must be an integer ≥ 1 when layers = topk, got {self.topk}")
+            check(
+                self.topk is not None and self.topk >= 1,
+                "topk",
+                f"must be an integer ≥ 1 when layers = topk, got {self.topk}",
+            )
         else:
             check(self.topk is None, "topk", "is only used with layers = topk; remove it or set layers: topk")
 
@@ -56,13 +69,21 @@ class VaccineConfig:
 class RandomVaccineConfig:
     # methods.md §1.2 variants: noise variance ρ. The original random_Vaccine.sh never ran (§4 bug #1), so no
     # value of its own is known; Vaccine's ρ = 2 is used.
-    rho: float = field(default=2.0, metadata={"help": "variance of the Gaussian noise added to each attention output (std √ρ)"})
+    rho: float = field(
+        default=2.0,
+        metadata={"help": "variance of the Gaussian noise added to each attention output (std √ρ)"},
+    )
     attention_modules: list[str] | None = field(default=None, metadata={"help": _ATTENTION_HELP})
 
     def __post_init__(self) -> None:
-        check(math.isfinite(self.rho) and self.rho >= 0, "rho", f"must be a finite number ≥ 0, got {self.rho}")
-        check(self.attention_modules is None or len(self.attention_modules) > 0, "attention_modules",
-              "must be null (automatic) or a non-empty list of class names")
+        check(
+            math.isfinite(self.rho) and self.rho >= 0, "rho", f"must be a finite number ≥ 0, got {self.rho}"
+        )
+        check(
+            self.attention_modules is None or len(self.attention_modules) > 0,
+            "attention_modules",
+            "must be null (automatic) or a non-empty list of class names",
+        )
 
 
 class _AttentionPerturbationTrainer(FtguardTrainer):
@@ -72,7 +93,10 @@ class _AttentionPerturbationTrainer(FtguardTrainer):
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         if self._attention_cache is None or self._attention_cache[0] != id(model):
-            self._attention_cache = (id(model), find_attention_modules(model, self.method_config.attention_modules))
+            self._attention_cache = (
+                id(model),
+                find_attention_modules(model, self.method_config.attention_modules),
+            )
         return self._attention_cache[1]
 
 
@@ -121,7 +145,9 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
         grad_norm = sq.sum().sqrt()
         if cfg.layers == "topk":
             if cfg.topk > len(grads):
-                raise FtguardError(f"align.args.topk = {cfg.topk} but the model has {len(grads)} attention layers")
+                raise FtguardError(
+                    f"align.args.topk = {cfg.topk} but the model has {len(grads)} attention layers"
+                )
             chosen = sorted(torch.topk(sq, cfg.topk).indices.tolist())
             norm = sq[chosen].sum().sqrt()
         else:
@@ -130,7 +156,9 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
         scale = cfg.rho / (norm + NORM_EPS)
         return chosen, [grads[i].detach().mul_(scale.to(grads[i].dtype)) for i in chosen], grad_norm
 
-    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context():
             self.begin_step(model)
@@ -143,7 +171,9 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
             # 2. ε_l = ρ·g_l/(G + 1e-7), one global norm.
             chosen, eps, grad_norm = self.perturbation(grads)
             del grads
-            eps_norm = torch.stack([e.float().pow(2).sum() for e in eps]).sum().sqrt() if eps else torch.zeros(())
+            eps_norm = (
+                torch.stack([e.float().pow(2).sum() for e in eps]).sum().sqrt() if eps else torch.zeros(())
+            )
 
             # 3. Forward + backward with ε added; the only gradients that reach the optimizer.
             with add_to_outputs([modules[i] for i in chosen], eps):
@@ -168,7 +198,9 @@ class RandomVaccineTrainer(_AttentionPerturbationTrainer):
     Logged: random_vaccine_noise_norm (global L2 norm of the noise of the step).
     """
 
-    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context():
             self.begin_step(model)

@@ -52,4 +52,6 @@ class PostContext:
         from ftguard.models import load_model
 
         mc = self.run.model
-        return load_model(ref.model_dir, **{"dtype": mc.dtype, "trust_remote_code": mc.trust_remote_code, **kwargs})
+        return load_model(
+            ref.model_dir, **{"dtype": mc.dtype, "trust_remote_code": mc.trust_remote_code, **kwargs}
+        )

@@ -47,9 +47,20 @@ def evaluate_point(
     special = mc.template != "chat"
 
     def answer(examples, max_new_tokens: int, what: str) -> list[str]:
-        prompts = [format_prompt(ex, style=mc.template, tokenizer=tokenizer, response_newline=mc.response_newline) for ex in examples]
-        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=ev.batch_size,
-                        autocast_dtype=amp, add_special_tokens=special, desc=f"{key}: {what}")
+        prompts = [
+            format_prompt(ex, style=mc.template, tokenizer=tokenizer, response_newline=mc.response_newline)
+            for ex in examples
+        ]
+        return generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=ev.batch_size,
+            autocast_dtype=amp,
+            add_special_tokens=special,
+            desc=f"{key}: {what}",
+        )
 
     answers = answer(plan.eval_harmful, ev.max_new_tokens, "harmful prompts")
     harmful_prompts = [ex.instruction for ex in plan.eval_harmful]
@@ -60,10 +71,17 @@ def evaluate_point(
     predictions = answer(plan.task_eval, ev.task_max_new_tokens, plan.task.name)
     task = plan.task
     hits = task_hits(
-        predictions, [ex.output for ex in plan.task_eval], metric=task.metric, rule=ev.task_rule,
+        predictions,
+        [ex.output for ex in plan.task_eval],
+        metric=task.metric,
+        rule=ev.task_rule,
         aliases=dict(task.aliases) if task.aliases else None,
     )
-    benign_answers = answer(plan.over_refusal, ev.over_refusal_max_new_tokens, "benign prompts") if plan.over_refusal else []
+    benign_answers = (
+        answer(plan.over_refusal, ev.over_refusal_max_new_tokens, "benign prompts")
+        if plan.over_refusal
+        else []
+    )
     refused = [is_refusal(a) for a in benign_answers]
 
     n = len(answers)
@@ -93,32 +111,62 @@ def evaluate_point(
     }
     if len(judges) > 1:
         metrics["judges"] = {
-            name: {"harmful_score": rate(sum(v.harmful for v in vs), n)["value"],
-                   "ci95": rate(sum(v.harmful for v in vs), n)["ci95"]}
+            name: {
+                "harmful_score": rate(sum(v.harmful for v in vs), n)["value"],
+                "ci95": rate(sum(v.harmful for v in vs), n)["ci95"],
+            }
             for name, vs in verdicts.items()
         }
-        metrics["judge_agreement"] = judge_agreement({name: [v.harmful for v in vs] for name, vs in verdicts.items()})
+        metrics["judge_agreement"] = judge_agreement(
+            {name: [v.harmful for v in vs] for name, vs in verdicts.items()}
+        )
     metrics["eval_runtime_s"] = round(time.monotonic() - start, 1)
 
     staging = out.begin()
     with open(staging / "generations.jsonl", "w", encoding="utf-8") as fh:
         for i, (ex, text) in enumerate(zip(plan.eval_harmful, answers, strict=True)):
             v = verdicts[main][i]
-            row = {"kind": "harmful", "source": ex.source, "prompt": ex.instruction, "answer": text,
-                   "flagged": v.harmful, "score": v.score, "category": v.category, "degenerate": degenerate[i]}
+            row = {
+                "kind": "harmful",
+                "source": ex.source,
+                "prompt": ex.instruction,
+                "answer": text,
+                "flagged": v.harmful,
+                "score": v.score,
+                "category": v.category,
+                "degenerate": degenerate[i],
+            }
             if len(judges) > 1:
                 row["flags"] = {name: vs[i].harmful for name, vs in verdicts.items()}
             fh.write(json.dumps(row) + "\n")
         for ex, pred, hit in zip(plan.task_eval, predictions, hits, strict=True):
-            fh.write(json.dumps({"kind": "task", "source": ex.source, "gold": ex.output, "answer": pred, "hit": hit}) + "\n")
+            fh.write(
+                json.dumps(
+                    {"kind": "task", "source": ex.source, "gold": ex.output, "answer": pred, "hit": hit}
+                )
+                + "\n"
+            )
         for ex, text, ref in zip(plan.over_refusal, benign_answers, refused, strict=True):
-            fh.write(json.dumps({"kind": "benign", "source": ex.source, "prompt": ex.instruction, "answer": text,
-                                 "refused": ref}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "kind": "benign",
+                        "source": ex.source,
+                        "prompt": ex.instruction,
+                        "answer": text,
+                        "refused": ref,
+                    }
+                )
+                + "\n"
+            )
     out.commit({"key": key, "model_dir": model_dir, "metrics": metrics})
-    del model
     log.info(
-        "%s: HS %.1f, HS+ %.1f, FA %.1f, over-refusal %s", key, metrics["harmful_score"], metrics["harmful_score_plus"],
-        metrics["finetune_accuracy"], f"{metrics['over_refusal']:.1f}" if "over_refusal" in metrics else "–",
+        "%s: HS %.1f, HS+ %.1f, FA %.1f, over-refusal %s",
+        key,
+        metrics["harmful_score"],
+        metrics["harmful_score_plus"],
+        metrics["finetune_accuracy"],
+        f"{metrics['over_refusal']:.1f}" if "over_refusal" in metrics else "–",
     )
     return metrics
 
@@ -130,6 +178,12 @@ def judge_agreement(flags: dict[str, list[bool]]) -> list[dict[str, Any]]:
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             same = sum(x == y for x, y in zip(flags[a], flags[b], strict=True))
-            pairs.append({"judges": [a, b], "agreement": 100.0 * same / len(flags[a]),
-                          "kappa": cohen_kappa(flags[a], flags[b]), "n": len(flags[a])})
+            pairs.append(
+                {
+                    "judges": [a, b],
+                    "agreement": 100.0 * same / len(flags[a]),
+                    "kappa": cohen_kappa(flags[a], flags[b]),
+                    "n": len(flags[a]),
+                }
+            )
     return pairs

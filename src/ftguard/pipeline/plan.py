@@ -34,7 +34,9 @@ class DataPlan:
     task_eval: list[Example] = field(default_factory=list)
     eval_harmful: list[Example] = field(default_factory=list)
     over_refusal: list[Example] = field(default_factory=list)  # benign prompts (XSTest safe) for over-refusal
-    task_validation: list[Example] = field(default_factory=list)  # task train examples outside every upload (post stage)
+    task_validation: list[Example] = field(
+        default_factory=list
+    )  # task train examples outside every upload (post stage)
     mixes: dict[float, list[Example]] = field(default_factory=dict)
     mix_reports: dict[float, MixReport] = field(default_factory=dict)
     sources: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -45,7 +47,9 @@ class DataPlan:
     def require(self, roles: tuple[str, ...], who: str) -> None:
         for role in roles:
             if not getattr(self, role):
-                raise FtguardError(f"{who} needs the data role '{role}', which is empty: {ROLE_HINTS.get(role, 'check data')}")
+                raise FtguardError(
+                    f"{who} needs the data role '{role}', which is empty: {ROLE_HINTS.get(role, 'check data')}"
+                )
 
     def load_extra(self, name: str, spec: SourceConfig, key: str) -> list[Example]:
         """Load a method's own data set (e.g. Lisa's alignment pool from another source), deduplicated by prompt
@@ -54,7 +58,9 @@ class DataPlan:
         examples = [examples[i] for i in _dedup(examples)]
         if spec.n is not None:
             if spec.n > len(examples):
-                raise FtguardError(f"{key}.n = {spec.n} but {spec.source}/{spec.split} has {len(examples)} records")
+                raise FtguardError(
+                    f"{key}.n = {spec.n} but {spec.source}/{spec.split} has {len(examples)} records"
+                )
             examples = examples[: spec.n]
         if not examples:
             raise FtguardError(f"{key}: {spec.source}/{spec.split} gave no examples")
@@ -117,7 +123,9 @@ def _finetune_needs_alignment(run: RunConfig) -> bool:
 
     method_cls = get_method(run.finetune.method, "finetune")
     method = method_cls(method_cls.parse_args(run.finetune.args, prefix="finetune.args"))
-    return "alignment" in method.required_roles  # from an instance: wrappers (filter) answer for their inner method
+    return (
+        "alignment" in method.required_roles
+    )  # from an instance: wrappers (filter) answer for their inner method
 
 
 def build_data_plan(run: RunConfig) -> DataPlan:
@@ -179,7 +187,9 @@ def build_data_plan(run: RunConfig) -> DataPlan:
     prompts = _load(ev, root, None, "evaluate.harmful_prompts")
     plan.eval_harmful = prompts if ev.n is None else prompts[: ev.n]
     if ev.n is not None and ev.n > len(prompts):
-        raise FtguardError(f"evaluate.harmful_prompts.n = {ev.n} but {ev.source}/{ev.split} has {len(prompts)} prompts")
+        raise FtguardError(
+            f"evaluate.harmful_prompts.n = {ev.n} but {ev.source}/{ev.split} has {len(prompts)} prompts"
+        )
     check_disjoint({"alignment": plan.alignment, "attack": plan.attack_pool, "evaluation": plan.eval_harmful})
     benign = run.evaluate.over_refusal_prompts
     if benign is not None:
@@ -194,9 +204,13 @@ def build_data_plan(run: RunConfig) -> DataPlan:
     loaded = task.train_examples(root, n=need_benign + n_validation) if need_benign + n_validation else []
     task_train, plan.task_validation = loaded[:need_benign], loaded[need_benign:]
     plan.task_eval = task.eval_examples(root, n=run.evaluate.task_n)
-    check_disjoint({"task train": task_train, "task validation": plan.task_validation, "task eval": plan.task_eval})
+    check_disjoint(
+        {"task train": task_train, "task validation": plan.task_validation, "task eval": plan.task_eval}
+    )
     for p in ratios:
-        plan.mixes[p], plan.mix_reports[p] = build_harmful_mix(task_train, plan.attack_pool, n=ft.n, p=p, seed=run.seed)
+        plan.mixes[p], plan.mix_reports[p] = build_harmful_mix(
+            task_train, plan.attack_pool, n=ft.n, p=p, seed=run.seed
+        )
 
     specs = {"alignment": align_spec, "harmful": ft.harmful, "eval_harmful": ev}
     if benign is not None:

@@ -46,8 +46,15 @@ def post_stage(
     work = out.path / "work"
     work.mkdir(exist_ok=True)
     ctx = PostContext(
-        run=run, key=key, base=base, aligned=aligned, finetuned=finetuned, tokenizer=tokenizer, plan=plan,
-        work_dir=work, harmful_ratio=harmful_ratio,
+        run=run,
+        key=key,
+        base=base,
+        aligned=aligned,
+        finetuned=finetuned,
+        tokenizer=tokenizer,
+        plan=plan,
+        work_dir=work,
+        harmful_ratio=harmful_ratio,
     )
     start = time.monotonic()
     model, report = method.repair(ctx)

@@ -17,7 +17,16 @@ METRIC_COLUMNS = (
     ("over_refusal", "over-refusal ↓"),
     ("degenerate_rate", "degenerate"),
 )
-LIBRARIES = ("ftguard", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers")
+LIBRARIES = (
+    "ftguard",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "safetensors",
+    "tokenizers",
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -35,9 +44,16 @@ def git_revision() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -79,8 +95,15 @@ def markdown_table(results: dict[str, Any], *, status: bool = True) -> str:
         cells = [key, entry.get("method") or "–", "–" if p is None else f"{p:g}"]
         cells += [metric_cell(entry, metric) for metric, _ in METRIC_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", INTERVAL_NOTE + " Over-refusal: share of benign prompts refused (XSTest safe prompts by default)."]
-    agreement = [(key, entry, pair) for key, entry in results.get("stages", {}).items() for pair in entry.get("judge_agreement", [])]
+    lines += [
+        "",
+        INTERVAL_NOTE + " Over-refusal: share of benign prompts refused (XSTest safe prompts by default).",
+    ]
+    agreement = [
+        (key, entry, pair)
+        for key, entry in results.get("stages", {}).items()
+        for pair in entry.get("judge_agreement", [])
+    ]
     if agreement:
         lines += ["", "| stage | judges (HS each) | agreement | Cohen's κ |", "|---|---|---|---|"]
         for key, entry, pair in agreement:
@@ -89,7 +112,10 @@ def markdown_table(results: dict[str, Any], *, status: bool = True) -> str:
             kappa = "–" if pair["kappa"] is None else f"{pair['kappa']:.2f}"
             lines.append(f"| {key} | {names} | {pair['agreement']:.1f} | {kappa} |")
     if judge == "minilm":
-        lines += ["", "The MiniLM judge is an offline stand-in, not the papers' beaver-dam-7b: do not compare these HS to the papers'."]
+        lines += [
+            "",
+            "The MiniLM judge is an offline stand-in, not the papers' beaver-dam-7b: do not compare these HS to the papers'.",
+        ]
     if status and not results.get("complete"):
         lines += ["", "**Incomplete run**: some stages have not finished."]
     return "\n".join(lines) + "\n"

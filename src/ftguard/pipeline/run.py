@@ -34,7 +34,7 @@ POST_SECTIONS = (*TRAIN_SECTIONS, "finetune", "post")
 
 def post_key_of(finetune_key: str) -> str:
     """finetune → post, finetune-p0.1 → post-p0.1."""
-    return "post" + finetune_key[len("finetune"):]
+    return "post" + finetune_key[len("finetune") :]
 
 
 def finetune_keys(run: RunConfig) -> dict[str, float]:
@@ -45,9 +45,13 @@ def finetune_keys(run: RunConfig) -> dict[str, float]:
 
 
 class Pipeline:
-    def __init__(self, run: RunConfig, *, overwrite: bool = False, on_update: Callable[[dict], None] | None = None) -> None:
+    def __init__(
+        self, run: RunConfig, *, overwrite: bool = False, on_update: Callable[[dict], None] | None = None
+    ) -> None:
         self.run = run
-        self.on_update = on_update  # called with the results after each evaluation point (the CLI prints them)
+        self.on_update = (
+            on_update  # called with the results after each evaluation point (the CLI prints them)
+        )
         self.out = run.out_dir
         self.overwrite = overwrite
         self.plan: DataPlan | None = None
@@ -66,14 +70,19 @@ class Pipeline:
                 method_cls = get_method(stage_cfg.method, stage)
                 method = method_cls(method_cls.parse_args(stage_cfg.args, prefix=f"{stage}.args"))
                 method.prepare_data(self.plan, run, stage)
-                stage_sets = {"align": [self.plan.alignment], "finetune": list(self.plan.mixes.values())}.get(stage, [])
+                stage_sets = {"align": [self.plan.alignment], "finetune": list(self.plan.mixes.values())}.get(
+                    stage, []
+                )
                 for examples in stage_sets:
                     method.train_examples(examples, self.plan)  # dry run: impossible requests fail now
         self.base = ModelRef(model_dir=resolve_model(run.model.name))
         load_tokenizer(self.base.model_dir, trust_remote_code=run.model.trust_remote_code)
         if need_judge:
             ev = run.evaluate
-            self.judges = [get_judge(ev.judge, **ev.judge_options), *(get_judge(name) for name in ev.extra_judges)]
+            self.judges = [
+                get_judge(ev.judge, **ev.judge_options),
+                *(get_judge(name) for name in ev.extra_judges),
+            ]
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "config.yaml", dump_config(run))
         self.results = {
@@ -105,7 +114,9 @@ class Pipeline:
     def _unit(self, key: str, *sections: str) -> StageDir:
         return StageDir(self.out / key, self.run.fingerprint(*sections), overwrite=self.overwrite)
 
-    def _record(self, key: str, stage: str, method: str | None, p: float | None, metrics: dict[str, Any]) -> None:
+    def _record(
+        self, key: str, stage: str, method: str | None, p: float | None, metrics: dict[str, Any]
+    ) -> None:
         self.results["stages"][key] = {
             "stage": stage,
             "method": method,
@@ -122,7 +133,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ units
 
-    def evaluate(self, key: str, stage: str, method: str | None, p: float | None, ref: ModelRef, upstream: tuple[str, ...]) -> None:
+    def evaluate(
+        self,
+        key: str,
+        stage: str,
+        method: str | None,
+        p: float | None,
+        ref: ModelRef,
+        upstream: tuple[str, ...],
+    ) -> None:
         unit = self._unit(f"eval/{key}", *upstream, "evaluate")
         if unit.is_complete():
             log.info("%s: evaluation already complete, skipped", key)
@@ -145,7 +164,9 @@ class Pipeline:
             return self.base
         unit = self._unit("align", *TRAIN_SECTIONS)
         if not unit.is_complete():
-            raise FtguardError(f"the align stage in {unit.path} is not complete: run `ftguard align` (or `ftguard run`) first")
+            raise FtguardError(
+                f"the align stage in {unit.path} is not complete: run `ftguard align` (or `ftguard run`) first"
+            )
         return ModelRef.from_manifest(unit.path, unit.manifest())
 
     def post(self, key: str, p: float, finetuned: ModelRef) -> ModelRef:
@@ -153,22 +174,34 @@ class Pipeline:
         if unit.is_complete():
             log.info("%s: already complete, skipped", key)
             return ModelRef.from_manifest(unit.path, unit.manifest())
-        return post_stage(self.run, key, self.plan, base=self.base, aligned=self.aligned_ref(), finetuned=finetuned,
-                          out=unit, harmful_ratio=p)
+        return post_stage(
+            self.run,
+            key,
+            self.plan,
+            base=self.base,
+            aligned=self.aligned_ref(),
+            finetuned=finetuned,
+            out=unit,
+            harmful_ratio=p,
+        )
 
     def finetune(self, key: str, p: float, source: ModelRef) -> ModelRef:
         unit = self._unit(key, *TRAIN_SECTIONS, "finetune")
         if unit.is_complete():
             log.info("%s: already complete, skipped", key)
             return ModelRef.from_manifest(unit.path, unit.manifest())
-        return train_stage(self.run, "finetune", key, self.plan.mixes[p], self.plan, source, unit, harmful_ratio=p)
+        return train_stage(
+            self.run, "finetune", key, self.plan.mixes[p], self.plan, source, unit, harmful_ratio=p
+        )
 
     # ------------------------------------------------------------------ drivers
 
     def _existing(self, unit: StageDir) -> ModelRef | None:
         return ModelRef.from_manifest(unit.path, unit.manifest()) if unit.is_complete() else None
 
-    def run_all(self, train: tuple[str, ...] = ("align", "finetune", "post"), evaluate: bool = True) -> dict[str, Any]:
+    def run_all(
+        self, train: tuple[str, ...] = ("align", "finetune", "post"), evaluate: bool = True
+    ) -> dict[str, Any]:
         """Train the stages named in ``train`` (others are used if already complete) and, with ``evaluate``,
         evaluate every configured point whose model exists."""
         run = self.run
@@ -182,7 +215,9 @@ class Pipeline:
         source: ModelRef | None = self.base
         if run.align is not None:
             expected |= {"align"} & configured
-            source = self.align() if "align" in train else self._existing(self._unit("align", *TRAIN_SECTIONS))
+            source = (
+                self.align() if "align" in train else self._existing(self._unit("align", *TRAIN_SECTIONS))
+            )
             if source is not None and "align" in points:
                 self.evaluate("align", "align", run.align.method, None, source, TRAIN_SECTIONS)
         if run.finetune is not None:
@@ -237,7 +272,11 @@ def evaluate_model_dir(run: RunConfig, model_dir: str, *, key: str | None = None
     key = key or (path.name if path.exists() else model_dir.replace("/", "--"))
     ref = ModelRef(model_dir=resolve_model(model_dir))
     unit = StageDir(pipe.out / "eval" / f"custom-{key}", run.fingerprint("evaluate", "data", "model") + key)
-    metrics = unit.manifest()["metrics"] if unit.is_complete() else evaluate_point(run, key, ref.model_dir, pipe.plan, pipe.judges, unit)
+    metrics = (
+        unit.manifest()["metrics"]
+        if unit.is_complete()
+        else evaluate_point(run, key, ref.model_dir, pipe.plan, pipe.judges, unit)
+    )
     return metrics
 
 

@@ -24,13 +24,13 @@ from ftguard.data.collate import CausalLMCollator
 from ftguard.data.example import Example
 from ftguard.data.template import tokenize_dataset
 from ftguard.errors import FtguardError
-from ftguard.schema import to_dict
 from ftguard.models import add_lora, fast_bf16_available, load_lora, load_model, load_tokenizer, merge_lora
 from ftguard.models.adapters import check_target_modules, count_parameters
 from ftguard.pipeline.context import StageContext
 from ftguard.pipeline.outputs import StageDir
 from ftguard.pipeline.plan import DataPlan
 from ftguard.registry import get_method
+from ftguard.schema import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,14 @@ def train_stage(
     tokenizer = load_tokenizer(source.model_dir, trust_remote_code=mc.trust_remote_code)
     model, base_dir = build_trainable_model(run, stage, source)
     trainable, total = count_parameters(model)
-    log.info("%s: %s, %d of %d parameters trainable (%s topology)", key, stage_cfg.method, trainable, total, run.adapter.topology)
+    log.info(
+        "%s: %s, %d of %d parameters trainable (%s topology)",
+        key,
+        stage_cfg.method,
+        trainable,
+        total,
+        run.adapter.topology,
+    )
 
     def tokenize(exs: list[Example]):
         dataset, _ = tokenize_dataset(
@@ -154,8 +161,16 @@ def train_stage(
     ckpt_dir = out.path / "checkpoints"
     args = training_arguments(stage_cfg.train, ckpt_dir, run.seed)
     ctx = StageContext(
-        run=run, stage=stage, key=key, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
-        plan=plan, tokenize=tokenize, out_dir=out.path, harmful_ratio=harmful_ratio,
+        run=run,
+        stage=stage,
+        key=key,
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=train_dataset,
+        plan=plan,
+        tokenize=tokenize,
+        out_dir=out.path,
+        harmful_ratio=harmful_ratio,
     )
     trainer = method.create_trainer(
         ctx,

@@ -44,7 +44,9 @@ def _unwrap_causal_lm(model: nn.Module) -> nn.Module:
     return inner
 
 
-def decoder_parts(model: nn.Module, method: str = "this method") -> tuple[list[nn.Module], nn.Module, nn.Module]:
+def decoder_parts(
+    model: nn.Module, method: str = "this method"
+) -> tuple[list[nn.Module], nn.Module, nn.Module]:
     """(MLP sub-module of every decoder layer, final norm, LM head) of a Llama-like causal LM.
 
     ``method`` names the caller in the errors, which say the model layout is not supported.
@@ -56,7 +58,9 @@ def decoder_parts(model: nn.Module, method: str = "this method") -> tuple[list[n
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     name = type(lm).__name__
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise FtguardError(f"{method}: cannot find the decoder layers of {name} (expected a Llama-like `model.layers`)")
+        raise FtguardError(
+            f"{method}: cannot find the decoder layers of {name} (expected a Llama-like `model.layers`)"
+        )
     if not isinstance(norm, nn.Module) or not isinstance(head, nn.Module):
         raise FtguardError(f"{method}: cannot find the final norm (`model.norm`) and LM head of {name}")
     mlps = [getattr(layer, "mlp", None) for layer in layers]

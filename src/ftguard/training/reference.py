@@ -84,14 +84,18 @@ class ReferenceModel:
         self.module = unwrap_parallel(model)
         trainable = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
         if not trainable:
-            raise FtguardError("the model has no trainable parameters: nothing would move away from the reference")
+            raise FtguardError(
+                "the model has no trainable parameters: nothing would move away from the reference"
+            )
         self.mode: Literal["disable_adapter", "snapshot"]
         if _is_fresh_lora(self.module, trainable):
             self.mode, self.snapshot = "disable_adapter", {}
         else:
             self.mode = "snapshot"
             self.snapshot = {n: p.detach().clone() for n, p in trainable.items()}
-        self._probe = next(iter(trainable.values()))  # where the trained weights live now (moved by a launcher?)
+        self._probe = next(
+            iter(trainable.values())
+        )  # where the trained weights live now (moved by a launcher?)
 
     @property
     def snapshot_bytes(self) -> int:

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
-from safetensors.torch import load_file, save_file
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -58,7 +58,11 @@ class FtguardTrainer(Trainer):
         seed = self.args.seed + 7919 * (1 + sorted(self.aux_datasets).index(name)) + epoch
         if self.args.world_size > 1:
             sampler = DistributedSampler(
-                dataset, num_replicas=self.args.world_size, rank=self.args.process_index, shuffle=True, seed=seed
+                dataset,
+                num_replicas=self.args.world_size,
+                rank=self.args.process_index,
+                shuffle=True,
+                seed=seed,
             )
         else:
             sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
@@ -117,13 +121,21 @@ class FtguardTrainer(Trainer):
         values, tensors = self.method_state()
         state = {
             "aux_streams": [
-                {"name": name, "batch_size": bs, "epoch": self._aux_epochs[(name, bs)], "drawn": self._aux_drawn[(name, bs)]}
+                {
+                    "name": name,
+                    "batch_size": bs,
+                    "epoch": self._aux_epochs[(name, bs)],
+                    "drawn": self._aux_drawn[(name, bs)],
+                }
                 for (name, bs) in sorted(set(self._aux_epochs) | set(self._aux_drawn))
             ],
             "method": values,
         }
         if tensors:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / METHOD_TENSORS_FILE))
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                str(folder / METHOD_TENSORS_FILE),
+            )
         # Written last: its presence says the method state of this checkpoint is complete.
         tmp = folder / f"{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(state, indent=1))
@@ -157,13 +169,19 @@ class FtguardTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
 
-    def scaled_loss(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    def scaled_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         """The loss exactly as ``Trainer.training_step`` backpropagates it (autocast, multi-GPU mean, 1/accumulation)."""
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         if self.args.n_gpu > 1:
             loss = loss.mean()
-        return loss if self.loss_normalised_over_window(num_items_in_batch) else loss / self.current_gradient_accumulation_steps
+        return (
+            loss
+            if self.loss_normalised_over_window(num_items_in_batch)
+            else loss / self.current_gradient_accumulation_steps
+        )
 
     def loss_normalised_over_window(self, num_items_in_batch: Any) -> bool:
         """Whether ``compute_loss`` already divides by the tokens of the whole accumulation window (so the Trainer
@@ -173,11 +191,17 @@ class FtguardTrainer(Trainer):
         """
         if self.loss_is_scaled_for_ga is not None:
             return bool(self.loss_is_scaled_for_ga)
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        return (
+            self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        ) or self.compute_loss_func is not None
 
     def scale_extra(self, term: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
         """A per-micro-batch extra loss term, scaled like the stage loss it is added to."""
-        return term / self.current_gradient_accumulation_steps if self.loss_normalised_over_window(num_items_in_batch) else term
+        return (
+            term / self.current_gradient_accumulation_steps
+            if self.loss_normalised_over_window(num_items_in_batch)
+            else term
+        )
 
     # ------------------------------------------------------------------ extra metrics
 
@@ -185,7 +209,9 @@ class FtguardTrainer(Trainer):
         """Remember scalars to be averaged into the next training log entry."""
         for key, value in metrics.items():
             # Non-finite values are logged as they are: hiding them would hide divergence.
-            self._recorded[key].append(value.detach().float().item() if isinstance(value, torch.Tensor) else float(value))
+            self._recorded[key].append(
+                value.detach().float().item() if isinstance(value, torch.Tensor) else float(value)
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._recorded:
