@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import textwrap
@@ -210,6 +211,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stage = "align" if "align" in stages else "finetune" if "finetune" in stages else "post"
         topology = get_method(method, stage).preferred_topology
         extra = [f"adapter.topology={topology}"] if topology else []
+        method_cls = get_method(method, stage)
+        if method_cls.demo_args:
+            extra.append(f"{stage}.args={json.dumps(method_cls.demo_args)}")  # JSON is YAML
         args_m.overrides = [*extra, *args.overrides, f"{stage}.method={method}", f"name=demo-{method}"]
         args_m.output_dir = str(base_out / f"demo-{method}")
         cfg = _load(args_m)

@@ -45,6 +45,8 @@ class Method:
     # Args that make `ftguard bench` time the method's steady-state step (e.g. Lisa's proximal term switched on
     # from step 0, where the paper's warm-up would leave it off for the whole short benchmark).
     bench_args: ClassVar[dict[str, Any]] = {}
+    # Args for `ftguard demo --methods` (32 steps on a CPU), where a paper default would not fit that budget.
+    demo_args: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Any) -> None:
         self.config = config

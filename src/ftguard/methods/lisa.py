@@ -344,6 +344,8 @@ class Lisa(Method):
     preferred_topology = "double"  # §2.5: fresh LoRA #2 on the merged alignment LoRA
     # Time the steady state: the fine-tune state (90% of the steps) with the proximal term on from step 0.
     bench_args: ClassVar[dict[str, Any]] = {"proximal_warmup_ratio": 0.0, "first_state": FINETUNE}
+    # K_a/K_f = 100/900 would make a 32-step fine-tune all alignment: 4/12 gives two alignment states (as lisa-smollm2).
+    demo_args: ClassVar[dict[str, Any]] = {"align_steps": 4, "finetune_steps": 12}
 
     def prepare_data(self, plan: DataPlan, run: RunConfig, stage: str) -> None:
         spec = self.config.alignment_data
