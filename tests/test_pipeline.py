@@ -47,6 +47,7 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
             "finetune_accuracy",
             "over_refusal",
             "degenerate_rate",
+            "benign_degenerate_rate",
         ):
             k, n = entry["counts"][metric]
             lo, hi = entry["intervals"][metric]

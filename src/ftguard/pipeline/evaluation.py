@@ -93,6 +93,8 @@ def evaluate_point(
     }
     if refused:
         rates["over_refusal"] = rate(sum(refused), len(refused))
+        # A collapsed model does not refuse benign prompts, it answers nothing: over-refusal alone would look perfect.
+        rates["benign_degenerate_rate"] = rate(sum(map(is_degenerate, benign_answers)), len(benign_answers))
     metrics: dict[str, Any] = {name: r["value"] for name, r in rates.items()}
     metrics |= {
         "intervals": {name: r["ci95"] for name, r in rates.items()},
