@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="offline demo on SmolLM2-135M: base → SFT alignment → harmful fine-tune (≈15 min on 2 cores)",
+        help="offline demo on SmolLM2-135M: base → SFT alignment → harmful fine-tune (≈20 min on 2 cores)",
     )
     p.add_argument(
         "--set",
