@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ftguard.errors import FtguardError
@@ -530,9 +531,9 @@ class Recovery(PostMethod):
             tok, prompts(ctx.plan.task_validation[: cfg.n_task]), cfg.batch_size, device, special=special
         )
 
-        directions = ctx.work_dir / "directions.pt"
+        directions = ctx.work_dir / "directions.safetensors"
         if directions.is_file():
-            d = torch.load(directions, map_location=device)
+            d = load_file(str(directions), device=str(device))
         else:
             aligned = ctx.load(ctx.aligned, dtype=cfg.dtype).to(device)  # only while d_harm is computed
             d = {
@@ -540,7 +541,7 @@ class Recovery(PostMethod):
                 "ben": mean_direction(model.eval(), k, task),
             }
             del aligned
-            torch.save(d, directions)
+            save_file({name: v.contiguous() for name, v in d.items()}, str(directions))
         rec = Recoverer(
             model,
             k,
