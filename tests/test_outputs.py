@@ -44,3 +44,27 @@ def test_other_config_is_refused_unless_overwrite(tmp_path):
 def test_atomic_json_leaves_no_temp_files(tmp_path):
     write_json_atomic(tmp_path / "r.json", {"a": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_unit_lock_makes_a_second_process_wait_until_the_first_is_done(tmp_path):
+    import threading
+    import time
+
+    unit = StageDir(tmp_path / "units" / "align" / "abc", "abc")
+    events = []
+
+    def second():
+        with StageDir(unit.path, "abc").lock():
+            events.append(("second", unit.is_complete()))
+
+    with unit.lock():
+        worker = threading.Thread(target=second)
+        worker.start()
+        time.sleep(0.3)
+        assert events == []  # still waiting for the lock
+        unit.begin()
+        unit.commit({"steps": 1})
+        events.append(("first", True))
+    worker.join(timeout=10)
+    # the waiter went second and found the unit complete: it would skip it, not train it again
+    assert events == [("first", True), ("second", True)]

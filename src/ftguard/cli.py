@@ -96,21 +96,32 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_configs(args: argparse.Namespace) -> int:
     import yaml
 
-    from ftguard.config import packaged_configs
+    from ftguard.config import packaged_configs, packaged_configs_dir
 
+    root = packaged_configs_dir()
+    if args.show:
+        # Only the file, so that `--show NAME > my.yaml` is valid YAML.
+        from ftguard.config import resolve_config_path
+
+        nested = root / f"{args.show}.yaml"  # paper/..., modern/...
+        path = nested if "/" in args.show and nested.is_file() else resolve_config_path(args.show)
+        print(path.read_text(encoding="utf-8"))
+        return 0
     for name, path in packaged_configs().items():
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         desc = " ".join(str(data.get("description", "")).split())
         print(f"{name:<22} {textwrap.shorten(desc, 90)}")
+    # Paper and modern protocols live in subfolders: sweeps, and the run configs they start from.
+    for path in sorted(root.glob("*/*.yaml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        kind = "sweep" if {"defenses", "grid", "attack"} & set(data) else "run"
+        desc = " ".join(str(data.get("description", "")).split())
+        name = path.relative_to(root).with_suffix("").as_posix()
+        print(f"{name:<32} [{kind}] {textwrap.shorten(desc, 76)}")
     print(
-        "\nrun one with `ftguard run NAME`; copy one with `ftguard configs --show NAME > my.yaml`"
-        if not args.show
-        else ""
+        "\nrun one with `ftguard run NAME`, a [sweep] with "
+        "`ftguard sweep NAME`; copy one with `ftguard configs --show NAME > my.yaml`"
     )
-    if args.show:
-        from ftguard.config import resolve_config_path
-
-        print(resolve_config_path(args.show).read_text(encoding="utf-8"))
     return 0
 
 
@@ -128,15 +139,44 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_generation(args: argparse.Namespace) -> int:
+    from ftguard.bench_generation import GenerationBenchSpec, markdown, run_generation_bench
+    from ftguard.schema import from_dict
+
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise FtguardError(
+            f"--batch-sizes must be integers separated by commas, got {args.batch_sizes!r}"
+        ) from None
+    values = {
+        "model": args.model or "smollm2-135m",
+        "prompts": args.prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_sizes": batch_sizes,
+        "backend": args.backend,
+    }
+    spec = from_dict(GenerationBenchSpec, values)
+    report = run_generation_bench(spec)
+    print(markdown(report))
+    out = args.output or args.json
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"json: {out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
     from ftguard.bench import BenchSpec, markdown, run_bench
 
+    if args.generation:
+        return _cmd_bench_generation(args)
     spec = BenchSpec(
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-        model=args.model,
+        model=args.model or "tiny",
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         warmup=args.warmup,
@@ -265,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_evaluate)
 
+    from ftguard.sweep.cli import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)
+
     p = sub.add_parser("methods", help="list the registered methods by stage")
     p.add_argument("--verbose", action="store_true", help="show each method's hyperparameters and defaults")
     p.set_defaults(func=cmd_methods)
@@ -304,7 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="step time and peak memory of methods as ratios to SFT, measured in one run"
     )
     p.add_argument("--methods", default="sft", help="comma-separated method names (sft is always included)")
-    p.add_argument("--model", default="tiny", help="tiny, smollm2-135m, a hub id or a path (default tiny)")
+    p.add_argument(
+        "--model",
+        help="tiny, smollm2-135m, a hub id or a path (default tiny; smollm2-135m with --generation)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
         "--seq-len", type=int, default=128, help="every batch is padded to exactly this many tokens"
@@ -320,6 +367,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="rounds, interleaved across methods")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method memory measurement")
     p.add_argument("--json", help="write the report (time_ratio, memory_ratio per method) to this file")
+    p.add_argument(
+        "--generation",
+        action="store_true",
+        help="instead: tokens/s of batched greedy generation vs one prompt at a time, on the same held-out "
+        "harmful prompts (uses --model, --prompts, --max-new-tokens, --batch-sizes, --backend, --output)",
+    )
+    p.add_argument("--prompts", type=int, default=64, help="--generation: number of prompts (default 64)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=48, help="--generation: new tokens per prompt (default 48)"
+    )
+    p.add_argument(
+        "--batch-sizes",
+        default="1,32",
+        help="--generation: comma-separated batch sizes; 1 (one prompt at a time) is always included",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["hf", "vllm", "auto"],
+        default="auto",
+        help="--generation: hf only; vllm adds a vLLM row (error without GPU + vllm); auto adds it when available",
+    )
+    p.add_argument("--output", metavar="FILE.json", help="--generation: write the JSON report to this file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -358,6 +427,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FtguardError as exc:
         print(f"ftguard: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A full disk, a quota or a permission: the environment, not a bug. Nothing half-written is marked
+        # complete, so the same command picks up where this one stopped.
+        print(
+            f"ftguard: error: {exc}; fix it (free disk space, check permissions) and run the same command "
+            "again: complete outputs are kept and an interrupted training resumes from its last checkpoint",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("ftguard: interrupted; run the same command again to resume", file=sys.stderr)

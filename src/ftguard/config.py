@@ -48,6 +48,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check(bool(self.name), "name", "must not be empty")
         check(self.max_length >= 8, "max_length", f"must be ≥ 8, got {self.max_length}")
+        # format_prompt ignores the newline in chat templates: a run would differ from what its config says.
+        check(
+            not (self.response_newline and self.template == "chat"),
+            "response_newline",
+            "only applies to template 'alpaca' (a chat template ends the prompt itself): remove it or set "
+            "model.template: alpaca",
+        )
 
 
 @dataclass
@@ -120,6 +127,12 @@ class FinetuneDataConfig:
     gsm8k_cot_suffix: bool = _help(
         "append Vaccine's step-by-step suffix to GSM8K questions (§2.3)", default=False
     )
+    harmful_reserve: int | None = _help(
+        "when data.alignment and the harmful pool are one file: how many leading records the attack keeps "
+        "(Booster: 5000, §2.2); null = what the largest ratio needs. Fixing it keeps the aligned model the same "
+        "for every ratio (a sweep sets it)",
+        default=None,
+    )
 
     @property
     def ratios(self) -> list[float]:
@@ -131,6 +144,11 @@ class FinetuneDataConfig:
         for p in self.ratios:
             check(0.0 <= p <= 1.0, "harmful_ratio", f"must be in [0, 1], got {p}")
         check(len(set(self.ratios)) == len(self.ratios), "harmful_ratio", "lists a ratio twice")
+        check(
+            self.harmful_reserve is None or self.harmful_reserve >= 0,
+            "harmful_reserve",
+            f"must be ≥ 0 or null, got {self.harmful_reserve}",
+        )
 
 
 @dataclass
@@ -252,7 +270,8 @@ class EvalConfig:
     )
     max_new_tokens: int = _help("new tokens per harmful prompt (Booster 512, Vaccine 128, §2.6)", default=512)
     task_n: int | None = _help(
-        "task evaluation samples (Booster: up to 1000, §2.7); null = all", default=1000
+        "task evaluation samples: the first n, or all when fewer (Booster: up to 1000, §2.7); null = all",
+        default=1000,
     )
     task_max_new_tokens: int = _help("new tokens per task prompt (§2.7: 200)", default=200)
     task_rule: Literal["exact", "substring"] = _help(
@@ -301,13 +320,15 @@ class RunConfig:
             check(
                 "align" not in self.evaluate.points,
                 "evaluate.points",
-                "lists 'align' but the align stage is null",
+                "lists 'align' but the align stage is null: remove 'align' from it, e.g. evaluate.points: "
+                "[base, finetune]",
             )
         if self.finetune is None:
             check(
                 "finetune" not in self.evaluate.points,
                 "evaluate.points",
-                "lists 'finetune' but the finetune stage is null",
+                "lists 'finetune' but the finetune stage is null: remove 'finetune' from it, e.g. "
+                "evaluate.points: [base, align]",
             )
         if self.post is not None:
             check(
@@ -350,6 +371,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     configs = packaged_configs()
     if name_or_path in configs:
         return configs[name_or_path]
+    nested = packaged_configs_dir() / f"{name_or_path}.yaml"  # presets in subfolders: paper/booster-llama2-7b
+    if nested.is_file():
+        return nested
     import difflib
 
     close = difflib.get_close_matches(name_or_path, list(configs), n=1)
@@ -371,18 +395,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    return set_keys(data, [(*parse_override(item), f"override '{item}'") for item in overrides])
+
+
+def set_keys(data: dict[str, Any], settings: list[tuple[list[str], Any, str]]) -> dict[str, Any]:
+    """A copy of ``data`` with each (key path, value, origin) set; ``origin`` names the setting in errors."""
     data = copy.deepcopy(data)
-    for item in overrides:
-        parts, value = parse_override(item)
+    for parts, value, origin in settings:
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is not a section")
+                raise ConfigError(f"{origin}: '{'.'.join(parts[: i + 1])}' is not a section")
             node = child
-        node[parts[-1]] = value
+        node[parts[-1]] = copy.deepcopy(value)
     return data
 
 

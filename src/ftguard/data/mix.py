@@ -107,6 +107,7 @@ def check_disjoint(roles: dict[str, list[Example]]) -> None:
             text = keys[a][shared[0]].instruction
             shown = text if len(text) <= 60 else text[:57] + "..."
             raise FtguardError(
-                f"data roles {a!r} and {b!r} share {len(shared)} prompt(s), e.g. {shown!r}: give them disjoint "
-                "slices of the pool (take_disjoint) or different sources"
+                f"data roles {a!r} and {b!r} share {len(shared)} prompt(s), e.g. {shown!r}: remove the shared "
+                "prompts from one of the two sets, or give them disjoint slices of one pool (take_disjoint) or "
+                "different sources"
             )

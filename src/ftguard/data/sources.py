@@ -12,6 +12,9 @@ Every source reads the layout of ``../shared/data`` (see its SOURCES.md) under a
 - ``alpaca_eval``: prompts only.
 - ``xstest``: prompts only; split ``safe`` (250 prompts a calibrated model answers, for the over-refusal
   rate) or ``unsafe`` (the 200 contrast prompts). Its row index counts within the split.
+
+Evaluation prompt sets are always read prompt-only, so a user's file of harmful prompts needs no ``output``. Files
+must be UTF-8 (a leading BOM is accepted); errors name the file and the 1-based line.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -78,31 +82,52 @@ def data_file(root: str | Path, relpath: str) -> Path:
 # ---------------------------------------------------------------- row parsing helpers
 
 
+def read_text(path: Path) -> str:
+    """The whole file decoded as UTF-8 (a leading BOM dropped); bytes that are not UTF-8 fail naming the line.
+
+    Decoding all bytes at once, rather than through a text-mode file, is what makes the byte offset of the bad
+    byte (and so its line) known: a text-mode read only reports an offset within its internal chunk.
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        body, start = e.object, e.start  # utf-8-sig reports positions after the BOM
+        offset = start + (len(data) - len(body))
+        line = body.count(b"\n", 0, start) + 1
+        raise FtguardError(
+            f"{path}, line {line}: byte 0x{body[start]:02x} at byte offset {offset} is not UTF-8: the file must be "
+            "UTF-8, re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (1-based line number, object) for each non-blank line; errors name file and line."""
     seen = False
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FtguardError(
-                    f"{path}, line {lineno}: malformed JSON ({e.msg}): fix or remove that line"
-                ) from e
-            if not isinstance(row, dict):
-                raise FtguardError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            seen = True
-            yield lineno, row
+    # newline=None splits lines exactly as a text-mode open() would (\n, \r\n and \r).
+    for lineno, line in enumerate(io.StringIO(read_text(path), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FtguardError(
+                f"{path}, line {lineno}: malformed JSON ({e.msg}): fix or remove that line"
+            ) from e
+        if not isinstance(row, dict):
+            raise FtguardError(
+                f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}: each line must hold "
+                "one record as a JSON object ({...}) with its fields"
+            )
+        seen = True
+        yield lineno, row
     if not seen:
         raise FtguardError(f"{path} is empty: it needs one JSON object per line")
 
 
 def read_json_list(path: Path) -> list[dict[str, Any]]:
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise FtguardError(f"{path}, line {e.lineno}: malformed JSON ({e.msg})") from e
     if not isinstance(data, list) or not data:
@@ -118,13 +143,15 @@ def get_str(row: dict[str, Any], key: str, where: str, *, required: bool = True)
     value = row.get(key)
     if value is None:
         if required:
-            raise FtguardError(f"{where}: missing field '{key}'")
+            raise FtguardError(f"{where}: missing field '{key}': add it to that record or remove the record")
         return ""
     if not isinstance(value, str):
-        raise FtguardError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+        raise FtguardError(
+            f"{where}: field '{key}' must be a string, got {type(value).__name__}: write it as a quoted string"
+        )
     value = value.strip()
     if required and not value:
-        raise FtguardError(f"{where}: field '{key}' is empty")
+        raise FtguardError(f"{where}: field '{key}' is empty: fill it in or remove the record")
     return value
 
 
@@ -223,16 +250,15 @@ def _load_jsonl(root: Path | None, split: str, response: str, path: Path | None)
 def _load_xstest(root: Path | None, split: str, response: str, path: Path | None) -> list[Example]:
     file = data_file(root, XSTEST_PROMPTS)
     out = []
-    with open(file, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        for row in reader:
-            where = f"{file}, line {reader.line_num}"
-            label = get_str(row, "label", where)
-            if label not in ("safe", "unsafe"):
-                raise FtguardError(f"{where}: label {label!r} is neither 'safe' nor 'unsafe': fix the file")
-            if label == split:
-                prompt = get_str(row, "prompt", where)
-                out.append(Example(instruction=prompt, source=f"xstest/{split}#{len(out)}"))
+    reader = csv.DictReader(io.StringIO(read_text(file), newline=""))
+    for row in reader:
+        where = f"{file}, line {reader.line_num}"
+        label = get_str(row, "label", where)
+        if label not in ("safe", "unsafe"):
+            raise FtguardError(f"{where}: label {label!r} is neither 'safe' nor 'unsafe': fix the file")
+        if label == split:
+            prompt = get_str(row, "prompt", where)
+            out.append(Example(instruction=prompt, source=f"xstest/{split}#{len(out)}"))
     return out
 
 

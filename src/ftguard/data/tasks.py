@@ -7,6 +7,7 @@ Instructions and outputs follow the git-disl ``build_dataset.py`` scripts (Vacci
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from ftguard.data.sources import (
     data_file,
     get_str,
     read_jsonl,
+    read_text,
     resolve_root,
     unknown_name_error,
 )
@@ -93,8 +95,7 @@ def _read_sst2(task: Task, root: Path, role: str) -> list[Example]:
     # test.tsv is the labelled GLUE dev set (872 rows) that the papers report as "validation".
     split = "train" if role == "train" else "test"
     file = data_file(root, f"sst2/{split}.tsv")
-    with open(file, encoding="utf-8") as fh:
-        lines = fh.read().split("\n")
+    lines = io.StringIO(read_text(file), newline=None).read().split("\n")
     if lines[0].rstrip("\r").split("\t") != ["sentence", "label"]:
         raise FtguardError(f"{file}, line 1: expected the header 'sentence<TAB>label', got {lines[0][:60]!r}")
     out = []
@@ -103,10 +104,12 @@ def _read_sst2(task: Task, root: Path, role: str) -> list[Example]:
             continue
         parts = line.rstrip("\r").split("\t")
         if len(parts) != 2 or parts[1].strip() not in ("0", "1"):
-            raise FtguardError(f"{file}, line {lineno}: expected 'sentence<TAB>0|1', got {line[:60]!r}")
+            raise FtguardError(
+                f"{file}, line {lineno}: expected 'sentence<TAB>0|1', got {line[:60]!r}: fix or remove that line"
+            )
         sentence = parts[0].strip()  # GLUE sentences end with a space; the template needs none
         if not sentence:
-            raise FtguardError(f"{file}, line {lineno}: empty sentence")
+            raise FtguardError(f"{file}, line {lineno}: empty sentence: fill it in or remove that line")
         out.append(
             Example(
                 instruction=task.instruction,
@@ -124,14 +127,15 @@ def _read_sst2(task: Task, root: Path, role: str) -> list[Example]:
 def _read_agnews_csv(file: Path) -> list[tuple[int, str, str]]:
     """(row index, label name, text) like the HF ``ag_news`` script: text = title + " " + description."""
     rows = []
-    with open(file, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh, quotechar='"', delimiter=",", quoting=csv.QUOTE_ALL, skipinitialspace=True)
-        for i, row in enumerate(reader):
-            if len(row) != 3 or row[0] not in ("1", "2", "3", "4"):
-                raise FtguardError(
-                    f"{file}, row {i + 1}: expected 'class(1-4),title,description', got {','.join(row)[:60]!r}"
-                )
-            rows.append((i, AGNEWS_LABELS[int(row[0]) - 1], f"{row[1]} {row[2]}".strip()))
+    text = io.StringIO(read_text(file), newline="")
+    reader = csv.reader(text, quotechar='"', delimiter=",", quoting=csv.QUOTE_ALL, skipinitialspace=True)
+    for i, row in enumerate(reader):
+        if len(row) != 3 or row[0] not in ("1", "2", "3", "4"):
+            raise FtguardError(
+                f"{file}, row {i + 1} (line {reader.line_num}): expected 'class(1-4),title,description', got "
+                f"{','.join(row)[:60]!r}: fix or remove that row"
+            )
+        rows.append((i, AGNEWS_LABELS[int(row[0]) - 1], f"{row[1]} {row[2]}".strip()))
     return rows
 
 

@@ -42,6 +42,10 @@ class Method:
         tuple[str, ...]
     ] = ()  # data-plan roles that must be non-empty (checked before any work)
 
+    # Training modes (ftguard.distributed.MODES) the method cannot run under → why, checked before any work by
+    # ftguard.distributed.check_supported (e.g. {"deepspeed_zero3": "it steps the weights in place, and ZeRO-3
+    # partitions them"}). DDP is never listed: every method runs data-parallel.
+    unsupported_modes: ClassVar[dict[str, str]] = {}
     # Args that make `ftguard bench` time the method's steady-state step (e.g. Lisa's proximal term switched on
     # from step 0, where the paper's warm-up would leave it off for the whole short benchmark).
     bench_args: ClassVar[dict[str, Any]] = {}

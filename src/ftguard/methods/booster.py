@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROBE_EPS = 1e-7  # added to ‖g_h‖ in the normalised probe step, as in the original (§1.4 step 2)
+REDUCE_BUCKET = 1 << 25  # elements per all-reduce of g_h across ranks
 
 
 @dataclass
@@ -98,6 +99,10 @@ class BoosterTrainer(FtguardTrainer):
 
     Cost: 3F + 3B per micro-batch. Extra memory: one copy of the trainable parameters and two gradients.
 
+    Data parallel (N ranks): x′ is the global harmful batch, N·``harmful_batch_size`` rows, each rank holding its
+    share; g_h is averaged over the ranks before step 2 (one extra all-reduce of the trainable gradients per
+    micro-batch), so every rank probes the same point and N processes train as one with the whole batches.
+
     The original zeroes ``.grad`` between its passes, which is only right with accumulation 1; here g_h and g_h′
     come from ``torch.autograd.grad`` and never touch ``.grad``, so earlier micro-batches' gradients survive.
     """
@@ -106,7 +111,6 @@ class BoosterTrainer(FtguardTrainer):
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
         cfg: BoosterConfig = self.method_config
-        self._check_distributed()
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()  # schedule-free optimizers swap weights here: probe the training weights
@@ -118,11 +122,13 @@ class BoosterTrainer(FtguardTrainer):
         # the local .grad BEFORE f's backward (step 3). The Trainer runs that backward with sync on only for the
         # last micro-batch of an optimizer step, and DDP then all-reduces the whole accumulated .grad (earlier
         # micro-batches + every λ-term + g_f) once: one reduce per optimizer step, of the combined gradient.
-        # Each rank probes with its own harmful batch; ranks' weights differ only inside the probe and are
-        # restored bit-exactly before f's forward, so the replicas stay identical.
+        # The harmful batch of a step is the global one (each rank draws its share): g_h is averaged over the
+        # ranks before the probe, so every rank probes the same point, the one a single process with the whole
+        # harmful batch would probe, and DDP's average of the ranks' g_h′ completes the global λ-term.
         with self.accelerator.no_sync(model):
             # 1. g_h = ∇h(w) on x′.
             h, g_h = self._harmful_grad(model, harmful, params)
+            h, g_h = self._mean_over_ranks(h, g_h)
             g_norm = _global_norm(g_h)
 
             # 2. Probe at w − α·g_h/(‖g_h‖ + eps), then restore w exactly from a copy (adding the step back is
@@ -179,15 +185,39 @@ class BoosterTrainer(FtguardTrainer):
         scaler = getattr(self.accelerator, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
-    def _check_distributed(self) -> None:
-        from accelerate.utils import DistributedType
+    def _mean_over_ranks(
+        self, h: torch.Tensor, grads: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """h and g_h averaged over the data-parallel ranks, in place (unchanged in a single process).
 
-        kind = self.accelerator.distributed_type
-        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise FtguardError(
-                f"Booster adds its harmful-gradient term to the parameters' .grad, which {kind.value} shards "
-                "and manages itself: run it single-process or with plain DDP (multi-GPU data parallel)"
-            )
+        The mean of the ranks' batch means is the mean over the global batch when the ranks' shares hold as many
+        response tokens (as for the Trainer's own loss when it does not count tokens across devices).
+        """
+        world = self.args.world_size
+        if world <= 1:
+            return h, grads
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        tensors = [h.detach().float().reshape(1).clone(), *grads]
+        i = 0
+        while i < len(tensors):
+            # Flat buckets of one dtype: few collectives for a LoRA, bounded extra memory for a full model.
+            j, size = i, 0
+            while (
+                j < len(tensors)
+                and tensors[j].dtype == tensors[i].dtype
+                and (size == 0 or size + tensors[j].numel() <= REDUCE_BUCKET)
+            ):
+                size += tensors[j].numel()
+                j += 1
+            flat = _flatten_dense_tensors(tensors[i:j])
+            dist.all_reduce(flat)
+            flat.div_(world)
+            for t, reduced in zip(tensors[i:j], _unflatten_dense_tensors(flat, tensors[i:j]), strict=True):
+                t.copy_(reduced)
+            i = j
+        return tensors[0][0].to(h.dtype), grads
 
 
 @register_method
@@ -203,6 +233,18 @@ class Booster(Method):
     trainer_class = BoosterTrainer
     required_roles = ("alignment_harmful",)
     preferred_topology = "single"  # §2.5: fine-tuning continues Booster's LoRA
+    unsupported_modes: ClassVar[dict[str, str]] = {
+        **{
+            mode: "its probe steps the trainable weights in place (w − α·ĝ_h) and restores them, which needs every "
+            f"rank to hold them whole, and {label} shards them"
+            for mode, label in (("fsdp", "FSDP"), ("deepspeed_zero3", "ZeRO-3"))
+        },
+        **{
+            f"deepspeed_zero{stage}": "it adds λ·(g_h − g_h′) to .grad before the backward, and DeepSpeed keeps "
+            "gradients in buffers of its own, which that write is not known to reach"
+            for stage in (0, 1, 2)
+        },
+    }
 
     @classmethod
     def check_run_config(cls, run: RunConfig, stage: str) -> None:

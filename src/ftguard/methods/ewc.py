@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -115,7 +115,6 @@ class EWCTrainer(FtguardTrainer):
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
         cfg: EWCConfig = self.method_config
-        self._check_distributed()
         if self.fisher is None:
             if self.state.global_step > 0:
                 raise FtguardError(
@@ -197,16 +196,6 @@ class EWCTrainer(FtguardTrainer):
         scaler = getattr(self.accelerator, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
-    def _check_distributed(self) -> None:
-        from accelerate.utils import DistributedType
-
-        kind = self.accelerator.distributed_type
-        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise FtguardError(
-                f"EWC adds its penalty gradient to the parameters' .grad and keeps full copies of them, which "
-                f"{kind.value} shards and manages itself: run it single-process or with plain DDP (multi-GPU data parallel)"
-            )
-
     # ------------------------------------------------------------------ checkpoint state
 
     def method_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -244,6 +233,16 @@ class EWC(Method):
     trainer_class = EWCTrainer
     required_roles = ("alignment",)
     preferred_topology = "single"  # §1.5: Vaccine's EWC keeps training the alignment LoRA, unmerged
+    unsupported_modes: ClassVar[dict[str, str]] = {
+        "fsdp": "it keeps whole copies of the trainable weights (F, w₀) and adds its penalty gradient to their "
+        ".grad, and FSDP shards both",
+        "deepspeed_zero3": "it keeps whole copies of the trainable weights (F, w₀), and ZeRO-3 partitions them",
+        **{
+            f"deepspeed_zero{stage}": "it adds its penalty gradient to .grad before the backward, and DeepSpeed "
+            "keeps gradients in buffers of its own, which that write is not known to reach"
+            for stage in (0, 1, 2)
+        },
+    }
 
     @classmethod
     def check_run_config(cls, run: RunConfig, stage: str) -> None:

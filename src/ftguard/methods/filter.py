@@ -83,6 +83,7 @@ class ModerationFilter(Method):
         super().__init__(config)
         inner_cls = get_method(config.then, "finetune")
         self.inner = inner_cls(inner_cls.parse_args(config.then_args, prefix="finetune.args.then_args"))
+        self.unsupported_modes = self.inner.unsupported_modes  # the `then` method does the training
         self._judge: Judge | None = None
 
     @classmethod

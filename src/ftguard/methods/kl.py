@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ftguard.methods.base import Method
 from ftguard.registry import register_method
 from ftguard.schema import check
-from ftguard.training.reference import ReferenceTrainer
+from ftguard.training.reference import REFERENCE_UNSUPPORTED_MODES, ReferenceTrainer
 
 
 @dataclass
@@ -106,4 +106,5 @@ class Kl(Method):
     paper = "KL-regularised fine-tuning, the baseline of Huang et al., Vaccine (NeurIPS 2024), git-disl/Vaccine KLTrainer"
     summary = "fine-tune with ℓ + λ·KL(start-of-stage model ‖ model) over the vocabulary; 2F+1B per step"
     config_class, trainer_class = KlConfig, KlTrainer
+    unsupported_modes = REFERENCE_UNSUPPORTED_MODES
     preferred_topology = "double"  # Vaccine's KL script trains LoRA #2 on the merged alignment LoRA (§1.5)

@@ -45,7 +45,7 @@ from ftguard.methods.base import Method
 from ftguard.registry import register_method
 from ftguard.schema import check
 from ftguard.training.hooks import decoder_parts
-from ftguard.training.reference import ReferenceTrainer
+from ftguard.training.reference import REFERENCE_UNSUPPORTED_MODES, ReferenceTrainer
 
 
 @dataclass
@@ -195,6 +195,7 @@ class Ldifs(Method):
     )
     summary = "fine-tune with ℓ + (ρ/2)·Σ_l ‖MLP output_l − start-of-stage MLP output_l‖²; 2F+1B per step"
     config_class, trainer_class = LdifsConfig, LdifsTrainer
+    unsupported_modes = REFERENCE_UNSUPPORTED_MODES
     preferred_topology = (
         "double"  # Booster's baselines merge the alignment LoRA and train a new one (§1.5, §4)
     )

@@ -179,7 +179,6 @@ class LisaTrainer(FtguardTrainer):
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         cfg: BiStateConfig = self.method_config
-        self._check_distributed()
         step = self.state.global_step
         micro = self._next_micro_batch(step)
         state, index = schedule_state(step, cfg)
@@ -280,16 +279,6 @@ class LisaTrainer(FtguardTrainer):
             if tensors and (tensors[0].device != params[0].device):
                 self.anchors[state] = [t.to(p.device, p.dtype) for t, p in zip(tensors, params, strict=True)]
 
-    def _check_distributed(self) -> None:
-        from accelerate.utils import DistributedType
-
-        kind = self.accelerator.distributed_type
-        if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise FtguardError(
-                f"lisa keeps full copies of the trainable weights as anchors, which {kind.value} shards: run it "
-                "single-process or with plain DDP (multi-GPU data parallel)"
-            )
-
     # ------------------------------------------------------------------ checkpoint state
 
     def method_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -342,6 +331,13 @@ class Lisa(Method):
     trainer_class = LisaTrainer
     required_roles = ("alignment",)
     preferred_topology = "double"  # §2.5: fresh LoRA #2 on the merged alignment LoRA
+    # ZeRO-0/1/2 keep every weight whole on every rank, and the proximal gradient reaches .grad through the one
+    # backward, like the loss's: nothing there needs a refusal.
+    unsupported_modes: ClassVar[dict[str, str]] = {
+        mode: "it keeps whole copies of the trainable weights (each state's last iterate) and a proximal term "
+        f"over them, and {label} shards the weights"
+        for mode, label in (("fsdp", "FSDP"), ("deepspeed_zero3", "ZeRO-3"))
+    }
     # Time the steady state: the fine-tune state (90% of the steps) with the proximal term on from step 0.
     bench_args: ClassVar[dict[str, Any]] = {"proximal_warmup_ratio": 0.0, "first_state": FINETUNE}
     # K_a/K_f = 100/900 would make a 32-step fine-tune all alignment: 4/12 gives two alignment states (as lisa-smollm2).

@@ -52,7 +52,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -452,9 +452,15 @@ def run_schedule(
         meta["good_step"] = step
         return False
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=cfg.steps, initial=meta["step"], desc=_bar_label(meta), unit="step", disable=meta["done"]
+    )
     done_now = 0
     while not meta["done"]:
         if stop_after is not None and done_now >= stop_after:
+            bar.close()
             return meta
         step = meta["step"]
         chosen, info = rec.recovery_step()
@@ -463,12 +469,15 @@ def run_schedule(
         meta["steps"].append({"step": step + 1, "rollback": meta["rollback"], **info})
         meta["step"] = step = step + 1
         done_now += 1
+        bar.update(1)
         if meta["phase"] == "warmup" and step == cfg.warmup_steps:
             s = score(rec.model)
             meta["warmup_score"] = s
             if cfg.rollback and s < minimum:
                 # Restart from F with rollback on; the warm-up checkpoint is not among the returned candidates.
                 meta |= {"phase": "main", "rollback": True, "step": 0}
+                bar.reset(total=cfg.steps)
+                bar.set_description(_bar_label(meta))
                 rec.set_restored({n: torch.zeros_like(m) for n, m in rec.restored.items()})
                 rec.zero_grad()
             else:
@@ -486,8 +495,14 @@ def run_schedule(
         if meta["phase"] == "main" and step >= cfg.steps:
             meta["done"] = True
         save()
+        bar.set_postfix(restored=rec.n_restored(), refresh=False)
+    bar.close()
     rec.set_restored(good)
     return meta
+
+
+def _bar_label(meta: Mapping[str, Any]) -> str:
+    return "recovery + rollback" if meta["rollback"] else "recovery"
 
 
 # ------------------------------------------------------------------------------------------------ method
@@ -502,6 +517,8 @@ class Recovery(PostMethod):
     summary = "post-hoc recovery: restore a few weights to the aligned model, roll back what the task needs"
     config_class = RecoveryConfig
     required_roles = ("alignment_harmful", "task_validation")
+    # One forward of 256 prompts through 20 SmolLM2 layers takes minutes on 2 CPU cores; the demo uses 32 of each.
+    demo_args: ClassVar[dict[str, Any]] = {"n_harmful": 32, "n_task": 32}
 
     def repair(self, ctx: Any) -> tuple[Any, dict[str, Any]]:
         from ftguard.data.template import format_prompt

@@ -28,7 +28,7 @@ for unpaired batches; none changes the objective of §1.5:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -292,6 +292,11 @@ class RepNoise(Method):
     )
     config_class, trainer_class = RepNoiseConfig, RepNoiseTrainer
     required_roles = ("alignment_harmful",)
+    unsupported_modes: ClassVar[dict[str, str]] = {
+        mode: "it reads every layer's hidden state through the final norm and the LM head outside the model's "
+        f"forward, where {label} does not promise those weights gathered"
+        for mode, label in (("fsdp", "FSDP"), ("deepspeed_zero3", "ZeRO-3"))
+    }
 
     def extra_datasets(self, ctx: StageContext) -> dict[str, Dataset]:
         if not ctx.plan.alignment_harmful:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -108,7 +108,8 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
        ``torch.autograd.grad`` on those activations: no weight gradient is computed, no ``.grad`` is touched,
        and no DDP all-reduce happens (the pass runs under ``no_sync``).
     2. G = sqrt(Σ_l ‖g_l‖²), one norm over all layers, examples and positions (prompt and padding included);
-       ε_l = ρ·g_l/(G + 1e-7), detached. f is the loss as it is backpropagated (divided by the accumulation
+       ε_l = ρ·g_l/(G + 1e-7), detached. Under data parallelism G is over the global batch (the per-layer
+       squared norms are summed over ranks), so N processes with batch b perturb as one process with N·b. f is the loss as it is backpropagated (divided by the accumulation
        steps unless the Trainer scales by num_items_in_batch), as in the original's hooks: the direction of ε
        does not depend on that scale, only the negligible 1e-7 guard does.
     3. Forward + backward on B with ε_l added to each attention output (a constant for autograd). Only these
@@ -141,7 +142,9 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
     def perturbation(self, grads: list[torch.Tensor]) -> tuple[list[int], list[torch.Tensor], torch.Tensor]:
         """Step 2: (indices of the perturbed layers, their ε_l, G over all layers). Reuses the memory of ``grads``."""
         cfg = self.method_config
-        sq = torch.stack([g.detach().float().pow(2).sum() for g in grads])
+        # Under data parallelism the batch of a step is the global one: summing the per-layer squared norms over
+        # the ranks gives every rank the ε of one process with that batch (a small all-reduce; no-op alone).
+        sq = self.accelerator.reduce(torch.stack([g.detach().float().pow(2).sum() for g in grads]), "sum")
         grad_norm = sq.sum().sqrt()
         if cfg.layers == "topk":
             if cfg.topk > len(grads):
@@ -171,9 +174,8 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
             # 2. ε_l = ρ·g_l/(G + 1e-7), one global norm.
             chosen, eps, grad_norm = self.perturbation(grads)
             del grads
-            eps_norm = (
-                torch.stack([e.float().pow(2).sum() for e in eps]).sum().sqrt() if eps else torch.zeros(())
-            )
+            eps_sq = torch.stack([e.float().pow(2).sum() for e in eps]).sum() if eps else torch.zeros(())
+            eps_norm = self.accelerator.reduce(eps_sq, "sum").sqrt()  # over the global batch, as G
 
             # 3. Forward + backward with ε added; the only gradients that reach the optimizer.
             with add_to_outputs([modules[i] for i in chosen], eps):
@@ -229,6 +231,12 @@ class Vaccine(Method):
     summary = "alignment under a worst-case ε (‖ε‖ = ρ) added to every attention output; 2F+2B per step"
     config_class = VaccineConfig
     trainer_class = VaccineTrainer
+    # ZeRO-0/1/2 keep the weights whole, and the first pass never reaches a parameter: nothing to refuse there.
+    unsupported_modes: ClassVar[dict[str, str]] = {
+        mode: f"its first pass is a partial backward (to the attention outputs only), and {label} gathers and "
+        "frees the sharded weights in hooks of a full backward over them"
+        for mode, label in (("fsdp", "FSDP"), ("deepspeed_zero3", "ZeRO-3"))
+    }
 
 
 @register_method

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from ftguard import distributed
 from ftguard.config import RunConfig
 from ftguard.data.template import format_prompt
-from ftguard.evaluation.generate import generate
+from ftguard.evaluation.generate import generate_sharded
 from ftguard.evaluation.judges import Judge
 from ftguard.evaluation.refusal import is_refusal
 from ftguard.evaluation.scorers import is_degenerate, is_repetitive, task_hits
@@ -35,7 +36,11 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
 def evaluate_point(
     run: RunConfig, key: str, model_dir: str, plan: DataPlan, judges: Judge | list[Judge], out: StageDir
 ) -> dict[str, Any]:
-    """Generate, judge and score one model. ``judges[0]`` gives HS; the others are compared with it."""
+    """Generate, judge and score one model. ``judges[0]`` gives HS; the others are compared with it.
+
+    Under a multi-process launch every rank calls this: the prompts are split over the ranks, and rank 0 judges
+    the gathered answers, writes the unit and hands its metrics to the others (whose ``judges`` may be empty).
+    """
     judges = [judges] if isinstance(judges, Judge) else list(judges)
     mc, ev = run.model, run.evaluate
     start = time.monotonic()
@@ -51,7 +56,7 @@ def evaluate_point(
             format_prompt(ex, style=mc.template, tokenizer=tokenizer, response_newline=mc.response_newline)
             for ex in examples
         ]
-        return generate(
+        return generate_sharded(
             model,
             tokenizer,
             prompts,
@@ -63,12 +68,19 @@ def evaluate_point(
         )
 
     answers = answer(plan.eval_harmful, ev.max_new_tokens, "harmful prompts")
+    predictions = answer(plan.task_eval, ev.task_max_new_tokens, plan.task.name)
+    benign_answers = (
+        answer(plan.over_refusal, ev.over_refusal_max_new_tokens, "benign prompts")
+        if plan.over_refusal
+        else []
+    )
+    if not distributed.is_main():
+        return distributed.broadcast(None)
     harmful_prompts = [ex.instruction for ex in plan.eval_harmful]
     verdicts = {judge.name: judge.verdicts(harmful_prompts, answers) for judge in judges}
     main = judges[0].name
     flags = [v.harmful for v in verdicts[main]]
     degenerate = [is_degenerate(a) for a in answers]
-    predictions = answer(plan.task_eval, ev.task_max_new_tokens, plan.task.name)
     task = plan.task
     hits = task_hits(
         predictions,
@@ -76,11 +88,6 @@ def evaluate_point(
         metric=task.metric,
         rule=ev.task_rule,
         aliases=dict(task.aliases) if task.aliases else None,
-    )
-    benign_answers = (
-        answer(plan.over_refusal, ev.over_refusal_max_new_tokens, "benign prompts")
-        if plan.over_refusal
-        else []
     )
     refused = [is_refusal(a) for a in benign_answers]
 
@@ -170,7 +177,7 @@ def evaluate_point(
         metrics["finetune_accuracy"],
         f"{metrics['over_refusal']:.1f}" if "over_refusal" in metrics else "–",
     )
-    return metrics
+    return distributed.broadcast(metrics)
 
 
 def judge_agreement(flags: dict[str, list[bool]]) -> list[dict[str, Any]]:

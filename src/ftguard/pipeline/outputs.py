@@ -7,10 +7,12 @@ fingerprint differs from the current config means the directory belongs to anoth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,29 @@ class StageDir:
             f"{self.path} holds output of a different config (fingerprint {found}, now {self.fingerprint}): "
             "use another output_dir or pass --overwrite"
         )
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on this unit: parallel processes sharing a store (``sweep --shard``) wait
+        instead of training the same unit twice; the second finds it complete. POSIX advisory lock; a no-op
+        where fcntl is missing. An OSError that names no file is re-raised naming this unit."""
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.parent / f".{self.path.name}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            except OSError as exc:
+                if exc.filename is None and exc.errno is not None:
+                    # A failed write() names no file ("No space left on device"): name the unit being made.
+                    raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+                raise
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def manifest(self) -> dict[str, Any]:
         return read_json(self.marker)

@@ -9,15 +9,20 @@ alignment the following ones (Booster's layout: harmful records 1…p·n, alignm
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from ftguard.config import RunConfig, SourceConfig
 from ftguard.data.example import Example
 from ftguard.data.mix import MixReport, build_harmful_mix, check_disjoint, harmful_count
-from ftguard.data.sources import file_sha256, load_examples, source_files
+from ftguard.data.sources import PROMPT_ONLY, file_sha256, load_examples, source_files
 from ftguard.data.tasks import Task, get_task
 from ftguard.errors import FtguardError
+
+log = logging.getLogger(__name__)
 
 ROLE_HINTS = {
     "alignment_harmful": "give data.alignment and data.finetune.harmful the same source and split, with "
@@ -69,6 +74,22 @@ class DataPlan:
         self.sources[name] = _hashes(spec, self.root)
         return examples
 
+    def digest(self, *roles: str) -> str:
+        """Hash of the examples of ``roles`` (a role name, ``mix:<p>`` or ``extra:<name>``): what a unit trained
+        or evaluated on, so that units are shared exactly when their data are the same."""
+        h = hashlib.sha256()
+        for role in roles:
+            if role.startswith("mix:"):
+                examples = self.mixes[float(role[4:])]
+            elif role.startswith("extra:"):
+                examples = self.extra[role[6:]]
+            else:
+                examples = getattr(self, role)
+            h.update(role.encode() + b"\0")
+            for ex in examples:
+                h.update(json.dumps([ex.instruction, ex.input, ex.output]).encode() + b"\n")
+        return h.hexdigest()[:16]
+
     def report(self) -> dict[str, Any]:
         """Counts and source hashes, recorded in results.json."""
         return {
@@ -115,17 +136,34 @@ def _same_file(a: SourceConfig, b: SourceConfig) -> bool:
     return (a.source, a.split, a.path) == (b.source, b.split, b.path)
 
 
-def _finetune_needs_alignment(run: RunConfig) -> bool:
-    """Finetune-stage methods such as Lisa or EWC use the alignment data even when the run has no align stage."""
-    if run.finetune is None:
-        return False
+def _require_answers(examples: list[Example], spec: SourceConfig, key: str, field: str) -> None:
+    """Training roles need answers: a prompt-only source (response: prompt, xstest...) would otherwise train on
+    an empty target, EOS alone, without a word of warning."""
+    empty = sum(not ex.output for ex in examples)
+    if empty:
+        raise FtguardError(
+            f"{key}: {empty} of {len(examples)} records of {spec.source}/{spec.split} have no answer "
+            f"(response: {spec.response or 'default'}) but training needs one: set {key}.response to an answer "
+            f"field ({field} for BeaverTails-style sources, output for jsonl) or use a source with answers"
+        )
+
+
+def _later_stages_need_alignment(run: RunConfig) -> bool:
+    """Finetune-stage methods such as Lisa or EWC use the alignment data even when the run has no align stage,
+    and so do post-stage repairs that read the harmful answers of the alignment prompts (recovery, Antidote):
+    with ``align: null`` the base model is the aligned one (a chat model's native alignment)."""
     from ftguard.registry import get_method
 
-    method_cls = get_method(run.finetune.method, "finetune")
-    method = method_cls(method_cls.parse_args(run.finetune.args, prefix="finetune.args"))
-    return (
-        "alignment" in method.required_roles
-    )  # from an instance: wrappers (filter) answer for their inner method
+    for stage in ("finetune", "post"):
+        stage_cfg = getattr(run, stage)
+        if stage_cfg is None:
+            continue
+        method_cls = get_method(stage_cfg.method, stage)
+        # From an instance: wrappers (filter) answer for their inner method.
+        method = method_cls(method_cls.parse_args(stage_cfg.args, prefix=f"{stage}.args"))
+        if {"alignment", "alignment_harmful"} & set(method.required_roles):
+            return True
+    return False
 
 
 def build_data_plan(run: RunConfig) -> DataPlan:
@@ -143,7 +181,7 @@ def build_data_plan(run: RunConfig) -> DataPlan:
         )
 
     align_spec = data.alignment
-    need_alignment = run.align is not None or _finetune_needs_alignment(run)
+    need_alignment = run.align is not None or _later_stages_need_alignment(run)
     if need_alignment and _same_file(align_spec, ft.harmful):
         # One file serves both roles: split its records so that no prompt is in both.
         safe = _load(align_spec, root, align_spec.response, "data.alignment")
@@ -154,12 +192,23 @@ def build_data_plan(run: RunConfig) -> DataPlan:
                 f"the mix needs {need_attack} harmful samples (round(p·n)) but {ft.harmful.source}/{ft.harmful.split} "
                 f"has {len(keep)} records: lower data.finetune.n or data.finetune.harmful_ratio"
             )
-        attack_idx, rest = keep[:need_attack], keep[need_attack:]
+        reserve = need_attack if ft.harmful_reserve is None else ft.harmful_reserve
+        if reserve < need_attack:
+            raise FtguardError(
+                f"data.finetune.harmful_reserve = {reserve} but the mix needs {need_attack} harmful samples "
+                "(round(p·n)): raise the reserve or lower data.finetune.n or harmful_ratio"
+            )
+        if reserve > len(keep):
+            raise FtguardError(
+                f"data.finetune.harmful_reserve = {reserve} but {ft.harmful.source}/{ft.harmful.split} has "
+                f"{len(keep)} records: lower it"
+            )
+        attack_idx, rest = keep[:need_attack], keep[reserve:]
         n_align = len(rest) if align_spec.n is None else align_spec.n
         if n_align > len(rest):
             raise FtguardError(
                 f"data.alignment.n = {n_align} but {align_spec.source}/{align_spec.split} has only {len(rest)} records "
-                f"left after the {need_attack} attack samples: lower data.alignment.n or the attack size"
+                f"left after the {reserve} kept for the attack: lower data.alignment.n or the attack size"
             )
         align_idx = rest[:n_align]
         plan.alignment = [safe[i] for i in align_idx]
@@ -171,7 +220,8 @@ def build_data_plan(run: RunConfig) -> DataPlan:
             n_align = len(pool) if align_spec.n is None else align_spec.n
             if n_align > len(pool):
                 raise FtguardError(
-                    f"data.alignment.n = {n_align} but {align_spec.source}/{align_spec.split} has {len(pool)} records"
+                    f"data.alignment.n = {n_align} but {align_spec.source}/{align_spec.split} has {len(pool)} records: "
+                    "lower it, or set it to null (all)"
                 )
             plan.alignment = pool[:n_align]
         if need_attack:
@@ -182,28 +232,53 @@ def build_data_plan(run: RunConfig) -> DataPlan:
             f"the mix needs {need_attack} harmful samples (round(p·n)) but {ft.harmful.source}/{ft.harmful.split} "
             f"gives {len(plan.attack_pool)}: lower data.finetune.n or data.finetune.harmful_ratio"
         )
+    if need_alignment:
+        _require_answers(plan.alignment, align_spec, "data.alignment", "safe")
+    _require_answers(plan.attack_pool, ft.harmful, "data.finetune.harmful", "unsafe")
 
     ev = run.evaluate.harmful_prompts
-    prompts = _load(ev, root, None, "evaluate.harmful_prompts")
+    # Evaluation needs prompts only: a user's file of harmful prompts must not be asked for answers.
+    prompts = _load(ev, root, PROMPT_ONLY, "evaluate.harmful_prompts")
     plan.eval_harmful = prompts if ev.n is None else prompts[: ev.n]
     if ev.n is not None and ev.n > len(prompts):
         raise FtguardError(
-            f"evaluate.harmful_prompts.n = {ev.n} but {ev.source}/{ev.split} has {len(prompts)} prompts"
+            f"evaluate.harmful_prompts.n = {ev.n} but {ev.source}/{ev.split} has {len(prompts)} prompts: lower it, "
+            "or set it to null (all)"
         )
-    check_disjoint({"alignment": plan.alignment, "attack": plan.attack_pool, "evaluation": plan.eval_harmful})
+    # Roles named with their config keys, so that the error says which files to fix.
+    check_disjoint(
+        {
+            "alignment (data.alignment)": plan.alignment,
+            "attack (data.finetune.harmful)": plan.attack_pool,
+            "evaluation (evaluate.harmful_prompts)": plan.eval_harmful,
+        }
+    )
     benign = run.evaluate.over_refusal_prompts
     if benign is not None:
-        prompts = _load(benign, root, None, "evaluate.over_refusal_prompts")
+        prompts = _load(benign, root, PROMPT_ONLY, "evaluate.over_refusal_prompts")
         if benign.n is not None and benign.n > len(prompts):
             raise FtguardError(
-                f"evaluate.over_refusal_prompts.n = {benign.n} but {benign.source}/{benign.split} has {len(prompts)} prompts"
+                f"evaluate.over_refusal_prompts.n = {benign.n} but {benign.source}/{benign.split} has {len(prompts)} "
+                "prompts: lower it, or set it to null (all)"
             )
         plan.over_refusal = prompts if benign.n is None else prompts[: benign.n]
 
     n_validation = run.post.validation_n if run.post is not None else 0
     loaded = task.train_examples(root, n=need_benign + n_validation) if need_benign + n_validation else []
     task_train, plan.task_validation = loaded[:need_benign], loaded[need_benign:]
-    plan.task_eval = task.eval_examples(root, n=run.evaluate.task_n)
+    # "Up to" n, as the papers' FA sets (SST2 has 872 validation rows under Booster's "1000", §2.7).
+    task_eval = task.eval_examples(root)
+    n_eval = run.evaluate.task_n
+    if n_eval is not None and n_eval > len(task_eval):
+        log.warning(
+            "evaluate.task_n = %d but %s has %d evaluation examples under '%s': FA uses all %d",
+            n_eval,
+            task.name,
+            len(task_eval),
+            root,
+            len(task_eval),
+        )
+    plan.task_eval = task_eval if n_eval is None else task_eval[:n_eval]
     check_disjoint(
         {"task train": task_train, "task validation": plan.task_validation, "task eval": plan.task_eval}
     )

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from ftguard import distributed
 from ftguard.pipeline.outputs import write_json_atomic, write_text_atomic
 
 METRIC_COLUMNS = (
@@ -122,5 +123,7 @@ def markdown_table(results: dict[str, Any], *, status: bool = True) -> str:
 
 
 def write_results(out_dir: Path, results: dict[str, Any]) -> None:
+    if not distributed.is_main():  # every rank of a launch holds the same results; one writes them
+        return
     write_json_atomic(out_dir / "results.json", results)
     write_text_atomic(out_dir / "results.md", markdown_table(results))

@@ -1,18 +1,27 @@
-"""Run a config end to end: base → align → finetune (one per harmful ratio) → evaluate after each.
+"""Run a config end to end: base → align → finetune (one per harmful ratio) → post → evaluate after each.
 
-Every unit (stage or evaluation point) lives in its own directory under the run's output dir and is
-skipped when already complete for the same config; an interrupted training resumes from its last
-checkpoint. results.json is rewritten after each unit and says ``"complete": true`` only at the end.
+Every unit (stage or evaluation point) lives in its own directory and is skipped when already complete with
+the same fingerprint; an interrupted training resumes from its last checkpoint. results.json is rewritten
+after each unit and says ``"complete": true`` only at the end.
+
+A unit's fingerprint hashes exactly what its output depends on: the config sections its stage reads, the
+examples it trains or evaluates on (not the config that selected them) and the fingerprint of the model it
+starts from. So the aligned model of a run does not depend on the fine-tuning ratio or task, and with a shared
+``store`` (sweeps) every run that needs the same unit finds it already done.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ftguard import distributed
 from ftguard.config import RunConfig, dump_config
 from ftguard.errors import FtguardError
 from ftguard.evaluation.judges import get_judge
@@ -27,9 +36,17 @@ from ftguard.registry import get_method
 
 log = logging.getLogger(__name__)
 
-# What each unit's output depends on: a change elsewhere (e.g. evaluation settings) must not retrain.
-TRAIN_SECTIONS = ("seed", "model", "adapter", "data", "align")
-POST_SECTIONS = (*TRAIN_SECTIONS, "finetune", "post")
+# The config sections each stage reads; its data enter its fingerprint as example hashes (DataPlan.digest).
+STAGE_SECTIONS = {
+    "finetune": ("seed", "model", "adapter", "finetune"),
+    "post": ("seed", "model", "adapter", "post"),
+}
+EVAL_ROLES = ("eval_harmful", "over_refusal", "task_eval")
+POST_EVAL = ("batch_size", "mixed_precision")
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def post_key_of(finetune_key: str) -> str:
@@ -46,9 +63,17 @@ def finetune_keys(run: RunConfig) -> dict[str, float]:
 
 class Pipeline:
     def __init__(
-        self, run: RunConfig, *, overwrite: bool = False, on_update: Callable[[dict], None] | None = None
+        self,
+        run: RunConfig,
+        *,
+        overwrite: bool = False,
+        on_update: Callable[[dict], None] | None = None,
+        store: Path | None = None,
     ) -> None:
         self.run = run
+        # With a store, units live in <store>/<kind>/<fingerprint> and are shared by every run that needs them.
+        self.store = Path(store) if store is not None else None
+        self.stage_extras: dict[str, list[str]] = {}  # method data sets (plan.extra) each stage loaded
         self.on_update = (
             on_update  # called with the results after each evaluation point (the CLI prints them)
         )
@@ -63,13 +88,19 @@ class Pipeline:
     def prepare(self, *, need_judge: bool) -> None:
         """Everything that can fail on bad input, before any training: data, model, judge."""
         run = self.run
+        distributed.init()
         self.plan = build_data_plan(run)
         for stage in ("align", "finetune", "post"):
             stage_cfg = getattr(run, stage)
             if stage_cfg is not None:
                 method_cls = get_method(stage_cfg.method, stage)
                 method = method_cls(method_cls.parse_args(stage_cfg.args, prefix=f"{stage}.args"))
+                distributed.check_supported(method, stage, distributed.launch_mode())
+                before = dict(self.plan.extra)
                 method.prepare_data(self.plan, run, stage)
+                self.stage_extras[stage] = sorted(
+                    k for k, v in self.plan.extra.items() if before.get(k) is not v
+                )
                 stage_sets = {"align": [self.plan.alignment], "finetune": list(self.plan.mixes.values())}.get(
                     stage, []
                 )
@@ -77,7 +108,7 @@ class Pipeline:
                     method.train_examples(examples, self.plan)  # dry run: impossible requests fail now
         self.base = ModelRef(model_dir=resolve_model(run.model.name))
         load_tokenizer(self.base.model_dir, trust_remote_code=run.model.trust_remote_code)
-        if need_judge:
+        if need_judge and distributed.is_main():  # the judges run once, on rank 0's gathered answers
             ev = run.evaluate
             self.judges = [
                 get_judge(ev.judge, **ev.judge_options),
@@ -111,8 +142,70 @@ class Pipeline:
                 return old.get("stages", {})
         return {}
 
-    def _unit(self, key: str, *sections: str) -> StageDir:
-        return StageDir(self.out / key, self.run.fingerprint(*sections), overwrite=self.overwrite)
+    # ------------------------------------------------------------------ fingerprints
+
+    def _data(self, stage: str, *roles: str) -> str:
+        extras = [f"extra:{name}" for name in self.stage_extras.get(stage, [])]
+        return self.plan.digest(*roles, *extras)
+
+    def fp_align(self) -> str:
+        if self.run.align is None:
+            return _hash("base", self.run.to_dict()["model"])
+        adapter = self.run.to_dict()["adapter"]
+        return _hash(
+            "align",
+            self.run.fingerprint("seed", "model", "align"),
+            {"topology": adapter["topology"], "align": adapter["align"]},  # not the fine-tuning LoRA
+            self._data("align", "alignment", "alignment_harmful"),
+        )
+
+    def fp_finetune(self, p: float) -> str:
+        return _hash(
+            "finetune",
+            self.fp_align(),
+            self.run.fingerprint(*STAGE_SECTIONS["finetune"]),
+            self._data("finetune", f"mix:{p}", "alignment", "alignment_harmful"),
+        )
+
+    def fp_post(self, p: float) -> str:
+        return _hash(
+            "post",
+            self.fp_finetune(p),
+            self.fp_align(),
+            self.run.fingerprint(*STAGE_SECTIONS["post"]),
+            # Repairs that guard the task (recovery) score it with the evaluation's task settings.
+            {
+                k: v
+                for k, v in self.run.to_dict()["evaluate"].items()
+                if k.startswith("task_") or k in POST_EVAL
+            },
+            self._data("post", "task_validation", "alignment", "alignment_harmful"),
+        )
+
+    def fp_eval(self, upstream: str) -> str:
+        settings = {k: v for k, v in self.run.to_dict()["evaluate"].items() if k != "points"}
+        return _hash("eval", upstream, settings, self.plan.digest(*EVAL_ROLES))
+
+    def _unit(self, key: str, fingerprint: str) -> StageDir:
+        if self.store is None:
+            return StageDir(self.out / key, fingerprint, overwrite=self.overwrite)
+        kind = "eval" if key.startswith("eval/") else key.split("-")[0]
+        return StageDir(self.store / kind / fingerprint, fingerprint, overwrite=self.overwrite)
+
+    @contextlib.contextmanager
+    def _hold(self, unit: StageDir) -> Iterator[None]:
+        """``unit.lock()`` for all the ranks of a launch, which make a unit together: rank 0 alone takes the lock
+        (so another process sharing the store still waits) and settles the unit first (``is_complete`` removes
+        it under --overwrite, or fails on another config's output), then the others look at it."""
+        if distributed.world_size() <= 1:
+            with unit.lock():
+                yield
+            return
+        with unit.lock() if distributed.is_main() else contextlib.nullcontext():
+            if distributed.is_main():
+                unit.is_complete()
+            distributed.barrier()
+            yield
 
     def _record(
         self, key: str, stage: str, method: str | None, p: float | None, metrics: dict[str, Any]
@@ -128,7 +221,7 @@ class Pipeline:
             "config_hash": self.results["config_hash"],
         }
         write_results(self.out, self.results)
-        if self.on_update:
+        if self.on_update and distributed.is_main():
             self.on_update(self.results)
 
     # ------------------------------------------------------------------ units
@@ -140,29 +233,31 @@ class Pipeline:
         method: str | None,
         p: float | None,
         ref: ModelRef,
-        upstream: tuple[str, ...],
+        upstream: str,
     ) -> None:
-        unit = self._unit(f"eval/{key}", *upstream, "evaluate")
-        if unit.is_complete():
-            log.info("%s: evaluation already complete, skipped", key)
-            metrics = unit.manifest()["metrics"]
-        else:
-            metrics = evaluate_point(self.run, key, ref.model_dir, self.plan, self.judges, unit)
+        unit = self._unit(f"eval/{key}", self.fp_eval(upstream))
+        with self._hold(unit):
+            if unit.is_complete():
+                log.info("%s: evaluation already complete, skipped", key)
+                metrics = unit.manifest()["metrics"]
+            else:
+                metrics = evaluate_point(self.run, key, ref.model_dir, self.plan, self.judges, unit)
         self._record(key, stage, method, p, metrics)
 
     def align(self) -> ModelRef:
         run = self.run
-        unit = self._unit("align", *TRAIN_SECTIONS)
-        if unit.is_complete():
-            log.info("align: already complete, skipped")
-            return ModelRef.from_manifest(unit.path, unit.manifest())
-        return train_stage(run, "align", "align", self.plan.alignment, self.plan, self.base, unit)
+        unit = self._unit("align", self.fp_align())
+        with self._hold(unit):
+            if unit.is_complete():
+                log.info("align: already complete, skipped")
+                return ModelRef.from_manifest(unit.path, unit.manifest())
+            return train_stage(run, "align", "align", self.plan.alignment, self.plan, self.base, unit)
 
     def aligned_ref(self) -> ModelRef:
         """The input of the finetune stage: the aligned model, or the base model when align is null."""
         if self.run.align is None:
             return self.base
-        unit = self._unit("align", *TRAIN_SECTIONS)
+        unit = self._unit("align", self.fp_align())
         if not unit.is_complete():
             raise FtguardError(
                 f"the align stage in {unit.path} is not complete: run `ftguard align` (or `ftguard run`) first"
@@ -170,29 +265,36 @@ class Pipeline:
         return ModelRef.from_manifest(unit.path, unit.manifest())
 
     def post(self, key: str, p: float, finetuned: ModelRef) -> ModelRef:
-        unit = self._unit(key, *POST_SECTIONS)
-        if unit.is_complete():
-            log.info("%s: already complete, skipped", key)
+        unit = self._unit(key, self.fp_post(p))
+        with self._hold(unit):
+            if unit.is_complete():
+                log.info("%s: already complete, skipped", key)
+                return ModelRef.from_manifest(unit.path, unit.manifest())
+            if distributed.is_main():
+                return post_stage(
+                    self.run,
+                    key,
+                    self.plan,
+                    base=self.base,
+                    aligned=self.aligned_ref(),
+                    finetuned=finetuned,
+                    out=unit,
+                    harmful_ratio=p,
+                )
+        # A repair runs in one process: the other ranks wait on the unit's lock, which rank 0 holds until the unit
+        # is complete (a file lock, so a long repair does not run into the process group's timeout).
+        with unit.lock():
             return ModelRef.from_manifest(unit.path, unit.manifest())
-        return post_stage(
-            self.run,
-            key,
-            self.plan,
-            base=self.base,
-            aligned=self.aligned_ref(),
-            finetuned=finetuned,
-            out=unit,
-            harmful_ratio=p,
-        )
 
     def finetune(self, key: str, p: float, source: ModelRef) -> ModelRef:
-        unit = self._unit(key, *TRAIN_SECTIONS, "finetune")
-        if unit.is_complete():
-            log.info("%s: already complete, skipped", key)
-            return ModelRef.from_manifest(unit.path, unit.manifest())
-        return train_stage(
-            self.run, "finetune", key, self.plan.mixes[p], self.plan, source, unit, harmful_ratio=p
-        )
+        unit = self._unit(key, self.fp_finetune(p))
+        with self._hold(unit):
+            if unit.is_complete():
+                log.info("%s: already complete, skipped", key)
+                return ModelRef.from_manifest(unit.path, unit.manifest())
+            return train_stage(
+                self.run, "finetune", key, self.plan.mixes[p], self.plan, source, unit, harmful_ratio=p
+            )
 
     # ------------------------------------------------------------------ drivers
 
@@ -211,33 +313,33 @@ class Pipeline:
         self.prepare(need_judge=bool(points))
         expected = {"base"} & configured
         if "base" in points:
-            self.evaluate("base", "base", None, None, self.base, ("seed", "model", "data"))
+            self.evaluate("base", "base", None, None, self.base, _hash("base", run.to_dict()["model"]))
         source: ModelRef | None = self.base
         if run.align is not None:
             expected |= {"align"} & configured
             source = (
-                self.align() if "align" in train else self._existing(self._unit("align", *TRAIN_SECTIONS))
+                self.align() if "align" in train else self._existing(self._unit("align", self.fp_align()))
             )
             if source is not None and "align" in points:
-                self.evaluate("align", "align", run.align.method, None, source, TRAIN_SECTIONS)
+                self.evaluate("align", "align", run.align.method, None, source, self.fp_align())
         if run.finetune is not None:
             for key, p in finetune_keys(run).items():
                 expected |= {key} if "finetune" in configured else set()
                 if "finetune" in train:
                     ref = self.finetune(key, p, self.aligned_ref())
                 else:
-                    ref = self._existing(self._unit(key, *TRAIN_SECTIONS, "finetune"))
+                    ref = self._existing(self._unit(key, self.fp_finetune(p)))
                 if ref is not None and "finetune" in points:
-                    self.evaluate(key, "finetune", run.finetune.method, p, ref, (*TRAIN_SECTIONS, "finetune"))
+                    self.evaluate(key, "finetune", run.finetune.method, p, ref, self.fp_finetune(p))
                 if run.post is not None:
                     post_key = post_key_of(key)
                     expected |= {post_key} if "post" in configured else set()
                     if "post" in train and ref is not None:
                         repaired = self.post(post_key, p, ref)
                     else:
-                        repaired = self._existing(self._unit(post_key, *POST_SECTIONS))
+                        repaired = self._existing(self._unit(post_key, self.fp_post(p)))
                     if repaired is not None and "post" in points:
-                        self.evaluate(post_key, "post", run.post.method, p, repaired, POST_SECTIONS)
+                        self.evaluate(post_key, "post", run.post.method, p, repaired, self.fp_post(p))
         trained_all = all(self._existing(u) for u in self._training_units())
         self.results["complete"] = trained_all and expected <= set(self.results["stages"])
         self.results["wall_time_s"] = round(time.monotonic() - start, 1)
@@ -245,11 +347,12 @@ class Pipeline:
         return self.results
 
     def _training_units(self) -> list[StageDir]:
-        units = [self._unit("align", *TRAIN_SECTIONS)] if self.run.align is not None else []
+        units = [self._unit("align", self.fp_align())] if self.run.align is not None else []
+        keys = finetune_keys(self.run).items()
         if self.run.finetune is not None:
-            units += [self._unit(key, *TRAIN_SECTIONS, "finetune") for key in finetune_keys(self.run)]
+            units += [self._unit(key, self.fp_finetune(p)) for key, p in keys]
         if self.run.post is not None:
-            units += [self._unit(post_key_of(key), *POST_SECTIONS) for key in finetune_keys(self.run)]
+            units += [self._unit(post_key_of(key), self.fp_post(p)) for key, p in keys]
         return units
 
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 from transformers import TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
+from ftguard import distributed
 from ftguard.config import LoraConfig, RunConfig, TrainConfig
 from ftguard.data.collate import CausalLMCollator
 from ftguard.data.example import Example
@@ -31,6 +31,7 @@ from ftguard.pipeline.outputs import StageDir
 from ftguard.pipeline.plan import DataPlan
 from ftguard.registry import get_method
 from ftguard.schema import to_dict
+from ftguard.training.trainer import resumable_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -180,18 +181,26 @@ def train_stage(
         data_collator=CausalLMCollator.from_tokenizer(tokenizer),
         processing_class=tokenizer,
     )
-    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    # The mode the Trainer's accelerator really set up (launcher, TrainingArguments), before any work.
+    distributed.check_supported(method, stage, distributed.trainer_mode(trainer.accelerator))
+    resume = resumable_checkpoint(ckpt_dir)
     if resume:
         log.info("%s: resuming from %s", key, resume)
     result = trainer.train(resume_from_checkpoint=resume)
 
-    staging = out.begin()
     is_lora = run.adapter.topology != "full"
-    if is_lora:
-        trainer.model.save_pretrained(staging / "adapter")
-    merged = merge_lora(trainer.model) if is_lora else trainer.model
-    merged.save_pretrained(staging / "model")
-    tokenizer.save_pretrained(staging / "model")
+    if distributed.world_size() > 1:
+        if not _save_from_ranks(trainer, out, is_lora, base_dir, run):
+            distributed.barrier()  # rank 0 has committed the unit
+            return ModelRef.from_manifest(out.path, out.manifest())
+        staging = out.staging
+    else:
+        staging = out.begin()
+        if is_lora:
+            trainer.model.save_pretrained(staging / "adapter")
+        merged = merge_lora(trainer.model) if is_lora else trainer.model
+        merged.save_pretrained(staging / "model")
+        tokenizer.save_pretrained(staging / "model")
     from ftguard.pipeline.outputs import write_json_atomic
 
     write_json_atomic(staging / "train_log.json", trainer.state.log_history)
@@ -217,4 +226,32 @@ def train_stage(
         }
     )
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+    distributed.barrier()  # the other ranks read the manifest once it is in place
     return ModelRef.from_manifest(out.path, manifest)
+
+
+def _save_from_ranks(
+    trainer: Any, out: StageDir, is_lora: bool, base_dir: str | None, run: RunConfig
+) -> bool:
+    """Save a stage trained by several processes into ``out``'s staging folder; True on rank 0, which saved it.
+
+    Every rank takes part in ``Trainer.save_model``, which gathers the trained weights where FSDP or ZeRO-3 shard
+    them; rank 0 writes them (the adapter, or the full model) and merges the adapter into a fresh copy of the
+    base model on the CPU, as PEFT cannot merge into sharded weights. The same path runs under DDP.
+    """
+    main = distributed.is_main()
+    staging = out.begin() if main else out.staging
+    target = staging / ("adapter" if is_lora else "model")
+    trainer.save_model(str(target))
+    if not main:
+        return False
+    (target / "training_args.bin").unlink(missing_ok=True)  # a pickle: the run's outputs hold none
+    if is_lora:
+        mc = run.model
+        base = load_model(
+            base_dir, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code, revision=mc.revision
+        )
+        merged = merge_lora(load_lora(base, target, trainable=False))
+        merged.save_pretrained(staging / "model")
+        trainer.processing_class.save_pretrained(staging / "model")
+    return True

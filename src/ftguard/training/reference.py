@@ -116,6 +116,14 @@ class ReferenceModel:
             return functional_call(self.module, self._weights(), args, kwargs)
 
 
+# For the Method classes whose trainer is a ReferenceTrainer (their ``unsupported_modes``).
+REFERENCE_UNSUPPORTED_MODES = {
+    mode: "its reference runs the unwrapped model (adapter off, or the start weights swapped in) outside the "
+    f"{label} wrapper, which gathers the sharded weights only for its own forward"
+    for mode, label in (("fsdp", "FSDP"), ("deepspeed_zero3", "ZeRO-3"))
+}
+
+
 class ReferenceTrainer(FtguardTrainer):
     """An FtguardTrainer that captures ``self.reference`` (the model at the start of the stage) when created.
 

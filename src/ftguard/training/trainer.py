@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +24,69 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, RandomSampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 STATE_FILE = "ftguard_state.json"
 METHOD_TENSORS_FILE = "ftguard_method_state.safetensors"
+
+
+class RankSlices(Sampler[list[int]]):
+    """Batches of one rank: the rank-th contiguous slice of each global batch of ``batch_size · world_size``.
+
+    This is how the Trainer shards its own batches (accelerate gives rank r the r-th of each run of world_size
+    consecutive batches), so the extra batch a rank draws is the share of the global extra batch that belongs
+    with that rank's training batch: with one process and ``batch_size · world_size``, the same global batches
+    come in the same order (methods that pair the two batches row by row, like RepNoise, depend on it). A short
+    last global batch is dropped with ``drop_last``; otherwise it is padded by repetition (as
+    ``DistributedSampler`` pads) so that every rank gets an equal, non-empty share.
+    """
+
+    def __init__(
+        self, sampler: Sampler[int], batch_size: int, world_size: int, rank: int, *, drop_last: bool
+    ) -> None:
+        self.sampler, self.batch_size, self.world_size, self.rank = sampler, batch_size, world_size, rank
+        self.drop_last = drop_last
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(self.sampler)
+        span = self.batch_size * self.world_size
+        for start in range(0, len(order), span):
+            batch = order[start : start + span]
+            if len(batch) < span:
+                if self.drop_last:
+                    return
+                share = -(-len(batch) // self.world_size)
+                batch = (batch * self.world_size)[: share * self.world_size]
+            share = len(batch) // self.world_size
+            yield batch[self.rank * share : (self.rank + 1) * share]
+
+    def __len__(self) -> int:
+        n, span = len(self.sampler), self.batch_size * self.world_size
+        return n // span if self.drop_last else -(-n // span)
+
+
+def resumable_checkpoint(folder: str | Path) -> str | None:
+    """The newest checkpoint in ``folder`` whose ftguard state, written last, is in place.
+
+    The others were torn by a kill or a write error while being written, and are deleted: the Trainer would
+    resume from one (the highest step wins: a wrong optimizer, data position or method state) or, rotating,
+    keep it as the newest and delete a complete one.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    complete = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if not (path.is_dir() and step.isdigit()):
+            continue
+        if (path / STATE_FILE).is_file():
+            complete[int(step)] = path
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    return str(complete[max(complete)]) if complete else None
 
 
 class FtguardTrainer(Trainer):
@@ -56,22 +113,18 @@ class FtguardTrainer(Trainer):
         dataset = self.aux_datasets[name]
         # A distinct, reproducible order per stream and per pass over it.
         seed = self.args.seed + 7919 * (1 + sorted(self.aux_datasets).index(name)) + epoch
-        if self.args.world_size > 1:
-            sampler = DistributedSampler(
-                dataset,
-                num_replicas=self.args.world_size,
-                rank=self.args.process_index,
-                shuffle=True,
-                seed=seed,
-            )
-        else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        world = max(self.args.world_size, 1)
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=sampler,
+            batch_sampler=RankSlices(
+                sampler,
+                batch_size,
+                world,
+                self.args.process_index if world > 1 else 0,
+                drop_last=len(dataset) >= batch_size * world,
+            ),
             collate_fn=self.data_collator,
-            drop_last=len(dataset) >= batch_size * self.args.world_size,
         )
 
     def aux_batch(self, name: str, batch_size: int | None = None) -> dict[str, torch.Tensor]:
@@ -114,10 +167,17 @@ class FtguardTrainer(Trainer):
         """Restore what ``method_state`` returned."""
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        # The Trainer deletes older checkpoints before our state below is written: a kill or a write error in
+        # between would leave no complete checkpoint. Delete them only once this one is complete.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if not self.args.should_save:
             return
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        run_dir = self._get_output_dir(trial=trial)
+        folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         values, tensors = self.method_state()
         state = {
             "aux_streams": [
@@ -140,10 +200,16 @@ class FtguardTrainer(Trainer):
         tmp = folder / f"{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, folder / STATE_FILE)
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = resumable_checkpoint(self.args.output_dir)
         if resume_from_checkpoint:
             self._load_ftguard_state(Path(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

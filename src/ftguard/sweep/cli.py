@@ -1,0 +1,61 @@
+"""`ftguard sweep CONFIG`: run a grid, resume it, or only print its plan (--dry-run) or report (--report)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of runs (defenses × ratios × tasks × seeds × attack settings) and aggregate it",
+    )
+    p.add_argument("config", help="sweep YAML, or a packaged one such as paper/booster-table1")
+    p.add_argument("--output-dir", help="default: the sweep's output_dir, else runs/sweeps/<name>")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the runs, shared units and GPU hours; run nothing"
+    )
+    p.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
+    p.add_argument("--shard", metavar="I/N", help="run only runs I, I+N, ... (for N parallel processes)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    p.add_argument("--overwrite", action="store_true", help="replace units of a different config")
+    p.add_argument("--json", action="store_true", help="print the plan or report as JSON")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ftguard.sweep.config import expand, load_sweep
+    from ftguard.sweep.runner import parse_shard, run_sweep, sweep_dir
+
+    sweep, folder = load_sweep(args.config)
+    out = sweep_dir(sweep, args.output_dir)
+    shard = parse_shard(args.shard)
+    if args.dry_run:
+        from ftguard.sweep.plan import describe, dry_run
+
+        plan = dry_run(sweep, expand(sweep, folder, out))
+        print(json.dumps(plan, indent=2, default=str) if args.json else describe(plan))
+        return 0
+    if args.report:
+        from ftguard.sweep.report import write_report
+
+        report = write_report(sweep, expand(sweep, folder, out), out)
+    else:
+        report = run_sweep(
+            sweep,
+            folder,
+            output_dir=args.output_dir,
+            overwrite=args.overwrite,
+            shard=shard,
+            fail_fast=args.fail_fast,
+        )
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2, default=str))
+    else:
+        print(report["markdown"])
+        print(f"report: {out / 'report.md'} (runs.csv, runs.json, hs_vs_p.png, hs_vs_fa.png beside it)")
+    if report.get("failed"):
+        print(f"ftguard: {len(report['failed'])} run(s) failed: {', '.join(report['failed'])}")
+        return 1
+    return 0 if report["complete"] or shard else 1

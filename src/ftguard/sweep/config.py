@@ -1,0 +1,251 @@
+"""A sweep: one YAML declaring a grid of runs (defenses × grid axes × attack settings × seeds).
+
+```yaml
+name: cpu-table
+base: demo                      # a run config: packaged name, path (relative to this file) or mapping
+set: {evaluate.points: [finetune, post]}          # applied to every run
+seeds: [41, 42, 43]
+defenses:                       # one row of the table each: config settings on top of the base
+  sft: {}
+  vaccine: {align.method: vaccine}
+  antidote: {post.method: antidote}
+grid:                           # every combination; keys are config paths
+  data.finetune.harmful_ratio: [0.0, 0.1, 0.2]
+attack:                         # optional adaptive attacker: settings tried against every defense
+  grid: {finetune.train.learning_rate: [1.0e-4, 5.0e-4]}
+  capability_guard: {max_fa_drop: 10}
+reference:                      # optional: the paper's numbers, shown next to ours
+  source: Booster Table 1
+  hs: {sft: {0.1: 33.7, avg: 33.58}}
+```
+
+Every expanded run is validated as a full run config before any work starts, so a wrong key in any corner
+of the grid fails at once and names the run it belongs to.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftguard.config import (
+    RunConfig,
+    config_from_dict,
+    resolve_config_path,
+    set_keys,
+)
+from ftguard.schema import ConfigError, check, from_dict
+
+RATIO_KEY = "data.finetune.harmful_ratio"
+ABBREVIATIONS = {RATIO_KEY: "p", "seed": "seed", "finetune.train.learning_rate": "lr"}
+
+
+@dataclass
+class CapabilityGuard:
+    """Attack settings that wreck the user's task are not credible attacks (a user would notice): drop them."""
+
+    max_fa_drop: float | None = field(
+        default=None,
+        metadata={
+            "help": "drop settings whose mean FA is more than this many points below the defense's best"
+        },
+    )
+    min_fa: float | None = field(default=None, metadata={"help": "drop settings whose mean FA is below this"})
+
+    def __post_init__(self) -> None:
+        for key in ("max_fa_drop", "min_fa"):
+            value = getattr(self, key)
+            check(value is None or 0 <= value <= 100, key, f"must be in [0, 100] (FA points), got {value}")
+
+
+@dataclass
+class AttackConfig:
+    grid: dict[str, list[Any]] = field(
+        default_factory=dict,
+        metadata={"help": "attack settings (config paths → values) tried on every defense"},
+    )
+    capability_guard: CapabilityGuard = field(default_factory=CapabilityGuard)
+
+    def __post_init__(self) -> None:
+        check(
+            bool(self.grid), "grid", "an attack needs at least one axis (e.g. finetune.train.learning_rate)"
+        )
+
+
+@dataclass
+class ReferenceConfig:
+    """The paper's numbers (defense → {p or 'avg' → value}), printed next to ours; never mixed into ours."""
+
+    source: str = field(default="", metadata={"help": "where the numbers come from (paper, table, model)"})
+    hs: dict[str, dict[str, float]] = field(default_factory=dict)
+    fa: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class SweepConfig:
+    name: str = field(metadata={"help": "name of the sweep; default output dir runs/sweeps/<name>"})
+    base: str | dict[str, Any] = field(metadata={"help": "run config every run starts from"})
+    description: str = ""
+    output_dir: str | None = None
+    set: dict[str, Any] = field(default_factory=dict, metadata={"help": "settings applied to every run"})
+    seeds: list[int] | None = field(default=None, metadata={"help": "one run per seed; default the base's"})
+    defenses: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"base": {}}, metadata={"help": "named settings, one table row each"}
+    )
+    grid: dict[str, list[Any]] = field(default_factory=dict, metadata={"help": "axes: config path → values"})
+    attack: AttackConfig | None = None
+    reference: ReferenceConfig | None = None
+    gpu: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "cost-estimate settings for --dry-run (see ftguard.estimate)"}
+    )
+
+    def __post_init__(self) -> None:
+        check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)), "name", "use letters, digits, '-', '_', '.'")
+        check(bool(self.defenses), "defenses", "needs at least one defense")
+        for name in self.defenses:
+            check(bool(re.fullmatch(r"[A-Za-z0-9_.+-]+", name)), "defenses", f"bad defense name '{name}'")
+        for axis, values in {**self.grid, **(self.attack.grid if self.attack else {})}.items():
+            check(
+                isinstance(values, list) and len(values) > 0, axis, "an axis needs a non-empty list of values"
+            )
+            check(len({repr(v) for v in values}) == len(values), axis, "lists a value twice")
+            check(axis != "seed", axis, "use `seeds:` for seeds")
+        if self.attack:
+            both = set(self.grid) & set(self.attack.grid)
+            check(not both, "attack.grid", f"{sorted(both)} already in grid")
+        check(self.seeds is None or len(self.seeds) > 0, "seeds", "must not be empty")
+        if self.seeds is not None:
+            check(len(set(self.seeds)) == len(self.seeds), "seeds", "lists a seed twice")
+
+
+@dataclass
+class SweepRun:
+    """One expanded run: its id (also its folder name), the values that made it, and its validated config."""
+
+    id: str
+    defense: str
+    seed: int
+    axes: dict[str, Any]  # grid values
+    attack: dict[str, Any]  # attack-grid values
+    config: RunConfig
+
+
+def load_sweep(path_or_name: str) -> tuple[SweepConfig, Path]:
+    """Read a sweep YAML (a path, or a name under the packaged configs/ tree); returns it and its folder."""
+    path = resolve_sweep_path(path_or_name)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    if "defenses" not in data and "grid" not in data and "attack" not in data:
+        raise ConfigError(f"{path}: not a sweep (no defenses/grid/attack); run it with `ftguard run`")
+    return from_dict(SweepConfig, data), path.parent
+
+
+def resolve_sweep_path(path_or_name: str) -> Path:
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    packaged = Path(__file__).resolve().parent.parent / "configs"
+    for candidate in (packaged / f"{path_or_name}.yaml", packaged / path_or_name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"sweep '{path_or_name}' is neither a file nor a packaged sweep (see `ftguard configs`)"
+    )
+
+
+def _base_data(sweep: SweepConfig, folder: Path) -> dict[str, Any]:
+    if isinstance(sweep.base, dict):
+        return sweep.base
+    local = folder / sweep.base
+    for candidate in (local, local.with_name(local.name + ".yaml")):
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+    return yaml.safe_load(resolve_config_path(sweep.base).read_text(encoding="utf-8")) or {}
+
+
+def _settings(mapping: dict[str, Any], origin: str) -> list[tuple[list[str], Any, str]]:
+    return [(key.split("."), value, f"{origin} '{key}'") for key, value in mapping.items()]
+
+
+def _slug(key: str, value: Any) -> str:
+    name = ABBREVIATIONS.get(key, key.split(".")[-1])
+    # Hub ids (google/gemma-2-9b) must not nest run folders.
+    text = f"{value:g}" if isinstance(value, float) else str(value).replace("/", "--")
+    return f"{name}{text}" if name == "p" else f"{name}={text}"
+
+
+def expand(sweep: SweepConfig, folder: Path, out_dir: Path) -> list[SweepRun]:
+    """Every run of the sweep, validated. Fails on the first bad run with its id in the message."""
+    base = set_keys(_base_data(sweep, folder), _settings(sweep.set, "set"))
+    base_seed = config_from_dict(base).seed if sweep.seeds is None else None
+    seeds = sweep.seeds or [base_seed]
+    axes = list(sweep.grid.items())
+    attack_axes = list(sweep.attack.grid.items()) if sweep.attack else []
+    ratios = _all_ratios(base, sweep)
+    runs = []
+    # Seed outermost: a sweep stopped half-way has whole tables for its first seeds, not some defenses only.
+    for seed in seeds:
+        for defense, settings in sweep.defenses.items():
+            for values in itertools.product(*(v for _, v in axes)):
+                grid = dict(zip((k for k, _ in axes), values, strict=True))
+                for attack_values in itertools.product(*(v for _, v in attack_axes)):
+                    attack = dict(zip((k for k, _ in attack_axes), attack_values, strict=True))
+                    parts = [_slug(k, v) for k, v in {**grid, **attack}.items()] + [f"seed{seed}"]
+                    run_id = "/".join([defense, "-".join(parts)])
+                    data = set_keys(
+                        base,
+                        _settings(settings, f"defense '{defense}'")
+                        + _settings(grid, "grid")
+                        + _settings(attack, "attack")
+                        + [
+                            (["seed"], seed, "seeds"),
+                            (["name"], f"{sweep.name}-{run_id.replace('/', '-')}", ""),
+                        ]
+                        + [(["output_dir"], str(out_dir / "runs" / run_id), "")],
+                    )
+                    data = _fix_reserve(data, ratios)
+                    try:
+                        config = config_from_dict(data)
+                    except ConfigError as exc:
+                        raise ConfigError(f"sweep run {run_id}: {exc}") from None
+                    runs.append(SweepRun(run_id, defense, seed, grid, attack, config))
+    return runs
+
+
+def _all_ratios(base: dict[str, Any], sweep: SweepConfig) -> list[float]:
+    values: list[Any] = list(sweep.grid.get(RATIO_KEY, []))
+    values += sweep.attack.grid.get(RATIO_KEY, []) if sweep.attack else []
+    for settings in sweep.defenses.values():
+        if RATIO_KEY in settings:
+            values.append(settings[RATIO_KEY])
+    if not values:
+        values.append(base.get("data", {}).get("finetune", {}).get("harmful_ratio", 0.1))
+    flat: list[float] = []
+    for v in values:
+        flat += v if isinstance(v, list) else [v]
+    return flat
+
+
+def _fix_reserve(data: dict[str, Any], ratios: list[float]) -> dict[str, Any]:
+    """Every run keeps the same leading harmful records for the attack (the largest need in the sweep), so the
+    alignment data, hence the aligned model, are the same for every ratio and are trained once."""
+    from ftguard.data.mix import harmful_count
+
+    finetune = data.get("data", {}).get("finetune", {}) or {}
+    if finetune.get("harmful_reserve") is not None:
+        return data
+    n = finetune.get("n", 1000)
+    valid = [p for p in ratios if isinstance(p, int | float) and not isinstance(p, bool) and 0 <= p <= 1]
+    if not valid or not isinstance(n, int) or n < 1:
+        return data  # the run's own validation names the bad value
+    need = max(harmful_count(n, p) for p in valid)
+    return set_keys(data, [(["data", "finetune", "harmful_reserve"], need, "")])

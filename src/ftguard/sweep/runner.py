@@ -1,0 +1,153 @@
+"""Run every run of a sweep, sharing units, skipping what is done, and write the aggregate report.
+
+Layout of ``<output_dir>``:
+- ``sweep.yaml``: the sweep as given; ``sweep.json``: the index of runs with their status (rewritten as runs end);
+- ``units/<align|finetune|post|eval>/<fingerprint>/``: trained models and evaluations, shared by every run
+  that needs them (an aligned model is trained once for all ratios, tasks and fine-tuning defenses on top);
+- ``runs/<defense>/<axes>-seed<N>/``: each run's config.yaml and results.json;
+- ``report.md``, ``report.json``, ``runs.csv``, ``runs.json``, ``hs_vs_p.png``, ``hs_vs_fa.png``.
+
+A run whose results.json is complete for its config is skipped, so an interrupted sweep resumes where it
+stopped; an interrupted unit resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ftguard.errors import FtguardError
+from ftguard.pipeline.outputs import read_json, write_json_atomic, write_text_atomic
+from ftguard.schema import to_dict
+from ftguard.sweep.config import SweepConfig, SweepRun, expand
+
+log = logging.getLogger(__name__)
+
+
+def sweep_dir(sweep: SweepConfig, output_dir: str | None = None) -> Path:
+    return Path(output_dir or sweep.output_dir or f"runs/sweeps/{sweep.name}")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` → (i, n): this process takes runs i, i+n, i+2n, ... (0-based)."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise FtguardError(f"--shard '{text}' must look like i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise FtguardError(f"--shard '{text}': need 0 ≤ i < n")
+    return i, n
+
+
+def is_done(run: SweepRun) -> bool:
+    path = run.config.out_dir / "results.json"
+    if not path.is_file():
+        return False
+    results = read_json(path)
+    return bool(results.get("complete")) and results.get("config_hash") == run.config.fingerprint()
+
+
+def preflight(runs: list[SweepRun]) -> None:
+    """Build every distinct data plan before any training: a missing file or impossible ratio in the last run
+    of a grid must not surface hours into the sweep."""
+    from ftguard.pipeline.plan import build_data_plan
+
+    seen: set[str] = set()
+    for run in runs:
+        key = run.config.fingerprint("data", "evaluate", "align", "finetune", "post")
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            build_data_plan(run.config)
+        except FtguardError as exc:
+            raise FtguardError(f"sweep run {run.id}: {exc}") from None
+
+
+def run_sweep(
+    sweep: SweepConfig,
+    folder: Path,
+    *,
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    fail_fast: bool = False,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the sweep (or this process's shard of it); returns the aggregate report of every finished run."""
+    from tqdm.auto import tqdm
+
+    from ftguard import distributed
+
+    if distributed.world_size() > 1:
+        # A failed run is recorded and the sweep goes on: ranks that disagree on a failure would wait forever.
+        raise FtguardError(
+            "ftguard sweep runs one process per GPU, not under torchrun or accelerate launch: start one "
+            "`ftguard sweep FILE --shard i/n` per GPU (CUDA_VISIBLE_DEVICES=i), sharing the output dir"
+        )
+
+    from ftguard.pipeline.run import Pipeline
+    from ftguard.sweep.report import write_report
+
+    out = sweep_dir(sweep, output_dir)
+    runs = expand(sweep, folder, out)
+    preflight(runs)
+    mine = [r for i, r in enumerate(runs) if shard is None or i % shard[1] == shard[0]]
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "sweep.yaml", _dump(sweep))
+    index = _read_index(out)
+    start = time.monotonic()
+    failures = []
+    with tqdm(total=len(mine), desc=f"sweep {sweep.name}", unit="run", disable=not progress) as bar:
+        for run in mine:
+            bar.set_postfix_str(run.id, refresh=True)
+            if is_done(run):
+                index[run.id] = _entry(run, "complete", index.get(run.id, {}).get("wall_time_s"))
+                bar.update(1)
+                continue
+            t0 = time.monotonic()
+            try:
+                results = Pipeline(run.config, overwrite=overwrite, store=out / "units").run_all()
+                status = "complete" if results.get("complete") else "incomplete"
+            except (FtguardError, RuntimeError, OSError, ValueError) as exc:
+                if fail_fast:
+                    raise
+                status = f"failed: {exc}"
+                failures.append(run.id)
+                log.error("sweep run %s failed: %s", run.id, exc)
+            index[run.id] = _entry(run, status, round(time.monotonic() - t0, 1))
+            write_json_atomic(out / "sweep.json", {"name": sweep.name, "runs": index})
+            bar.update(1)
+    write_json_atomic(out / "sweep.json", {"name": sweep.name, "runs": index})
+    report = write_report(sweep, runs, out)
+    report["wall_time_s"] = round(time.monotonic() - start, 1)
+    report["failed"] = failures
+    return report
+
+
+def _entry(run: SweepRun, status: str, wall: float | None) -> dict[str, Any]:
+    return {
+        "defense": run.defense,
+        "seed": run.seed,
+        "axes": run.axes,
+        "attack": run.attack,
+        "dir": str(run.config.out_dir),
+        "config_hash": run.config.fingerprint(),
+        "status": status,
+        "wall_time_s": wall,
+    }
+
+
+def _read_index(out: Path) -> dict[str, Any]:
+    path = out / "sweep.json"
+    return read_json(path).get("runs", {}) if path.is_file() else {}
+
+
+def _dump(sweep: SweepConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(sweep), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,303 @@
+"""Sweeps: expansion and validation, unit sharing, resume, aggregation (mean/std, average, worst case, guard)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftguard import cli
+from ftguard.config import load_config
+from ftguard.pipeline.plan import build_data_plan
+from ftguard.pipeline.run import Pipeline
+from ftguard.schema import ConfigError, from_dict
+from ftguard.sweep.config import SweepConfig, SweepRun, expand
+from ftguard.sweep.report import summarize, worst_case
+
+TINY = {
+    "base": "quickstart-tiny",
+    "set": {
+        "evaluate.points": ["finetune", "post"],
+        "align.train.max_steps": 2,
+        "finetune.train.max_steps": 2,
+        "evaluate.harmful_prompts.n": 4,
+        "evaluate.over_refusal_prompts.n": 4,
+        "evaluate.task_n": 4,
+    },
+}
+
+
+def _units(out: Path, kind: str) -> list[str]:
+    """Unit folders of a kind (not their hidden lock files)."""
+    return sorted(p.name for p in (out / "units" / kind).iterdir() if not p.name.startswith("."))
+
+
+def _sweep(**extra) -> SweepConfig:
+    return from_dict(SweepConfig, {"name": "t", **TINY, **extra})
+
+
+def test_expansion_is_the_full_product_with_validated_configs(tmp_path):
+    sweep = _sweep(
+        defenses={"sft": {}, "vaccine": {"align.method": "vaccine"}, "none": {"align": None}},
+        grid={"data.finetune.harmful_ratio": [0.0, 0.5]},
+        seeds=[1, 2],
+    )
+    runs = expand(sweep, tmp_path, tmp_path / "out")
+    assert len(runs) == 3 * 2 * 2 and len({r.id for r in runs}) == 12
+    vaccine = [r for r in runs if r.defense == "vaccine" and r.axes["data.finetune.harmful_ratio"] == 0.5]
+    assert {r.seed for r in vaccine} == {1, 2} and all(r.config.align.method == "vaccine" for r in vaccine)
+    assert all(r.config.align is None for r in runs if r.defense == "none")
+    assert runs[0].config.out_dir == tmp_path / "out" / "runs" / runs[0].id
+    # every run keeps the same leading records for the attack: round(0.5 · 64) = 32, the largest need
+    assert {r.config.data.finetune.harmful_reserve for r in runs} == {32}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"defenses": {"bad": {"align.methd": "sft"}}}, "sweep run bad/seed43: unknown key 'align.methd'"),
+        ({"grid": {"data.finetune.harmful_ratio": [0.1, 2.0]}}, "harmful_ratio"),
+        ({"defenses": {"x": {"align.method": "vacine"}}}, "vacine"),
+    ],
+)
+def test_a_bad_run_anywhere_in_the_grid_fails_before_any_work(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        expand(_sweep(**extra), tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ({"grid": {"data.finetune.harmful_ratio": []}}, "data.finetune.harmful_ratio"),
+        ({"seeds": [1, 1]}, "seeds"),
+        ({"defenses": {}}, "defenses"),
+        ({"attack": {"grid": {}}}, "grid"),
+        ({"attack": {"grid": {"x": [1]}, "capability_guard": {"max_fa_drop": 300}}}, "max_fa_drop"),
+    ],
+)
+def test_sweep_schema_errors_name_the_key(extra, key):
+    with pytest.raises(ConfigError, match=key):
+        _sweep(**extra)
+
+
+def test_aligned_model_fingerprint_is_shared_across_ratios_only_with_the_reserve():
+    def pipeline(p, reserve):
+        cfg = load_config(
+            "quickstart-tiny",
+            [f"data.finetune.harmful_ratio={p}", f"data.finetune.harmful_reserve={reserve}"],
+        )
+        pipe = Pipeline(cfg)
+        pipe.plan = build_data_plan(cfg)
+        return pipe
+
+    a, b = pipeline(0.0, 32), pipeline(0.5, 32)
+    assert a.plan.alignment == b.plan.alignment and a.fp_align() == b.fp_align()
+    assert a.fp_finetune(0.0) != b.fp_finetune(0.5)
+    # without a fixed reserve the attack's records are taken first, so the alignment data shift with p
+    c, d = pipeline(0.0, "null"), pipeline(0.5, "null")
+    assert c.plan.alignment != d.plan.alignment and c.fp_align() != d.fp_align()
+    # the evaluation of the same model with other settings is another unit; the model is not
+    e = Pipeline(
+        load_config("quickstart-tiny", ["data.finetune.harmful_reserve=32", "evaluate.max_new_tokens=4"])
+    )
+    e.plan = build_data_plan(e.run)
+    f = pipeline(0.1, 32)
+    assert e.fp_align() == f.fp_align() and e.fp_eval("x") != f.fp_eval("x")
+
+
+def test_a_reserve_smaller_than_the_attack_fails_with_the_key():
+    cfg = load_config(
+        "quickstart-tiny", ["data.finetune.harmful_ratio=0.5", "data.finetune.harmful_reserve=3"]
+    )
+    with pytest.raises(Exception, match="harmful_reserve = 3"):
+        build_data_plan(cfg)
+
+
+@pytest.mark.slow
+def test_tiny_sweep_shares_units_resumes_and_reports(tmp_path, monkeypatch):
+    spec = {
+        "name": "tiny-sweep",
+        **TINY,
+        "seeds": [5],
+        "defenses": {"sft": {}, "safelora": {"post.method": "safelora"}},
+        "grid": {"data.finetune.harmful_ratio": [0.0, 0.5]},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert cli.main(["sweep", str(path), "--output-dir", str(out)]) == 0
+
+    units = {kind: _units(out, kind) for kind in ("align", "finetune")}
+    # one aligned model for both ratios and both defenses; one fine-tune per ratio, shared by both defenses
+    assert len(units["align"]) == 1 and len(units["finetune"]) == 2
+    assert len(_units(out, "post")) == 2
+    index = json.loads((out / "sweep.json").read_text())["runs"]
+    assert len(index) == 4 and {e["status"] for e in index.values()} == {"complete"}
+    rows = json.loads((out / "runs.json").read_text())
+    finals = [r for r in rows if r["final"]]
+    assert {(r["defense"], r["point"]) for r in finals} == {
+        ("sft", "finetune"),
+        ("safelora", "post"),
+    } and len(finals) == 4
+    sft = [r for r in rows if r["defense"] == "sft" and r["point"] == "finetune"]
+    shared = [r for r in rows if r["defense"] == "safelora" and r["point"] == "finetune"]
+    # the shared fine-tune was evaluated once: both runs report the very same numbers
+    assert sorted((r["p"], r["harmful_score"]) for r in sft) == sorted(
+        (r["p"], r["harmful_score"]) for r in shared
+    )
+    report = (out / "report.md").read_text()
+    assert "| sft |" in report and "| safelora |" in report and "p = 0.5" in report
+    assert (out / "hs_vs_p.png").stat().st_size > 1000 and (out / "hs_vs_fa.png").stat().st_size > 1000
+    assert (out / "runs.csv").read_text().count("\n") == len(rows) + 1
+
+    # resume: a run whose results vanished is redone from the shared units, without any training
+    import ftguard.pipeline.run as run_mod
+
+    victim = Path(next(iter(index.values()))["dir"])
+    (victim / "results.json").unlink()
+
+    def no_training(*a, **k):
+        raise AssertionError("a unit was trained again")
+
+    monkeypatch.setattr(run_mod, "train_stage", no_training)
+    monkeypatch.setattr(run_mod, "post_stage", no_training)
+    monkeypatch.setattr(run_mod, "evaluate_point", no_training)
+    assert cli.main(["sweep", str(path), "--output-dir", str(out)]) == 0
+    assert json.loads((victim / "results.json").read_text())["complete"] is True
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    import ftguard.pipeline.run as run_mod
+
+    spec = {"name": "f", **TINY, "seeds": [5], "grid": {"data.finetune.harmful_ratio": [0.0, 0.5]}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    real = run_mod.evaluate_point
+
+    def flaky(run, key, *a, **k):
+        if run.data.finetune.harmful_ratio == 0.5:
+            raise OSError("disk full")
+        return real(run, key, *a, **k)
+
+    monkeypatch.setattr(run_mod, "evaluate_point", flaky)
+    out = tmp_path / "out"
+    assert cli.main(["sweep", str(path), "--output-dir", str(out)]) == 1
+    status = {k: v["status"] for k, v in json.loads((out / "sweep.json").read_text())["runs"].items()}
+    assert sorted(status.values()) == ["complete", "failed: disk full"]
+    assert "Incomplete: 1 of 2 runs" in (out / "report.md").read_text()
+    monkeypatch.setattr(run_mod, "evaluate_point", real)
+    assert cli.main(["sweep", str(path), "--output-dir", str(out)]) == 0
+
+
+# ------------------------------------------------------------------------------- aggregation, synthetic
+
+
+def _fake_runs(tmp_path, sweep, values):
+    """values: {(defense, p, seed, lr): (hs, fa)} → SweepRuns with results.json files as the pipeline writes."""
+    runs = []
+    base = load_config("quickstart-tiny")
+    for (defense, p, seed, lr), (hs, fa) in values.items():
+        out = tmp_path / f"{defense}-{p}-{seed}-{lr}"
+        out.mkdir()
+        entry = {
+            "stage": "finetune",
+            "method": "sft",
+            "harmful_ratio": p,
+            "harmful_score": hs,
+            "harmful_score_plus": hs,
+            "finetune_accuracy": fa,
+            "over_refusal": 0.0,
+            "judge": "keyword",
+        }
+        stages = {"align": {"stage": "align", "harmful_score": 0.0, "judge": "keyword"}, "finetune": entry}
+        (out / "results.json").write_text(json.dumps({"complete": True, "stages": stages}))
+        cfg = dataclasses.replace(base, output_dir=str(out), seed=seed)
+        attack = {"finetune.train.learning_rate": lr} if lr is not None else {}
+        runs.append(SweepRun(out.name, defense, seed, {"data.finetune.harmful_ratio": p}, attack, cfg))
+    return runs
+
+
+def test_summary_mean_std_over_seeds_and_per_seed_average(tmp_path):
+    sweep = _sweep(defenses={"sft": {}, "booster": {}}, grid={"data.finetune.harmful_ratio": [0.0, 0.1]})
+    hs = {("sft", 0.0, 1): 10.0, ("sft", 0.0, 2): 20.0, ("sft", 0.1, 1): 50.0, ("sft", 0.1, 2): 70.0}
+    hs |= {("booster", 0.0, 1): 1.0, ("booster", 0.1, 1): 3.0}
+    from ftguard.sweep.report import collect
+
+    runs = _fake_runs(tmp_path, sweep, {(d, p, s, None): (v, 90.0) for (d, p, s), v in hs.items()})
+    (table,) = summarize(collect(runs), sweep)
+    sft = table["defenses"]["sft"]["harmful_score"]
+    assert sft["0.1"]["mean"] == 60.0 and sft["0.1"]["std"] == pytest.approx(statistics.stdev([50, 70]))
+    # average per seed over the ratios (30, 45), then mean ± std over seeds
+    assert sft["avg"]["values"] == [30.0, 45.0] and sft["avg"]["std"] == pytest.approx(
+        statistics.stdev([30, 45])
+    )
+    booster = table["defenses"]["booster"]["harmful_score"]
+    assert booster["avg"]["mean"] == 2.0 and booster["avg"]["std"] is None  # one seed: no std
+    assert table["ratios"] == [0.0, 0.1]
+
+
+def test_worst_case_takes_the_highest_hs_among_settings_the_guard_keeps(tmp_path):
+    sweep = _sweep(
+        defenses={"booster": {}},
+        attack={
+            "grid": {"finetune.train.learning_rate": [1e-5, 1e-4, 1e-3]},
+            "capability_guard": {"max_fa_drop": 10},
+        },
+    )
+    values = {
+        ("booster", 0.1, 1, 1e-5): (5.0, 90.0),
+        ("booster", 0.1, 2, 1e-5): (7.0, 92.0),
+        ("booster", 0.1, 1, 1e-4): (30.0, 85.0),
+        ("booster", 0.1, 2, 1e-4): (34.0, 83.0),
+        # the highest HS, but the task is wrecked (FA 20 points below the best): not a credible attack
+        ("booster", 0.1, 1, 1e-3): (80.0, 70.0),
+        ("booster", 0.1, 2, 1e-3): (82.0, 72.0),
+    }
+    from ftguard.sweep.report import collect
+
+    (entry,) = worst_case(collect(_fake_runs(tmp_path, sweep, values)), sweep)
+    assert entry["worst"]["setting"] == {"finetune.train.learning_rate": 1e-4}
+    assert entry["worst"]["hs"] == 32.0 and entry["worst"]["fa"] == 84.0
+    assert entry["kept"] == 2 and entry["total"] == 3
+    dropped = [s for s in entry["settings"] if not s["kept"]]
+    assert len(dropped) == 1 and "below the best 91.0" in dropped[0]["dropped_because"]
+    # without the guard the wrecking setting is the worst case
+    sweep.attack.capability_guard.max_fa_drop = None
+    (tmp_path / "b").mkdir()
+    (entry,) = worst_case(collect(_fake_runs(tmp_path / "b", sweep, values)), sweep)
+    assert entry["worst"]["hs"] == 81.0
+
+
+@pytest.mark.slow
+def test_packaged_adaptive_sweep_reports_the_worst_case_per_defense(tmp_path, capsys):
+    out = tmp_path / "adaptive"
+    assert cli.main(["sweep", "sweeps/adaptive-tiny", "--output-dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] and report["runs"] == 2 * 2 * 2
+    worst = {e["defense"]: e for e in report["worst_case"]}
+    assert set(worst) == {"sft", "vaccine"}
+    for entry in worst.values():
+        assert entry["total"] == 4 and 1 <= entry["kept"] <= 4
+        kept = [s for s in entry["settings"] if s["kept"]]
+        assert entry["worst"]["hs"] == max(s["hs"] for s in kept)
+    # the attack only changes the fine-tune: one aligned model per defense serves all four attack settings
+    assert len(_units(out, "align")) == 2
+    assert "Adaptive attack: worst case" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["sweeps/cpu-smollm2", "sweeps/adaptive-tiny"])
+def test_packaged_cpu_sweeps_validate_and_dry_run(name, tmp_path, capsys):
+    from ftguard.sweep.config import load_sweep
+    from ftguard.sweep.runner import preflight
+
+    sweep, folder = load_sweep(name)
+    runs = expand(sweep, folder, tmp_path)
+    preflight(runs)  # every data plan of the grid builds from the bundled data
+    assert cli.main(["sweep", name, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(runs)} runs" in out and "shared across runs" in out
