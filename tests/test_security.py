@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from ftguard import cli
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ftguard"
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-TOKEN = "hf_ftguardTESTtoken0123456789abcdefXYZ"
+# Made up per run (never a real credential in the repository); shaped like a hub token.
+TOKEN = "hf_" + secrets.token_hex(17)
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
