@@ -194,6 +194,66 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert cli.main(["sweep", str(path), "--output-dir", str(out)]) == 0
 
 
+def test_a_unit_locked_by_another_process_is_busy_only_without_waiting(tmp_path):
+    import fcntl
+
+    from ftguard.pipeline.outputs import StageDir, UnitBusy
+
+    unit = StageDir(tmp_path / "units" / "align" / "abc", "abc")
+    with unit.lock(wait=False):  # free: taken at once
+        pass
+    # flock conflicts between two open file descriptions even in one process: this stands for another shard
+    with open(tmp_path / "units" / "align" / ".abc.lock", "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(UnitBusy, match="abc"):
+            with unit.lock(wait=False):
+                raise AssertionError("entered a unit another process holds")
+        fcntl.flock(other, fcntl.LOCK_UN)
+    with unit.lock(wait=False):
+        pass
+
+
+def test_a_shard_defers_runs_whose_units_are_busy_and_blocks_only_when_all_are(tmp_path, monkeypatch):
+    import ftguard.pipeline.run as run_mod
+    from ftguard.pipeline.outputs import UnitBusy
+
+    spec = {"name": "d", **TINY, "seeds": [5], "grid": {"data.finetune.harmful_ratio": [0.0, 0.25, 0.5]}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    calls = []  # (p, wait) of every attempt, in order
+    busy = {0.0: 1, 0.25: 3}  # times each run finds a unit busy while it does not wait
+
+    class FakePipeline:
+        def __init__(self, run, *, overwrite, store, wait_for_units):
+            self.run, self.wait = run, wait_for_units
+
+        def run_all(self):
+            p = self.run.data.finetune.harmful_ratio
+            calls.append((p, self.wait))
+            if not self.wait and busy.get(p, 0) > 0:
+                busy[p] -= 1
+                raise UnitBusy(f"units/align/p{p}")
+            return {"complete": False}
+
+    monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
+    out = tmp_path / "out"
+    cli.main(["sweep", str(path), "--output-dir", str(out), "--shard", "0/1"])
+    # p0 is deferred behind p0.25 (busy) and p0.5 (free); then p0 goes through; p0.25 stays busy until it is
+    # the only run left, when the shard blocks on its lock instead of spinning.
+    assert calls == [(0.0, False), (0.25, False), (0.5, False), (0.0, False), (0.25, False), (0.25, True)]
+    index = json.loads((out / "sweep.json").read_text())["runs"]
+    assert len(index) == 3 and {e["status"] for e in index.values()} == {"incomplete"}
+
+
+def test_shards_sharing_a_directory_keep_each_others_index_entries(tmp_path):
+    from ftguard.sweep.runner import _update_index
+
+    _update_index(tmp_path, "s", {"a": {"status": "complete"}})
+    _update_index(tmp_path, "s", {"b": {"status": "failed: x"}})
+    index = json.loads((tmp_path / "sweep.json").read_text())
+    assert index == {"name": "s", "runs": {"a": {"status": "complete"}, "b": {"status": "failed: x"}}}
+
+
 # ------------------------------------------------------------------------------- aggregation, synthetic
 
 

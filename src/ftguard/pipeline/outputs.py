@@ -21,6 +21,11 @@ from ftguard.errors import FtguardError
 MARKER = "COMPLETE.json"
 
 
+class UnitBusy(Exception):
+    """Another process holds this unit's lock (``StageDir.lock(wait=False)``): a sweep shard defers the run.
+    Deliberately not an FtguardError/OSError, so that it never reads as a failed run."""
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -75,10 +80,11 @@ class StageDir:
         )
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, wait: bool = True) -> Iterator[None]:
         """Hold an exclusive lock on this unit: parallel processes sharing a store (``sweep --shard``) wait
-        instead of training the same unit twice; the second finds it complete. POSIX advisory lock; a no-op
-        where fcntl is missing. An OSError that names no file is re-raised naming this unit."""
+        instead of training the same unit twice; the second finds it complete. With ``wait=False`` a unit
+        locked elsewhere raises UnitBusy at once (the caller has other work to do first). POSIX advisory lock;
+        a no-op where fcntl is missing. An OSError that names no file is re-raised naming this unit."""
         try:
             import fcntl
         except ImportError:  # Windows
@@ -86,7 +92,10 @@ class StageDir:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.parent / f".{self.path.name}.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UnitBusy(str(self.path)) from None
             try:
                 yield
             except OSError as exc:

@@ -69,8 +69,11 @@ class Pipeline:
         overwrite: bool = False,
         on_update: Callable[[dict], None] | None = None,
         store: Path | None = None,
+        wait_for_units: bool = True,
     ) -> None:
         self.run = run
+        # False (sweep shards): a unit another process is making raises UnitBusy instead of blocking.
+        self.wait_for_units = wait_for_units
         # With a store, units live in <store>/<kind>/<fingerprint> and are shared by every run that needs them.
         self.store = Path(store) if store is not None else None
         self.stage_extras: dict[str, list[str]] = {}  # method data sets (plan.extra) each stage loaded
@@ -198,7 +201,7 @@ class Pipeline:
         (so another process sharing the store still waits) and settles the unit first (``is_complete`` removes
         it under --overwrite, or fails on another config's output), then the others look at it."""
         if distributed.world_size() <= 1:
-            with unit.lock():
+            with unit.lock(wait=self.wait_for_units):
                 yield
             return
         with unit.lock() if distributed.is_main() else contextlib.nullcontext():

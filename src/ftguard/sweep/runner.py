@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from ftguard.errors import FtguardError
-from ftguard.pipeline.outputs import read_json, write_json_atomic, write_text_atomic
+from ftguard.pipeline.outputs import UnitBusy, read_json, write_json_atomic, write_text_atomic
 from ftguard.schema import to_dict
 from ftguard.sweep.config import SweepConfig, SweepRun, expand
 
@@ -102,27 +103,41 @@ def run_sweep(
     index = _read_index(out)
     start = time.monotonic()
     failures = []
+    queue = deque(mine)
+    deferred = 0  # runs put back in a row because another shard held one of their units
     with tqdm(total=len(mine), desc=f"sweep {sweep.name}", unit="run", disable=not progress) as bar:
-        for run in mine:
+        while queue:
+            run = queue.popleft()
             bar.set_postfix_str(run.id, refresh=True)
             if is_done(run):
                 index[run.id] = _entry(run, "complete", index.get(run.id, {}).get("wall_time_s"))
                 bar.update(1)
                 continue
+            # Shards sharing a store skip past units another shard is making and come back to them; only
+            # when every remaining run waits on someone else does this shard block on a lock.
+            wait = shard is None or deferred > len(queue)
             t0 = time.monotonic()
             try:
-                results = Pipeline(run.config, overwrite=overwrite, store=out / "units").run_all()
+                pipeline = Pipeline(run.config, overwrite=overwrite, store=out / "units", wait_for_units=wait)
+                results = pipeline.run_all()
                 status = "complete" if results.get("complete") else "incomplete"
+            except UnitBusy as busy:
+                log.info("sweep run %s: %s is being made by another process, coming back to it", run.id, busy)
+                queue.append(run)
+                deferred += 1
+                continue
             except (FtguardError, RuntimeError, OSError, ValueError) as exc:
                 if fail_fast:
                     raise
                 status = f"failed: {exc}"
                 failures.append(run.id)
                 log.error("sweep run %s failed: %s", run.id, exc)
-            index[run.id] = _entry(run, status, round(time.monotonic() - t0, 1))
-            write_json_atomic(out / "sweep.json", {"name": sweep.name, "runs": index})
+            deferred = 0
+            index = _update_index(
+                out, sweep.name, {run.id: _entry(run, status, round(time.monotonic() - t0, 1))}
+            )
             bar.update(1)
-    write_json_atomic(out / "sweep.json", {"name": sweep.name, "runs": index})
+    _update_index(out, sweep.name, {k: v for k, v in index.items() if k in {r.id for r in mine}})
     report = write_report(sweep, runs, out)
     report["wall_time_s"] = round(time.monotonic() - start, 1)
     report["failed"] = failures
@@ -140,6 +155,20 @@ def _entry(run: SweepRun, status: str, wall: float | None) -> dict[str, Any]:
         "status": status,
         "wall_time_s": wall,
     }
+
+
+def _update_index(out: Path, name: str, entries: dict[str, Any]) -> dict[str, Any]:
+    """Merge entries into sweep.json under a file lock: shards sharing the directory each add their own runs."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one process per output dir
+        fcntl = None
+    with open(out / ".sweep.json.lock", "w") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        index = {**_read_index(out), **entries}
+        write_json_atomic(out / "sweep.json", {"name": name, "runs": index})
+    return index
 
 
 def _read_index(out: Path) -> dict[str, Any]:
