@@ -14,11 +14,13 @@ fresh subprocess).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -56,12 +59,41 @@ def _train(stage: str, max_steps: int, save_steps: int) -> list[str]:
     return [a for k, v in keys.items() for a in ("--set", f"{stage}.train.{k}={v}")]
 
 
-def _start(argv: list[str], log: Path) -> subprocess.Popen:
+def _start(argv: list[str], log: Path, launcher: tuple[str, ...] = ("-m", "ftguard.cli")) -> subprocess.Popen:
     # Output to a file: a pipe nobody reads would block the child once full.
     with log.open("ab") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "ftguard.cli", *argv], env=ENV, stdout=fh, stderr=subprocess.STDOUT
+            [sys.executable, *launcher, *argv],
+            env=ENV,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
         )
+
+
+def _torchrun_cli() -> tuple[str, ...]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return (
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "ftguard.cli",
+    )
+
+
+def _signal_tree(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to ``proc`` and every process it started (the launcher first, so it starts no more)."""
+    tree = [proc.pid]
+    with contextlib.suppress(psutil.NoSuchProcess):
+        tree += [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _kill_when(proc: subprocess.Popen, ready: Callable[[], T | None], log: Path) -> T:
@@ -69,20 +101,22 @@ def _kill_when(proc: subprocess.Popen, ready: Callable[[], T | None], log: Path)
     cannot move on between the look and the kill. Returns what ``ready`` returned."""
     try:
         while True:
-            os.kill(proc.pid, signal.SIGSTOP)
+            # The launcher and all its workers: under torchrun the workers write the checkpoints, and they run in
+            # sessions of their own, so a process-group signal would miss them.
+            _signal_tree(proc, signal.SIGSTOP)
             _, status = os.waitpid(proc.pid, os.WUNTRACED)
             if not os.WIFSTOPPED(status):
                 pytest.fail(f"{proc.args} ended before it could be killed:\n{log.read_text()[-4000:]}")
             found = ready()
             if found:
-                os.kill(proc.pid, signal.SIGKILL)
+                _signal_tree(proc, signal.SIGKILL)
                 assert proc.wait() == -signal.SIGKILL
                 return found
-            os.kill(proc.pid, signal.SIGCONT)
+            _signal_tree(proc, signal.SIGCONT)
             time.sleep(POLL_S)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            _signal_tree(proc, signal.SIGKILL)
             proc.wait()
 
 
@@ -180,6 +214,24 @@ def test_booster_align_killed_and_resumed_matches_an_uninterrupted_run(tmp_path)
 
     assert cli.main(argv) == 0
     _assert_same_training(out / "align", ref / "align", killed_at, 8)
+
+
+def test_a_two_process_booster_align_killed_and_resumed_matches_an_uninterrupted_two_process_run(tmp_path):
+    # torchrun, 2 ranks over gloo, one thread each: the harmful stream is dealt to the ranks and Booster's probe
+    # is averaged over them, so a resume must restore every rank's share of the stream and the step's position.
+    # Two launches with the same ranks reduce in the same order, so the weights must be equal bit for bit.
+    argv = ["align", "booster-tiny", *_train("align", 6, 2)]
+    ref, out = tmp_path / "ref", tmp_path / "cut"
+    ref_log, log = tmp_path / "ref.txt", tmp_path / "log.txt"
+    reference = _start([*argv, "--output-dir", str(ref)], ref_log, _torchrun_cli())
+    assert reference.wait(timeout=900) == 0, ref_log.read_text()[-4000:]
+
+    argv += ["--output-dir", str(out)]
+    killed_at = _kill_after_first_checkpoint(_start(argv, log, _torchrun_cli()), out / "align", log)
+    assert killed_at < 6
+    resumed = _start(argv, log, _torchrun_cli())
+    assert resumed.wait(timeout=900) == 0, log.read_text()[-4000:]
+    _assert_same_training(out / "align", ref / "align", killed_at, 6)
 
 
 # ------------------------------------------------------------------------------------------- write errors
