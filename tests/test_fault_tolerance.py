@@ -274,6 +274,22 @@ def _fail_safetensors_into(monkeypatch, folder: Path) -> None:
     monkeypatch.setattr(modeling_utils, "safe_save_file", save)
 
 
+def _fail_torch_save_into(monkeypatch, folder: Path) -> None:
+    """torch.save into ``folder`` fails as it does on a full disk: a RuntimeError from its zip writer."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, str | os.PathLike) and Path(f).parent == folder:
+            Path(f).write_bytes(b"PK\0")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file data/0: "
+                "file write failed"
+            )
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
 @pytest.mark.parametrize(
     "unit, fault, resumed_from",
     [
@@ -283,6 +299,8 @@ def _fail_safetensors_into(monkeypatch, folder: Path) -> None:
         ("finetune", "merged model", "checkpoint-8"),
         # everything in place but the marker
         ("finetune", "marker", "checkpoint-8"),
+        # the optimizer state: torch.save reports a failed write as a RuntimeError, not an OSError
+        ("align", "optimizer state", "checkpoint-4"),
     ],
 )
 def test_a_write_error_fails_in_one_line_and_leaves_nothing_marked_complete(
@@ -293,6 +311,8 @@ def test_a_write_error_fails_in_one_line_and_leaves_nothing_marked_complete(
         _fail_os_replace_into(monkeypatch, tmp_path / unit, STATE_FILE, parent="checkpoint-8")
     elif fault == "merged model":
         _fail_safetensors_into(monkeypatch, tmp_path / unit / ".staging" / "model")
+    elif fault == "optimizer state":
+        _fail_torch_save_into(monkeypatch, tmp_path / unit / "checkpoints" / "checkpoint-8")
     else:
         _fail_os_replace_into(monkeypatch, tmp_path / unit, "COMPLETE.json")
     code = cli.main(argv)
@@ -302,7 +322,8 @@ def test_a_write_error_fails_in_one_line_and_leaves_nothing_marked_complete(
     (message,) = [
         line.split("ftguard: error: ", 1)[1] for line in err.split("\n") if "ftguard: error: " in line
     ]
-    assert "No space left on device" in message and str(tmp_path / unit) in message, message
+    reason = "file write failed" if fault == "optimizer state" else "No space left on device"
+    assert reason in message and str(tmp_path / unit) in message, message
     assert "run the same command again" in message
     assert not (tmp_path / unit / "COMPLETE.json").exists()
     assert not _claims_complete(tmp_path / "results.json")

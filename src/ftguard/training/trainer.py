@@ -14,6 +14,7 @@ the ecosystem:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -65,6 +66,13 @@ class RankSlices(Sampler[list[int]]):
     def __len__(self) -> int:
         n, span = len(self.sampler), self.batch_size * self.world_size
         return n // span if self.drop_last else -(-n // span)
+
+
+def _is_write_failure(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return any(
+        m in text for m in ("PytorchStreamWriter", "file write failed", "unexpected pos", "No space left")
+    )
 
 
 def resumable_checkpoint(folder: str | Path) -> str | None:
@@ -172,6 +180,16 @@ class FtguardTrainer(Trainer):
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
             super()._save_checkpoint(model, trial)
+        except RuntimeError as exc:
+            # torch.save reports a failed write (full disk, quota) as a RuntimeError from its zip writer: it is
+            # the environment's fault, and must read as such (one line, "run again"), not as a crash.
+            if not _is_write_failure(exc):
+                raise
+            folder = (
+                Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise OSError(errno.EIO, f"writing the checkpoint failed ({reason})", str(folder)) from exc
         finally:
             self.args.save_total_limit = limit
         if not self.args.should_save:
