@@ -336,6 +336,19 @@ def test_a_write_error_fails_in_one_line_and_leaves_nothing_marked_complete(
     assert load_file(next((tmp_path / unit / "model").glob("*.safetensors")))
 
 
+def test_overwrite_that_fails_early_leaves_no_stale_complete_results(tmp_path, monkeypatch, capsys):
+    import ftguard.pipeline.run as run_mod
+
+    argv = ["run", "quickstart-tiny", "--set", "evaluate.points=[]", *_train("align", 2, 2)]
+    argv += [*_train("finetune", 2, 2), "--output-dir", str(tmp_path)]
+    assert cli.main(argv) == 0 and _claims_complete(tmp_path / "results.json")
+    monkeypatch.setattr(run_mod, "train_stage", _full_disk)
+    # another config into the same folder: --overwrite replaces the old outputs, and fails on the way
+    assert cli.main([*argv, "--set", "seed=7", "--overwrite"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not _claims_complete(tmp_path / "results.json")
+
+
 # ------------------------------------------------------------------------------------------------ sweeps
 
 SWEEP = {

@@ -133,8 +133,12 @@ class Pipeline:
             "git": git_revision(),
             "data": self.plan.report(),
             "config": run.to_dict(),
-            "stages": self._previous_stages(),
+            "stages": {} if self.overwrite else self._previous_stages(),
         }
+        if self.overwrite:
+            # The old results describe outputs that --overwrite is about to replace: a failure before the first
+            # evaluation must not leave them behind marked complete.
+            write_results(self.out, self.results)
 
     def _previous_stages(self) -> dict[str, Any]:
         """Entries of earlier single-stage commands (`ftguard align`, then `ftguard finetune`) of this config."""
