@@ -58,6 +58,34 @@ def test_keyword_filter_drops_exactly_what_the_judge_flags_and_reports_counts():
     assert r["judge"]["name"] == "keyword"
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_a_launch_each_rank_judges_its_share_and_gets_every_verdict_in_order(monkeypatch, rank):
+    import ftguard.methods.filter as filter_mod
+    from ftguard import distributed
+
+    upload = HARMFUL + BENIGN + HARMFUL[:1]  # 7 samples: shares of 4 and 3
+    want = _method().flags(upload)  # one process judges them all
+    filter_mod._VERDICT_CACHE.clear()
+    method = _method()
+    judged = []
+    real = method.judge.judge
+
+    def judge(prompts, answers):
+        judged.append(list(answers))
+        return real(prompts, answers)
+
+    monkeypatch.setattr(method.judge, "judge", judge)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    # The other rank's verdicts, computed here independently from its share.
+    other = real(
+        [filter_mod._as_asked(e) for e in upload[1 - rank :: 2]], [e.output for e in upload[1 - rank :: 2]]
+    )
+    monkeypatch.setattr(distributed, "gather", lambda mine: [mine, list(other)][:: 1 if rank == 0 else -1])
+    assert method.flags(upload) == want
+    assert judged == [[e.output for e in upload[rank::2]]]
+
+
 def test_filter_flagging_everything_fails_clearly():
     with pytest.raises(FtguardError, match="nothing left to train on"):
         _method().train_examples(HARMFUL[:1], _plan())

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ftguard import distributed
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
 from ftguard.registry import get_method, register_method
@@ -122,9 +123,15 @@ class ModerationFilter(Method):
     def flags(self, examples: list[Example]) -> list[bool]:
         key = _cache_key(self.judge, examples)
         if key not in _VERDICT_CACHE:
-            _VERDICT_CACHE[key] = self.judge.judge(
-                [_as_asked(e) for e in examples], [e.output for e in examples]
-            )
+            # Under a launch each rank judges every n-th sample and the verdicts are gathered back in order:
+            # a 7B judge on each of 8 GPUs would otherwise judge the whole upload 8 times over.
+            n, r = distributed.world_size(), distributed.rank()
+            share = examples[r::n]
+            verdicts = list(self.judge.judge([_as_asked(e) for e in share], [e.output for e in share]))
+            merged: list[bool] = [False] * len(examples)
+            for i, part in enumerate(distributed.gather(verdicts)):
+                merged[i::n] = part
+            _VERDICT_CACHE[key] = merged
         return _VERDICT_CACHE[key]
 
     def train_examples(self, examples: list[Example], plan: DataPlan) -> tuple[list[Example], dict[str, Any]]:
