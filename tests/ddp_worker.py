@@ -15,11 +15,12 @@ import torch.distributed as dist
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 import ftguard.methods  # noqa: F401  (registers the built-in methods)
 from ftguard.registry import all_methods, get_method
 from ftguard.training.trainer import FtguardTrainer
+from tiny import tiny_llama_config
 
 SEQ, STEPS, GA = 9, 2, 2
 # Method → args: small schedules so that two steps exercise the method's extra machinery.
@@ -39,15 +40,7 @@ STREAMS = ("harmful", "alignment", "fisher", "safety")  # every extra stream a m
 
 def tiny_lora_llama() -> torch.nn.Module:
     torch.manual_seed(0)  # the same start on every rank, as from_pretrained would give
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama_config()
     model = get_peft_model(
         LlamaForCausalLM(cfg),
         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),

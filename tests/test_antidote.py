@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ftguard.data.example import Example
 from ftguard.methods.antidote import (
@@ -26,6 +26,7 @@ from ftguard.methods.antidote import (
     wanda_prune,
 )
 from ftguard.schema import ConfigError
+from tiny import tiny_llama_config
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 
@@ -40,15 +41,7 @@ def _one_thread():
 
 def _llama(seed: int = 0, vocab: int = 64) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-    )
+    cfg = tiny_llama_config(vocab_size=vocab, max_position_embeddings=256)
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -12,12 +12,13 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from torch.func import functional_call
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import LlamaForCausalLM, TrainingArguments
 
 import ftguard.methods.kl as klm
 from ftguard.data.collate import CausalLMCollator
 from ftguard.schema import ConfigError, from_dict
 from ftguard.training.trainer import FtguardTrainer
+from tiny import tiny_llama_config
 
 PAD = 0
 VOCAB = 64
@@ -33,15 +34,7 @@ def _one_thread():
 
 def _model(fresh: bool = True):
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama_config(vocab_size=VOCAB)
     return get_peft_model(
         LlamaForCausalLM(cfg),
         LoraConfig(

@@ -12,13 +12,14 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from torch.func import functional_call
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import LlamaForCausalLM, TrainingArguments
 
 import ftguard.methods.ldifs as ld
 from ftguard.data.collate import CausalLMCollator
 from ftguard.errors import FtguardError
 from ftguard.schema import ConfigError, from_dict
 from ftguard.training.trainer import FtguardTrainer
+from tiny import tiny_llama_config
 
 PAD = 0
 
@@ -33,15 +34,7 @@ def _one_thread():
 
 def _model(fresh: bool = True):
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama_config()
     # fresh: lora_B = 0 (double topology → disabled-adapter reference); else B ≠ 0 (snapshot reference).
     return get_peft_model(
         LlamaForCausalLM(cfg),

@@ -14,7 +14,7 @@ from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch.func import functional_call
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 import ftguard.methods.lisa  # noqa: F401  (registers "lisa" and "bso")
 from ftguard.errors import FtguardError
@@ -30,6 +30,7 @@ from ftguard.methods.lisa import (
 )
 from ftguard.schema import ConfigError
 from ftguard.training.trainer import METHOD_TENSORS_FILE
+from tiny import tiny_llama_config
 
 SEQ = 8
 
@@ -45,15 +46,7 @@ def _one_thread():
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama_config()
     model = get_peft_model(
         LlamaForCausalLM(cfg),
         PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),

@@ -9,10 +9,11 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ftguard.methods.recovery import Recoverer, RecoveryConfig, mean_direction, run_schedule
 from ftguard.schema import ConfigError, from_dict
+from tiny import tiny_llama_config
 
 K = 2  # of 3 layers
 
@@ -27,15 +28,7 @@ def _one_thread():
 
 def _models():
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama_config(num_hidden_layers=3)
     aligned = LlamaForCausalLM(cfg).eval()
     tuned = copy.deepcopy(aligned)
     with (

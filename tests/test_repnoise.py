@@ -11,13 +11,14 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import LlamaForCausalLM, TrainingArguments
 
 import ftguard.methods.repnoise as rn
 from ftguard.data.collate import CausalLMCollator
 from ftguard.errors import FtguardError
 from ftguard.schema import ConfigError, from_dict
 from ftguard.training.trainer import FtguardTrainer
+from tiny import tiny_llama_config
 
 PAD = 0
 # Harmless (alignment) rows share a "template" prefix [1, 5, 6] with the harmful rows; lengths differ.
@@ -43,15 +44,7 @@ def _rows(seqs):
 
 def _model(lora=True):
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama_config()
     model = LlamaForCausalLM(cfg)
     if lora:
         # init_lora_weights=False: B ≠ 0, so every LoRA matrix gets a gradient on the first step.

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import ftguard.methods.safelora  # noqa: F401  (registers "safelora")
 from ftguard.errors import FtguardError
@@ -19,6 +19,7 @@ from ftguard.methods.safelora import SafeLora, SafeLoraConfig, projected_update
 from ftguard.pipeline.context import PostContext
 from ftguard.pipeline.stages import ModelRef
 from ftguard.schema import ConfigError
+from tiny import tiny_llama_config
 
 ALIGN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 USER_TARGETS = ["q_proj", "v_proj"]
@@ -49,15 +50,7 @@ def models(tmp_path_factory) -> SimpleNamespace:
     """base → aligned (a merged rank-4 LoRA on q/k/v/o) → user's LoRA on q/v (saved adapter + merged model)."""
     root = tmp_path_factory.mktemp("safelora")
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama_config(num_hidden_layers=3)
     base = LlamaForCausalLM(cfg)
     base.save_pretrained(root / "base")
     aligned = _lora(base, ALIGN_TARGETS, seed=1).merge_and_unload()

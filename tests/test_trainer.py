@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import LlamaForCausalLM, TrainingArguments
 
 from ftguard.training.trainer import FtguardTrainer
+from tiny import tiny_llama_config
 
 
 def _model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama_config(vocab_size=50)
     return LlamaForCausalLM(cfg)
 
 

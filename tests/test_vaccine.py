@@ -9,30 +9,21 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import LlamaForCausalLM, TrainingArguments
 
 import ftguard.methods.vaccine as vaccine
 from ftguard.errors import FtguardError
 from ftguard.methods.vaccine import RandomVaccineTrainer, VaccineConfig, VaccineTrainer
 from ftguard.schema import ConfigError
 from ftguard.training.trainer import FtguardTrainer
+from tiny import tiny_llama_config
 
 H = 16
 
 
 def _model(layers=2, lora=True, seed=0):
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=H,
-            intermediate_size=32,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-        )
-    )
+    model = LlamaForCausalLM(tiny_llama_config(hidden_size=H, num_hidden_layers=layers))
     if lora:
         model = get_peft_model(
             model,

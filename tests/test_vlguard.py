@@ -14,7 +14,7 @@ from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch.func import functional_call
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import LlamaForCausalLM, TrainingArguments
 
 from ftguard.data.example import Example
 from ftguard.data.mix import build_harmful_mix
@@ -23,6 +23,7 @@ from ftguard.methods.vlguard import Vlguard, VlguardReg, VlguardRegConfig, Vlgua
 from ftguard.pipeline.plan import DataPlan
 from ftguard.schema import ConfigError
 from ftguard.training.trainer import FtguardTrainer
+from tiny import tiny_llama_config
 
 SEQ = 7
 
@@ -163,15 +164,7 @@ def test_mixing_config_defaults_and_bad_values():
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama_config()
     model = get_peft_model(
         LlamaForCausalLM(cfg),
         PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
