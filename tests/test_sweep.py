@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -18,6 +19,7 @@ from ftguard.schema import ConfigError, from_dict
 from ftguard.sweep.config import SweepConfig, SweepRun, expand
 from ftguard.sweep.report import summarize, worst_case
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "base": "quickstart-tiny",
     "set": {
@@ -168,6 +170,16 @@ def test_tiny_sweep_shares_units_resumes_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(run_mod, "evaluate_point", no_training)
     assert cli.main(["sweep", str(path), "--output-dir", str(out)]) == 0
     assert json.loads((victim / "results.json").read_text())["complete"] is True
+
+    # The results alone (no weights), archived and restored into another folder: every run is done there.
+    spec_ = importlib.util.spec_from_file_location("archive_sweep", ROOT / "scripts" / "archive_sweep.py")
+    archive_sweep = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(archive_sweep)
+    moved = tmp_path / "moved"
+    assert archive_sweep.archive(out, moved) == 4
+    assert not [p for p in moved.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
+    assert cli.main(["sweep", str(path), "--output-dir", str(moved)]) == 0
+    assert (moved / "report.md").read_text() == (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ stopped; an interrupted unit resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -49,7 +50,17 @@ def is_done(run: SweepRun) -> bool:
     if not path.is_file():
         return False
     results = read_json(path)
-    return bool(results.get("complete")) and results.get("config_hash") == run.config.fingerprint()
+    if not results.get("complete"):
+        return False
+    # The config hash covers output_dir: a sweep moved to another folder (or restored from an archive of its
+    # results) compares the configs themselves, less where they were written.
+    return results.get("config_hash") == run.config.fingerprint() or _where_free(
+        results.get("config", {})
+    ) == _where_free(run.config.to_dict())
+
+
+def _where_free(config: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in config.items() if k != "output_dir"}, sort_keys=True, default=str)
 
 
 def preflight(runs: list[SweepRun]) -> None:

@@ -1,0 +1,47 @@
+"""Copy a sweep's finished runs, without weights, into a folder that can be committed beside a results table.
+
+    python scripts/archive_sweep.py runs/sweeps/cpu-smollm2 docs/results/cpu-smollm2
+
+Each complete run keeps its config.yaml, results.json and results.md (a few KB: metrics, intervals, counts, the
+judge, versions and git revision; no generations, no weights), plus the sweep's own files (sweep.yaml,
+sweep.json, report.*, runs.*, plots). It is the raw record behind docs/RESULTS.md, and it resumes a sweep on
+another machine: copy it back (`cp -rn docs/results/cpu-smollm2/. runs/sweeps/cpu-smollm2/`) and the runs it holds
+are skipped as complete (their configs are compared, less the output folder), so only the missing runs train.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+RUN_FILES = ("config.yaml", "results.json", "results.md")
+SWEEP_FILES = ("sweep.yaml", "sweep.json", "report.md", "report.json", "runs.csv", "runs.json")
+PLOTS = ("hs_vs_p.png", "hs_vs_fa.png")
+
+
+def archive(src: Path, dest: Path) -> int:
+    copied = 0
+    for results in sorted(src.glob("runs/*/*/results.json")):
+        if not json.loads(results.read_text()).get("complete"):
+            continue
+        target = dest / results.parent.relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            if (results.parent / name).is_file():
+                shutil.copy2(results.parent / name, target / name)
+        copied += 1
+    for name in (*SWEEP_FILES, *PLOTS):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+    return copied
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python scripts/archive_sweep.py SWEEP_OUTPUT_DIR DEST")
+    src, dest = Path(sys.argv[1]), Path(sys.argv[2])
+    if not (src / "sweep.json").is_file():
+        sys.exit(f"{src} holds no sweep.json: give the --output-dir of `ftguard sweep`")
+    print(f"{archive(src, dest)} complete runs copied to {dest}")
