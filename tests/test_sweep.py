@@ -286,6 +286,8 @@ def _fake_runs(tmp_path, sweep, values):
             "over_refusal": 0.0,
             "judge": "keyword",
         }
+        if float(hs).is_integer() and float(fa).is_integer():  # rates of 100 prompts: the counts behind them
+            entry["counts"] = {"harmful_score": [int(hs), 100], "finetune_accuracy": [int(fa), 100]}
         stages = {"align": {"stage": "align", "harmful_score": 0.0, "judge": "keyword"}, "finetune": entry}
         (out / "results.json").write_text(json.dumps({"complete": True, "stages": stages}))
         cfg = dataclasses.replace(base, output_dir=str(out), seed=seed)
@@ -311,6 +313,38 @@ def test_summary_mean_std_over_seeds_and_per_seed_average(tmp_path):
     booster = table["defenses"]["booster"]["harmful_score"]
     assert booster["avg"]["mean"] == 2.0 and booster["avg"]["std"] is None  # one seed: no std
     assert table["ratios"] == [0.0, 0.1]
+
+
+def test_defenses_are_marked_against_the_baseline_from_counts_pooled_over_shared_seeds(tmp_path):
+    from ftguard.evaluation.stats import difference_interval
+    from ftguard.sweep.report import collect, markdown
+
+    sweep = _sweep(
+        defenses={"sft": {}, "a": {}, "b": {}},
+        grid={"data.finetune.harmful_ratio": [0.0, 0.1]},
+        seeds=[1, 2, 3],
+        baseline="sft",
+    )
+    hs = {"sft": [80, 82, 78], "a": [40, 45, 35], "b": [78, 80, 84]}  # at p = 0.1; p = 0: all 10
+    values = {(d, 0.1, seed + 1, None): (float(v[seed]), 90.0) for d, v in hs.items() for seed in range(3)}
+    values |= {(d, 0.0, seed, None): (10.0, 90.0) for d in hs for seed in (1, 2, 3)}
+    values[("a", 0.1, 4, None)] = (0.0, 90.0)  # a seed the baseline lacks: left out of the pooling
+    (table,) = summarize(collect(_fake_runs(tmp_path, sweep, values)), sweep)
+    a, b = (table["versus"][d]["harmful_score"] for d in ("a", "b"))
+    assert a["0.1"]["seeds"] == 3 and a["0.1"]["diff"] == pytest.approx(40.0 - 80.0)
+    assert a["0.1"]["interval"] == pytest.approx(list(difference_interval(120, 300, 240, 300)))
+    assert a["0.1"]["mark"] == "↓" and b["0.1"]["mark"] == "≈" and a["0"]["mark"] == "≈"
+    assert a["avg"]["interval"] == pytest.approx(list(difference_interval(150, 600, 270, 600)))
+    assert "sft" not in table["versus"]
+    assert table["versus"]["a"]["finetune_accuracy"]["0.1"]["mark"] == "≈"  # same FA: 0 difference
+    text = markdown(sweep, [table], [], "keyword")
+    (row,) = [line for line in text.splitlines() if line.startswith("| a |")][:1]
+    assert "↓" in row and "below / above `sft`" in text
+
+
+def test_a_baseline_that_is_not_a_defense_fails_with_the_key():
+    with pytest.raises(ConfigError, match="baseline"):
+        _sweep(defenses={"sft": {}}, baseline="vaccine")
 
 
 def test_worst_case_takes_the_highest_hs_among_settings_the_guard_keeps(tmp_path):

@@ -100,6 +100,12 @@ class SweepConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict, metadata={"help": "axes: config path → values"})
     attack: AttackConfig | None = None
     reference: ReferenceConfig | None = None
+    baseline: str | None = field(
+        default=None,
+        metadata={
+            "help": "a defense every other one is compared with: ↓/↑ mark cells beyond 95% of its rates, ≈ within"
+        },
+    )
     gpu: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "cost-estimate settings for --dry-run (see ftguard.estimate)"}
     )
@@ -118,6 +124,11 @@ class SweepConfig:
         if self.attack:
             both = set(self.grid) & set(self.attack.grid)
             check(not both, "attack.grid", f"{sorted(both)} already in grid")
+        check(
+            self.baseline is None or self.baseline in self.defenses,
+            "baseline",
+            f"'{self.baseline}' is not one of the defenses {sorted(self.defenses)}",
+        )
         check(self.seeds is None or len(self.seeds) > 0, "seeds", "must not be empty")
         if self.seeds is not None:
             check(len(set(self.seeds)) == len(self.seeds), "seeds", "lists a seed twice")

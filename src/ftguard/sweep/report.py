@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ftguard.evaluation.stats import difference_interval
 from ftguard.pipeline.outputs import read_json, write_json_atomic, write_text_atomic
 from ftguard.sweep.config import RATIO_KEY, SweepConfig, SweepRun
 
@@ -55,6 +56,9 @@ def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
                     "method": entry.get("method"),
                     "p": entry.get("harmful_ratio"),
                     **{m: entry.get(m) for m in METRICS},
+                    # (flagged, asked) behind each rate: what the baseline comparison pools over seeds
+                    **{f"{m}_k": (entry.get("counts") or {}).get(m, [None, None])[0] for m in METRICS},
+                    **{f"{m}_n": (entry.get("counts") or {}).get(m, [None, None])[1] for m in METRICS},
                     "degenerate_rate": entry.get("degenerate_rate"),
                     "judge": entry.get("judge"),
                     "complete": bool(results.get("complete")),
@@ -83,6 +87,11 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
+def _marked(values: list[float], versus: dict[str, Any] | None) -> str:
+    text = _cell(values)
+    return text if versus is None or not values else f"{text} {versus['mark']}"
+
+
 def _slice_key(row: dict[str, Any], skip: set[str]) -> tuple[tuple[str, Any], ...]:
     return tuple(
         (k, row[k])
@@ -99,7 +108,10 @@ def summarize(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str, 
     )
     for r in final:
         key = _slice_key(r, {f"grid.{RATIO_KEY}", f"attack.{RATIO_KEY}"})
-        slices[key][r["defense"]][float(r["p"])][r["seed"]] = {m: r[m] for m in METRICS if r[m] is not None}
+        slices[key][r["defense"]][float(r["p"])][r["seed"]] = {
+            **{m: r[m] for m in METRICS if r[m] is not None},
+            **{f"{m}_counts": (r[f"{m}_k"], r[f"{m}_n"]) for m in METRICS if r.get(f"{m}_n")},
+        }
     out = []
     for key, defenses in slices.items():
         # The sweep's own ratios when it declares them: a missing one shows as "–" and leaves no average.
@@ -128,8 +140,52 @@ def summarize(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str, 
                 }
             entry["seeds"] = sorted({s for p in by_p for s in by_p[p]})
             table["defenses"][defense] = entry
+        if sweep.baseline in defenses:
+            table["versus"] = versus_baseline(defenses, sweep.baseline, ratios)
         out.append(table)
     return out
+
+
+def versus_baseline(
+    defenses: dict[str, dict[float, dict[int, dict[str, Any]]]], baseline: str, ratios: list[float]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each defense against the baseline, per metric and p (and over all ratios, "avg"): the counts of both pooled
+    over the seeds both have, the Newcombe 95% interval of the difference in points, and a mark: "↓" or "↑" when
+    the interval excludes 0, "≈" when it does not.
+
+    Pooling treats the same prompts under another seed as new samples, so the interval leaves out the uncertainty
+    of which prompts were drawn: a screening mark beside the seed spread, not a test of the method."""
+    base = defenses[baseline]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for defense, by_p in defenses.items():
+        if defense == baseline:
+            continue
+        out[defense] = {}
+        for metric in METRICS:
+            cells: dict[str, Any] = {}
+            pooled_all = [0, 0, 0, 0]
+            for p in ratios:
+                pairs = [
+                    (by_p[p][seed].get(f"{metric}_counts"), base[p][seed].get(f"{metric}_counts"))
+                    for seed in sorted(set(by_p.get(p, {})) & set(base.get(p, {})))
+                ]
+                pairs = [(a, b) for a, b in pairs if a and b]
+                if not pairs:
+                    continue
+                k1, n1 = (sum(a[i] for a, _ in pairs) for i in (0, 1))
+                k2, n2 = (sum(b[i] for _, b in pairs) for i in (0, 1))
+                cells[f"{p:g}"] = _difference(k1, n1, k2, n2, len(pairs))
+                pooled_all = [x + y for x, y in zip(pooled_all, (k1, n1, k2, n2), strict=True)]
+            if len(cells) == len(ratios) and pooled_all[1] and pooled_all[3]:
+                cells["avg"] = _difference(*pooled_all, None)
+            out[defense][metric] = cells
+    return out
+
+
+def _difference(k1: int, n1: int, k2: int, n2: int, seeds: int | None) -> dict[str, Any]:
+    lower, upper = difference_interval(k1, n1, k2, n2)
+    mark = "↓" if upper < 0 else "↑" if lower > 0 else "≈"
+    return {"diff": 100.0 * (k1 / n1 - k2 / n2), "interval": [lower, upper], "mark": mark, "seeds": seeds}
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -208,6 +264,13 @@ def markdown(
         "stage when there is one). avg: per seed over the ratios, then mean ± std.",
         "",
     ]
+    if sweep.baseline:
+        lines += [
+            f"↓ / ↑: below / above `{sweep.baseline}` beyond 95% (Newcombe interval of the difference of the counts "
+            "pooled over the seeds both have; avg pools every ratio); ≈: within it. Pooling counts the same prompts "
+            "under another seed as new samples, so this is a screening mark beside the seed spread, not a test.",
+            "",
+        ]
     for table in tables:
         if table["slice"]:
             lines += ["## " + ", ".join(f"{k.split('.', 1)[1]} = {v}" for k, v in table["slice"].items()), ""]
@@ -216,8 +279,11 @@ def markdown(
             lines += [f"**{METRICS[metric]}**", "", "| defense | " + " | ".join(cols) + " | seeds |"]
             lines.append("|---|" + "---|" * (len(cols) + 1))
             for defense, entry in table["defenses"].items():
-                cells = [_cell(entry[metric].get(f"{p:g}", {}).get("values", [])) for p in table["ratios"]]
-                cells.append(_cell(entry[metric]["avg"].get("values", [])))
+                marks = table.get("versus", {}).get(defense, {}).get(metric, {})
+                cells = [
+                    _marked(entry[metric].get(col, {}).get("values", []), marks.get(col))
+                    for col in [f"{p:g}" for p in table["ratios"]] + ["avg"]
+                ]
                 lines.append(f"| {defense} | " + " | ".join(cells) + f" | {len(entry['seeds'])} |")
             lines.append("")
     if sweep.reference and (sweep.reference.hs or sweep.reference.fa):
