@@ -2,6 +2,7 @@
 
     ftguard sweep sweeps/cpu-smollm2 --output-dir runs/sweeps/cpu-smollm2     # ~9 h on 2 idle cores, resumable
     python scripts/make_results_md.py runs/sweeps/cpu-smollm2 > docs/RESULTS.md
+    python scripts/archive_sweep.py runs/sweeps/cpu-smollm2 docs/results/cpu-smollm2   # the raw runs, no weights
 
 The table itself is the sweep's report.md, regenerated from the finished runs; this adds what a reader needs
 around it: the command, the judge and its measured accuracy, the wall time, and how complete the sweep is.
@@ -21,6 +22,11 @@ Regenerate (2 CPU cores, resumable: run the same command again after an interrup
 ftguard sweep sweeps/cpu-smollm2 --output-dir runs/sweeps/cpu-smollm2
 python scripts/make_results_md.py runs/sweeps/cpu-smollm2 > docs/RESULTS.md
 ```
+
+Two processes of one thread each share the work (about 1.3× the throughput of one two-thread process here):
+`for i in 0 1; do OMP_NUM_THREADS=1 ftguard sweep sweeps/cpu-smollm2 --output-dir runs/sweeps/cpu-smollm2 --shard $i/2 & done`.
+Every finished run's config and results (no weights) are in `docs/results/cpu-smollm2/` (`runs.csv` has every
+evaluated point); copying that folder into the output dir resumes the sweep with those runs done.
 
 **Judge.** HS is the offline `minilm` judge (MiniLM-L6 embeddings + a logistic head trained on BeaverTails
 answers), *not* the papers' beaver-dam-7b: these HS are not comparable to any paper's. On held-out BeaverTails
@@ -42,16 +48,53 @@ def main(sweep_dir: str) -> None:
     out = Path(sweep_dir)
     index = json.loads((out / "sweep.json").read_text())["runs"]
     report = (out / "report.md").read_text()
+    expected = json.loads((out / "report.json").read_text())["runs"]
     done = [e for e in index.values() if e["status"] == "complete"]
     wall = sum(e.get("wall_time_s") or 0 for e in done)
     print(HEADER)
     print(
-        f"**Status:** {len(done)} of 90 runs complete; wall time of the finished runs {wall / 3600:.1f} h on 2 CPU "
-        "cores (shared units are paid by the first run that needs them; part of it under contention with other "
-        "jobs).\n"
+        f"**Status:** {len(done)} of {expected} runs complete. Wall time: {wall / 3600:.1f} h of run time in total "
+        "(each run's own time; a unit shared by several runs is paid by the first; two one-thread shards ran at "
+        "once on the 2 cores, so the elapsed time is about half).\n"
     )
     # The report's own title is replaced by the header above.
     print(report.split("\n", 2)[2] if report.startswith("# ") else report)
+    print(verdicts(json.loads((out / "report.json").read_text())))
+
+
+WORDS = {"↓": "lower than", "↑": "higher than", "≈": "indistinguishable from"}
+
+
+def verdicts(report: dict) -> str:
+    """One line per defense, read off the baseline marks of the average column (counts pooled over seeds and
+    ratios): what a reader wants to know first, in words, with the numbers it rests on."""
+    lines = ["## Verdicts against SFT (average over p, counts pooled over seeds)", ""]
+    for table in report["tables"]:
+        for defense, metrics in table.get("versus", {}).items():
+            parts = []
+            for metric, label in (
+                ("harmful_score", "HS"),
+                ("finetune_accuracy", "FA"),
+                ("over_refusal", "OR"),
+            ):
+                cell = metrics.get(metric, {}).get("avg")
+                if cell is None:
+                    parts.append(f"{label} not yet measured at every ratio")
+                    continue
+                lo, hi = cell["interval"]
+                parts.append(
+                    f"{label} {WORDS[cell['mark']]} SFT ({cell['diff']:+.1f} points, 95% {lo:+.1f} to {hi:+.1f})"
+                )
+            seeds = len(table["defenses"].get(defense, {}).get("seeds", []))
+            lines.append(
+                f"- **{defense}** ({seeds} seed{'s' if seeds != 1 else ''}): " + "; ".join(parts) + "."
+            )
+    lines += [
+        "",
+        'A defense that is "indistinguishable from SFT" in HS did not help at this scale (32 attack steps at lr '
+        "5e-4, ~50× the papers' learning rate); it says nothing about the papers' setting.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -178,6 +178,12 @@ def test_tiny_sweep_shares_units_resumes_and_reports(tmp_path, monkeypatch):
     moved = tmp_path / "moved"
     assert archive_sweep.archive(out, moved) == 4
     assert not [p for p in moved.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
+    # ... also when the results predate a config field whose default keeps the old behaviour
+    for results in moved.glob("runs/*/*/results.json"):
+        data = json.loads(results.read_text())
+        del data["config"]["model"]["trust_remote_code"]
+        data["config_hash"] = "written-by-an-older-ftguard"
+        results.write_text(json.dumps(data))
     assert cli.main(["sweep", str(path), "--output-dir", str(moved)]) == 0
     assert (moved / "report.md").read_text() == (out / "report.md").read_text()
 

@@ -20,9 +20,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from ftguard.config import RunConfig
 from ftguard.errors import FtguardError
 from ftguard.pipeline.outputs import UnitBusy, read_json, write_json_atomic, write_text_atomic
-from ftguard.schema import to_dict
+from ftguard.schema import ConfigError, from_dict, to_dict
 from ftguard.sweep.config import SweepConfig, SweepRun, expand
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,16 @@ def is_done(run: SweepRun) -> bool:
     results = read_json(path)
     if not results.get("complete"):
         return False
-    # The config hash covers output_dir: a sweep moved to another folder (or restored from an archive of its
-    # results) compares the configs themselves, less where they were written.
-    return results.get("config_hash") == run.config.fingerprint() or _where_free(
-        results.get("config", {})
-    ) == _where_free(run.config.to_dict())
+    if results.get("config_hash") == run.config.fingerprint():
+        return True
+    # The hash covers output_dir and every field: a sweep moved to another folder (or restored from an archive of
+    # its results, possibly written before a config field with a neutral default was added) compares the configs
+    # themselves, read through today's schema, less where they were written.
+    try:
+        then = from_dict(RunConfig, results.get("config") or {})
+    except (ConfigError, TypeError, ValueError):
+        return False  # a field was removed or changed meaning since: the run is redone
+    return _where_free(then.to_dict()) == _where_free(run.config.to_dict())
 
 
 def _where_free(config: dict[str, Any]) -> str:
