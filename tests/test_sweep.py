@@ -256,11 +256,39 @@ def test_a_shard_defers_runs_whose_units_are_busy_and_blocks_only_when_all_are(t
     monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
     out = tmp_path / "out"
     cli.main(["sweep", str(path), "--output-dir", str(out), "--shard", "0/1"])
-    # p0 is deferred behind p0.25 (busy) and p0.5 (free); then p0 goes through; p0.25 stays busy until it is
-    # the only run left, when the shard blocks on its lock instead of spinning.
+    # p0 and p0.25 find a unit busy, p0.5 goes through; after it, the earlier runs come first again: p0 goes
+    # through; p0.25 stays busy until it is the only run left, when the shard blocks on its lock.
     assert calls == [(0.0, False), (0.25, False), (0.5, False), (0.0, False), (0.25, False), (0.25, True)]
     index = json.loads((out / "sweep.json").read_text())["runs"]
     assert len(index) == 3 and {e["status"] for e in index.values()} == {"incomplete"}
+
+
+def test_a_deferred_run_is_retried_as_soon_as_another_run_finishes(tmp_path, monkeypatch):
+    import ftguard.pipeline.run as run_mod
+    from ftguard.pipeline.outputs import UnitBusy
+
+    ratios = [0.0, 0.1, 0.2, 0.3]
+    spec = {"name": "r", **TINY, "seeds": [5], "grid": {"data.finetune.harmful_ratio": ratios}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    calls, busy = [], {0.0: 1}
+
+    class FakePipeline:
+        def __init__(self, run, *, overwrite, store, wait_for_units):
+            self.run = run
+
+        def run_all(self):
+            p = self.run.data.finetune.harmful_ratio
+            calls.append(p)
+            if busy.get(p, 0) > 0:
+                busy[p] -= 1
+                raise UnitBusy(f"units/align/p{p}")
+            return {"complete": False}
+
+    monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
+    cli.main(["sweep", str(path), "--output-dir", str(tmp_path / "out"), "--shard", "0/1"])
+    # not pushed behind the whole sweep (with seeds outermost, a seed would wait for every later seed)
+    assert calls == [0.0, 0.1, 0.0, 0.2, 0.3]
 
 
 def test_shards_sharing_a_directory_keep_each_others_index_entries(tmp_path):

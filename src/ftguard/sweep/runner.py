@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -120,28 +119,29 @@ def run_sweep(
     index = _read_index(out)
     start = time.monotonic()
     failures = []
-    queue = deque(mine)
-    deferred = 0  # runs put back in a row because another shard held one of their units
+    todo = list(mine)  # in sweep order (seed outermost): what is left of this shard
+    busy: set[str] = set()  # runs that found a unit another shard is making, since a run last finished
     with tqdm(total=len(mine), desc=f"sweep {sweep.name}", unit="run", disable=not progress) as bar:
-        while queue:
-            run = queue.popleft()
+        while todo:
+            # The first run in sweep order that has not found a unit busy since a run last finished (a unit
+            # may be done by now: the earlier runs come first, so a seed's runs finish together). When every
+            # remaining run waits on another shard, block on the first instead of spinning.
+            free = [r for r in todo if r.id not in busy]
+            run, wait = (free[0], shard is None) if free else (todo[0], True)
             bar.set_postfix_str(run.id, refresh=True)
             if is_done(run):
                 index[run.id] = _entry(run, "complete", index.get(run.id, {}).get("wall_time_s"))
+                todo.remove(run)
                 bar.update(1)
                 continue
-            # Shards sharing a store skip past units another shard is making and come back to them; only
-            # when every remaining run waits on someone else does this shard block on a lock.
-            wait = shard is None or deferred > len(queue)
             t0 = time.monotonic()
             try:
                 pipeline = Pipeline(run.config, overwrite=overwrite, store=out / "units", wait_for_units=wait)
                 results = pipeline.run_all()
                 status = "complete" if results.get("complete") else "incomplete"
-            except UnitBusy as busy:
-                log.info("sweep run %s: %s is being made by another process, coming back to it", run.id, busy)
-                queue.append(run)
-                deferred += 1
+            except UnitBusy as unit:
+                log.info("sweep run %s: %s is being made by another process, coming back to it", run.id, unit)
+                busy.add(run.id)
                 continue
             except (FtguardError, RuntimeError, OSError, ValueError) as exc:
                 if fail_fast:
@@ -149,7 +149,8 @@ def run_sweep(
                 status = f"failed: {exc}"
                 failures.append(run.id)
                 log.error("sweep run %s failed: %s", run.id, exc)
-            deferred = 0
+            todo.remove(run)
+            busy.clear()
             index = _update_index(
                 out, sweep.name, {run.id: _entry(run, status, round(time.monotonic() - t0, 1))}
             )
