@@ -291,6 +291,29 @@ def test_a_deferred_run_is_retried_as_soon_as_another_run_finishes(tmp_path, mon
     assert calls == [0.0, 0.1, 0.0, 0.2, 0.3]
 
 
+def test_a_shard_done_with_its_own_runs_helps_with_the_others(tmp_path, monkeypatch):
+    import ftguard.pipeline.run as run_mod
+
+    ratios = [0.0, 0.1, 0.2, 0.3]
+    spec = {"name": "h", **TINY, "seeds": [5], "grid": {"data.finetune.harmful_ratio": ratios}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    calls = []
+
+    class FakePipeline:
+        def __init__(self, run, *, overwrite, store, wait_for_units):
+            self.run = run
+
+        def run_all(self):
+            calls.append(self.run.data.finetune.harmful_ratio)
+            return {"complete": False}
+
+    monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
+    cli.main(["sweep", str(path), "--output-dir", str(tmp_path / "out"), "--shard", "1/2"])
+    # its own runs (1 and 3) first, then the other shard's, whose units the locks keep it from doing twice
+    assert calls == [0.1, 0.3, 0.0, 0.2]
+
+
 def test_shards_sharing_a_directory_keep_each_others_index_entries(tmp_path):
     from ftguard.sweep.runner import _update_index
 

@@ -119,9 +119,14 @@ def run_sweep(
     index = _read_index(out)
     start = time.monotonic()
     failures = []
-    todo = list(mine)  # in sweep order (seed outermost): what is left of this shard
+    # A shard does its own runs first, then helps with the others' (in sweep order, seed outermost): the unit
+    # locks keep two shards off the same unit, and a shard that ran out of its own work does not sit idle.
+    own = {r.id for r in mine}
+    others = [r for r in runs if shard is not None and r.id not in own]
+    todo = [*mine, *others]
+    handled: set[str] = set()  # runs this process found done or finished: its entries of sweep.json
     busy: set[str] = set()  # runs that found a unit another shard is making, since a run last finished
-    with tqdm(total=len(mine), desc=f"sweep {sweep.name}", unit="run", disable=not progress) as bar:
+    with tqdm(total=len(todo), desc=f"sweep {sweep.name}", unit="run", disable=not progress) as bar:
         while todo:
             # The first run in sweep order that has not found a unit busy since a run last finished (a unit
             # may be done by now: the earlier runs come first, so a seed's runs finish together). When every
@@ -132,6 +137,7 @@ def run_sweep(
             if is_done(run):
                 index[run.id] = _entry(run, "complete", index.get(run.id, {}).get("wall_time_s"))
                 todo.remove(run)
+                handled.add(run.id)
                 bar.update(1)
                 continue
             t0 = time.monotonic()
@@ -150,12 +156,13 @@ def run_sweep(
                 failures.append(run.id)
                 log.error("sweep run %s failed: %s", run.id, exc)
             todo.remove(run)
+            handled.add(run.id)
             busy.clear()
             index = _update_index(
                 out, sweep.name, {run.id: _entry(run, status, round(time.monotonic() - t0, 1))}
             )
             bar.update(1)
-    _update_index(out, sweep.name, {k: v for k, v in index.items() if k in {r.id for r in mine}})
+    _update_index(out, sweep.name, {k: v for k, v in index.items() if k in handled})
     report = write_report(sweep, runs, out)
     report["wall_time_s"] = round(time.monotonic() - start, 1)
     report["failed"] = failures
