@@ -69,6 +69,12 @@ def verdicts(report: dict) -> str:
     """One line per defense, read off the baseline marks of the average column (counts pooled over seeds and
     ratios): what a reader wants to know first, in words, with the numbers it rests on."""
     lines = ["## Verdicts against SFT (average over p, counts pooled over seeds)", ""]
+    if not report.get("complete"):
+        lines += [
+            f"**Preliminary:** {report.get('complete_runs')} of {report.get('runs')} runs are in; a verdict resting "
+            "on one seed can flip when the others arrive.",
+            "",
+        ]
     for table in report["tables"]:
         for defense, metrics in table.get("versus", {}).items():
             parts = []
