@@ -48,6 +48,25 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+@contextlib.contextmanager
+def file_lock(lock_path: Path, *, wait: bool = True) -> Iterator[None]:
+    """An exclusive POSIX advisory lock on ``lock_path`` for processes sharing a directory. With
+    ``wait=False`` a lock held elsewhere raises BlockingIOError at once. A no-op where fcntl is missing
+    (Windows: one process per output directory)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class StageDir:
     """One unit of pipeline output (a trained stage or an evaluation point)."""
 
@@ -83,19 +102,14 @@ class StageDir:
     def lock(self, wait: bool = True) -> Iterator[None]:
         """Hold an exclusive lock on this unit: parallel processes sharing a store (``sweep --shard``) wait
         instead of training the same unit twice; the second finds it complete. With ``wait=False`` a unit
-        locked elsewhere raises UnitBusy at once (the caller has other work to do first). POSIX advisory lock;
-        a no-op where fcntl is missing. An OSError that names no file is re-raised naming this unit."""
+        locked elsewhere raises UnitBusy at once (the caller has other work to do first). An OSError that
+        names no file is re-raised naming this unit."""
+        held = contextlib.ExitStack()
         try:
-            import fcntl
-        except ImportError:  # Windows
-            yield
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.parent / f".{self.path.name}.lock", "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UnitBusy(str(self.path)) from None
+            held.enter_context(file_lock(self.path.parent / f".{self.path.name}.lock", wait=wait))
+        except BlockingIOError:
+            raise UnitBusy(str(self.path)) from None
+        with held:
             try:
                 yield
             except OSError as exc:
@@ -103,8 +117,6 @@ class StageDir:
                     # A failed write() names no file ("No space left on device"): name the unit being made.
                     raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
                 raise
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def manifest(self) -> dict[str, Any]:
         return read_json(self.marker)

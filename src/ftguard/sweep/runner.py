@@ -21,7 +21,7 @@ from typing import Any
 
 from ftguard.config import RunConfig
 from ftguard.errors import FtguardError
-from ftguard.pipeline.outputs import UnitBusy, read_json, write_json_atomic, write_text_atomic
+from ftguard.pipeline.outputs import UnitBusy, file_lock, read_json, write_json_atomic, write_text_atomic
 from ftguard.schema import ConfigError, from_dict, to_dict
 from ftguard.sweep.config import SweepConfig, SweepRun, expand
 
@@ -184,13 +184,7 @@ def _entry(run: SweepRun, status: str, wall: float | None) -> dict[str, Any]:
 
 def _update_index(out: Path, name: str, entries: dict[str, Any]) -> dict[str, Any]:
     """Merge entries into sweep.json under a file lock: shards sharing the directory each add their own runs."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: one process per output dir
-        fcntl = None
-    with open(out / ".sweep.json.lock", "w") as fh:
-        if fcntl is not None:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+    with file_lock(out / ".sweep.json.lock"):
         index = {**_read_index(out), **entries}
         write_json_atomic(out / "sweep.json", {"name": name, "runs": index})
     return index
