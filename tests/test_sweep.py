@@ -314,13 +314,58 @@ def test_a_shard_done_with_its_own_runs_helps_with_the_others(tmp_path, monkeypa
     assert calls == [0.1, 0.3, 0.0, 0.2]
 
 
+def test_the_progress_bar_counts_runs_done_before_the_start_as_its_initial_value(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    import ftguard.pipeline.run as run_mod
+    import ftguard.sweep.runner as runner
+
+    spec = {"name": "b", **TINY, "seeds": [5], "grid": {"data.finetune.harmful_ratio": [0.0, 0.1, 0.2]}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    done = {0.0, 0.2}
+    bars = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+
+    class FakePipeline:
+        def __init__(self, run, *, overwrite, store, wait_for_units):
+            self.run = run
+
+        def run_all(self):
+            done.add(self.run.data.finetune.harmful_ratio)
+            return {"complete": True}
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(runner, "is_done", lambda run: run.config.data.finetune.harmful_ratio in done)
+    monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
+    cli.main(["sweep", str(path), "--output-dir", str(tmp_path / "out")])
+    # tqdm's rate is (n - initial) / elapsed: the two runs skipped at once must not make the ETA look short
+    (bar,) = bars
+    assert (bar.initial, bar.n, bar.total) == (2, 3, 3)
+    # the runs found done are in the index too (they used to be dropped once a later run finished)
+    index = json.loads((tmp_path / "out" / "sweep.json").read_text())["runs"]
+    assert len(index) == 3
+
+
 def test_shards_sharing_a_directory_keep_each_others_index_entries(tmp_path):
     from ftguard.sweep.runner import _update_index
 
-    _update_index(tmp_path, "s", {"a": {"status": "complete"}})
-    _update_index(tmp_path, "s", {"b": {"status": "failed: x"}})
+    _update_index(tmp_path, "s", {"a": {"status": "complete", "wall_time_s": 7.0}})
+    _update_index(tmp_path, "s", {"b": {"status": "failed: x", "wall_time_s": 1.0}})
+    # a shard that found "a" done (no time of its own) keeps the time of the shard that ran it
+    _update_index(tmp_path, "s", {"a": {"status": "complete", "wall_time_s": None}})
     index = json.loads((tmp_path / "sweep.json").read_text())
-    assert index == {"name": "s", "runs": {"a": {"status": "complete"}, "b": {"status": "failed: x"}}}
+    assert index == {
+        "name": "s",
+        "runs": {
+            "a": {"status": "complete", "wall_time_s": 7.0},
+            "b": {"status": "failed: x", "wall_time_s": 1.0},
+        },
+    }
 
 
 # ------------------------------------------------------------------------------- aggregation, synthetic

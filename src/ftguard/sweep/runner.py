@@ -116,7 +116,7 @@ def run_sweep(
     mine = [r for i, r in enumerate(runs) if shard is None or i % shard[1] == shard[0]]
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "sweep.yaml", _dump(sweep))
-    index = _read_index(out)
+    entries: dict[str, Any] = {}  # this process's entries of sweep.json: runs it found done or finished
     start = time.monotonic()
     failures = []
     # A shard does its own runs first, then helps with the others' (in sweep order, seed outermost): the unit
@@ -124,9 +124,18 @@ def run_sweep(
     own = {r.id for r in mine}
     others = [r for r in runs if shard is not None and r.id not in own]
     todo = [*mine, *others]
-    handled: set[str] = set()  # runs this process found done or finished: its entries of sweep.json
     busy: set[str] = set()  # runs that found a unit another shard is making, since a run last finished
-    with tqdm(total=len(todo), desc=f"sweep {sweep.name}", unit="run", disable=not progress) as bar:
+    # Runs done before this start are counted up front, so that the rate and ETA reflect the work left.
+    for run in [r for r in todo if is_done(r)]:
+        entries[run.id] = _entry(run, "complete", None)
+        todo.remove(run)
+    with tqdm(
+        total=len(todo) + len(entries),
+        initial=len(entries),
+        desc=f"sweep {sweep.name}",
+        unit="run",
+        disable=not progress,
+    ) as bar:
         while todo:
             # The first run in sweep order that has not found a unit busy since a run last finished (a unit
             # may be done by now: the earlier runs come first, so a seed's runs finish together). When every
@@ -135,9 +144,8 @@ def run_sweep(
             run, wait = (free[0], shard is None) if free else (todo[0], True)
             bar.set_postfix_str(run.id, refresh=True)
             if is_done(run):
-                index[run.id] = _entry(run, "complete", index.get(run.id, {}).get("wall_time_s"))
+                entries[run.id] = _entry(run, "complete", None)  # done by another shard meanwhile
                 todo.remove(run)
-                handled.add(run.id)
                 bar.update(1)
                 continue
             t0 = time.monotonic()
@@ -156,13 +164,11 @@ def run_sweep(
                 failures.append(run.id)
                 log.error("sweep run %s failed: %s", run.id, exc)
             todo.remove(run)
-            handled.add(run.id)
             busy.clear()
-            index = _update_index(
-                out, sweep.name, {run.id: _entry(run, status, round(time.monotonic() - t0, 1))}
-            )
+            entries[run.id] = _entry(run, status, round(time.monotonic() - t0, 1))
+            _update_index(out, sweep.name, {run.id: entries[run.id]})
             bar.update(1)
-    _update_index(out, sweep.name, {k: v for k, v in index.items() if k in handled})
+    _update_index(out, sweep.name, entries)
     report = write_report(sweep, runs, out)
     report["wall_time_s"] = round(time.monotonic() - start, 1)
     report["failed"] = failures
@@ -183,9 +189,13 @@ def _entry(run: SweepRun, status: str, wall: float | None) -> dict[str, Any]:
 
 
 def _update_index(out: Path, name: str, entries: dict[str, Any]) -> dict[str, Any]:
-    """Merge entries into sweep.json under a file lock: shards sharing the directory each add their own runs."""
+    """Merge entries into sweep.json under a file lock: shards sharing the directory each add their own runs.
+    An entry without a wall time (a run found done) keeps the time of the process that made it."""
     with file_lock(out / ".sweep.json.lock"):
-        index = {**_read_index(out), **entries}
+        index = _read_index(out)
+        for key, entry in entries.items():
+            known = index.get(key, {}).get("wall_time_s")
+            index[key] = entry if entry.get("wall_time_s") is not None else {**entry, "wall_time_s": known}
         write_json_atomic(out / "sweep.json", {"name": name, "runs": index})
     return index
 
