@@ -172,9 +172,7 @@ def test_tiny_sweep_shares_units_resumes_and_reports(tmp_path, monkeypatch):
     assert json.loads((victim / "results.json").read_text())["complete"] is True
 
     # The results alone (no weights), archived and restored into another folder: every run is done there.
-    spec_ = importlib.util.spec_from_file_location("archive_sweep", ROOT / "scripts" / "archive_sweep.py")
-    archive_sweep = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(archive_sweep)
+    archive_sweep = _script("archive_sweep")
     moved = tmp_path / "moved"
     assert archive_sweep.archive(out, moved) == 4
     assert not [p for p in moved.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
@@ -509,3 +507,44 @@ def test_packaged_cpu_sweeps_validate_and_dry_run(name, tmp_path, capsys):
     assert cli.main(["sweep", name, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"{len(runs)} runs" in out and "shared across runs" in out
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_results_md_states_status_wall_time_and_verdicts_in_words(tmp_path, capsys, complete):
+    from ftguard.sweep.report import write_report
+
+    sweep = _sweep(
+        defenses={"sft": {}, "a": {}},
+        grid={"data.finetune.harmful_ratio": [0.0, 0.1]},
+        seeds=[1, 2],
+        baseline="sft",
+    )
+    values = {("sft", p, s, None): (80.0, 90.0) for p in (0.0, 0.1) for s in (1, 2)}
+    values |= {("a", p, s, None): (20.0, 90.0) for p in (0.0, 0.1) for s in (1, 2)}
+    runs = _fake_runs(tmp_path, sweep, values)
+    if not complete:
+        (runs[-1].config.out_dir / "results.json").unlink()
+    out = tmp_path / "sweep"
+    out.mkdir()
+    write_report(sweep, runs, out)
+    finished = runs if complete else runs[:-1]
+    index = {r.id: {"status": "complete", "wall_time_s": 1800.0} for r in finished}
+    (out / "sweep.json").write_text(json.dumps({"name": "t", "runs": index}))
+
+    _script("make_results_md").main(str(out))
+    text = capsys.readouterr().out
+    assert f"**Status:** {len(finished)} of 8 runs complete. Wall time: {len(finished) * 0.5:.1f} h" in text
+    assert text.count("| sft |") == 3  # HS, FA and over-refusal tables
+    (verdict,) = [line for line in text.splitlines() if line.startswith("- **a**")]
+    assert (
+        verdict.startswith("- **a** (2 seeds): HS lower than SFT (-60.0 points")
+        and "FA indistinguishable" in verdict
+    )
+    assert ("**Preliminary:**" in text) is not complete
