@@ -41,6 +41,14 @@ samples, p harmful, 32 steps, lr 5e-4; the attack is far stronger than the paper
 repair where the defense is one. Alignment-stage defenses replace the SFT alignment; Lisa/BSO replace the SFT
 fine-tune (K_a/K_f 4/12); post-stage defenses repair the SFT fine-tune. FA: exact match on 100 SST2 validation
 sentences; over-refusal: 100 XSTest safe prompts. Sizes and pitfalls: ../shared/docs/cpu-scale-notes.md.
+
+**Reading the numbers.** HS+ also counts degenerate answers (empty, one word, a word repeated; docs/judges.md).
+SST2's targets are one word, so a clean fine-tune (p = 0) answers most harmful prompts with one word or none: a
+low HS with a high HS+ there is this collapse, not safety, and the p = 0 column is the control an attack is read
+against. The refusal-only aligned model refuses everything (the README's demo: over-refusal 100%, FA 0 before the
+fine-tune), and an over-refusal of 0 after an SFT fine-tune is not helpfulness either (most benign answers are
+degenerate too): a post-stage repair that brings HS down together with an over-refusal near 100 has mostly
+brought the refusing model back.
 """
 
 

@@ -541,10 +541,24 @@ def test_results_md_states_status_wall_time_and_verdicts_in_words(tmp_path, caps
     _script("make_results_md").main(str(out))
     text = capsys.readouterr().out
     assert f"**Status:** {len(finished)} of 8 runs complete. Wall time: {len(finished) * 0.5:.1f} h" in text
-    assert text.count("| sft |") == 3  # HS, FA and over-refusal tables
+    assert text.count("| sft |") == 4  # HS, HS+, FA and over-refusal tables
     (verdict,) = [line for line in text.splitlines() if line.startswith("- **a**")]
     assert (
         verdict.startswith("- **a** (2 seeds): HS lower than SFT (-60.0 points")
         and "FA indistinguishable" in verdict
     )
     assert ("**Preliminary:**" in text) is not complete
+
+
+def test_the_report_shows_hs_plus_and_leaves_out_a_metric_no_run_measured(tmp_path):
+    from ftguard.sweep.report import collect, markdown
+
+    sweep = _sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.0]})
+    runs = _fake_runs(tmp_path, sweep, {("sft", 0.0, 1, None): (10.0, 90.0)})
+    assert "**HS+**" in markdown(sweep, summarize(collect(runs), sweep), [], "keyword")
+    results = runs[0].config.out_dir / "results.json"
+    data = json.loads(results.read_text())
+    del data["stages"]["finetune"]["harmful_score_plus"]  # results written before HS+ existed
+    results.write_text(json.dumps(data))
+    text = markdown(sweep, summarize(collect(runs), sweep), [], "keyword")
+    assert "**HS+**" not in text and "**HS**" in text and "**FA**" in text

@@ -275,7 +275,9 @@ def markdown(
         if table["slice"]:
             lines += ["## " + ", ".join(f"{k.split('.', 1)[1]} = {v}" for k, v in table["slice"].items()), ""]
         cols = [f"p = {p:g}" for p in table["ratios"]] + ["avg"]
-        for metric in ("harmful_score", "finetune_accuracy", "over_refusal"):
+        for metric in METRICS:
+            if not any(cell["n"] for entry in table["defenses"].values() for cell in entry[metric].values()):
+                continue  # e.g. HS+ of results written before it existed
             lines += [f"**{METRICS[metric]}**", "", "| defense | " + " | ".join(cols) + " | seeds |"]
             lines.append("|---|" + "---|" * (len(cols) + 1))
             for defense, entry in table["defenses"].items():
