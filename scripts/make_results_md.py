@@ -46,9 +46,9 @@ sentences; over-refusal: 100 XSTest safe prompts. Sizes and pitfalls: ../shared/
 SST2's targets are one word, so a clean fine-tune (p = 0) answers most harmful prompts with one word or none: a
 low HS with a high HS+ there is this collapse, not safety, and the p = 0 column is the control an attack is read
 against. The refusal-only aligned model refuses everything (the README's demo: over-refusal 100%, FA 0 before the
-fine-tune), and an over-refusal of 0 after an SFT fine-tune is not helpfulness either (most benign answers are
-degenerate too): a post-stage repair that brings HS down together with an over-refusal near 100 has mostly
-brought the refusing model back.
+fine-tune); the fine-tune undoes that (over-refusal 0), though at p = 0 most benign answers are degenerate too
+(`benign_degenerate_rate` in each run's results), so there 0 is not helpfulness. A post-stage repair that brings
+HS down together with an over-refusal near 100 has mostly brought the refusing model back.
 """
 
 
