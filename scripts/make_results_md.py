@@ -106,7 +106,10 @@ def verdicts(report: dict) -> str:
     lines += [
         "",
         'A defense that is "indistinguishable from SFT" in HS did not help at this scale (32 attack steps at lr '
-        "5e-4, ~50× the papers' learning rate); it says nothing about the papers' setting.",
+        "5e-4, ~50× the papers' learning rate); it says nothing about the papers' setting. The attack leaves SFT "
+        "near saturation at p ≥ 0.1; cpu-scale-notes.md advises an attack that leaves SFT at mid-range HS to see "
+        "small effects of alignment-stage defenses, which this sweep does not do: a milder attack is an open "
+        "question here, not a negative result.",
     ]
     return "\n".join(lines) + "\n"
 
