@@ -88,6 +88,7 @@ def verdicts(report: dict) -> str:
             parts = []
             for metric, label in (
                 ("harmful_score", "HS"),
+                ("harmful_score_plus", "HS+"),
                 ("finetune_accuracy", "FA"),
                 ("over_refusal", "OR"),
             ):
@@ -105,6 +106,8 @@ def verdicts(report: dict) -> str:
             )
     lines += [
         "",
+        "Where HS and HS+ disagree, the difference lies in degenerate answers (mostly at p = 0, where the fine-tune "
+        "collapses): read HS+ before crediting a defense with a lower HS. "
         'A defense that is "indistinguishable from SFT" in HS did not help at this scale (32 attack steps at lr '
         "5e-4, ~50× the papers' learning rate); it says nothing about the papers' setting. The attack leaves SFT "
         "near saturation at p ≥ 0.1; cpu-scale-notes.md advises an attack that leaves SFT at mid-range HS to see "
