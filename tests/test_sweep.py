@@ -229,29 +229,42 @@ def test_a_unit_locked_by_another_process_is_busy_only_without_waiting(tmp_path)
         pass
 
 
-def test_a_shard_defers_runs_whose_units_are_busy_and_blocks_only_when_all_are(tmp_path, monkeypatch):
-    import ftguard.pipeline.run as run_mod
-    from ftguard.pipeline.outputs import UnitBusy
-
-    spec = {"name": "d", **TINY, "seeds": [5], "grid": {"data.finetune.harmful_ratio": [0.0, 0.25, 0.5]}}
+def _sweep_file(tmp_path: Path, name: str, ratios: list[float]) -> Path:
     path = tmp_path / "sweep.yaml"
+    spec = {"name": name, **TINY, "seeds": [5], "grid": {"data.finetune.harmful_ratio": ratios}}
     path.write_text(yaml.safe_dump(spec))
-    calls = []  # (p, wait) of every attempt, in order
-    busy = {0.0: 1, 0.25: 3}  # times each run finds a unit busy while it does not wait
+    return path
+
+
+def _fake_pipeline(monkeypatch, run_all) -> None:
+    """The sweep runner's scheduling without training: each run calls run_all(p, wait_for_units)."""
+    import ftguard.pipeline.run as run_mod
 
     class FakePipeline:
         def __init__(self, run, *, overwrite, store, wait_for_units):
-            self.run, self.wait = run, wait_for_units
+            self.p, self.wait = run.data.finetune.harmful_ratio, wait_for_units
 
         def run_all(self):
-            p = self.run.data.finetune.harmful_ratio
-            calls.append((p, self.wait))
-            if not self.wait and busy.get(p, 0) > 0:
-                busy[p] -= 1
-                raise UnitBusy(f"units/align/p{p}")
-            return {"complete": False}
+            return run_all(self.p, self.wait)
 
     monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
+
+
+def test_a_shard_defers_runs_whose_units_are_busy_and_blocks_only_when_all_are(tmp_path, monkeypatch):
+    from ftguard.pipeline.outputs import UnitBusy
+
+    path = _sweep_file(tmp_path, "d", [0.0, 0.25, 0.5])
+    calls = []  # (p, wait) of every attempt, in order
+    busy = {0.0: 1, 0.25: 3}  # times each run finds a unit busy while it does not wait
+
+    def run_all(p, wait):
+        calls.append((p, wait))
+        if not wait and busy.get(p, 0) > 0:
+            busy[p] -= 1
+            raise UnitBusy(f"units/align/p{p}")
+        return {"complete": False}
+
+    _fake_pipeline(monkeypatch, run_all)
     out = tmp_path / "out"
     cli.main(["sweep", str(path), "--output-dir", str(out), "--shard", "0/1"])
     # p0 and p0.25 find a unit busy, p0.5 goes through; after it, the earlier runs come first again: p0 goes
@@ -262,51 +275,28 @@ def test_a_shard_defers_runs_whose_units_are_busy_and_blocks_only_when_all_are(t
 
 
 def test_a_deferred_run_is_retried_as_soon_as_another_run_finishes(tmp_path, monkeypatch):
-    import ftguard.pipeline.run as run_mod
     from ftguard.pipeline.outputs import UnitBusy
 
-    ratios = [0.0, 0.1, 0.2, 0.3]
-    spec = {"name": "r", **TINY, "seeds": [5], "grid": {"data.finetune.harmful_ratio": ratios}}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path = _sweep_file(tmp_path, "r", [0.0, 0.1, 0.2, 0.3])
     calls, busy = [], {0.0: 1}
 
-    class FakePipeline:
-        def __init__(self, run, *, overwrite, store, wait_for_units):
-            self.run = run
+    def run_all(p, wait):
+        calls.append(p)
+        if busy.get(p, 0) > 0:
+            busy[p] -= 1
+            raise UnitBusy(f"units/align/p{p}")
+        return {"complete": False}
 
-        def run_all(self):
-            p = self.run.data.finetune.harmful_ratio
-            calls.append(p)
-            if busy.get(p, 0) > 0:
-                busy[p] -= 1
-                raise UnitBusy(f"units/align/p{p}")
-            return {"complete": False}
-
-    monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
+    _fake_pipeline(monkeypatch, run_all)
     cli.main(["sweep", str(path), "--output-dir", str(tmp_path / "out"), "--shard", "0/1"])
     # not pushed behind the whole sweep (with seeds outermost, a seed would wait for every later seed)
     assert calls == [0.0, 0.1, 0.0, 0.2, 0.3]
 
 
 def test_a_shard_done_with_its_own_runs_helps_with_the_others(tmp_path, monkeypatch):
-    import ftguard.pipeline.run as run_mod
-
-    ratios = [0.0, 0.1, 0.2, 0.3]
-    spec = {"name": "h", **TINY, "seeds": [5], "grid": {"data.finetune.harmful_ratio": ratios}}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path = _sweep_file(tmp_path, "h", [0.0, 0.1, 0.2, 0.3])
     calls = []
-
-    class FakePipeline:
-        def __init__(self, run, *, overwrite, store, wait_for_units):
-            self.run = run
-
-        def run_all(self):
-            calls.append(self.run.data.finetune.harmful_ratio)
-            return {"complete": False}
-
-    monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
+    _fake_pipeline(monkeypatch, lambda p, wait: calls.append(p) or {"complete": False})
     cli.main(["sweep", str(path), "--output-dir", str(tmp_path / "out"), "--shard", "1/2"])
     # its own runs (1 and 3) first, then the other shard's, whose units the locks keep it from doing twice
     assert calls == [0.1, 0.3, 0.0, 0.2]
@@ -315,12 +305,9 @@ def test_a_shard_done_with_its_own_runs_helps_with_the_others(tmp_path, monkeypa
 def test_the_progress_bar_counts_runs_done_before_the_start_as_its_initial_value(tmp_path, monkeypatch):
     import tqdm.auto
 
-    import ftguard.pipeline.run as run_mod
     import ftguard.sweep.runner as runner
 
-    spec = {"name": "b", **TINY, "seeds": [5], "grid": {"data.finetune.harmful_ratio": [0.0, 0.1, 0.2]}}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path = _sweep_file(tmp_path, "b", [0.0, 0.1, 0.2])
     done = {0.0, 0.2}
     bars = []
 
@@ -329,17 +316,9 @@ def test_the_progress_bar_counts_runs_done_before_the_start_as_its_initial_value
             super().__init__(*a, **k)
             bars.append(self)
 
-    class FakePipeline:
-        def __init__(self, run, *, overwrite, store, wait_for_units):
-            self.run = run
-
-        def run_all(self):
-            done.add(self.run.data.finetune.harmful_ratio)
-            return {"complete": True}
-
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     monkeypatch.setattr(runner, "is_done", lambda run: run.config.data.finetune.harmful_ratio in done)
-    monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
+    _fake_pipeline(monkeypatch, lambda p, wait: done.add(p) or {"complete": True})
     cli.main(["sweep", str(path), "--output-dir", str(tmp_path / "out")])
     # tqdm's rate is (n - initial) / elapsed: the two runs skipped at once must not make the ETA look short
     (bar,) = bars

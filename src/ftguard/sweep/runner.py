@@ -188,7 +188,7 @@ def _entry(run: SweepRun, status: str, wall: float | None) -> dict[str, Any]:
     }
 
 
-def _update_index(out: Path, name: str, entries: dict[str, Any]) -> dict[str, Any]:
+def _update_index(out: Path, name: str, entries: dict[str, Any]) -> None:
     """Merge entries into sweep.json under a file lock: shards sharing the directory each add their own runs.
     An entry without a wall time (a run found done) keeps the time of the process that made it."""
     with file_lock(out / ".sweep.json.lock"):
@@ -197,7 +197,6 @@ def _update_index(out: Path, name: str, entries: dict[str, Any]) -> dict[str, An
             known = index.get(key, {}).get("wall_time_s")
             index[key] = entry if entry.get("wall_time_s") is not None else {**entry, "wall_time_s": known}
         write_json_atomic(out / "sweep.json", {"name": name, "runs": index})
-    return index
 
 
 def _read_index(out: Path) -> dict[str, Any]:
