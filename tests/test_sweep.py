@@ -171,6 +171,16 @@ def test_tiny_sweep_shares_units_resumes_and_reports(tmp_path, monkeypatch):
     assert cli.main(["sweep", str(path), "--output-dir", str(out)]) == 0
     assert json.loads((victim / "results.json").read_text())["complete"] is True
 
+    # Another sweep pointed at this store (--units-dir) needs no training for the units the two share, and
+    # leaves its own output dir without a units folder.
+    probe = tmp_path / "probe.yaml"
+    probe.write_text(
+        yaml.safe_dump({**spec, "name": "probe", "grid": {"data.finetune.harmful_ratio": [0.5]}})
+    )
+    other = tmp_path / "other"
+    assert cli.main(["sweep", str(probe), "--output-dir", str(other), "--units-dir", str(out / "units")]) == 0
+    assert json.loads((other / "report.json").read_text())["runs"] == 2 and not (other / "units").exists()
+
     # The results alone (no weights), archived and restored into another folder: every run is done there.
     archive_sweep = _script("archive_sweep")
     moved = tmp_path / "moved"
@@ -475,7 +485,7 @@ def test_packaged_adaptive_sweep_reports_the_worst_case_per_defense(tmp_path, ca
     assert "Adaptive attack: worst case" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["sweeps/cpu-smollm2", "sweeps/adaptive-tiny"])
+@pytest.mark.parametrize("name", ["sweeps/cpu-smollm2", "sweeps/cpu-smollm2-attack", "sweeps/adaptive-tiny"])
 def test_packaged_cpu_sweeps_validate_and_dry_run(name, tmp_path, capsys):
     from ftguard.sweep.config import load_sweep
     from ftguard.sweep.runner import preflight

@@ -14,6 +14,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="sweep YAML, or a packaged one such as paper/booster-table1")
     p.add_argument("--output-dir", help="default: the sweep's output_dir, else runs/sweeps/<name>")
     p.add_argument(
+        "--units-dir",
+        help="where trained models and evaluations live (default <output dir>/units); give another sweep's "
+        "to reuse every unit the two share",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the runs, shared units and GPU hours; run nothing"
     )
     p.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
@@ -46,6 +51,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             sweep,
             folder,
             output_dir=args.output_dir,
+            units_dir=args.units_dir,
             overwrite=args.overwrite,
             shard=shard,
             fail_fast=args.fail_fast,

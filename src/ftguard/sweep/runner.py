@@ -4,6 +4,7 @@ Layout of ``<output_dir>``:
 - ``sweep.yaml``: the sweep as given; ``sweep.json``: the index of runs with their status (rewritten as runs end);
 - ``units/<align|finetune|post|eval>/<fingerprint>/``: trained models and evaluations, shared by every run
   that needs them (an aligned model is trained once for all ratios, tasks and fine-tuning defenses on top);
+  ``--units-dir`` puts them elsewhere, e.g. in another sweep's store to reuse its units;
 - ``runs/<defense>/<axes>-seed<N>/``: each run's config.yaml and results.json;
 - ``report.md``, ``report.json``, ``runs.csv``, ``runs.json``, ``hs_vs_p.png``, ``hs_vs_fa.png``.
 
@@ -90,6 +91,7 @@ def run_sweep(
     folder: Path,
     *,
     output_dir: str | None = None,
+    units_dir: str | None = None,
     overwrite: bool = False,
     fail_fast: bool = False,
     shard: tuple[int, int] | None = None,
@@ -111,6 +113,9 @@ def run_sweep(
     from ftguard.sweep.report import write_report
 
     out = sweep_dir(sweep, output_dir)
+    # Units are keyed by content, not by sweep: another sweep's store serves every unit both need (an attack
+    # probe reusing the aligned models of the main table trains only its new fine-tunes).
+    store = Path(units_dir) if units_dir else out / "units"
     runs = expand(sweep, folder, out)
     preflight(runs)
     mine = [r for i, r in enumerate(runs) if shard is None or i % shard[1] == shard[0]]
@@ -150,7 +155,7 @@ def run_sweep(
                 continue
             t0 = time.monotonic()
             try:
-                pipeline = Pipeline(run.config, overwrite=overwrite, store=out / "units", wait_for_units=wait)
+                pipeline = Pipeline(run.config, overwrite=overwrite, store=store, wait_for_units=wait)
                 results = pipeline.run_all()
                 status = "complete" if results.get("complete") else "incomplete"
             except UnitBusy as unit:
