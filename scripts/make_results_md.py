@@ -4,6 +4,9 @@
     python scripts/make_results_md.py runs/sweeps/cpu-smollm2 > docs/RESULTS.md
     python scripts/archive_sweep.py runs/sweeps/cpu-smollm2 docs/results/cpu-smollm2   # the raw runs, no weights
 
+With the attack-strength probe (`sweeps/cpu-smollm2-attack`, run with --units-dir pointing at the main sweep's
+units) give its output dir as a second argument: its table follows the main one.
+
 The table itself is the sweep's report.md, regenerated from the finished runs; this adds what a reader needs
 around it: the command, the judge and its measured accuracy, the wall time, and how complete the sweep is.
 """
@@ -52,7 +55,7 @@ HS down together with an over-refusal near 100 has mostly brought the refusing m
 """
 
 
-def main(sweep_dir: str) -> None:
+def main(sweep_dir: str, probe_dir: str | None = None) -> None:
     out = Path(sweep_dir)
     index = json.loads((out / "sweep.json").read_text())["runs"]
     report = (out / "report.md").read_text()
@@ -67,13 +70,15 @@ def main(sweep_dir: str) -> None:
     )
     # The report's own title is replaced by the header above.
     print(report.split("\n", 2)[2] if report.startswith("# ") else report)
-    print(verdicts(json.loads((out / "report.json").read_text())))
+    print(verdicts(json.loads((out / "report.json").read_text()), probed=probe_dir is not None))
+    if probe_dir:
+        print(probe(Path(probe_dir)))
 
 
 WORDS = {"↓": "lower than", "↑": "higher than", "≈": "indistinguishable from"}
 
 
-def verdicts(report: dict) -> str:
+def verdicts(report: dict, probed: bool = False) -> str:
     """One line per defense, read off the baseline marks of the average column (counts pooled over seeds and
     ratios): what a reader wants to know first, in words, with the numbers it rests on."""
     lines = ["## Verdicts against SFT (average over p, counts pooled over seeds)", ""]
@@ -111,13 +116,72 @@ def verdicts(report: dict) -> str:
         'A defense that is "indistinguishable from SFT" in HS did not help at this scale (32 attack steps at lr '
         "5e-4, ~50× the papers' learning rate); it says nothing about the papers' setting. The attack leaves SFT "
         "near saturation at p ≥ 0.1; cpu-scale-notes.md advises an attack that leaves SFT at mid-range HS to see "
-        "small effects of alignment-stage defenses, which this sweep does not do: a milder attack is an open "
-        "question here, not a negative result.",
+        "small effects of alignment-stage defenses, which this sweep does not do"
+        + (
+            ": the probe below attacks the same alignments at a lower learning rate."
+            if probed
+            else ": a milder attack is an open question here, not a negative result."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
 
+PROBE_METRICS = (
+    ("harmful_score", "HS"),
+    ("harmful_score_plus", "HS+"),
+    ("finetune_accuracy", "FA"),
+    ("over_refusal", "OR"),
+)
+
+
+def probe(out: Path) -> str:
+    """The attack-strength probe, one row per defense and attack setting: each metric at every p, marked against
+    SFT under the same attack, then the probe's worst-case table (capability guard included)."""
+    report = json.loads((out / "report.json").read_text())
+    seeds = sorted({s for t in report["tables"] for d in t["defenses"].values() for s in d["seeds"]})
+    lines = [
+        f"## Attack strength: a probe ({len(seeds)} seed{'s' if len(seeds) != 1 else ''})",
+        "",
+        "```",
+        "ftguard sweep sweeps/cpu-smollm2-attack --output-dir runs/sweeps/cpu-smollm2-attack \\",
+        "    --units-dir runs/sweeps/cpu-smollm2/units    # reuses the aligned models above: 6 new fine-tunes",
+        "python scripts/make_results_md.py runs/sweeps/cpu-smollm2 runs/sweeps/cpu-smollm2-attack > docs/RESULTS.md",
+        "```",
+        "",
+        "The table above attacks at lr 5e-4, which leaves SFT near saturation. The same alignments attacked at a "
+        "lower learning rate show whether an alignment-stage defense helps once the attack does not saturate. "
+        f"**Status:** {report['complete_runs']} of {report['runs']} runs complete. "
+        "Each cell: the value at each p, marked against SFT under the same attack (counts pooled over seeds).",
+        "",
+    ]
+    ratios: list[float] = []
+    rows = []
+    for table in report["tables"]:
+        setting = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in table["slice"].items())
+        ratios = table["ratios"]
+        for defense, entry in table["defenses"].items():
+            cells = []
+            for metric, _ in PROBE_METRICS:
+                marks = table.get("versus", {}).get(defense, {}).get(metric, {})
+                parts = []
+                for p in ratios:
+                    stats = entry[metric].get(f"{p:g}", {})
+                    mark = marks.get(f"{p:g}", {}).get("mark", "")
+                    parts.append("–" if not stats.get("n") else f"{stats['mean']:.1f}{mark}")
+                cells.append(" / ".join(parts))
+            rows.append(f"| {defense} | {setting} | " + " | ".join(cells) + " |")
+    at = " / ".join(f"{p:g}" for p in ratios)
+    header = " | ".join(f"{label} (p = {at})" for _, label in PROBE_METRICS)
+    lines += [f"| defense | attack | {header} |", "|---|---|" + "---|" * len(PROBE_METRICS), *rows, ""]
+    worst = (out / "report.md").read_text().split("## Adaptive attack", 1)
+    if len(worst) == 2:
+        lines += ["### Adaptive attack" + worst[1].split("\n## ", 1)[0].rstrip(), ""]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python scripts/make_results_md.py SWEEP_OUTPUT_DIR > docs/RESULTS.md")
-    main(sys.argv[1])
+    if len(sys.argv) not in (2, 3):
+        sys.exit(
+            "usage: python scripts/make_results_md.py SWEEP_OUTPUT_DIR [PROBE_OUTPUT_DIR] > docs/RESULTS.md"
+        )
+    main(*sys.argv[1:])

@@ -551,3 +551,41 @@ def test_the_report_shows_hs_plus_and_leaves_out_a_metric_no_run_measured(tmp_pa
     results.write_text(json.dumps(data))
     text = markdown(sweep, summarize(collect(runs), sweep), [], "keyword")
     assert "**HS+**" not in text and "**HS**" in text and "**FA**" in text
+
+
+def test_results_md_appends_the_attack_probe_per_setting_marked_against_sft(tmp_path, capsys):
+    from ftguard.sweep.report import write_report
+
+    main = _sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.0, 0.1]}, seeds=[1])
+    main_out = tmp_path / "main"
+    main_out.mkdir()
+    write_report(
+        main, _fake_runs(tmp_path, main, {("sft", p, 1, None): (50.0, 80.0) for p in (0.0, 0.1)}), main_out
+    )
+    (main_out / "sweep.json").write_text(json.dumps({"name": "t", "runs": {}}))
+
+    probe = _sweep(
+        defenses={"sft": {}, "vaccine": {}},
+        grid={"data.finetune.harmful_ratio": [0.0, 0.1]},
+        seeds=[1],
+        baseline="sft",
+        attack={
+            "grid": {"finetune.train.learning_rate": [2e-4, 5e-4]},
+            "capability_guard": {"max_fa_drop": 20},
+        },
+    )
+    hs = {("sft", 2e-4): 40.0, ("vaccine", 2e-4): 10.0, ("sft", 5e-4): 80.0, ("vaccine", 5e-4): 78.0}
+    values = {(d, p, 1, lr): (v + 10 * p, 80.0) for (d, lr), v in hs.items() for p in (0.0, 0.1)}
+    probe_out = tmp_path / "probe"
+    probe_out.mkdir()
+    write_report(probe, _fake_runs(tmp_path, probe, values), probe_out)
+
+    _script("make_results_md").main(str(main_out), str(probe_out))
+    text = capsys.readouterr().out.split("## Attack strength", 1)[1]
+    assert text.startswith(": a probe (1 seed)") and "**Status:** 8 of 8 runs complete" in text
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| vaccine |")}
+    # 30 of 100 fewer harmful answers under the milder attack: a difference the pooled interval resolves
+    assert rows["learning_rate 0.0002"].split(" | ")[2] == "10.0↓ / 11.0↓"
+    assert rows["learning_rate 0.0005"].split(" | ")[2] == "78.0≈ / 79.0≈"
+    assert "| sft | learning_rate 0.0002 | 40.0 / 41.0 |" in text
+    assert "### Adaptive attack: worst case" in text
