@@ -1,6 +1,6 @@
 """Write docs/RESULTS.md from the output of `ftguard sweep sweeps/cpu-smollm2`.
 
-    ftguard sweep sweeps/cpu-smollm2 --output-dir runs/sweeps/cpu-smollm2     # ~9 h on 2 idle cores, resumable
+    ftguard sweep sweeps/cpu-smollm2 --output-dir runs/sweeps/cpu-smollm2     # ~6 h on 2 cores as 2 shards, resumable
     python scripts/make_results_md.py runs/sweeps/cpu-smollm2 > docs/RESULTS.md
     python scripts/archive_sweep.py runs/sweeps/cpu-smollm2 docs/results/cpu-smollm2   # the raw runs, no weights
 
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-HEADER = """# CPU results: every defense on SmolLM2-135M-Instruct
+HEADER = """# CPU results: ten defense configurations on SmolLM2-135M-Instruct
 
 Regenerate (2 CPU cores, resumable: run the same command again after an interruption):
 
@@ -42,7 +42,8 @@ interval is about ±10–12 points; the ± below is the spread over seeds only.
 (256 BeaverTails refusals, 32 steps, LoRA r 8 on q/k/v/o, lr 5e-4), then the user's fine-tune on SST2 (256
 samples, p harmful, 32 steps, lr 5e-4; the attack is far stronger than the papers' lr 1e-5), then the post-stage
 repair where the defense is one. Alignment-stage defenses replace the SFT alignment; Lisa/BSO replace the SFT
-fine-tune (K_a/K_f 4/12); post-stage defenses repair the SFT fine-tune. FA: exact match on 100 SST2 validation
+fine-tune (K_a/K_f 4/12); post-stage defenses repair the SFT fine-tune. Not in this sweep: the other fine-tune-stage
+defenses (Vlguard, LDIFS, EWC, KL; each has a `<method>-smollm2` preset to run alone). FA: exact match on 100 SST2 validation
 sentences; over-refusal: 100 XSTest safe prompts. Sizes and pitfalls: ../shared/docs/cpu-scale-notes.md.
 
 **Reading the numbers.** HS+ also counts degenerate answers (empty, one word, a word repeated; docs/judges.md).
