@@ -391,13 +391,16 @@ def plot(tables: list[dict[str, Any]], out: Path) -> list[Path]:
                 for h, f, p in points:
                     ax2.annotate(f"p={p:g}", (f, h), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="harmful ratio p", ylabel="HS (%) ↓", title=title or "HS vs p")
+        ax.set_xticks(table["ratios"])
         ax2.set(xlabel="FA (%) ↑", ylabel="HS (%) ↓", title=title or "HS vs FA")
         for a in (ax, ax2):
             a.grid(alpha=0.3)
-            a.legend(fontsize=7)
     for figure, name in ((fig, "hs_vs_p.png"), (fig2, "hs_vs_fa.png")):
+        # One legend beside the panels: inside, ten defenses hide the points they label.
+        handles, labels = figure.axes[0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         figure.tight_layout()
-        figure.savefig(out / name, dpi=120)
+        figure.savefig(out / name, dpi=120, bbox_inches="tight")
         plt.close(figure)
         paths.append(out / name)
     return paths
