@@ -14,6 +14,7 @@ around it: the command, the judge and its measured accuracy, the wall time, and 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -71,9 +72,48 @@ def main(sweep_dir: str, probe_dir: str | None = None) -> None:
     )
     # The report's own title is replaced by the header above.
     print(report.split("\n", 2)[2] if report.startswith("# ") else report)
+    print(before_attack(json.loads((out / "runs.json").read_text())))
     print(verdicts(json.loads((out / "report.json").read_text()), probed=probe_dir is not None))
     if probe_dir:
         print(probe(Path(probe_dir)))
+
+
+METRICS = (
+    ("harmful_score", "HS"),
+    ("harmful_score_plus", "HS+"),
+    ("finetune_accuracy", "FA"),
+    ("over_refusal", "OR"),
+)
+
+
+def before_attack(rows: list[dict]) -> str:
+    """Each alignment method before the user's fine-tune (the sweep's `align` evaluation point), mean ± std over
+    seeds: the starting point an attack is read from. Runs sharing an aligned model report it once."""
+    by_method: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r["point"] == "align":
+            by_method.setdefault(r["method"], {})[r["seed"]] = r
+    if not by_method:
+        return ""
+    lines = [
+        "**Before the attack** (each alignment method's model, mean ± std over seeds; the defenses that keep the "
+        "SFT alignment start from the `sft` row)",
+        "",
+        "| alignment | " + " | ".join(label for _, label in METRICS) + " | seeds |",
+        "|---|" + "---|" * (len(METRICS) + 1),
+    ]
+    for method, seeds in by_method.items():
+        cells = []
+        for metric, _ in METRICS:
+            values = [r[metric] for r in seeds.values() if r.get(metric) is not None]
+            if not values:
+                cells.append("–")
+                continue
+            mean = statistics.fmean(values)
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{mean:.1f} ± {std:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(seeds)} |")
+    return "\n".join([*lines, ""])
 
 
 WORDS = {"↓": "lower than", "↑": "higher than", "≈": "indistinguishable from"}
@@ -92,12 +132,7 @@ def verdicts(report: dict, probed: bool = False) -> str:
     for table in report["tables"]:
         for defense, metrics in table.get("versus", {}).items():
             parts = []
-            for metric, label in (
-                ("harmful_score", "HS"),
-                ("harmful_score_plus", "HS+"),
-                ("finetune_accuracy", "FA"),
-                ("over_refusal", "OR"),
-            ):
+            for metric, label in METRICS:
                 cell = metrics.get(metric, {}).get("avg")
                 if cell is None:
                     parts.append(f"{label} not yet measured at every ratio")
@@ -127,14 +162,6 @@ def verdicts(report: dict, probed: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-PROBE_METRICS = (
-    ("harmful_score", "HS"),
-    ("harmful_score_plus", "HS+"),
-    ("finetune_accuracy", "FA"),
-    ("over_refusal", "OR"),
-)
-
-
 def probe(out: Path) -> str:
     """The attack-strength probe, one row per defense and attack setting: each metric at every p, marked against
     SFT under the same attack, then the probe's worst-case table (capability guard included)."""
@@ -162,7 +189,7 @@ def probe(out: Path) -> str:
         ratios = table["ratios"]
         for defense, entry in table["defenses"].items():
             cells = []
-            for metric, _ in PROBE_METRICS:
+            for metric, _ in METRICS:
                 marks = table.get("versus", {}).get(defense, {}).get(metric, {})
                 parts = []
                 for p in ratios:
@@ -172,8 +199,8 @@ def probe(out: Path) -> str:
                 cells.append(" / ".join(parts))
             rows.append(f"| {defense} | {setting} | " + " | ".join(cells) + " |")
     at = " / ".join(f"{p:g}" for p in ratios)
-    header = " | ".join(f"{label} (p = {at})" for _, label in PROBE_METRICS)
-    lines += [f"| defense | attack | {header} |", "|---|---|" + "---|" * len(PROBE_METRICS), *rows, ""]
+    header = " | ".join(f"{label} (p = {at})" for _, label in METRICS)
+    lines += [f"| defense | attack | {header} |", "|---|---|" + "---|" * len(METRICS), *rows, ""]
     worst = (out / "report.md").read_text().split("## Adaptive attack", 1)
     if len(worst) == 2:
         lines += ["### Adaptive attack" + worst[1].split("\n## ", 1)[0].rstrip(), ""]

@@ -589,3 +589,17 @@ def test_results_md_appends_the_attack_probe_per_setting_marked_against_sft(tmp_
     assert rows["learning_rate 0.0005"].split(" | ")[2] == "78.0≈ / 79.0≈"
     assert "| sft | learning_rate 0.0002 | 40.0 / 41.0 |" in text
     assert "### Adaptive attack: worst case" in text
+
+
+def test_results_md_reports_each_alignment_before_the_attack_once_per_seed():
+    def row(method, seed, hs, point="align"):
+        return {"point": point, "method": method, "seed": seed, "harmful_score": hs, "over_refusal": 90.0}
+
+    # three runs (p = 0, 0.1, 0.2) share each SFT aligned model: it counts once per seed
+    rows = [row("sft", seed, hs) for seed, hs in ((1, 10.0), (2, 20.0)) for _ in range(3)]
+    rows += [row("vaccine", 1, 5.0), row("sft", 1, 80.0, point="finetune")]
+    text = _script("make_results_md").before_attack(rows)
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert lines["| sft"] == f"| sft | 15.0 ± {statistics.stdev([10, 20]):.1f} | – | – | 90.0 ± 0.0 | 2 |"
+    assert lines["| vaccine"] == "| vaccine | 5.0 ± 0.0 | – | – | 90.0 ± 0.0 | 1 |"
+    assert _script("make_results_md").before_attack([row("sft", 1, 80.0, point="finetune")]) == ""

@@ -22,7 +22,7 @@ from typing import Any
 
 from ftguard.evaluation.stats import difference_interval
 from ftguard.pipeline.outputs import read_json, write_json_atomic, write_text_atomic
-from ftguard.sweep.config import RATIO_KEY, SweepConfig, SweepRun
+from ftguard.sweep.config import ABBREVIATIONS, RATIO_KEY, SweepConfig, SweepRun
 
 METRICS = {
     "harmful_score": "HS",
@@ -331,17 +331,22 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for e in worst:
-        slice_text = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in e["slice"].items()) or "–"
+        slice_text = ", ".join(_axis(k.split(".", 1)[1], v) for k, v in e["slice"].items()) or "–"
         w = e["worst"]
         if w is None:
             lines.append(f"| {e['defense']} | {slice_text} | – | – | all dropped | 0 / {e['total']} |")
             continue
-        setting = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in w["setting"].items())
+        setting = ", ".join(_axis(k, v) for k, v in w["setting"].items())
         lines.append(
             f"| {e['defense']} | {slice_text} | {w['hs']:.1f} | {_fmt(w['fa'])} | {setting} | "
             f"{e['kept']} / {e['total']} |"
         )
     return [*lines, ""]
+
+
+def _axis(key: str, value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{ABBREVIATIONS.get(key, key.split('.')[-1])} = {text}"
 
 
 def _fmt(value: Any) -> str:
