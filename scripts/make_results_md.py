@@ -1,6 +1,6 @@
 """Write docs/RESULTS.md from the output of `ftguard sweep sweeps/cpu-smollm2`.
 
-    ftguard sweep sweeps/cpu-smollm2 --output-dir runs/sweeps/cpu-smollm2     # ~6 h on 2 cores as 2 shards, resumable
+    ftguard sweep sweeps/cpu-smollm2 --output-dir runs/sweeps/cpu-smollm2     # ~7 h on 2 cores as 2 shards, resumable
     python scripts/make_results_md.py runs/sweeps/cpu-smollm2 > docs/RESULTS.md
     python scripts/archive_sweep.py runs/sweeps/cpu-smollm2 docs/results/cpu-smollm2   # the raw runs, no weights
 
@@ -24,13 +24,17 @@ Regenerate (2 CPU cores, resumable: run the same command again after an interrup
 
 ```
 ftguard sweep sweeps/cpu-smollm2 --output-dir runs/sweeps/cpu-smollm2
-python scripts/make_results_md.py runs/sweeps/cpu-smollm2 > docs/RESULTS.md
+# the attack-strength probe at the end; it reuses the aligned models above (6 new fine-tunes):
+ftguard sweep sweeps/cpu-smollm2-attack --output-dir runs/sweeps/cpu-smollm2-attack \\
+    --units-dir runs/sweeps/cpu-smollm2/units
+python scripts/make_results_md.py runs/sweeps/cpu-smollm2 runs/sweeps/cpu-smollm2-attack > docs/RESULTS.md
 ```
 
 Two processes of one thread each share the work (about 1.3× the throughput of one two-thread process here):
 `for i in 0 1; do OMP_NUM_THREADS=1 ftguard sweep sweeps/cpu-smollm2 --output-dir runs/sweeps/cpu-smollm2 --shard $i/2 & done`.
-Every finished run's config and results (no weights) are in `docs/results/cpu-smollm2/` (`runs.csv` has every
-evaluated point); copying that folder into the output dir resumes the sweep with those runs done.
+Every finished run's config and results (no weights) are in `docs/results/cpu-smollm2/` and
+`docs/results/cpu-smollm2-attack/` (`runs.csv` has every evaluated point); copying such a folder into the output
+dir resumes the sweep with those runs done.
 
 **Judge.** HS is the offline `minilm` judge (MiniLM-L6 embeddings + a logistic head trained on BeaverTails
 answers), *not* the papers' beaver-dam-7b: these HS are not comparable to any paper's. On held-out BeaverTails
@@ -170,13 +174,8 @@ def probe(out: Path) -> str:
     lines = [
         f"## Attack strength: a probe ({len(seeds)} seed{'s' if len(seeds) != 1 else ''})",
         "",
-        "```",
-        "ftguard sweep sweeps/cpu-smollm2-attack --output-dir runs/sweeps/cpu-smollm2-attack \\",
-        "    --units-dir runs/sweeps/cpu-smollm2/units    # reuses the aligned models above: 6 new fine-tunes",
-        "python scripts/make_results_md.py runs/sweeps/cpu-smollm2 runs/sweeps/cpu-smollm2-attack > docs/RESULTS.md",
-        "```",
-        "",
-        "The table above attacks at lr 5e-4, which leaves SFT near saturation. The same alignments attacked at a "
+        "The sweep file `src/ftguard/configs/sweeps/cpu-smollm2-attack.yaml` (command at the top). The tables "
+        "above attack at lr 5e-4, which leaves SFT near saturation. The same alignments attacked at a "
         "lower learning rate show whether an alignment-stage defense helps once the attack does not saturate. "
         f"**Status:** {report['complete_runs']} of {report['runs']} runs complete. "
         "Each cell: the value at each p, marked against SFT under the same attack (counts pooled over seeds).",
@@ -185,7 +184,7 @@ def probe(out: Path) -> str:
     ratios: list[float] = []
     rows = []
     for table in report["tables"]:
-        setting = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in table["slice"].items())
+        setting = _setting(table)
         ratios = table["ratios"]
         for defense, entry in table["defenses"].items():
             cells = []
@@ -201,10 +200,45 @@ def probe(out: Path) -> str:
     at = " / ".join(f"{p:g}" for p in ratios)
     header = " | ".join(f"{label} (p = {at})" for _, label in METRICS)
     lines += [f"| defense | attack | {header} |", "|---|---|" + "---|" * len(METRICS), *rows, ""]
+    lines += [_hs_against_sft(table) for table in report["tables"]]
+    lines += [
+        "",
+        "Read with the before-the-attack table: the alignments do not start level (cpu-scale-notes advises aligning "
+        "every method to a comparable HS first, which this probe does not do), and with one seed each cell is one "
+        "run of 64 prompts (±10–12 points). Read OR too: a lower HS beside a high OR is a model that still refuses "
+        "most things, not one that has learned to refuse only harm.",
+        "",
+    ]
     worst = (out / "report.md").read_text().split("## Adaptive attack", 1)
     if len(worst) == 2:
         lines += ["### Adaptive attack" + worst[1].split("\n## ", 1)[0].rstrip(), ""]
     return "\n".join(lines)
+
+
+def _setting(table: dict) -> str:
+    short = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epochs"}
+    return ", ".join(
+        f"{short.get(k.split('.')[-1], k.split('.')[-1])} {v:g}" for k, v in table["slice"].items()
+    )
+
+
+def _hs_against_sft(table: dict) -> str:
+    """One line per attack setting: SFT's HS at each p, and the defenses whose HS the marks put below or above."""
+    setting = _setting(table)
+    sft = table["defenses"].get("sft", {}).get("harmful_score", {})
+    at = ", ".join(
+        f"{sft[f'{p:g}']['mean']:.1f} at p = {p:g}" for p in table["ratios"] if sft.get(f"{p:g}", {}).get("n")
+    )
+    found: dict[str, list[str]] = {"↓": [], "↑": []}
+    for defense, metrics in table.get("versus", {}).items():
+        for p in table["ratios"]:
+            mark = metrics.get("harmful_score", {}).get(f"{p:g}", {}).get("mark")
+            if mark in found:
+                found[mark].append(f"{defense} (p = {p:g})")
+    return (
+        f"- {setting}: SFT's HS {at}; HS lower than SFT: {', '.join(found['↓']) or 'none'}; "
+        f"higher: {', '.join(found['↑']) or 'none'}."
+    )
 
 
 if __name__ == "__main__":

@@ -312,6 +312,22 @@ def test_a_shard_done_with_its_own_runs_helps_with_the_others(tmp_path, monkeypa
     assert calls == [0.1, 0.3, 0.0, 0.2]
 
 
+def test_each_run_s_time_is_counted_once_per_attempt(tmp_path, monkeypatch):
+    import itertools
+
+    import ftguard.sweep.runner as runner
+
+    clock = itertools.count(0.0, 10.0)  # every reading of the clock is 10 s after the previous one
+    monkeypatch.setattr(runner.time, "monotonic", lambda: next(clock))
+    path = _sweep_file(tmp_path, "w", [0.0, 0.1])
+    _fake_pipeline(monkeypatch, lambda p, wait: {"complete": False})
+    out = tmp_path / "out"
+    cli.main(["sweep", str(path), "--output-dir", str(out)])
+    cli.main(["sweep", str(path), "--output-dir", str(out)])  # both made again: a second attempt each
+    index = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [e["wall_time_s"] for e in index.values()] == [20.0, 20.0]
+
+
 def test_the_progress_bar_counts_runs_done_before_the_start_as_its_initial_value(tmp_path, monkeypatch):
     import tqdm.auto
 
@@ -338,19 +354,21 @@ def test_the_progress_bar_counts_runs_done_before_the_start_as_its_initial_value
     assert len(index) == 3
 
 
-def test_shards_sharing_a_directory_keep_each_others_index_entries(tmp_path):
+def test_shards_sharing_a_directory_keep_each_others_index_entries_and_times_add_up(tmp_path):
     from ftguard.sweep.runner import _update_index
 
     _update_index(tmp_path, "s", {"a": {"status": "complete", "wall_time_s": 7.0}})
     _update_index(tmp_path, "s", {"b": {"status": "failed: x", "wall_time_s": 1.0}})
     # a shard that found "a" done (no time of its own) keeps the time of the shard that ran it
     _update_index(tmp_path, "s", {"a": {"status": "complete", "wall_time_s": None}})
+    # "b" made again after its failure: the index counts both attempts
+    _update_index(tmp_path, "s", {"b": {"status": "complete", "wall_time_s": 2.5}})
     index = json.loads((tmp_path / "sweep.json").read_text())
     assert index == {
         "name": "s",
         "runs": {
             "a": {"status": "complete", "wall_time_s": 7.0},
-            "b": {"status": "failed: x", "wall_time_s": 1.0},
+            "b": {"status": "complete", "wall_time_s": 3.5},
         },
     }
 
@@ -585,9 +603,13 @@ def test_results_md_appends_the_attack_probe_per_setting_marked_against_sft(tmp_
     assert text.startswith(": a probe (1 seed)") and "**Status:** 8 of 8 runs complete" in text
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| vaccine |")}
     # 30 of 100 fewer harmful answers under the milder attack: a difference the pooled interval resolves
-    assert rows["learning_rate 0.0002"].split(" | ")[2] == "10.0↓ / 11.0↓"
-    assert rows["learning_rate 0.0005"].split(" | ")[2] == "78.0≈ / 79.0≈"
-    assert "| sft | learning_rate 0.0002 | 40.0 / 41.0 |" in text
+    assert rows["lr 0.0002"].split(" | ")[2] == "10.0↓ / 11.0↓"
+    assert rows["lr 0.0005"].split(" | ")[2] == "78.0≈ / 79.0≈"
+    assert "| sft | lr 0.0002 | 40.0 / 41.0 |" in text
+    assert (
+        "- lr 0.0002: SFT's HS 40.0 at p = 0, 41.0 at p = 0.1; HS lower than SFT: vaccine (p = 0), "
+        "vaccine (p = 0.1); higher: none." in text
+    )
     assert "### Adaptive attack: worst case" in text
 
 

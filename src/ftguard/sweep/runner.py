@@ -173,7 +173,9 @@ def run_sweep(
             entries[run.id] = _entry(run, status, round(time.monotonic() - t0, 1))
             _update_index(out, sweep.name, {run.id: entries[run.id]})
             bar.update(1)
-    _update_index(out, sweep.name, entries)
+    # Runs finished here are in the index already; those found done are added now, keeping the time recorded
+    # by whoever ran them.
+    _update_index(out, sweep.name, {k: e for k, e in entries.items() if e["wall_time_s"] is None})
     report = write_report(sweep, runs, out)
     report["wall_time_s"] = round(time.monotonic() - start, 1)
     report["failed"] = failures
@@ -195,12 +197,15 @@ def _entry(run: SweepRun, status: str, wall: float | None) -> dict[str, Any]:
 
 def _update_index(out: Path, name: str, entries: dict[str, Any]) -> None:
     """Merge entries into sweep.json under a file lock: shards sharing the directory each add their own runs.
-    An entry without a wall time (a run found done) keeps the time of the process that made it."""
+    A run's wall time is all the time spent on it: a run made again (after a failure, or a config change that
+    reuses its units) adds its new time to the known one; an entry without a time (found done) keeps it."""
     with file_lock(out / ".sweep.json.lock"):
         index = _read_index(out)
         for key, entry in entries.items():
             known = index.get(key, {}).get("wall_time_s")
-            index[key] = entry if entry.get("wall_time_s") is not None else {**entry, "wall_time_s": known}
+            spent = entry.get("wall_time_s")
+            total = known if spent is None else spent + (known or 0.0)
+            index[key] = {**entry, "wall_time_s": total}
         write_json_atomic(out / "sweep.json", {"name": name, "runs": index})
 
 
