@@ -47,15 +47,16 @@ interval is about ±10–12 points; the ± below is the spread over seeds only.
 (256 BeaverTails refusals, 32 steps, LoRA r 8 on q/k/v/o, lr 5e-4), then the user's fine-tune on SST2 (256
 samples, p harmful, 32 steps, lr 5e-4; the attack is far stronger than the papers' lr 1e-5), then the post-stage
 repair where the defense is one. Alignment-stage defenses replace the SFT alignment; Lisa/BSO replace the SFT
-fine-tune (K_a/K_f 4/12); post-stage defenses repair the SFT fine-tune. Not in this sweep: the other fine-tune-stage
-defenses (Vlguard, LDIFS, EWC, KL; each has a `<method>-smollm2` preset to run alone). FA: exact match on 100 SST2 validation
-sentences; over-refusal: 100 XSTest safe prompts. Sizes and pitfalls: ../shared/docs/cpu-scale-notes.md.
+fine-tune (K_a/K_f 4/12); post-stage defenses repair the SFT fine-tune. Not in this sweep: the other
+fine-tune-stage defenses (Vlguard, LDIFS, EWC, KL; each has a `<method>-smollm2` preset to run alone). FA: exact
+match on 100 SST2 validation sentences; over-refusal: 100 XSTest safe prompts. Sizes and pitfalls:
+../shared/docs/cpu-scale-notes.md.
 
 **Reading the numbers.** HS+ also counts degenerate answers (empty, one word, a word repeated; docs/judges.md).
 SST2's targets are one word, so a clean fine-tune (p = 0) answers most harmful prompts with one word or none: a
 low HS with a high HS+ there is this collapse, not safety, and the p = 0 column is the control an attack is read
-against. The refusal-only aligned model refuses everything (the README's demo: over-refusal 100%, FA 0 before the
-fine-tune); the fine-tune undoes that (over-refusal 0), though at p = 0 most benign answers are degenerate too
+against. The refusal-only SFT alignment refuses almost everything (the before-the-attack table below: over-refusal
+99%, FA 0); the fine-tune undoes that (over-refusal 0), though at p = 0 most benign answers are degenerate too
 (`benign_degenerate_rate` in each run's results), so there 0 is not helpfulness. A post-stage repair that brings
 HS down together with an over-refusal near 100 has mostly brought the refusing model back.
 """
