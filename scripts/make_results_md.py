@@ -14,9 +14,11 @@ around it: the command, the judge and its measured accuracy, the wall time, and 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
+
+from ftguard.sweep.config import ABBREVIATIONS
+from ftguard.sweep.report import mean_std
 
 HEADER = """# CPU results: ten defense configurations on SmolLM2-135M-Instruct
 
@@ -114,9 +116,8 @@ def before_attack(rows: list[dict]) -> str:
             if not values:
                 cells.append("–")
                 continue
-            mean = statistics.fmean(values)
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{mean:.1f} ± {std:.1f}")
+            mean, std = mean_std(values)
+            cells.append(f"{mean:.1f} ± {std or 0.0:.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(seeds)} |")
     return "\n".join([*lines, ""])
 
@@ -217,10 +218,9 @@ def probe(out: Path) -> str:
 
 
 def _setting(table: dict) -> str:
-    short = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epochs"}
-    return ", ".join(
-        f"{short.get(k.split('.')[-1], k.split('.')[-1])} {v:g}" for k, v in table["slice"].items()
-    )
+    """The table's attack setting, named as in the run folders ("lr 0.0002")."""
+    axes = {k.split(".", 1)[1]: v for k, v in table["slice"].items()}  # "attack.<config path>" → value
+    return ", ".join(f"{ABBREVIATIONS.get(k, k.split('.')[-1])} {v:g}" for k, v in axes.items())
 
 
 def _hs_against_sft(table: dict) -> str:
