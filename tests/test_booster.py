@@ -70,8 +70,9 @@ def _collate(rows):
     return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
 
 
-def _args(tmp_path, ga: int = 1) -> TrainingArguments:
+def _args(tmp_path, ga: int = 1, bf16: bool = False) -> TrainingArguments:
     return TrainingArguments(
+        bf16=bf16,
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
         gradient_accumulation_steps=ga,
@@ -83,10 +84,12 @@ def _args(tmp_path, ga: int = 1) -> TrainingArguments:
     )
 
 
-def _trainer(tmp_path, model=None, ga: int = 1, n_harmful: int = 12, **cfg) -> BoosterTrainer:
+def _trainer(
+    tmp_path, model=None, ga: int = 1, n_harmful: int = 12, bf16: bool = False, **cfg
+) -> BoosterTrainer:
     trainer = BoosterTrainer(
         model=model if model is not None else _model(),
-        args=_args(tmp_path, ga),
+        args=_args(tmp_path, ga, bf16),
         train_dataset=Dataset.from_list(_rows(8, 1)),
         data_collator=_collate,
         method_config=BoosterConfig(**cfg),
@@ -227,6 +230,28 @@ def test_probe_step_has_norm_alpha_and_weights_are_restored_bit_exactly(tmp_path
     # what the original does, subtracting then adding the step back, would not have restored them bit-exactly
     step = {n: alpha * parts["g_h"][n] / (parts["norm"] + PROBE_EPS) for n in w}
     assert any(not torch.equal((w[n] - step[n]) + step[n], w[n]) for n in w)
+
+
+def test_probe_step_has_norm_alpha_under_bf16_autocast(tmp_path):
+    # On a bf16 GPU (or a CPU with native bf16) the harmful passes run under autocast: the probe's norm and step
+    # must still be fp32, or ‖w′ − w‖ misses α by the bf16 rounding of α/‖g_h‖ (up to 0.4%).
+    alpha = 0.37
+    trainer = _trainer(tmp_path, alpha=alpha, bf16=True)
+    # As Trainer.train does: accelerate wraps the forward in autocast (the Trainer adds none of its own).
+    model = trainer.accelerator.prepare_model(trainer.model)
+    w = _weights(model)
+    seen, autocast = [], []
+    model.register_forward_pre_hook(lambda mod, args: seen.append(_weights(mod)))
+    first_layer = model.base_model.model.model.layers[0]
+    first_layer.register_forward_pre_hook(lambda mod, args: autocast.append(torch.is_autocast_enabled("cpu")))
+    trainer.training_step(model, _batch(11))
+
+    assert autocast == [True, True, True], "every pass under bf16 autocast"
+    _, probed, _ = seen
+    step_norm = torch.sqrt(sum(((probed[n] - w[n]).double() ** 2).sum() for n in w))
+    assert abs(step_norm.item() - alpha) < 1e-4
+    assert all(torch.equal(p.detach(), w[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
 def test_three_forward_and_three_backward_passes_per_step(tmp_path):

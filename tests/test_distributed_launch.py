@@ -66,6 +66,9 @@ def test_generation_is_split_over_the_ranks_and_gathered_in_prompt_order(tmp_pat
         assert lengths == [len(p.split()) for b in batches[r::2] for p in b]
 
 
+# fp32: the bound below (1e-4 of the largest weight) is for float reordering. Under bf16 autocast, per-rank against
+# whole batches measured 7e-3 of it, as large as a semantic error (e.g. statistics per rank), so it could tell none.
+@pytest.mark.precision("fp32")
 def test_ftguard_run_under_torchrun_matches_one_process_with_the_same_global_batch(tmp_path):
     """quickstart-tiny (SFT align + SFT fine-tune, 4 steps each) with per-device batch 4 on 2 ranks against
     batch 8 in one process: the same global batches, so the same training up to float rounding; rank 0 alone

@@ -326,3 +326,43 @@ def test_gaussian_noise_has_std_sqrt_rho_and_fresh_draws():
     assert abs(noise.std().item() - rho**0.5) < 0.05 and abs(noise.mean().item()) < 0.05
     assert not torch.allclose(diffs[0], diffs[2]), "new noise on every call"
     assert torch.allclose(torch.stack(sq_norms), torch.stack([d.pow(2).sum() for d in diffs]), rtol=1e-4)
+
+
+class _CastsTo(nn.Module):
+    """Returns its input in another dtype, as an attention module under bf16 autocast returns bf16 for fp32 input."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, hidden_states):
+        return (hidden_states.to(self.dtype), None)
+
+
+@pytest.mark.parametrize(
+    ("stream", "output", "expected"),
+    [
+        (torch.float32, torch.bfloat16, torch.float32),  # autocast over fp32 weights: ε lands unrounded
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),  # a bf16 model: the stream stays bf16
+        (torch.float32, torch.float32, torch.float32),
+    ],
+)
+def test_additions_are_made_in_the_precision_of_the_stream_the_output_joins(stream, output, expected):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8).to(stream)
+    delta = torch.randn(2, 3, 8) * 1e-3  # far below bf16's spacing at |x| ~ 1: rounding would swallow it
+    module = _CastsTo(output)
+    with add_to_outputs([module], [delta]):
+        by_keyword = module(hidden_states=x)[0]
+        positional = module(x)[0]
+    assert by_keyword.dtype == positional.dtype == expected
+    assert torch.equal(by_keyword, positional)
+    if expected == torch.float32:
+        applied = by_keyword - x.to(output).float()
+        torch.testing.assert_close(applied, delta, rtol=0, atol=1e-6)
+    with add_gaussian_noise([module], std=1e-3) as norms:
+        noisy = module(x)[0]
+    assert noisy.dtype == expected and len(norms) == 1
+    if expected == torch.float32:
+        applied = noisy - x.to(output).float()
+        assert applied.pow(2).sum().sqrt().item() == pytest.approx(norms[0].sqrt().item(), rel=1e-4)

@@ -424,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        from ftguard.models.loading import forced_precision
+
+        forced_precision()  # a typo in $FTGUARD_PRECISION fails here, not after a stage has trained
         return args.func(args)
     except FtguardError as exc:
         print(f"ftguard: error: {exc}", file=sys.stderr)

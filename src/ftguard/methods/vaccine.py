@@ -140,7 +140,7 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
         return loss.detach(), grads
 
     def perturbation(self, grads: list[torch.Tensor]) -> tuple[list[int], list[torch.Tensor], torch.Tensor]:
-        """Step 2: (indices of the perturbed layers, their ε_l, G over all layers). Reuses the memory of ``grads``."""
+        """Step 2: (indices of the perturbed layers, their ε_l in fp32, G over all layers); consumes ``grads``."""
         cfg = self.method_config
         # Under data parallelism the batch of a step is the global one: summing the per-layer squared norms over
         # the ranks gives every rank the ε of one process with that batch (a small all-reduce; no-op alone).
@@ -157,7 +157,14 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
             chosen = list(range(len(grads)))
             norm = grad_norm
         scale = cfg.rho / (norm + NORM_EPS)
-        return chosen, [grads[i].detach().mul_(scale.to(grads[i].dtype)) for i in chosen], grad_norm
+        # ε in fp32 whatever the activations' dtype: scaling a bf16 gradient by a bf16-rounded ρ/G missed ‖ε‖ = ρ
+        # by up to 0.4% (2⁻⁸), and the hooks add ε in the residual stream's precision, which is fp32 under autocast.
+        # Each gradient is dropped as its ε is made, so bf16 activations peak at 1.5× their gradients, not 3×.
+        eps = []
+        for i in chosen:
+            eps.append(grads[i].detach().float().mul_(scale))
+            grads[i] = None
+        return chosen, eps, grad_norm
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None

@@ -52,10 +52,44 @@ def fast_bf16_available() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+PRECISION_ENV = "FTGUARD_PRECISION"
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+
+
+def forced_precision() -> str:
+    """``$FTGUARD_PRECISION``: ``auto`` (unset: the hardware decides), ``fp32`` or ``bf16``.
+
+    It decides what every ``auto`` precision setting resolves to, so that one run (or the test suite) gives the
+    same numbers on a CPU with native bf16 and on one without. Explicit settings (``no``, ``bf16``) win over it.
+    """
+    value = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
+    if value not in PRECISION_CHOICES:
+        raise FtguardError(
+            f"{PRECISION_ENV}={value!r} is not a precision: use {', '.join(PRECISION_CHOICES)}"
+        )
+    return value
+
+
+def auto_uses_bf16() -> bool:
+    """What ``auto`` mixed precision resolves to: bf16 autocast where it is native, unless $FTGUARD_PRECISION says."""
+    forced = forced_precision()
+    return fast_bf16_available() if forced == "auto" else forced == "bf16"
+
+
+def precision_label(weights: torch.dtype, autocast: torch.dtype | None) -> str:
+    """``float32``, or ``float32 + bfloat16 autocast``: what a stage's or an evaluation's numbers were computed in."""
+    name = str(weights).removeprefix("torch.")
+    return name if autocast is None else f"{name} + {str(autocast).removeprefix('torch.')} autocast"
+
+
 def resolve_dtype(dtype: str) -> torch.dtype:
-    """``"auto"`` is bfloat16 on a bf16-capable GPU, else float32."""
+    """``"auto"`` is bfloat16 on a bf16-capable GPU (unless $FTGUARD_PRECISION is fp32), else float32.
+
+    CPU weights stay float32 under ``auto`` even where bf16 is forced: there bf16 comes as autocast, with fp32
+    master weights, as in training on a GPU.
+    """
     if dtype == "auto":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and forced_precision() != "fp32"
         return torch.bfloat16 if bf16 else torch.float32
     if dtype not in DTYPES:
         raise FtguardError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(DTYPES)}")

@@ -20,7 +20,7 @@ from ftguard.evaluation.judges import Judge
 from ftguard.evaluation.refusal import is_refusal
 from ftguard.evaluation.scorers import is_degenerate, is_repetitive, task_hits
 from ftguard.evaluation.stats import cohen_kappa, rate
-from ftguard.models import default_device, fast_bf16_available, load_model, load_tokenizer
+from ftguard.models import auto_uses_bf16, default_device, load_model, load_tokenizer, precision_label
 from ftguard.pipeline.outputs import StageDir
 from ftguard.pipeline.plan import DataPlan
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     if choice == "auto":
-        return torch.bfloat16 if fast_bf16_available() and device.type in ("cuda", "cpu") else None
+        return torch.bfloat16 if auto_uses_bf16() and device.type in ("cuda", "cpu") else None
     return torch.bfloat16 if choice == "bf16" else None
 
 
@@ -117,6 +117,9 @@ def evaluate_point(
         "task_max_new_tokens": ev.task_max_new_tokens,
         "over_refusal_max_new_tokens": ev.over_refusal_max_new_tokens if benign_answers else None,
         "refusal_detector": "ftguard.evaluation.refusal.is_refusal (phrase patterns; accuracy in docs/judges.md)",
+        # Greedy answers, and so every rate above, can move with both (docs/evaluation-precision.md).
+        "eval_precision": precision_label(model.dtype, amp),
+        "eval_batch_size": ev.batch_size,
     }
     if len(judges) > 1:
         metrics["judges"] = {

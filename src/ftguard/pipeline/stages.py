@@ -24,7 +24,15 @@ from ftguard.data.collate import CausalLMCollator
 from ftguard.data.example import Example
 from ftguard.data.template import tokenize_dataset
 from ftguard.errors import FtguardError
-from ftguard.models import add_lora, fast_bf16_available, load_lora, load_model, load_tokenizer, merge_lora
+from ftguard.models import (
+    add_lora,
+    auto_uses_bf16,
+    load_lora,
+    load_model,
+    load_tokenizer,
+    merge_lora,
+    precision_label,
+)
 from ftguard.models.adapters import check_target_modules, count_parameters
 from ftguard.pipeline.context import StageContext
 from ftguard.pipeline.outputs import StageDir
@@ -59,7 +67,7 @@ class ModelRef:
 def mixed_precision_flags(choice: str) -> dict[str, bool]:
     cuda = torch.cuda.is_available()
     if choice == "auto":
-        choice = "bf16" if fast_bf16_available() else "no"
+        choice = "bf16" if auto_uses_bf16() else "no"
     if choice == "fp16" and not cuda:
         raise ValueError("fp16 mixed precision needs a GPU; use bf16 or no on CPU")
     # On CPU, bf16 autocast runs through accelerate's CPU path, which transformers enables via use_cpu.
@@ -223,6 +231,10 @@ def train_stage(
             "train_loss": result.training_loss,
             "train_runtime_s": result.metrics.get("train_runtime"),
             "resumed_from": Path(resume).name if resume else None,
+            "precision": precision_label(
+                next(trainer.model.parameters()).dtype,
+                torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None,
+            ),
         }
     )
     shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -130,33 +130,48 @@ def _replace_first(output: Any, tensor: torch.Tensor) -> Any:
     return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
 
 
+def _add_in_stream_precision(output: Any, args: tuple, kwargs: dict, delta: torch.Tensor) -> Any:
+    """``output``'s first tensor plus ``delta``, in the precision of the residual stream the output joins.
+
+    Under bf16 autocast an attention module returns bf16 while the stream (its input, the weights' dtype) is fp32:
+    adding there keeps ``delta`` exact instead of rounding it to bf16 (2⁻⁸ relative), so a perturbation of norm ρ
+    arrives with norm ρ. A bf16 model's stream is bf16 and stays so (a wider output would break its next layer).
+    """
+    out = _first(output)
+    # The module's input is the (normalised) stream; Llama-style decoders pass it as hidden_states=.
+    first = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+    stream = first.dtype if isinstance(first, torch.Tensor) and first.is_floating_point() else out.dtype
+    dtype = torch.promote_types(out.dtype, stream)
+    return _replace_first(output, out.to(dtype) + delta.to(dtype))
+
+
 @contextmanager
 def add_to_outputs(modules: Sequence[nn.Module], tensors: Sequence[torch.Tensor]) -> Iterator[None]:
     """Add ``tensors[i]`` to the first output of ``modules[i]`` on every call inside the block.
 
     The tensors are detached: for autograd they are constants, so no gradient flows into them (the original adds
-    them in place on ``.data`` for the same effect). They are cast to the output's dtype, so bf16 autocast keeps
-    the dtype of the residual stream. Keep the block open over the backward pass when using gradient
-    checkpointing: the recomputed forward must add them again.
+    them in place on ``.data`` for the same effect). They are added in the precision of the residual stream
+    (``_add_in_stream_precision``): exact under bf16 autocast with fp32 weights. Keep the block open over the
+    backward pass when using gradient checkpointing: the recomputed forward must add them again.
     """
     if len(modules) != len(tensors):
         raise ValueError(f"{len(modules)} modules but {len(tensors)} tensors")
     handles = []
 
     def make_hook(delta: torch.Tensor):
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             out = _first(output)
             if out.shape != delta.shape:
                 raise RuntimeError(
                     f"{type(module).__name__} output has shape {tuple(out.shape)}, the perturbation {tuple(delta.shape)}"
                 )
-            return _replace_first(output, out + delta.to(out.dtype))
+            return _add_in_stream_precision(output, args, kwargs, delta)
 
         return hook
 
     try:
         for module, tensor in zip(modules, tensors, strict=True):
-            handles.append(module.register_forward_hook(make_hook(tensor.detach())))
+            handles.append(module.register_forward_hook(make_hook(tensor.detach()), with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -175,15 +190,15 @@ def add_gaussian_noise(modules: Sequence[nn.Module], std: float) -> Iterator[lis
     sq_norms: list[torch.Tensor] = []
     handles = []
 
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         out = _first(output)
         noise = torch.randn(out.shape, device=out.device, dtype=torch.float32) * std
         sq_norms.append(noise.pow(2).sum())
-        return _replace_first(output, out + noise.to(out.dtype))
+        return _add_in_stream_precision(output, args, kwargs, noise)
 
     try:
         for module in modules:
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield sq_norms
     finally:
         for handle in handles:
