@@ -260,18 +260,20 @@ def _fail_os_replace_into(monkeypatch, unit: Path, name: str, parent: str | None
 
 
 def _fail_safetensors_into(monkeypatch, folder: Path) -> None:
-    """The model's safetensors file in ``folder`` is half written, then the disk is full."""
-    import transformers.modeling_utils as modeling_utils
+    """Saving a model into ``folder`` leaves a half-written safetensors file, then the disk is full. Faked at
+    transformers' public ``save_pretrained``, not at the name it imports its safetensors writer under."""
+    from transformers import PreTrainedModel
 
-    real = modeling_utils.safe_save_file
+    real = PreTrainedModel.save_pretrained
 
-    def save(tensors, filename, *args, **kwargs):
-        if Path(filename).parent == folder:
-            Path(filename).write_bytes(b"\0" * 64)
+    def save(self, save_directory, *args, **kwargs):
+        if Path(save_directory) == folder:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "model.safetensors").write_bytes(b"\0" * 64)
             _full_disk()
-        return real(tensors, filename, *args, **kwargs)
+        return real(self, save_directory, *args, **kwargs)
 
-    monkeypatch.setattr(modeling_utils, "safe_save_file", save)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save)
 
 
 def _fail_torch_save_into(monkeypatch, folder: Path) -> None:

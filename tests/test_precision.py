@@ -24,11 +24,14 @@ def test_auto_follows_the_hardware_unless_forced(cpu_has_bf16, monkeypatch):
     monkeypatch.delenv(PRECISION_ENV, raising=False)
     assert auto_uses_bf16() is cpu_has_bf16
     assert mixed_precision_flags("auto")["bf16"] is cpu_has_bf16
-    assert (autocast_dtype("auto", torch.device("cpu")) == torch.bfloat16) is cpu_has_bf16
+    # Generation: fp32 on every CPU (answers independent of the batch size), bf16 where a GPU has it.
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert (autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16) is cpu_has_bf16
 
     monkeypatch.setenv(PRECISION_ENV, "fp32")
     assert not auto_uses_bf16() and mixed_precision_flags("auto")["bf16"] is False
     assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("auto", torch.device("cuda")) is None
 
     monkeypatch.setenv(PRECISION_ENV, "BF16 ")
     assert auto_uses_bf16() and mixed_precision_flags("auto")["bf16"] is True

@@ -32,7 +32,8 @@ class ModelConfig:
     name: str = _help("'tiny', 'smollm2-135m', a hub id or a local path", default="tiny")
     revision: str | None = _help("hub revision (commit, tag or branch)", default=None)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
-        "weights dtype; auto = bf16 on a bf16-capable GPU, else fp32", default="auto"
+        "weights dtype; auto = bf16 on a bf16-capable GPU (unless $FTGUARD_PRECISION=fp32), else fp32",
+        default="auto",
     )
     trust_remote_code: bool = _help(
         "run code shipped with a hub model (off unless you trust it)", default=False
@@ -181,7 +182,9 @@ class TrainConfig:
     )
     optim: str = _help("transformers optimizer name", default="adamw_torch")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
-        "auto = bf16 where it is native (bf16 GPU, AVX512-BF16/AMX CPU), else fp32", default="auto"
+        "auto = bf16 where it is native (bf16 GPU, AVX512-BF16/AMX CPU), else fp32; "
+        "$FTGUARD_PRECISION=fp32|bf16 forces it",
+        default="auto",
     )
     gradient_checkpointing: bool = _help("trade compute for memory", default=False)
     logging_steps: int = _help("log every N steps", default=10)
@@ -279,7 +282,9 @@ class EvalConfig:
     )
     batch_size: int = _help("generation batch size", default=16)
     mixed_precision: Literal["auto", "no", "bf16"] = _help(
-        "autocast for generation; auto = bf16 where it is native, else fp32", default="auto"
+        "autocast for generation; auto = bf16 on a bf16 GPU, fp32 on CPU (there bf16 barely speeds up generation and "
+        "makes answers depend on the batch size); $FTGUARD_PRECISION=fp32|bf16 forces it",
+        default="auto",
     )
 
     def __post_init__(self) -> None:

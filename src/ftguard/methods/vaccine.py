@@ -159,7 +159,7 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
         scale = cfg.rho / (norm + NORM_EPS)
         # ε in fp32 whatever the activations' dtype: scaling a bf16 gradient by a bf16-rounded ρ/G missed ‖ε‖ = ρ
         # by up to 0.4% (2⁻⁸), and the hooks add ε in the residual stream's precision, which is fp32 under autocast.
-        # Each gradient is dropped as its ε is made, so bf16 activations peak at 1.5× their gradients, not 3×.
+        # Each gradient is dropped as its ε is made: with bf16 activations ε takes twice their gradients' memory, not 3×.
         eps = []
         for i in chosen:
             eps.append(grads[i].detach().float().mul_(scale))
