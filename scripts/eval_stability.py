@@ -4,12 +4,13 @@
     python scripts/eval_stability.py --out docs/results/eval-stability \\
         --model base --model p0.2=runs/demo/finetune-p0.2/model [--config demo] [--settings fp32:1,fp32:32,bf16:1,bf16:32]
 
-Each model is evaluated by the run config's evaluation (prompts, judge, lengths) under every setting
+Each model is evaluated by the run config's evaluation (prompts, judge, lengths; ``--set`` changes them) under every setting
 ``precision:batch_size`` (fp32 = fp32 weights, no autocast; bf16 = fp32 weights under bf16 autocast), each into its
 own unit, so an interrupted study resumes. Batch 1 has no padding and is the reference for the batch size; fp32 is
 the reference for the precision. Each comparison pairs the same prompts: the rate difference, the items that
 flipped each way, McNemar's exact p, and the share of answers that are the same text
-(ftguard.evaluation.paired). Writes report.json, report.md and rates.png to --out.
+(ftguard.evaluation.paired); a prompt set that one of the two lacks is left out. Writes report.json, report.md
+and rates.png to --out; ``--report-only`` rebuilds them from the units already there.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, dict[str, Path]]:
     pipe = None
     for name, (precision, batch) in tqdm(jobs, desc="evaluations", unit="eval"):
         overrides = [
+            *args.set,
             f"evaluate.batch_size={batch}",
             f"evaluate.mixed_precision={AUTOCAST[precision]}",
             "model.dtype=float32",
@@ -75,6 +77,14 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, dict[str, Path]]:
         if not unit.is_complete():
             evaluate_point(run, f"{name} {label}", model_dir, pipe.plan, pipe.judges, unit)
         units.setdefault(name, {})[label] = unit.path
+    return units
+
+
+def existing_units(out: Path) -> dict[str, dict[str, Path]]:
+    """Every complete unit under ``out``, whatever settings made it (for --report-only)."""
+    units: dict[str, dict[str, Path]] = {}
+    for marker in sorted((out / "units").glob(f"*/*/{MARKER}")):
+        units.setdefault(marker.parent.parent.name, {})[marker.parent.name] = marker.parent
     return units
 
 
@@ -101,9 +111,19 @@ def compare(reference: Path, other: Path) -> dict[str, Any]:
     return out
 
 
+def _parse_label(label: str) -> tuple[str, int]:
+    precision, batch = label.split("-b")
+    return precision, int(batch)
+
+
+def _setting_order(label: str) -> tuple[bool, int]:
+    precision, batch = _parse_label(label)
+    return precision != "fp32", batch
+
+
 def comparisons(settings: dict[str, Path]) -> list[dict[str, Any]]:
     """Each batch size against batch 1 at the same precision, and bf16 against fp32 at the same batch size."""
-    parsed = {label: (label.split("-b")[0], int(label.split("-b")[1])) for label in settings}
+    parsed = {label: _parse_label(label) for label in settings}
     pairs = []
     for label, (precision, batch) in parsed.items():
         for ref_label, (ref_precision, ref_batch) in parsed.items():
@@ -142,7 +162,8 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for c in model["comparisons"]:
             same = " / ".join(
-                f"{c['identical_answers'].get(k, float('nan')):.0f}%" for k in ("harmful", "task", "benign")
+                f"{c['identical_answers'][k]:.0f}%" if k in c["identical_answers"] else "–"
+                for k in ("harmful", "task", "benign")
             )
             cells = [
                 f"{c[k]['difference']:+.1f} ({c[k]['flipped_to_no']}/{c[k]['flipped_to_yes']}, "
@@ -163,29 +184,35 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["models"])
+    # One colour and one offset per setting in every panel, whichever settings a model has.
+    labels = sorted({label for m in report["models"].values() for label in m["settings"]}, key=_setting_order)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    handles: dict[str, Any] = {}
     for ax, name in zip(axes[0], names, strict=True):
         settings = report["models"][name]["settings"]
         for i, metric in enumerate(SHORT):
-            for j, (label, m) in enumerate(settings.items()):
+            for label, m in settings.items():
+                j = labels.index(label)
                 if metric not in m:
                     continue
                 lo, hi = m["intervals"][metric]
-                x = i + (j - (len(settings) - 1) / 2) * 0.18
-                ax.errorbar(
+                x = i + (j - (len(labels) - 1) / 2) * 0.18
+                handles[label] = ax.errorbar(
                     x,
                     m[metric],
                     yerr=[[m[metric] - lo], [hi - m[metric]]],
                     fmt="o",
                     capsize=2,
                     color=f"C{j}",
-                    label=label if i == 0 else None,
                 )
         ax.set_xticks(range(len(SHORT)), list(SHORT.values()))
         ax.set_ylim(-2, 102)
         ax.set_title(name)
         ax.set_ylabel("%")
-    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    ordered = [label for label in labels if label in handles]
+    axes[0][-1].legend(
+        [handles[k] for k in ordered], ordered, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -206,14 +233,27 @@ def main() -> None:
     )
     parser.add_argument("--settings", default="fp32:1,fp32:32,bf16:1,bf16:32")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for these evaluations, e.g. evaluate.over_refusal_prompts=null",
+    )
+    parser.add_argument("--report-only", action="store_true", help="report the units already in --out")
     args = parser.parse_args()
     args.out = args.out.absolute()
     if not args.model:
         args.model = ["base"]
-    units = evaluate_all(args)
+    units = existing_units(args.out) if args.report_only else evaluate_all(args)
+    if not units:
+        raise SystemExit(
+            f"no complete evaluation under {args.out / 'units'}: run without --report-only first"
+        )
     run = load_config(args.config)
     report: dict[str, Any] = {"config": args.config, "judge": run.evaluate.judge, "models": {}}
     for name, settings in units.items():
+        settings = dict(sorted(settings.items(), key=lambda item: _setting_order(item[0])))
         report["models"][name] = {
             "settings": {label: read_json(path / MARKER)["metrics"] for label, path in settings.items()},
             "comparisons": comparisons(settings),

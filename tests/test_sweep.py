@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -18,8 +17,8 @@ from ftguard.pipeline.run import Pipeline
 from ftguard.schema import ConfigError, from_dict
 from ftguard.sweep.config import SweepConfig, SweepRun, expand
 from ftguard.sweep.report import summarize, worst_case
+from script_module import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "base": "quickstart-tiny",
     "set": {
@@ -182,7 +181,7 @@ def test_tiny_sweep_shares_units_resumes_and_reports(tmp_path, monkeypatch):
     assert json.loads((other / "report.json").read_text())["runs"] == 2 and not (other / "units").exists()
 
     # The results alone (no weights), archived and restored into another folder: every run is done there.
-    archive_sweep = _script("archive_sweep")
+    archive_sweep = load_script("archive_sweep")
     moved = tmp_path / "moved"
     assert archive_sweep.archive(out, moved) == 4
     assert not [p for p in moved.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
@@ -516,13 +515,6 @@ def test_packaged_cpu_sweeps_validate_and_dry_run(name, tmp_path, capsys):
     assert f"{len(runs)} runs" in out and "shared across runs" in out
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("complete", [True, False])
 def test_results_md_states_status_wall_time_and_verdicts_in_words(tmp_path, capsys, complete):
     from ftguard.sweep.report import write_report
@@ -545,7 +537,7 @@ def test_results_md_states_status_wall_time_and_verdicts_in_words(tmp_path, caps
     index = {r.id: {"status": "complete", "wall_time_s": 1800.0} for r in finished}
     (out / "sweep.json").write_text(json.dumps({"name": "t", "runs": index}))
 
-    _script("make_results_md").main(str(out))
+    load_script("make_results_md").main(str(out))
     text = capsys.readouterr().out
     assert f"**Status:** {len(finished)} of 8 runs complete. Wall time: {len(finished) * 0.5:.1f} h" in text
     assert text.count("| sft |") == 4  # HS, HS+, FA and over-refusal tables
@@ -598,7 +590,7 @@ def test_results_md_appends_the_attack_probe_per_setting_marked_against_sft(tmp_
     probe_out.mkdir()
     write_report(probe, _fake_runs(tmp_path, probe, values), probe_out)
 
-    _script("make_results_md").main(str(main_out), str(probe_out))
+    load_script("make_results_md").main(str(main_out), str(probe_out))
     text = capsys.readouterr().out.split("## Attack strength", 1)[1]
     assert text.startswith(": a probe (1 seed)") and "**Status:** 8 of 8 runs complete" in text
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| vaccine |")}
@@ -620,8 +612,8 @@ def test_results_md_reports_each_alignment_before_the_attack_once_per_seed():
     # three runs (p = 0, 0.1, 0.2) share each SFT aligned model: it counts once per seed
     rows = [row("sft", seed, hs) for seed, hs in ((1, 10.0), (2, 20.0)) for _ in range(3)]
     rows += [row("vaccine", 1, 5.0), row("sft", 1, 80.0, point="finetune")]
-    text = _script("make_results_md").before_attack(rows)
+    text = load_script("make_results_md").before_attack(rows)
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
     assert lines["| sft"] == f"| sft | 15.0 ± {statistics.stdev([10, 20]):.1f} | – | – | 90.0 ± 0.0 | 2 |"
     assert lines["| vaccine"] == "| vaccine | 5.0 ± 0.0 | – | – | 90.0 ± 0.0 | 1 |"
-    assert _script("make_results_md").before_attack([row("sft", 1, 80.0, point="finetune")]) == ""
+    assert load_script("make_results_md").before_attack([row("sft", 1, 80.0, point="finetune")]) == ""
