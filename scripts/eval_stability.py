@@ -143,16 +143,18 @@ def comparisons(settings: dict[str, Path]) -> list[dict[str, Any]]:
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation stability: batch size and precision\n\nConfig `{report['config']}`, judge "
-        f"{report['judge']}. Rates in % with 95% Wilson intervals.\n"
+        f"`{report['judge']}`. Rates in % with 95% Wilson intervals. Comparisons: the share of answers that are the "
+        "same text per prompt set; Δ = change of the rate in points, with the prompts that flipped yes → no / "
+        "no → yes and McNemar's exact p; – = prompt set not evaluated in one of the two.\n"
     ]
     for name, model in report["models"].items():
-        lines += [f"## {name}\n", "| setting | HS | HS+ | FA | OR | eval s |", "|---|---|---|---|---|---|"]
+        lines += [f"## {name}\n", "| setting | HS | HS+ | FA | OR |", "|---|---|---|---|---|"]
         for label, m in model["settings"].items():
             cells = [
                 f"{m[k]:.1f} ({m['intervals'][k][0]:.1f}–{m['intervals'][k][1]:.1f})" if k in m else "–"
                 for k in SHORT
             ]
-            lines.append(f"| {label} | {' | '.join(cells)} | {m['eval_runtime_s']:.0f} |")
+            lines.append(f"| {label} | {' | '.join(cells)} |")
         lines += [
             "",
             "| setting vs reference | same answers (harmful / task / benign) | "

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype of generation. ``auto`` is bf16 on a bf16 GPU and fp32 on a CPU, unless $FTGUARD_PRECISION says.
 
-    On a CPU with native bf16, bf16 generation was only 1.2–1.35× faster at batch 32, and it made the greedy
+    On a CPU with native bf16 (AMX), bf16 generation was no faster than fp32 at batch 32 and made half the greedy
     answers depend on the batch size and on the CPU (docs/evaluation-precision.md); in fp32 every answer was the
     same at batch 1 and 32. On a GPU bf16 is what makes large models and judges fit and run fast.
     """
