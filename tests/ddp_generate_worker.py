@@ -12,6 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from ftguard.distributed import shutdown
 from ftguard.evaluation.generate import generate, generate_sharded
 from test_generate import WORDS, tiny_llama, tiny_tokenizer
 
@@ -70,7 +71,7 @@ def main() -> None:
         }
         with open(sys.argv[1], "w") as f:
             json.dump(report, f, indent=1)
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

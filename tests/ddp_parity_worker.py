@@ -26,6 +26,7 @@ from transformers import TrainingArguments
 
 import ftguard.methods  # noqa: F401  (registers the built-in methods)
 from ddp_worker import collate, flat_weights, rows, tiny_lora_llama
+from ftguard.distributed import shutdown
 from ftguard.registry import all_methods, get_method
 from ftguard.training.trainer import FtguardTrainer
 
@@ -113,6 +114,7 @@ def main() -> None:
         Path(out_dir, "two.json").write_text(
             json.dumps({"world_size": dist.get_world_size(), "ranks_identical": identical})
         )
+    shutdown()
 
 
 if __name__ == "__main__":

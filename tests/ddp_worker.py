@@ -18,6 +18,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 import ftguard.methods  # noqa: F401  (registers the built-in methods)
+from ftguard.distributed import shutdown
 from ftguard.registry import all_methods, get_method
 from ftguard.training.trainer import FtguardTrainer
 from tiny import tiny_llama_config
@@ -139,6 +140,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(f"{out_dir}/report.json", "w") as f:
             json.dump(report, f, indent=1)
+    shutdown()
 
 
 if __name__ == "__main__":

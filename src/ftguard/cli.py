@@ -427,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         from ftguard.models.loading import forced_precision
 
         forced_precision()  # a typo in $FTGUARD_PRECISION fails here, not after a stage has trained
-        return args.func(args)
+        code = args.func(args)
+        from ftguard.distributed import shutdown
+
+        shutdown()  # only after success: a rank that failed would leave the others waiting at its barrier
+        return code
     except FtguardError as exc:
         print(f"ftguard: error: {exc}", file=sys.stderr)
         return 2
