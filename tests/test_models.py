@@ -148,10 +148,12 @@ def test_tiny_chat_template(tiny_dir: str) -> None:
     assert tok.convert_tokens_to_ids("<|assistant|>") in ids
 
 
-def test_load_model_dtype(tiny_dir: str) -> None:
-    assert resolve_dtype("auto") == (
-        torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    )
+def test_load_model_dtype(tiny_dir: str, monkeypatch) -> None:
+    bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    monkeypatch.delenv("FTGUARD_PRECISION", raising=False)
+    assert resolve_dtype("auto") == (torch.bfloat16 if bf16_gpu else torch.float32)
+    monkeypatch.setenv("FTGUARD_PRECISION", "fp32")
+    assert resolve_dtype("auto") == torch.float32
     model = load_model(tiny_dir, dtype="bfloat16", device="cpu")
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
     assert load_model(tiny_dir, dtype="float32").dtype == torch.float32
