@@ -52,7 +52,7 @@ repair where the defense is one. Alignment-stage defenses replace the SFT alignm
 fine-tune (K_a/K_f 4/12); post-stage defenses repair the SFT fine-tune. Not in this sweep: the other
 fine-tune-stage defenses (Vlguard, LDIFS, EWC, KL; each has a `<method>-smollm2` preset to run alone). FA: exact
 match on 100 SST2 validation sentences; over-refusal: 100 XSTest safe prompts. Sizes and pitfalls:
-../shared/docs/cpu-scale-notes.md.
+docs/cpu-scale-notes.md.
 
 **Reading the numbers.** HS+ also counts degenerate answers (empty, one word, a word repeated; docs/judges.md).
 SST2's targets are one word, so a clean fine-tune (p = 0) answers most harmful prompts with one word or none: a
