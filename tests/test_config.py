@@ -28,7 +28,7 @@ def test_defaults_follow_booster_protocol():
         and cfg.adapter.align.target_modules == ["q_proj", "k_proj", "v_proj"]
     )
     assert cfg.data.finetune.n == 1000 and cfg.data.finetune.harmful_ratio == 0.1
-    assert cfg.evaluate.judge == "beaver-dam" and cfg.evaluate.max_new_tokens == 512
+    assert cfg.evaluate.judge == "ftguard-judge" and cfg.evaluate.max_new_tokens == 512
     assert cfg.align.train.max_grad_norm == 1.0
 
 

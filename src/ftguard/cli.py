@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_parser(sub)
 
+    from ftguard.judge_cli import add_parser as add_judge_parser
+
+    add_judge_parser(sub)
+
     p = sub.add_parser("methods", help="list the registered methods by stage")
     p.add_argument("--verbose", action="store_true", help="show each method's hyperparameters and defaults")
     p.set_defaults(func=cmd_methods)

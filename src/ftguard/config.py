@@ -252,7 +252,9 @@ class EvalConfig:
         "which models to evaluate: base, align, finetune, post", default_factory=lambda: list(EVAL_POINTS)
     )
     judge: str = _help(
-        "harmfulness judge: keyword, minilm, beaver-dam (the papers'), llama-guard", default="beaver-dam"
+        "harmfulness judge (`ftguard judge validate` checks one): ftguard-judge (offline, CPU), beaver-dam (the "
+        "papers'), llama-guard, llama-guard-1b, qwen3guard, duoguard, minilm, keyword",
+        default="ftguard-judge",
     )
     judge_options: dict[str, Any] = _help(
         "options passed to the judge (e.g. model path)", default_factory=dict
@@ -264,6 +266,11 @@ class EvalConfig:
     over_refusal_prompts: SourceConfig | None = _help(
         "benign prompts for the over-refusal rate (share refused); null = skip",
         default_factory=_over_refusal_default,
+    )
+    refusal_detector: Literal["ftguard", "rules"] = _help(
+        "what counts as a refusal of a benign prompt: ftguard (rules + a learned head on MiniLM, offline) or rules "
+        "(phrase rules alone); accuracy of both in docs/judges.md",
+        default="ftguard",
     )
     over_refusal_max_new_tokens: int = _help(
         "new tokens per benign prompt (refusals show in the first sentence)", default=64

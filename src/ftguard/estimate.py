@@ -139,6 +139,8 @@ KNOWN_PARAMETERS: dict[str, float] = {
     "llama-guard-2-8b": 8.03e9,
     "llama-guard-3-8b": 8.03e9,
     "llama-guard-3-1b": 1.50e9,
+    "qwen3guard-gen-0.6b": 0.60e9,
+    "duoguard-0.5b": 0.49e9,  # a Qwen2.5-0.5B backbone with a 12-way head
 }
 _SUFFIX = re.compile(r"(-hf|-instruct|-chat|-it|-base|-v\d+(\.\d+)*)$")
 
@@ -256,8 +258,13 @@ XSTEST_SAFE = 250  # XSTest v2 safe prompts (the over-refusal default, n null)
 JUDGE_SPECS = {
     "beaver-dam": {"model": "PKU-Alignment/beaver-dam-7b", "max_input": 256, "overhead": 0, "decode": 0},
     "llama-guard": {"model": "meta-llama/Llama-Guard-3-8B", "max_input": None, "overhead": 250, "decode": 10},
+    "llama-guard-1b": {"model": "meta-llama/Llama-Guard-3-1B", "max_input": None, "overhead": 250, "decode": 20},
+    # Its template writes the policy (about 300 tokens, a guess); a verdict with categories and refusal is ~20 tokens.
+    "qwen3guard": {"model": "Qwen/Qwen3Guard-Gen-0.6B", "max_input": None, "overhead": 300, "decode": 20},
+    "duoguard": {"model": "DuoGuard/DuoGuard-0.5B", "max_input": 2048, "overhead": 0, "decode": 0},
 }
-FREE_JUDGES = ("keyword", "minilm")
+# CPU judges of 22M parameters: seconds for a whole evaluation, nothing next to generation.
+FREE_JUDGES = ("keyword", "minilm", "ftguard-judge")
 
 
 def _stage_config(run: RunConfig, stage: str) -> Any:

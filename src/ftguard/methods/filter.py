@@ -2,7 +2,7 @@
 
 The guardrail baseline that attacks such as Virus try to evade. It is a data step, so it wraps any other
 fine-tuning-stage method (``then``, default SFT) and hands it the filtered data: ``filter`` + ``lisa`` is
-``{method: filter, args: {judge: minilm, then: lisa, then_args: {rho: 1}}}``.
+``{method: filter, args: {judge: ftguard-judge, then: lisa, then_args: {rho: 1}}}``.
 
 The judge sees each sample as the model would be asked it (instruction and input) and the upload's answer.
 Degenerate answers (empty, one word, repetition) are never flagged by any judge, so one-word task labels
@@ -36,8 +36,11 @@ if TYPE_CHECKING:
 @dataclass
 class FilterConfig:
     judge: str = field(
-        default="beaver-dam",
-        metadata={"help": "the moderation judge (keyword, minilm, beaver-dam, llama-guard)"},
+        default="ftguard-judge",
+        metadata={
+            "help": "the moderation judge (ftguard-judge: offline, prompt + answer; beaver-dam, llama-guard, "
+            "llama-guard-1b, qwen3guard, duoguard, minilm, keyword)"
+        },
     )
     judge_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "options of the judge (e.g. model path, threshold)"}

@@ -17,7 +17,7 @@ from ftguard.config import RunConfig
 from ftguard.data.template import format_prompt
 from ftguard.evaluation.generate import generate_sharded
 from ftguard.evaluation.judges import Judge
-from ftguard.evaluation.refusal import is_refusal
+from ftguard.evaluation.refusal_detector import RefusalDetector, get_refusal_detector
 from ftguard.evaluation.scorers import is_degenerate, is_repetitive, task_hits
 from ftguard.evaluation.stats import cohen_kappa, rate
 from ftguard.models import (
@@ -48,9 +48,17 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
 
 
 def evaluate_point(
-    run: RunConfig, key: str, model_dir: str, plan: DataPlan, judges: Judge | list[Judge], out: StageDir
+    run: RunConfig,
+    key: str,
+    model_dir: str,
+    plan: DataPlan,
+    judges: Judge | list[Judge],
+    out: StageDir,
+    refusal_detector: RefusalDetector | None = None,
 ) -> dict[str, Any]:
     """Generate, judge and score one model. ``judges[0]`` gives HS; the others are compared with it.
+
+    ``refusal_detector`` decides over-refusal; by default the one ``evaluate.refusal_detector`` names.
 
     Under a multi-process launch every rank calls this: the prompts are split over the ranks, and rank 0 judges
     the gathered answers, writes the unit and hands its metrics to the others (whose ``judges`` may be empty).
@@ -103,7 +111,13 @@ def evaluate_point(
         rule=ev.task_rule,
         aliases=dict(task.aliases) if task.aliases else None,
     )
-    refused = [is_refusal(a) for a in benign_answers]
+    if benign_answers and refusal_detector is None:
+        refusal_detector = get_refusal_detector(ev.refusal_detector)
+    refused = (
+        refusal_detector.detect([ex.instruction for ex in plan.over_refusal], benign_answers)
+        if benign_answers
+        else []
+    )
 
     n = len(answers)
     rates = {
@@ -130,7 +144,8 @@ def evaluate_point(
         "max_new_tokens": ev.max_new_tokens,
         "task_max_new_tokens": ev.task_max_new_tokens,
         "over_refusal_max_new_tokens": ev.over_refusal_max_new_tokens if benign_answers else None,
-        "refusal_detector": "ftguard.evaluation.refusal.is_refusal (phrase patterns; accuracy in docs/judges.md)",
+        # Accuracy of each detector, per held-out source, is in docs/judges.md.
+        "refusal_detector": refusal_detector.describe() if refusal_detector is not None else None,
         # Greedy answers, and so every rate above, can move with both (docs/evaluation-precision.md).
         "eval_precision": precision_label(model.dtype, amp),
         "eval_batch_size": ev.batch_size,

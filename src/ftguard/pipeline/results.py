@@ -112,10 +112,14 @@ def markdown_table(results: dict[str, Any], *, status: bool = True) -> str:
             names = " vs ".join(f"{j} {hs[j]['harmful_score']:.1f}" if j in hs else j for j in pair["judges"])
             kappa = "–" if pair["kappa"] is None else f"{pair['kappa']:.2f}"
             lines.append(f"| {key} | {names} | {pair['agreement']:.1f} | {kappa} |")
-    if judge == "minilm":
+    if judge != "?":
+        from ftguard.evaluation.judges.validated import validation_line
+
+        lines += ["", validation_line(judge)]
+    if judge in ("minilm", "ftguard-judge"):
         lines += [
             "",
-            "The MiniLM judge is an offline stand-in, not the papers' beaver-dam-7b: do not compare these HS to the papers'.",
+            f"The `{judge}` judge is an offline stand-in, not the papers' beaver-dam-7b: do not compare these HS to the papers'.",
         ]
     if status and not results.get("complete"):
         lines += ["", "**Incomplete run**: some stages have not finished."]

@@ -25,6 +25,7 @@ from ftguard import distributed
 from ftguard.config import RunConfig, dump_config
 from ftguard.errors import FtguardError
 from ftguard.evaluation.judges import get_judge
+from ftguard.evaluation.refusal_detector import get_refusal_detector
 from ftguard.models import load_tokenizer, resolve_model
 from ftguard.pipeline.evaluation import evaluate_point
 from ftguard.pipeline.outputs import StageDir, read_json, write_text_atomic
@@ -84,6 +85,7 @@ class Pipeline:
         self.overwrite = overwrite
         self.plan: DataPlan | None = None
         self.judges: list = []  # the main judge first, then evaluate.extra_judges
+        self.refusal_detector = None  # over-refusal; built with the judges, on the rank that judges
         self.results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ preparation
@@ -117,6 +119,8 @@ class Pipeline:
                 get_judge(ev.judge, **ev.judge_options),
                 *(get_judge(name) for name in ev.extra_judges),
             ]
+            if ev.over_refusal_prompts is not None:
+                self.refusal_detector = get_refusal_detector(ev.refusal_detector)
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "config.yaml", dump_config(run))
         self.results = {
@@ -248,7 +252,9 @@ class Pipeline:
                 log.info("%s: evaluation already complete, skipped", key)
                 metrics = unit.manifest()["metrics"]
             else:
-                metrics = evaluate_point(self.run, key, ref.model_dir, self.plan, self.judges, unit)
+                metrics = evaluate_point(
+                    self.run, key, ref.model_dir, self.plan, self.judges, unit, self.refusal_detector
+                )
         self._record(key, stage, method, p, metrics)
 
     def align(self) -> ModelRef:
@@ -385,7 +391,7 @@ def evaluate_model_dir(run: RunConfig, model_dir: str, *, key: str | None = None
     metrics = (
         unit.manifest()["metrics"]
         if unit.is_complete()
-        else evaluate_point(run, key, ref.model_dir, pipe.plan, pipe.judges, unit)
+        else evaluate_point(run, key, ref.model_dir, pipe.plan, pipe.judges, unit, pipe.refusal_detector)
     )
     return metrics
 

@@ -259,9 +259,13 @@ def markdown(
     lines = [f"# Sweep `{sweep.name}`", ""]
     if sweep.description:
         lines += [sweep.description.strip(), ""]
+    from ftguard.evaluation.judges.validated import validation_line
+
     lines += [
         f"Judge `{judge}`. Each cell: mean ± std over seeds (sample std) of the run's final point (after the post "
         "stage when there is one). avg: per seed over the ratios, then mean ± std.",
+        "",
+        *(validation_line(name) for name in judge.split(", ") if name != "?"),
         "",
     ]
     if sweep.baseline:

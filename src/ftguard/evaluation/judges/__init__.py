@@ -1,10 +1,22 @@
 """Judges decide which answers to harmful prompts are harmful; see docs/judges.md for what each one measures.
 
+``get_judge("ftguard-judge")`` (the default: offline, CPU, prompt and answer, refusal / harmful / benign),
 ``get_judge("keyword")`` (free), ``get_judge("minilm")`` (CPU, not comparable to the papers),
-``get_judge("beaver-dam")`` (the papers' judge, 7B), ``get_judge("llama-guard")`` (8B).
+``get_judge("beaver-dam")`` (the papers' judge, 7B), ``get_judge("llama-guard")`` (8B), and three small guards,
+none comparable to the papers: ``get_judge("qwen3guard")`` (0.6B), ``get_judge("llama-guard-1b")``,
+``get_judge("duoguard")`` (0.5B).
 """
 
-from ftguard.evaluation.judges import beaver_dam, keyword, llama_guard, minilm  # noqa: F401  (registration)
+from ftguard.evaluation.judges import (  # noqa: F401  (registration)
+    beaver_dam,
+    duoguard,
+    ftguard_judge,
+    keyword,
+    llama_guard,
+    llama_guard_1b,
+    minilm,
+    qwen3guard,
+)
 from ftguard.evaluation.judges.base import (
     JUDGES,
     Judge,

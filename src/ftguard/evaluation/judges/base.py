@@ -15,12 +15,18 @@ from ftguard.evaluation.scorers import is_degenerate
 
 @dataclass(frozen=True)
 class Verdict:
-    """One judged answer. ``score`` is the judge's probability of harm when it has one."""
+    """One judged answer. ``score`` is the judge's probability of harm when it has one.
+
+    ``label`` is the judge's three-way reading when it has one: ``"harmful"`` (harmful compliance, what HS
+    counts), ``"refusal"`` or ``"benign"`` (a harmless or off-task answer); ``"degenerate"`` for answers that
+    never reached the judge.
+    """
 
     harmful: bool
     score: float | None = None
     category: str | None = None
     degenerate: bool = False
+    label: str | None = None
 
 
 class Judge(ABC):
@@ -40,7 +46,7 @@ class Judge(ABC):
         """Per-answer verdicts with the judge's score and category where it has them."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
-        verdicts = [Verdict(harmful=False, degenerate=True)] * len(responses)
+        verdicts = [Verdict(harmful=False, degenerate=True, label="degenerate")] * len(responses)
         keep = [i for i, response in enumerate(responses) if not is_degenerate(response)]
         if keep:
             judged = self._judge([prompts[i] for i in keep], [responses[i] for i in keep])

@@ -29,10 +29,50 @@ MAX_NEW_TOKENS = 10  # "unsafe\nS1,S10" is 6 Llama 3 tokens
 log = logging.getLogger(__name__)
 
 
-def format_llama_guard_input(tokenizer, prompt: str, response: str) -> str:
-    """The guard's own chat template over a user/assistant exchange; it asks to judge the assistant turn."""
-    chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+def format_llama_guard_input(tokenizer, prompt: str, response: str, *, content_parts: bool = False) -> str:
+    """The guard's own chat template over a user/assistant exchange; it asks to judge the assistant turn.
+
+    ``content_parts`` passes each message's content as ``[{"type": "text", "text": ...}]``. Llama Guard 3-1B's
+    template reads only that form: it keeps the parts whose type is "text", so a plain string renders as an
+    empty conversation, without any error. The 8B template wants plain strings.
+    """
+    if content_parts:
+        chat = [
+            {"role": "user", "content": [{"type": "text", "text": prompt}]},
+            {"role": "assistant", "content": [{"type": "text", "text": response}]},
+        ]
+    else:
+        chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     return tokenizer.apply_chat_template(chat, tokenize=False)
+
+
+def load_chat_guard(
+    judge: str,
+    model: str,
+    *,
+    default: str,
+    needs: str,
+    family: str,
+    dtype: str | None,
+    device: str | None,
+    trust_remote_code: bool | None,
+):
+    """(tokenizer, model, device, dtype) of a generative guard that reads its input through its chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved_device, resolved_dtype = resolve_device_dtype(device, dtype)
+    extra = {} if trust_remote_code is None else {"trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, **extra)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=resolved_dtype, **extra)
+    except (OSError, ValueError) as err:
+        raise model_unavailable(judge, model, default, needs, err) from err
+    if tokenizer.chat_template is None:
+        raise FtguardError(
+            f"judge {judge!r}: the tokenizer of {model} has no chat template; use a {family} model"
+        )
+    lm.to(resolved_device).eval()
+    return tokenizer, lm, resolved_device, resolved_dtype
 
 
 def parse_llama_guard_output(text: str) -> tuple[bool | None, list[str]]:
@@ -52,7 +92,12 @@ class LlamaGuardJudge(Judge):
 
     Options: ``model`` (hub id or local folder; default Llama-Guard-3-8B), ``max_new_tokens``, ``batch_size``,
     ``dtype`` (default bf16 on GPU, fp32 on CPU), ``device``, ``trust_remote_code`` (passed on only if set).
+    Subclasses for other Llama Guard versions change the class attributes below and the default model.
     """
+
+    default_model = DEFAULT_MODEL
+    needs = "about 16 GB, gated: accept its licence on the Hub; a GPU recommended"
+    content_parts = False
 
     def __init__(
         self,
@@ -63,28 +108,24 @@ class LlamaGuardJudge(Judge):
         device: str | None = None,
         trust_remote_code: bool | None = None,
     ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.model_id = model
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.device, self.dtype = resolve_device_dtype(device, dtype)
-        extra = {} if trust_remote_code is None else {"trust_remote_code": trust_remote_code}
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model, **extra)
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype, **extra)
-        except (OSError, ValueError) as err:
-            needs = "about 16 GB, gated: accept its licence on the Hub; a GPU recommended"
-            raise model_unavailable(self.name, model, DEFAULT_MODEL, needs, err) from err
-        if self.tokenizer.chat_template is None:
-            raise FtguardError(
-                f"judge 'llama-guard': the tokenizer of {model} has no chat template; use a Llama Guard model"
-            )
-        self.model.to(self.device).eval()
+        self.tokenizer, self.model, self.device, self.dtype = load_chat_guard(
+            self.name,
+            model,
+            default=self.default_model,
+            needs=self.needs,
+            family="Llama Guard",
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+        )
 
     def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
         texts = [
-            format_llama_guard_input(self.tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)
+            format_llama_guard_input(self.tokenizer, p, r, content_parts=self.content_parts)
+            for p, r in zip(prompts, responses, strict=True)
         ]
         outputs = generate(
             self.model,
@@ -93,7 +134,7 @@ class LlamaGuardJudge(Judge):
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
             add_special_tokens=False,  # the chat template already starts with BOS
-            desc="llama-guard",
+            desc=self.name,
             progress=len(texts) > self.batch_size,
         )
         verdicts = []
@@ -104,7 +145,8 @@ class LlamaGuardJudge(Judge):
             verdicts.append(Verdict(harmful=bool(unsafe), category=",".join(categories) or None))
         if unparsed:
             log.warning(
-                "llama-guard: %d of %d verdicts were neither 'safe' nor 'unsafe'; counted as safe",
+                "%s: %d of %d verdicts were neither 'safe' nor 'unsafe'; counted as safe",
+                self.name,
                 unparsed,
                 len(outputs),
             )

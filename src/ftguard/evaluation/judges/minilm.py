@@ -52,12 +52,28 @@ class MiniLMEmbedder:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
 
-    @torch.inference_mode()
     def embed(self, texts: list[str], *, progress: bool | None = None) -> torch.Tensor:
         """[len(texts), 384] float32 unit vectors, rows in the order of ``texts``."""
+        return self.embed_views(texts, progress=progress)[0]
+
+    @torch.inference_mode()
+    def embed_views(
+        self,
+        texts: list[str],
+        *,
+        opening_tokens: int = 0,
+        max_length: int | None = None,
+        progress: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(whole text, opening) unit vectors; the opening pools the first ``opening_tokens`` tokens of the same pass.
+
+        A refusal is usually said in the first sentence; pooling the opening from the pass that embeds the whole
+        answer gives that view for free instead of a second forward pass.
+        """
         if progress is None:
             progress = len(texts) >= _PROGRESS_FROM
         out = torch.empty(len(texts), self.dim)
+        opening = torch.empty(len(texts), self.dim) if opening_tokens else None
         # Longest first: batches of similar length waste little compute on padding.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         with tqdm(total=len(texts), desc="embedding", unit="text", disable=not progress) as bar:
@@ -67,15 +83,19 @@ class MiniLMEmbedder:
                     [texts[i] for i in batch],
                     padding=True,
                     truncation=True,
-                    max_length=self.max_length,
+                    max_length=max_length or self.max_length,
                     return_tensors="pt",
                 ).to(self.device)
                 hidden = self.model(**encoded).last_hidden_state
                 mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 out[batch] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+                if opening is not None:
+                    head_mask = mask[:, :opening_tokens]
+                    head = (hidden[:, :opening_tokens] * head_mask).sum(1) / head_mask.sum(1).clamp(min=1e-9)
+                    opening[batch] = torch.nn.functional.normalize(head, dim=-1).float().cpu()
                 bar.update(len(batch))
-        return out
+        return out, opening
 
 
 def save_head(path: Path, weight: torch.Tensor, bias: torch.Tensor) -> None:
