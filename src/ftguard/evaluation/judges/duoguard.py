@@ -26,17 +26,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
 from ftguard.errors import FtguardError
-from ftguard.evaluation.judges.base import (
-    Judge,
-    Verdict,
-    model_unavailable,
-    register_judge,
-    resolve_device_dtype,
-)
+from ftguard.evaluation.judges.base import model_unavailable, register_judge
+from ftguard.evaluation.judges.classifier import SigmoidClassifierJudge
 
 DEFAULT_MODEL = "DuoGuard/DuoGuard-0.5B"
 DEFAULT_TOKENIZER = "Qwen/Qwen2.5-0.5B"
@@ -72,13 +64,17 @@ def category_names(config) -> list[str]:
 
 
 @register_judge("duoguard")
-class DuoGuardJudge(Judge):
+class DuoGuardJudge(SigmoidClassifierJudge):
     """Harmful when some DuoGuard category has probability > ``threshold``.
 
     Options: ``model`` (hub id or local folder), ``tokenizer`` (hub id or local folder; default Qwen2.5-0.5B's,
     as the card loads it), ``threshold``, ``max_length``, ``batch_size``, ``dtype`` (default bf16 on GPU, fp32 on
     CPU), ``device``, ``trust_remote_code`` (passed on only if set).
     """
+
+    default_model = DEFAULT_MODEL
+    default_threshold = THRESHOLD
+    default_max_length = MAX_LENGTH
 
     def __init__(
         self,
@@ -91,63 +87,40 @@ class DuoGuardJudge(Judge):
         device: str | None = None,
         trust_remote_code: bool | None = None,
     ) -> None:
+        self.tokenizer_id = tokenizer
+        super().__init__(model, threshold, max_length, batch_size, dtype, device, trust_remote_code)
+
+    def _load(self, extra: dict[str, Any]) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.model_id = model
-        self.tokenizer_id = tokenizer
-        self.threshold = threshold
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.device, self.dtype = resolve_device_dtype(device, dtype)
-        extra = {} if trust_remote_code is None else {"trust_remote_code": trust_remote_code}
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=self.dtype, **extra)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                self.model_id, dtype=self.dtype, **extra
+            )
         except (OSError, ValueError) as err:
             needs = (
                 f"about 1 GB, Apache-2.0, not gated, plus the tokenizer of {DEFAULT_TOKENIZER}; runs on a CPU"
             )
-            raise model_unavailable(self.name, model, DEFAULT_MODEL, needs, err) from err
+            raise model_unavailable(self.name, self.model_id, DEFAULT_MODEL, needs, err) from err
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, padding_side="right", **extra)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_id, padding_side="right", **extra)
         except (OSError, ValueError) as err:
             unavailable = model_unavailable(
-                self.name, tokenizer, DEFAULT_TOKENIZER, "its tokenizer, a few MB", err
+                self.name, self.tokenizer_id, DEFAULT_TOKENIZER, "its tokenizer, a few MB", err
             )
             raise FtguardError(str(unavailable).replace("option model=", "option tokenizer=")) from err
         if self.tokenizer.eos_token is None:
-            raise FtguardError(f"judge 'duoguard': the tokenizer {tokenizer} has no EOS token to pad with")
+            raise FtguardError(
+                f"judge 'duoguard': the tokenizer {self.tokenizer_id} has no EOS token to pad with"
+            )
         self.tokenizer.pad_token = self.tokenizer.eos_token  # as the card does
         self.model.config.pad_token_id = self.tokenizer.pad_token_id  # the classifier pools the last non-pad
-        self.model.to(self.device).eval()
-        self.labels = category_names(self.model.config)
 
-    def encode(self, prompts: list[str], responses: list[str]):
-        texts = [format_duoguard_input(p, r) for p, r in zip(prompts, responses, strict=True)]
-        return self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+    def _labels(self) -> list[str]:
+        return category_names(self.model.config)
 
-    @torch.inference_mode()
-    def probabilities(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """[N, 12] per-category sigmoid probabilities."""
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]) - len(responses[i]))
-        out = torch.empty(len(prompts), len(self.labels))
-        progress = len(prompts) > self.batch_size
-        for start in tqdm(range(0, len(order), self.batch_size), desc="duoguard", disable=not progress):
-            batch = order[start : start + self.batch_size]
-            encoded = self.encode([prompts[i] for i in batch], [responses[i] for i in batch]).to(self.device)
-            logits = self.model(
-                input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]
-            ).logits
-            out[batch] = torch.sigmoid(logits.float()).cpu()
-        return out
-
-    def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
-        top, index = self.probabilities(prompts, responses).max(dim=-1)
-        return [
-            Verdict(harmful=p > self.threshold, score=p, category=self.labels[i])
-            for p, i in zip(top.tolist(), index.tolist(), strict=True)
-        ]
+    def format_input(self, prompt: str, response: str) -> str:
+        return format_duoguard_input(prompt, response)
 
     def describe(self) -> dict[str, Any]:
         return {

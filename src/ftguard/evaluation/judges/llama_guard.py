@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from abc import abstractmethod
 from typing import Any
 
 from ftguard.errors import FtguardError
@@ -86,57 +87,81 @@ def parse_llama_guard_output(text: str) -> tuple[bool | None, list[str]]:
     return None, []
 
 
-@register_judge("llama-guard")
-class LlamaGuardJudge(Judge):
-    """Harmful when Llama Guard says "unsafe" about the assistant's answer.
+class ChatGuardJudge(Judge):
+    """A generative guard: each pair goes through the guard's chat template, the guard greedily writes its verdict.
 
-    Options: ``model`` (hub id or local folder; default Llama-Guard-3-8B), ``max_new_tokens``, ``batch_size``,
-    ``dtype`` (default bf16 on GPU, fp32 on CPU), ``device``, ``trust_remote_code`` (passed on only if set).
-    Subclasses for other Llama Guard versions change the class attributes below and the default model.
+    A subclass sets the class attributes below, writes ``format_input`` (its chat) and ``_judge`` (its parse of
+    ``verdict_texts``). The options ``model`` and ``max_new_tokens`` default to ``default_model`` and
+    ``default_max_new_tokens``.
     """
 
-    default_model = DEFAULT_MODEL
-    needs = "about 16 GB, gated: accept its licence on the Hub; a GPU recommended"
-    content_parts = False
+    default_model: str
+    default_max_new_tokens: int
+    needs: str  # what the model takes, for the error when it cannot be loaded
+    family: str  # the models whose chat template the guard expects
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
-        max_new_tokens: int = MAX_NEW_TOKENS,
+        model: str | None = None,
+        max_new_tokens: int | None = None,
         batch_size: int = 8,
         dtype: str | None = None,
         device: str | None = None,
         trust_remote_code: bool | None = None,
     ) -> None:
-        self.model_id = model
-        self.max_new_tokens = max_new_tokens
+        self.model_id = self.default_model if model is None else model
+        self.max_new_tokens = self.default_max_new_tokens if max_new_tokens is None else max_new_tokens
         self.batch_size = batch_size
         self.tokenizer, self.model, self.device, self.dtype = load_chat_guard(
             self.name,
-            model,
+            self.model_id,
             default=self.default_model,
             needs=self.needs,
-            family="Llama Guard",
+            family=self.family,
             dtype=dtype,
             device=device,
             trust_remote_code=trust_remote_code,
         )
 
-    def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
-        texts = [
-            format_llama_guard_input(self.tokenizer, p, r, content_parts=self.content_parts)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
-        outputs = generate(
+    @abstractmethod
+    def format_input(self, prompt: str, response: str) -> str:
+        """The guard's input for one (prompt, response) pair: its chat template over the exchange."""
+
+    def verdict_texts(self, prompts: list[str], responses: list[str]) -> list[str]:
+        """What the guard writes about each pair (greedy, new text only), in order."""
+        texts = [self.format_input(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return generate(
             self.model,
             self.tokenizer,
             texts,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
-            add_special_tokens=False,  # the chat template already starts with BOS
+            add_special_tokens=False,  # the chat template is the whole input, BOS included where there is one
             desc=self.name,
             progress=len(texts) > self.batch_size,
         )
+
+
+@register_judge("llama-guard")
+class LlamaGuardJudge(ChatGuardJudge):
+    """Harmful when Llama Guard says "unsafe" about the assistant's answer.
+
+    Options: ``model`` (hub id or local folder; default Llama-Guard-3-8B), ``max_new_tokens``, ``batch_size``,
+    ``dtype`` (default bf16 on GPU, fp32 on CPU), ``device``, ``trust_remote_code`` (passed on only if set).
+    Subclasses for other Llama Guard versions change the class attributes below.
+    """
+
+    default_model = DEFAULT_MODEL
+    default_max_new_tokens = MAX_NEW_TOKENS
+    needs = "about 16 GB, gated: accept its licence on the Hub; a GPU recommended"
+    family = "Llama Guard"
+    content_parts = False
+
+    def format_input(self, prompt: str, response: str) -> str:
+        return format_llama_guard_input(self.tokenizer, prompt, response, content_parts=self.content_parts)
+
+    def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
+        outputs = self.verdict_texts(prompts, responses)
         verdicts = []
         unparsed = 0
         for output in outputs:

@@ -39,23 +39,6 @@ class LlamaGuard1BJudge(LlamaGuardJudge):
     """
 
     default_model = DEFAULT_MODEL
+    default_max_new_tokens = MAX_NEW_TOKENS
     needs = "about 3 GB, gated: accept its licence on the Hub; runs on a CPU"
     content_parts = True
-
-    def __init__(
-        self,
-        model: str = DEFAULT_MODEL,
-        max_new_tokens: int = MAX_NEW_TOKENS,
-        batch_size: int = 8,
-        dtype: str | None = None,
-        device: str | None = None,
-        trust_remote_code: bool | None = None,
-    ) -> None:
-        super().__init__(
-            model=model,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            dtype=dtype,
-            device=device,
-            trust_remote_code=trust_remote_code,
-        )

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftguard.errors import FtguardError
-from ftguard.evaluation.generate import generate
-from ftguard.evaluation.judges.base import Judge, Verdict, register_judge
-from ftguard.evaluation.judges.llama_guard import load_chat_guard
+from ftguard.evaluation.judges.base import Verdict, register_judge
+from ftguard.evaluation.judges.llama_guard import ChatGuardJudge
 
 DEFAULT_MODEL = "Qwen/Qwen3Guard-Gen-0.6B"
 MAX_NEW_TOKENS = 128  # the model card's value; the verdict is ~15 tokens and ends with <|im_end|>
@@ -91,13 +90,18 @@ def qwen3guard_verdict(reading: Qwen3GuardReading, controversial: str = "unsafe"
 
 
 @register_judge("qwen3guard")
-class Qwen3GuardJudge(Judge):
+class Qwen3GuardJudge(ChatGuardJudge):
     """Harmful when Qwen3Guard-Gen rates the answer Unsafe (or Controversial, with ``controversial="unsafe"``).
 
     Options: ``model`` (hub id or local folder; default Qwen3Guard-Gen-0.6B), ``controversial`` ("unsafe", the
     default, or "safe"), ``max_new_tokens``, ``batch_size``, ``dtype`` (default bf16 on GPU, fp32 on CPU),
     ``device``, ``trust_remote_code`` (passed on only if set).
     """
+
+    default_model = DEFAULT_MODEL
+    default_max_new_tokens = MAX_NEW_TOKENS
+    needs = "about 1.5 GB, Apache-2.0, not gated; runs on a CPU"
+    family = "Qwen3Guard-Gen"
 
     def __init__(
         self,
@@ -113,35 +117,14 @@ class Qwen3GuardJudge(Judge):
             raise FtguardError(
                 f"judge 'qwen3guard': controversial must be 'unsafe' or 'safe', not {controversial!r}"
             )
-        self.model_id = model
         self.controversial = controversial
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.tokenizer, self.model, self.device, self.dtype = load_chat_guard(
-            self.name,
-            model,
-            default=DEFAULT_MODEL,
-            needs="about 1.5 GB, Apache-2.0, not gated; runs on a CPU",
-            family="Qwen3Guard-Gen",
-            dtype=dtype,
-            device=device,
-            trust_remote_code=trust_remote_code,
-        )
+        super().__init__(model, max_new_tokens, batch_size, dtype, device, trust_remote_code)
+
+    def format_input(self, prompt: str, response: str) -> str:
+        return format_qwen3guard_input(self.tokenizer, prompt, response)
 
     def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
-        texts = [
-            format_qwen3guard_input(self.tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)
-        ]
-        outputs = generate(
-            self.model,
-            self.tokenizer,
-            texts,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-            add_special_tokens=False,  # the template is the whole input
-            desc=self.name,
-            progress=len(texts) > self.batch_size,
-        )
+        outputs = self.verdict_texts(prompts, responses)
         readings = [parse_qwen3guard_output(output) for output in outputs]
         unparsed = sum(reading.safety is None for reading in readings)
         if unparsed:
