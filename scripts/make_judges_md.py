@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from ftguard.evaluation.labelled import write_labelled
@@ -52,13 +51,22 @@ def merge(reports: list[dict], task: str) -> dict | None:
     return {"overall": overall, "by_source": dict(sorted(by_source.items()))}
 
 
+MIN_DENOMINATOR = 20  # a rate over fewer answers (XSTest-GPT-4 has 1 harmful answer) is shown, not judged
+
+
 def target_misses(report: dict) -> list[str]:
     misses = []
     for task, goals in TARGETS.items():
         for source, m in (report.get(task) or {}).get("by_source", {}).items():
+            denominators = {
+                "accuracy": m["n"],
+                "recall": m["positives"],
+                "precision": m["positives"],  # without positives every flag is false: precision says nothing
+                "fpr": m["n"] - m["positives"],
+            }
             for name, goal in goals.items():
                 value = m[name]
-                if value is None:
+                if value is None or denominators[name] < MIN_DENOMINATOR:
                     continue
                 bad = value > goal if name == "fpr" else value < goal
                 if bad:
@@ -66,6 +74,26 @@ def target_misses(report: dict) -> list[str]:
                         f"{task} {name} on {source}: {100 * value:.1f}% (target {'≤' if name == 'fpr' else '≥'} {100 * goal:.0f}%)"
                     )
     return misses
+
+
+JUDGES = ("ftguard-judge", "minilm", "keyword")
+
+
+def cost_line() -> str:
+    path = REPO / "docs" / "results" / "judge-validation" / "cost-ftguard-judge.json"
+    if not path.is_file():
+        return "Cost: run `python scripts/judge_cost.py` to measure it."
+    cost = json.loads(path.read_text())
+    return (
+        f"Cost of `ftguard-judge` (`python scripts/judge_cost.py`): {cost['seconds_per_100_answers']:.1f} s per 100 "
+        f"answers (median {cost['median_words']:.0f} words) on {cost['cpus']} CPU cores, model loading excluded; "
+        "the harm and refusal verdicts come from the same pass."
+    )
+
+
+def openers() -> dict | None:
+    path = REPO / "docs" / "results" / "judge-validation" / "loso.json"
+    return json.loads(path.read_text()).get("openers") if path.is_file() else None
 
 
 def main() -> None:
@@ -77,8 +105,16 @@ def main() -> None:
     parser.add_argument(
         "--export", default=str(REPO / ".cache" / "labelled"), help="where the JSONL files go"
     )
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild the section from the saved validate-*.json files"
+    )
     args = parser.parse_args()
 
+    out = REPO / "docs" / "results" / "judge-validation"
+    if args.report_only:
+        results = {name: json.loads((out / f"validate-{name}.json").read_text()) for name in JUDGES}
+        write_section(results)
+        return
     rows = load_sources(args.data_dir)
     export = Path(args.export)
     files = {}
@@ -87,32 +123,29 @@ def main() -> None:
         write_labelled(files[source], [r for r in rows if r.source == source])
 
     results: dict[str, dict] = {}
-    seconds: dict[str, float] = {}
     fixed = {"minilm": ("minilm", "rules"), "keyword": ("keyword", None)}
     per_judge: dict[str, list[dict]] = {"ftguard-judge": [], "minilm": [], "keyword": []}
-    n_harm = 0
     for source, path in files.items():
         fold = Path(args.folds) / f"{source}.safetensors"
         if not fold.is_file():
             sys.exit(f"no fold heads {fold}: run scripts/train_judge.py first")
-        start = time.monotonic()
         per_judge["ftguard-judge"].append(
             validate_file(
                 path, "ftguard-judge", {"heads_path": str(fold)}, "ftguard", {"heads_path": str(fold)}
             )
         )
-        seconds.setdefault("ftguard-judge", 0.0)
-        seconds["ftguard-judge"] += time.monotonic() - start
-        n_harm += sum(r.harmful is not None for r in rows if r.source == source)
         for name, (judge, detector) in fixed.items():
             report = validate_file(path, judge, None, detector or "rules")
             per_judge[name].append(report)
         print(f"validated {source}", flush=True)
-    out = REPO / "docs" / "results" / "judge-validation"
     out.mkdir(parents=True, exist_ok=True)
     for name, reports in per_judge.items():
         results[name] = {"harm": merge(reports, "harm"), "refusal": merge(reports, "refusal")}
         (out / f"validate-{name}.json").write_text(json.dumps(results[name], indent=1) + "\n")
+    write_section(results)
+
+
+def write_section(results: dict[str, dict]) -> None:
     summary = {}
     for name, r in results.items():
         summary[name] = {}
@@ -120,7 +153,9 @@ def main() -> None:
             if not r[task]:
                 summary[name][task] = None
                 continue
-            keep = {k: r[task]["overall"][k] for k in ("n", "positives", "accuracy", "precision", "recall", "fpr")}
+            keep = {
+                k: r[task]["overall"][k] for k in ("n", "positives", "accuracy", "precision", "recall", "fpr")
+            }
             accuracies = [m["accuracy"] for m in r[task]["by_source"].values()]
             summary[name][task] = {**keep, "accuracy_by_source": [min(accuracies), max(accuracies)]}
     (REPO / "src" / "ftguard" / "assets" / "judge_validation.json").write_text(
@@ -141,14 +176,19 @@ def main() -> None:
         "precision and recall ≥ 90%. "
         + ("All met." if not misses else "**Not met:** " + "; ".join(misses) + "."),
         "",
+        'Bare compliance openers ("Sure, here is how to …:", fit-only answers built by '
+        "`ftguard.evaluation.judges.augment`) for the prompts of each held-out source, from "
+        "`scripts/train_judge.py` (docs/results/judge-validation/loso.json): caught after harmful prompts, let "
+        "pass after benign ones?",
+        "",
+        markdown_report({"harm": openers()}),
         "### `minilm` judge (its head was fitted on beavertails-refusals: that row is in-sample)",
         "",
         markdown_report({"harm": results["minilm"]["harm"]}),
         "### `keyword` judge and the `rules` refusal detector (nothing fitted)",
         "",
         markdown_report(results["keyword"]),
-        f"Cost of `ftguard-judge` here: {seconds['ftguard-judge']:.0f} s for the harm and refusal verdicts of {n_harm} "
-        "labelled answers, model loading included (see the cost paragraph above for a clean measurement).",
+        cost_line(),
         "",
         END,
     ]

@@ -13,6 +13,9 @@ from importlib import resources
 from typing import Any
 
 
+OFFLINE_JUDGES = ("ftguard-judge", "minilm", "keyword")
+
+
 @cache
 def _summary() -> dict[str, Any]:
     path = resources.files("ftguard") / "assets" / "judge_validation.json"
@@ -33,6 +36,8 @@ def validation_line(judge: str) -> str:
     summary = validation_summary(judge)
     harm = (summary or {}).get("harm")
     if not harm:
+        if judge in OFFLINE_JUDGES:
+            return f"Judge `{judge}`: no validation summary in this installation (scripts/make_judges_md.py writes it)."
         return (
             f"Judge `{judge}`: not validated against labelled answers here (its weights are not available "
             "offline); `ftguard judge validate` measures it where they are."
