@@ -54,6 +54,8 @@ def test_demo_methods_runs_one_pipeline_per_method_and_compares(tmp_path, capsys
         "finetune.train.max_steps=2",
         "data.finetune.harmful_ratio=0.2",
         "evaluate.judge=keyword",
+        "evaluate.extra_judges=[]",  # the demo's extra judges include keyword, now the main one
+        "evaluate.refusal_detector=rules",
         "evaluate.harmful_prompts.n=4",
         "evaluate.task_n=4",
         "evaluate.points=[finetune]",

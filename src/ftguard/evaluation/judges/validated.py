@@ -47,6 +47,6 @@ def validation_line(judge: str) -> str:
     held = " held out source by source" if judge == "ftguard-judge" else ""
     return (
         f"Judge `{judge}`: accuracy {_pct(harm['accuracy'])}{per_source}, recall {_pct(harm['recall'])}, "
-        f"false-positive rate {_pct(harm['fpr'])} on {harm['n']:,} human-labelled answers{held} "
+        f"false-positive rate {_pct(harm['fpr'])} on {harm['n']:,} labelled answers{held} "
         "(docs/judges.md)."
     )
