@@ -258,7 +258,12 @@ XSTEST_SAFE = 250  # XSTest v2 safe prompts (the over-refusal default, n null)
 JUDGE_SPECS = {
     "beaver-dam": {"model": "PKU-Alignment/beaver-dam-7b", "max_input": 256, "overhead": 0, "decode": 0},
     "llama-guard": {"model": "meta-llama/Llama-Guard-3-8B", "max_input": None, "overhead": 250, "decode": 10},
-    "llama-guard-1b": {"model": "meta-llama/Llama-Guard-3-1B", "max_input": None, "overhead": 250, "decode": 20},
+    "llama-guard-1b": {
+        "model": "meta-llama/Llama-Guard-3-1B",
+        "max_input": None,
+        "overhead": 250,
+        "decode": 20,
+    },
     # Its template writes the policy (about 300 tokens, a guess); a verdict with categories and refusal is ~20 tokens.
     "qwen3guard": {"model": "Qwen/Qwen3Guard-Gen-0.6B", "max_input": None, "overhead": 300, "decode": 20},
     "duoguard": {"model": "DuoGuard/DuoGuard-0.5B", "max_input": 2048, "overhead": 0, "decode": 0},

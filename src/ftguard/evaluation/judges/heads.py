@@ -27,17 +27,8 @@ class PairFeatures:
     opening: torch.Tensor  # [n, 384]
     rules: torch.Tensor  # [n, len(RULE_FEATURES)]
 
-    def __len__(self) -> int:
-        return self.answer.shape[0]
-
     def select(self, index: list[int] | torch.Tensor) -> PairFeatures:
         return PairFeatures(self.prompt[index], self.answer[index], self.opening[index], self.rules[index])
-
-    @staticmethod
-    def concat(parts: list[PairFeatures]) -> PairFeatures:
-        return PairFeatures(
-            *(torch.cat([getattr(p, f) for p in parts]) for f in ("prompt", "answer", "opening", "rules"))
-        )
 
 
 def rule_matrix(responses: list[str]) -> torch.Tensor:

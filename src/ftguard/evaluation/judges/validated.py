@@ -12,7 +12,6 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-
 OFFLINE_JUDGES = ("ftguard-judge", "minilm", "keyword")
 
 
