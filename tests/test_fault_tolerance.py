@@ -42,6 +42,8 @@ T = TypeVar("T")
 # One thread: bit-identical kernels across processes, and no oversubscription of the shared cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 POLL_S = 0.05
+# A run that neither checkpoints nor ends by then is stuck: fail with its log instead of hanging the suite.
+DEADLINE_S = 600
 # Everything else a step logs is compared: loss, gradient norm and the methods' own metrics.
 TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"}
 
@@ -96,15 +98,39 @@ def _signal_tree(proc: subprocess.Popen, sig: int) -> None:
             os.kill(pid, sig)
 
 
+def _wait_stopped(proc: subprocess.Popen) -> int:
+    """The launcher's status once it has stopped or ended. Polled with WNOHANG: a blocking waitpid would hang
+    for good if the stop were never reported."""
+    for _ in range(int(60 / POLL_S)):
+        pid, status = os.waitpid(proc.pid, os.WUNTRACED | os.WNOHANG)
+        if pid:
+            return status
+        time.sleep(POLL_S / 10)
+    pytest.fail(f"{proc.args} did not stop within 60 s of SIGSTOP")
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = DEADLINE_S) -> int:
+    """The exit code of ``proc``; on timeout the whole process tree is killed and the test fails with the log."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal_tree(proc, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"{proc.args} did not end within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
 def _kill_when(proc: subprocess.Popen, ready: Callable[[], T | None], log: Path) -> T:
     """SIGKILL ``proc`` as soon as ``ready()`` returns something, looking only while the process is stopped: it
     cannot move on between the look and the kill. Returns what ``ready`` returned."""
+    deadline = time.monotonic() + DEADLINE_S
     try:
         while True:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{proc.args} made no checkpoint in {DEADLINE_S} s:\n{log.read_text()[-4000:]}")
             # The launcher and all its workers: under torchrun the workers write the checkpoints, and they run in
             # sessions of their own, so a process-group signal would miss them.
             _signal_tree(proc, signal.SIGSTOP)
-            _, status = os.waitpid(proc.pid, os.WUNTRACED)
+            status = _wait_stopped(proc)
             if not os.WIFSTOPPED(status):
                 pytest.fail(f"{proc.args} ended before it could be killed:\n{log.read_text()[-4000:]}")
             found = ready()
@@ -224,13 +250,13 @@ def test_a_two_process_booster_align_killed_and_resumed_matches_an_uninterrupted
     ref, out = tmp_path / "ref", tmp_path / "cut"
     ref_log, log = tmp_path / "ref.txt", tmp_path / "log.txt"
     reference = _start([*argv, "--output-dir", str(ref)], ref_log, _torchrun_cli())
-    assert reference.wait(timeout=900) == 0, ref_log.read_text()[-4000:]
+    assert _finish(reference, ref_log) == 0, ref_log.read_text()[-4000:]
 
     argv += ["--output-dir", str(out)]
     killed_at = _kill_after_first_checkpoint(_start(argv, log, _torchrun_cli()), out / "align", log)
     assert killed_at < 6
     resumed = _start(argv, log, _torchrun_cli())
-    assert resumed.wait(timeout=900) == 0, log.read_text()[-4000:]
+    assert _finish(resumed, log) == 0, log.read_text()[-4000:]
     _assert_same_training(out / "align", ref / "align", killed_at, 6)
 
 
