@@ -27,7 +27,7 @@ from transformers import TrainingArguments
 import ftguard.methods  # noqa: F401  (registers the built-in methods)
 from ddp_worker import collate, flat_weights, rows, tiny_lora_llama
 from ftguard.distributed import shutdown
-from ftguard.registry import all_methods, get_method
+from ftguard.methods.registry import all_methods, get_method
 from ftguard.training.trainer import FtguardTrainer
 
 B, GA, STEPS, HARMFUL_B = 2, 2, 3, 2

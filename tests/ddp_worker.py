@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
 
 import ftguard.methods  # noqa: F401  (registers the built-in methods)
 from ftguard.distributed import shutdown
-from ftguard.registry import all_methods, get_method
+from ftguard.methods.registry import all_methods, get_method
 from ftguard.training.trainer import FtguardTrainer
 from tiny import tiny_llama_config
 

@@ -17,8 +17,8 @@ import pytest
 
 from ftguard import cli
 from ftguard.config import load_config
+from ftguard.data.plan import build_data_plan
 from ftguard.data.sources import BUNDLED_DIR, load_examples
-from ftguard.pipeline.plan import build_data_plan
 from ftguard.training.trainer import FtguardTrainer
 
 CONFIG = "quickstart-tiny"  # alignment n 64, harmful 6 of 64, 16 evaluation prompts

@@ -14,7 +14,7 @@ import pytest
 import ftguard.methods  # noqa: F401  (registers the built-in methods)
 from ftguard import distributed
 from ftguard.errors import FtguardError
-from ftguard.registry import all_methods, get_method
+from ftguard.methods.registry import all_methods, get_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "accelerate"
 

@@ -24,7 +24,7 @@ from ftguard.estimate import (
     parameters_from_config,
     stage_cost,
 )
-from ftguard.registry import all_methods
+from ftguard.methods.registry import all_methods
 from ftguard.schema import ConfigError
 
 N = 1.0e9  # the model size every hand computation uses (gpu.model_parameters)

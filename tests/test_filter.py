@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from ftguard.data.example import Example
+from ftguard.data.plan import DataPlan
 from ftguard.data.tasks import get_task
 from ftguard.errors import FtguardError
 from ftguard.evaluation.refusal import is_refusal
 from ftguard.evaluation.scorers import is_degenerate
 from ftguard.methods.filter import FilterConfig, ModerationFilter
-from ftguard.pipeline.plan import DataPlan
 from ftguard.schema import ConfigError
 
 HARMFUL = [

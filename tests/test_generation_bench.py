@@ -192,8 +192,8 @@ def test_spec_from_dict_types_and_batch1_always_first():
 
 def test_prompts_are_the_demo_evaluation_prompts():
     from ftguard.config import load_config
+    from ftguard.data.plan import build_data_plan
     from ftguard.data.template import format_prompt
-    from ftguard.pipeline.plan import build_data_plan
 
     spec = GenerationBenchSpec()
     prompts = load_prompts(spec, tokenizer=None)

@@ -494,7 +494,7 @@ def test_bench_args_time_the_fine_tune_state_with_the_proximal_term_on(tmp_path)
 
 def _plan(tmp_path, **finetune_args):
     from ftguard.config import load_config
-    from ftguard.pipeline.plan import build_data_plan
+    from ftguard.data.plan import build_data_plan
 
     overrides = ["finetune.method=lisa"] + [
         f"finetune.args.{k}={json.dumps(v)}" for k, v in finetune_args.items()

@@ -11,7 +11,7 @@ import torch
 from ftguard import cli
 from ftguard.config import load_config
 from ftguard.methods.base import PostMethod
-from ftguard.registry import register_method
+from ftguard.methods.registry import register_method
 from ftguard.schema import ConfigError
 
 pytestmark = pytest.mark.slow

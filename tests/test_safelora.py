@@ -15,9 +15,8 @@ from transformers import LlamaForCausalLM
 
 import ftguard.methods.safelora  # noqa: F401  (registers "safelora")
 from ftguard.errors import FtguardError
+from ftguard.methods.context import ModelRef, PostContext
 from ftguard.methods.safelora import SafeLora, SafeLoraConfig, projected_update
-from ftguard.pipeline.context import PostContext
-from ftguard.pipeline.stages import ModelRef
 from ftguard.schema import ConfigError
 from tiny import tiny_llama_config
 

@@ -12,7 +12,7 @@ import yaml
 
 from ftguard import cli
 from ftguard.config import load_config
-from ftguard.pipeline.plan import build_data_plan
+from ftguard.data.plan import build_data_plan
 from ftguard.pipeline.run import Pipeline
 from ftguard.schema import ConfigError, from_dict
 from ftguard.sweep.config import SweepConfig, SweepRun, expand

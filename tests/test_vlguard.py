@@ -18,9 +18,9 @@ from transformers import LlamaForCausalLM, TrainingArguments
 
 from ftguard.data.example import Example
 from ftguard.data.mix import build_harmful_mix
+from ftguard.data.plan import DataPlan
 from ftguard.errors import FtguardError
 from ftguard.methods.vlguard import Vlguard, VlguardReg, VlguardRegConfig, VlguardRegTrainer
-from ftguard.pipeline.plan import DataPlan
 from ftguard.schema import ConfigError
 from ftguard.training.trainer import FtguardTrainer
 from tiny import tiny_llama_config

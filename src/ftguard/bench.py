@@ -80,8 +80,8 @@ class _Fixture:
 
     def __init__(self, spec: BenchSpec) -> None:
         from ftguard.data.collate import CausalLMCollator
+        from ftguard.data.plan import build_data_plan
         from ftguard.models import load_model, load_tokenizer, resolve_model
-        from ftguard.pipeline.plan import build_data_plan
 
         self.spec = spec
         self.run = _run_config(spec)
@@ -113,10 +113,10 @@ class _Fixture:
     def trainer(self, method_name: str, out_dir: Path):
         from transformers import TrainingArguments
 
+        from ftguard.methods.context import StageContext
+        from ftguard.methods.registry import get_method
         from ftguard.models import add_lora
-        from ftguard.pipeline.context import StageContext
         from ftguard.pipeline.stages import mixed_precision_flags
-        from ftguard.registry import get_method
 
         torch.manual_seed(self.spec.seed)
         model = copy.deepcopy(self.base)
@@ -124,7 +124,7 @@ class _Fixture:
             model.requires_grad_(True)
         else:
             model = add_lora(model, self.run.adapter.align)
-        from ftguard.registry import all_methods
+        from ftguard.methods.registry import all_methods
 
         known = all_methods()
         stage = "align" if method_name not in known or "align" in known[method_name].stages else "finetune"

@@ -73,7 +73,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from ftguard.registry import STAGE_NAMES, all_methods
+    from ftguard.methods.registry import STAGE_NAMES, all_methods
     from ftguard.schema import field_help
 
     methods = all_methods()
@@ -184,7 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         topology=args.topology,
     )
-    from ftguard.registry import all_methods
+    from ftguard.methods.registry import all_methods
 
     unknown = [m for m in spec.methods if m not in all_methods()]
     if unknown:
@@ -200,7 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _method_stages(name: str) -> tuple[str, ...]:
-    from ftguard.registry import all_methods
+    from ftguard.methods.registry import all_methods
 
     methods = all_methods()
     if name not in methods:
@@ -240,7 +240,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     base_out = Path(args.output_dir or "runs")
     run_dirs = []
-    from ftguard.registry import get_method
+    from ftguard.methods.registry import get_method
 
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         args_m = argparse.Namespace(**vars(args))

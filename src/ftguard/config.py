@@ -444,7 +444,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     cfg = from_dict(RunConfig, data)
     # Method names and their args are checked here too, so a typo fails before any work starts.
-    from ftguard.registry import get_method
+    from ftguard.methods.registry import get_method
 
     for stage in STAGES:
         stage_cfg = getattr(cfg, stage)

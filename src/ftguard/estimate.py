@@ -280,7 +280,7 @@ def _stage_config(run: RunConfig, stage: str) -> Any:
 
 def _method_args(name: str, stage: str, args: dict[str, Any]) -> Any:
     """The method's parsed config: its defaults (from its own module) filled in."""
-    from ftguard.registry import get_method
+    from ftguard.methods.registry import get_method
 
     return get_method(name, stage).parse_args(args, prefix=f"{stage}.args")
 

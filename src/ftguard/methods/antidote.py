@@ -48,7 +48,8 @@ from torch import nn
 
 from ftguard.errors import FtguardError
 from ftguard.methods.base import PostMethod
-from ftguard.registry import register_method
+from ftguard.methods.context import PostContext
+from ftguard.methods.registry import register_method
 from ftguard.schema import check
 
 log = logging.getLogger(__name__)
@@ -240,15 +241,15 @@ class Antidote(PostMethod):
             raise FtguardError(
                 "antidote: target=adapter needs a LoRA fine-tune: use post.args.target=weights"
             )
+        from ftguard.methods.context import ModelRef
         from ftguard.models.adapters import load_lora
-        from ftguard.pipeline.stages import ModelRef
 
         # The single topology trains on top of base_dir; the double topology on the merged aligned model.
         base = ModelRef(model_dir=ref.base_dir or ctx.aligned.model_dir)
         model = load_lora(ctx.load(base), ref.adapter_dir, trainable=False)
         return model, lora_factors(model), target
 
-    def repair(self, ctx: Any) -> tuple[Any, dict[str, Any]]:
+    def repair(self, ctx: PostContext) -> tuple[Any, dict[str, Any]]:
         from ftguard.data.template import tokenize_dataset
 
         cfg, mc = self.config, ctx.run.model

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
 
     from ftguard.config import RunConfig
     from ftguard.data.example import Example
-    from ftguard.pipeline.context import StageContext
-    from ftguard.pipeline.plan import DataPlan
+    from ftguard.data.plan import DataPlan
+    from ftguard.methods.context import PostContext, StageContext
 
 
 @dataclass
@@ -94,7 +94,7 @@ class PostMethod(Method):
 
     stages: ClassVar[tuple[str, ...]] = ("post",)
 
-    def repair(self, ctx: Any) -> tuple[Any, dict[str, Any]]:
+    def repair(self, ctx: PostContext) -> tuple[Any, dict[str, Any]]:
         raise NotImplementedError
 
     def create_trainer(self, ctx: StageContext, **trainer_kwargs: Any) -> Trainer:

@@ -12,8 +12,8 @@ from torch import nn
 
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
+from ftguard.methods.registry import register_method
 from ftguard.methods.vaccine import VaccineTrainer
-from ftguard.registry import register_method
 from ftguard.schema import ConfigError, check
 from ftguard.training.trainer import FtguardTrainer
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from ftguard.config import RunConfig
-    from ftguard.pipeline.context import StageContext
+    from ftguard.methods.context import StageContext
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
-from ftguard.registry import register_method
+from ftguard.methods.registry import register_method
 from ftguard.schema import check
 from ftguard.training.trainer import FtguardTrainer
 
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from ftguard.config import RunConfig
-    from ftguard.pipeline.context import StageContext
-    from ftguard.pipeline.plan import DataPlan
+    from ftguard.data.plan import DataPlan
+    from ftguard.methods.context import StageContext
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ftguard import distributed
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
-from ftguard.registry import get_method, register_method
+from ftguard.methods.registry import get_method, register_method
 from ftguard.schema import check, from_dict
 
 if TYPE_CHECKING:
@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 
     from ftguard.config import RunConfig
     from ftguard.data.example import Example
+    from ftguard.data.plan import DataPlan
     from ftguard.evaluation.judges import Judge
-    from ftguard.pipeline.context import StageContext
-    from ftguard.pipeline.plan import DataPlan
+    from ftguard.methods.context import StageContext
 
 
 @dataclass

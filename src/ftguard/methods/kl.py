@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ftguard.methods.base import Method
-from ftguard.registry import register_method
+from ftguard.methods.registry import register_method
 from ftguard.schema import check
 from ftguard.training.reference import REFERENCE_UNSUPPORTED_MODES, ReferenceTrainer
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
-from ftguard.registry import register_method
+from ftguard.methods.registry import register_method
 from ftguard.schema import check
 from ftguard.training.hooks import decoder_parts
 from ftguard.training.reference import REFERENCE_UNSUPPORTED_MODES, ReferenceTrainer

@@ -29,7 +29,7 @@ from torch import nn
 from ftguard.config import SourceConfig
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
-from ftguard.registry import register_method
+from ftguard.methods.registry import register_method
 from ftguard.schema import check
 from ftguard.training.trainer import FtguardTrainer
 
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
     from ftguard.config import RunConfig
     from ftguard.data.example import Example
-    from ftguard.pipeline.context import StageContext
-    from ftguard.pipeline.plan import DataPlan
+    from ftguard.data.plan import DataPlan
+    from ftguard.methods.context import StageContext
 
 ALIGNMENT, FINETUNE = "alignment", "finetune"
 EXTRA_POOL = "lisa_alignment"  # name of an alignment pool loaded with DataPlan.load_extra

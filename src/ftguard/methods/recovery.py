@@ -60,7 +60,8 @@ from torch import nn
 
 from ftguard.errors import FtguardError
 from ftguard.methods.base import PostMethod
-from ftguard.registry import register_method
+from ftguard.methods.context import PostContext
+from ftguard.methods.registry import register_method
 from ftguard.schema import check
 from ftguard.training.hooks import decoder_parts
 
@@ -520,7 +521,7 @@ class Recovery(PostMethod):
     # One forward of 256 prompts through 20 SmolLM2 layers takes minutes on 2 CPU cores; the demo uses 32 of each.
     demo_args: ClassVar[dict[str, Any]] = {"n_harmful": 32, "n_task": 32}
 
-    def repair(self, ctx: Any) -> tuple[Any, dict[str, Any]]:
+    def repair(self, ctx: PostContext) -> tuple[Any, dict[str, Any]]:
         from ftguard.data.template import format_prompt
         from ftguard.evaluation.task_score import task_score
 

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
-from ftguard.registry import register_method
+from ftguard.methods.registry import register_method
 from ftguard.schema import check
 from ftguard.training.hooks import decoder_parts
 from ftguard.training.trainer import FtguardTrainer
@@ -44,7 +44,7 @@ from ftguard.training.trainer import FtguardTrainer
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from ftguard.pipeline.context import StageContext
+    from ftguard.methods.context import StageContext
 
 
 @dataclass

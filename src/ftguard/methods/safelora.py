@@ -53,7 +53,8 @@ from torch import nn
 
 from ftguard.errors import FtguardError
 from ftguard.methods.base import PostMethod
-from ftguard.registry import register_method
+from ftguard.methods.context import PostContext
+from ftguard.methods.registry import register_method
 from ftguard.schema import check
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class SafeLora(PostMethod):
             return list(ctx.run.adapter.finetune.target_modules)
         return None  # the adapter's own modules
 
-    def repair(self, ctx: Any) -> tuple[Any, dict[str, Any]]:
+    def repair(self, ctx: PostContext) -> tuple[Any, dict[str, Any]]:
         from ftguard.models import load_lora
 
         cfg, topology = self.config, ctx.run.adapter.topology

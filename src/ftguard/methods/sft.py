@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ftguard.methods.base import Method
-from ftguard.registry import register_method
+from ftguard.methods.registry import register_method
 
 
 @register_method

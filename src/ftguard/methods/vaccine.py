@@ -11,7 +11,7 @@ from torch import nn
 
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
-from ftguard.registry import register_method
+from ftguard.methods.registry import register_method
 from ftguard.schema import check
 from ftguard.training.hooks import (
     OutputCapture,

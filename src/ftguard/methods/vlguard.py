@@ -23,7 +23,7 @@ from ftguard.data.example import Example
 from ftguard.data.mix import check_disjoint
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
-from ftguard.registry import register_method
+from ftguard.methods.registry import register_method
 from ftguard.schema import check
 from ftguard.training.trainer import FtguardTrainer
 
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from ftguard.config import RunConfig
-    from ftguard.pipeline.context import StageContext
-    from ftguard.pipeline.plan import DataPlan
+    from ftguard.data.plan import DataPlan
+    from ftguard.methods.context import StageContext
 
 EXTRA_NAME = "vlguard_safety"  # the plan.extra set loaded from safety_source
 SAFETY_STREAM = "safety"

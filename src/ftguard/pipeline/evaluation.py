@@ -14,6 +14,7 @@ import torch
 
 from ftguard import distributed
 from ftguard.config import RunConfig
+from ftguard.data.plan import DataPlan
 from ftguard.data.template import format_prompt
 from ftguard.evaluation.generate import generate_sharded
 from ftguard.evaluation.judges import Judge
@@ -29,7 +30,6 @@ from ftguard.models import (
     precision_label,
 )
 from ftguard.pipeline.outputs import StageDir
-from ftguard.pipeline.plan import DataPlan
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,11 @@ from pathlib import Path
 from transformers import set_seed
 
 from ftguard.config import RunConfig
+from ftguard.data.plan import DataPlan
+from ftguard.methods.context import ModelRef, PostContext
+from ftguard.methods.registry import get_method
 from ftguard.models import load_tokenizer
-from ftguard.pipeline.context import PostContext
 from ftguard.pipeline.outputs import StageDir, write_json_atomic
-from ftguard.pipeline.plan import DataPlan
-from ftguard.pipeline.stages import ModelRef
-from ftguard.registry import get_method
 from ftguard.schema import to_dict
 
 log = logging.getLogger(__name__)

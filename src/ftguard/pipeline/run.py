@@ -23,17 +23,18 @@ from typing import Any
 
 from ftguard import distributed
 from ftguard.config import RunConfig, dump_config
+from ftguard.data.plan import DataPlan, build_data_plan
 from ftguard.errors import FtguardError
 from ftguard.evaluation.judges import get_judge
 from ftguard.evaluation.refusal_detector import get_refusal_detector
+from ftguard.methods.context import ModelRef
+from ftguard.methods.registry import get_method
 from ftguard.models import load_tokenizer, resolve_model
 from ftguard.pipeline.evaluation import evaluate_point
 from ftguard.pipeline.outputs import StageDir, read_json, write_text_atomic
-from ftguard.pipeline.plan import DataPlan, build_data_plan
 from ftguard.pipeline.post import post_stage
 from ftguard.pipeline.results import git_revision, library_versions, write_results
-from ftguard.pipeline.stages import ModelRef, train_stage
-from ftguard.registry import get_method
+from ftguard.pipeline.stages import train_stage
 
 log = logging.getLogger(__name__)
 

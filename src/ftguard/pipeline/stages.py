@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,11 @@ from ftguard import distributed
 from ftguard.config import LoraConfig, RunConfig, TrainConfig
 from ftguard.data.collate import CausalLMCollator
 from ftguard.data.example import Example
+from ftguard.data.plan import DataPlan
 from ftguard.data.template import tokenize_dataset
 from ftguard.errors import FtguardError
+from ftguard.methods.context import ModelRef, StageContext
+from ftguard.methods.registry import get_method
 from ftguard.models import (
     add_lora,
     auto_uses_bf16,
@@ -34,34 +36,11 @@ from ftguard.models import (
     precision_label,
 )
 from ftguard.models.adapters import check_target_modules, count_parameters
-from ftguard.pipeline.context import StageContext
 from ftguard.pipeline.outputs import StageDir
-from ftguard.pipeline.plan import DataPlan
-from ftguard.registry import get_method
 from ftguard.schema import to_dict
 from ftguard.training.trainer import resumable_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelRef:
-    """Where a stage's result lives: a full model dir, plus base + adapter for the single-LoRA topology."""
-
-    model_dir: str
-    base_dir: str | None = None
-    adapter_dir: str | None = None
-
-    @classmethod
-    def from_manifest(cls, stage_path: Path, manifest: dict[str, Any]) -> ModelRef:
-        def resolve(p: str | None) -> str | None:
-            return None if p is None else str((stage_path / p).resolve()) if not Path(p).is_absolute() else p
-
-        return cls(
-            model_dir=resolve(manifest["model_dir"]),
-            base_dir=manifest.get("base_dir"),
-            adapter_dir=resolve(manifest.get("adapter_dir")),
-        )
 
 
 def mixed_precision_flags(choice: str) -> dict[str, bool]:

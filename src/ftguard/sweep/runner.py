@@ -72,7 +72,7 @@ def _where_free(config: dict[str, Any]) -> str:
 def preflight(runs: list[SweepRun]) -> None:
     """Build every distinct data plan before any training: a missing file or impossible ratio in the last run
     of a grid must not surface hours into the sweep."""
-    from ftguard.pipeline.plan import build_data_plan
+    from ftguard.data.plan import build_data_plan
 
     seen: set[str] = set()
     for run in runs:

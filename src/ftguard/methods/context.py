@@ -1,17 +1,38 @@
-"""What a method sees of the stage it trains in."""
+"""What a method sees: the stage it trains in (StageContext), the models it repairs (PostContext, ModelRef)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from datasets import Dataset
+from typing import TYPE_CHECKING, Any
 
 from ftguard.config import RunConfig
 from ftguard.data.example import Example
-from ftguard.pipeline.plan import DataPlan
+from ftguard.data.plan import DataPlan
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+
+@dataclass
+class ModelRef:
+    """Where a stage's result lives: a full model dir, plus base + adapter for the single-LoRA topology."""
+
+    model_dir: str
+    base_dir: str | None = None
+    adapter_dir: str | None = None
+
+    @classmethod
+    def from_manifest(cls, stage_path: Path, manifest: dict[str, Any]) -> ModelRef:
+        def resolve(p: str | None) -> str | None:
+            return None if p is None else str((stage_path / p).resolve()) if not Path(p).is_absolute() else p
+
+        return cls(
+            model_dir=resolve(manifest["model_dir"]),
+            base_dir=manifest.get("base_dir"),
+            adapter_dir=resolve(manifest.get("adapter_dir")),
+        )
 
 
 @dataclass
@@ -39,9 +60,9 @@ class PostContext:
 
     run: RunConfig
     key: str  # output name, e.g. "post-p0.1"
-    base: Any  # ModelRef
-    aligned: Any  # ModelRef
-    finetuned: Any  # ModelRef
+    base: ModelRef
+    aligned: ModelRef
+    finetuned: ModelRef
     tokenizer: Any
     plan: DataPlan
     work_dir: Path

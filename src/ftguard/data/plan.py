@@ -152,7 +152,7 @@ def _later_stages_need_alignment(run: RunConfig) -> bool:
     """Finetune-stage methods such as Lisa or EWC use the alignment data even when the run has no align stage,
     and so do post-stage repairs that read the harmful answers of the alignment prompts (recovery, Antidote):
     with ``align: null`` the base model is the aligned one (a chat model's native alignment)."""
-    from ftguard.registry import get_method
+    from ftguard.methods.registry import get_method
 
     for stage in ("finetune", "post"):
         stage_cfg = getattr(run, stage)
