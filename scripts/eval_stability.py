@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 
 from ftguard.config import load_config
 from ftguard.evaluation.paired import identical_share, paired_change
+from ftguard.metrics import METRICS
 from ftguard.models import resolve_model
 from ftguard.pipeline.evaluation import evaluate_point
 from ftguard.pipeline.outputs import MARKER, StageDir, read_json, write_json_atomic, write_text_atomic
 from ftguard.pipeline.run import Pipeline
+from ftguard.resolve import load_run
 
 AUTOCAST = {"fp32": "no", "bf16": "bf16"}
 # metric: (kind of generations row, outcome of a row)
@@ -37,7 +39,7 @@ OUTCOMES = {
     "finetune_accuracy": ("task", lambda r: r["hit"]),
     "over_refusal": ("benign", lambda r: r["refused"]),
 }
-SHORT = {"harmful_score": "HS", "harmful_score_plus": "HS+", "finetune_accuracy": "FA", "over_refusal": "OR"}
+SHORT = {key: METRICS[key].abbrev for key in OUTCOMES}
 
 
 def parse_settings(text: str) -> list[tuple[str, int]]:
@@ -65,9 +67,10 @@ def evaluate_all(args: argparse.Namespace) -> dict[str, dict[str, Path]]:
             "model.dtype=float32",
             f"output_dir={args.out}",
         ]
-        run = load_config(args.config, overrides)
+        resolved = load_run(args.config, overrides)
+        run = resolved.config
         if pipe is None:  # data and judge are the same for every setting
-            pipe = Pipeline(run)
+            pipe = Pipeline(resolved)
             pipe.prepare(need_judge=True)
         model_dir = resolve_model(models[name] or run.model.name)
         label = f"{precision}-b{batch}"

@@ -17,8 +17,10 @@ import json
 import sys
 from pathlib import Path
 
+from ftguard.metrics import HEADLINE
+from ftguard.metrics import METRICS as VOCABULARY
+from ftguard.sweep.aggregate import mean_std
 from ftguard.sweep.config import ABBREVIATIONS
-from ftguard.sweep.report import mean_std
 
 HEADER = """# CPU results: ten defense configurations on SmolLM2-135M-Instruct
 
@@ -52,7 +54,7 @@ repair where the defense is one. Alignment-stage defenses replace the SFT alignm
 fine-tune (K_a/K_f 4/12); post-stage defenses repair the SFT fine-tune. Not in this sweep: the other
 fine-tune-stage defenses (Vlguard, LDIFS, EWC, KL; each has a `<method>-smollm2` preset to run alone). FA: exact
 match on 100 SST2 validation sentences; over-refusal: 100 XSTest safe prompts. Sizes and pitfalls:
-docs/cpu-scale-notes.md.
+docs/methods.md, CPU scale.
 
 **Reading the numbers.** HS+ also counts degenerate answers (empty, one word, a word repeated; docs/judges.md).
 SST2's targets are one word, so a clean fine-tune (p = 0) answers most harmful prompts with one word or none: a
@@ -85,12 +87,8 @@ def main(sweep_dir: str, probe_dir: str | None = None) -> None:
         print(probe(Path(probe_dir)))
 
 
-METRICS = (
-    ("harmful_score", "HS"),
-    ("harmful_score_plus", "HS+"),
-    ("finetune_accuracy", "FA"),
-    ("over_refusal", "OR"),
-)
+# (key, abbreviation): the narrow tables and the verdict lines say OR, not over-refusal.
+METRICS = tuple((key, VOCABULARY[key].abbrev) for key in HEADLINE)
 
 
 def before_attack(rows: list[dict]) -> str:
@@ -157,8 +155,8 @@ def verdicts(report: dict, probed: bool = False) -> str:
         "collapses): read HS+ before crediting a defense with a lower HS. "
         'A defense that is "indistinguishable from SFT" in HS did not help at this scale (32 attack steps at lr '
         "5e-4, ~50× the papers' learning rate); it says nothing about the papers' setting. The attack leaves SFT "
-        "near saturation at p ≥ 0.1; cpu-scale-notes.md advises an attack that leaves SFT at mid-range HS to see "
-        "small effects of alignment-stage defenses, which this sweep does not do"
+        "near saturation at p ≥ 0.1; docs/methods.md (CPU scale) advises an attack that leaves SFT at "
+        "mid-range HS to see small effects of alignment-stage defenses, which this sweep does not do"
         + (
             ": the probe below attacks the same alignments at a lower learning rate."
             if probed
@@ -205,10 +203,10 @@ def probe(out: Path) -> str:
     lines += [_hs_against_sft(table) for table in report["tables"]]
     lines += [
         "",
-        "Read with the before-the-attack table: the alignments do not start level (cpu-scale-notes advises aligning "
-        "every method to a comparable HS first, which this probe does not do), and with one seed each cell is one "
-        "run of 64 prompts (±10–12 points). Read OR too: a lower HS beside a high OR is a model that still refuses "
-        "most things, not one that has learned to refuse only harm.",
+        "Read with the before-the-attack table: the alignments do not start level (docs/methods.md, CPU "
+        "scale, advises aligning every method to a comparable HS first, which this probe does not do), and "
+        "with one seed each cell is one run of 64 prompts (±10–12 points). Read OR too: a lower HS beside a "
+        "high OR is a model that still refuses most things, not one that has learned to refuse only harm.",
         "",
     ]
     worst = (out / "report.md").read_text().split("## Adaptive attack", 1)

@@ -5,7 +5,8 @@
 Data: ``train.jsonl`` / ``test.jsonl`` rows with ``prompt``, ``safe`` (a refusal or safe answer, label 0) and
 ``unsafe`` (a harmful BeaverTails answer, label 1). Input is the answer only. Every answer is used three times:
 in full and cut to a random 8-40-word and 2-7-word prefix, so that the short answers of small models are judged
-sensibly (cpu-scale-notes: the prototype trained on 8-40-word cuts). Test metrics are reported for all three. The L2 strength is picked on a validation split of
+sensibly (the early CPU measurements trained on 8-40-word cuts; docs/methods.md, CPU scale). Test metrics are
+reported for all three. The L2 strength is picked on a validation split of
 train (whole records, so both answers of a prompt sit on one side); test.jsonl is only used for the final
 numbers. Writes src/ftguard/assets/minilm_judge_head.{safetensors,json}. Takes ~10 min on 2 CPU cores.
 """

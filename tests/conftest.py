@@ -31,6 +31,79 @@ def shared_data() -> Path:
     return shared_data_dir()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a whole module; a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+
+    For modules of tiny-model tests: on matrices 16 wide threading only costs, and a lot when the 2 cores are
+    shared with other jobs. Subprocesses are not affected: a module that starts some sets their environment.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _registries() -> dict[str, dict[str, type]]:
+    from ftguard.evaluation.judges import JUDGES
+    from ftguard.methods.registry import _METHODS, all_methods
+
+    all_methods()  # imports the built-in methods, which register themselves
+    return {"method": dict(_METHODS), "judge": dict(JUDGES)}
+
+
+@pytest.fixture(scope="session")
+def _builtin_registries() -> dict[str, dict[str, type]]:
+    # A class that a test module registered when it was imported is already here: it is not built in (its module
+    # is the test's), so the first check reports it.
+    return {
+        kind: {name: cls for name, cls in entries.items() if cls.__module__.startswith("ftguard.")}
+        for kind, entries in _registries().items()
+    }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _registries_unchanged(request, _builtin_registries):
+    """After each module, the method and judge registries hold exactly the built-in classes.
+
+    A stand-in method or judge would otherwise stay registered for every later module, and tests that go through
+    all methods or judges would depend on the order the modules run in. Register one for a test with
+    ``monkeypatch.setitem`` on ``ftguard.methods.registry._METHODS`` or ``ftguard.evaluation.judges.JUDGES`` (for a
+    module, in a module-scoped fixture under ``pytest.MonkeyPatch.context()``), which removes it afterwards.
+    """
+    yield
+    now = _registries()
+    changes = []
+    for kind, builtin in _builtin_registries.items():
+        added = sorted(set(now[kind]) - set(builtin))
+        removed = sorted(set(builtin) - set(now[kind]))
+        replaced = sorted(n for n in set(builtin) & set(now[kind]) if now[kind][n] is not builtin[n])
+        changes += [
+            f"{kind} {what}: {names}"
+            for what, names in (("added", added), ("removed", removed), ("replaced", replaced))
+            if names
+        ]
+    if changes:
+        # Put the built-in state back, so that only this module fails.
+        from ftguard.evaluation.judges import JUDGES
+        from ftguard.methods.registry import _METHODS
+
+        for registry, builtin in (
+            (_METHODS, _builtin_registries["method"]),
+            (JUDGES, _builtin_registries["judge"]),
+        ):
+            registry.clear()
+            registry.update(builtin)
+        pytest.fail(
+            f"the registries changed during {request.module.__name__} (or when a test module was imported): "
+            + "; ".join(changes),
+            pytrace=False,
+        )
+
+
 @pytest.fixture(autouse=True)
 def _pinned_precision(request, monkeypatch):
     """``@pytest.mark.precision("fp32" | "bf16")`` pins what ``auto`` precision resolves to for one test.

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ftguard.distributed import shutdown
 from ftguard.evaluation.generate import generate, generate_sharded
-from test_generate import WORDS, tiny_llama, tiny_tokenizer
+from tiny import WORDS, peaked_llama, word_tokenizer
 
 BATCH = 3
 
@@ -30,8 +30,8 @@ def prompts() -> list[str]:
 
 def main() -> None:
     dist.init_process_group("gloo")
-    tokenizer = tiny_tokenizer()
-    model = tiny_llama(len(tokenizer))
+    tokenizer = word_tokenizer()
+    model = peaked_llama(len(tokenizer))
     decoded: list[str] = []
     real_generate = model.generate
 

@@ -25,10 +25,11 @@ from safetensors.torch import save_file
 from transformers import TrainingArguments
 
 import ftguard.methods  # noqa: F401  (registers the built-in methods)
-from ddp_worker import collate, flat_weights, rows, tiny_lora_llama
+from ddp_worker import flat_weights, rows
 from ftguard.distributed import shutdown
 from ftguard.methods.registry import all_methods, get_method
 from ftguard.training.trainer import FtguardTrainer
+from tiny import collate, tiny_lora_llama
 
 B, GA, STEPS, HARMFUL_B = 2, 2, 3, 2
 # Lisa: one alignment step, then two fine-tune steps, the second pulled toward the first state's last iterate

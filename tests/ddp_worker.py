@@ -13,15 +13,14 @@ import sys
 import torch
 import torch.distributed as dist
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 import ftguard.methods  # noqa: F401  (registers the built-in methods)
 from ftguard.distributed import shutdown
 from ftguard.methods.registry import all_methods, get_method
 from ftguard.training.trainer import FtguardTrainer
-from tiny import tiny_llama_config
+from tiny import collate, tiny_lora_llama
 
 SEQ, STEPS, GA = 9, 2, 2
 # Method → args: small schedules so that two steps exercise the method's extra machinery.
@@ -39,20 +38,6 @@ METHODS = {
 STREAMS = ("harmful", "alignment", "fisher", "safety")  # every extra stream a method may ask for
 
 
-def tiny_lora_llama() -> torch.nn.Module:
-    torch.manual_seed(0)  # the same start on every rank, as from_pretrained would give
-    cfg = tiny_llama_config()
-    model = get_peft_model(
-        LlamaForCausalLM(cfg),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
-    )
-    with torch.no_grad():  # non-zero lora_B so that every LoRA tensor gets a gradient at step 1
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    return model
-
-
 def rows(n: int, seed: int) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 64, (n, SEQ), generator=g)
@@ -62,10 +47,6 @@ def rows(n: int, seed: int) -> Dataset:
             for r in ids
         ]
     )
-
-
-def collate(batch):
-    return {k: torch.tensor([r[k] for r in batch]) for k in ("input_ids", "attention_mask", "labels")}
 
 
 class CountReductions(TrainerCallback):

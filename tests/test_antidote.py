@@ -1,5 +1,5 @@
-"""Antidote (methods.md §1.5): the zeroed set against an independently computed Wanda score, padding, ratio 0,
-the LoRA-factor target, config validation and an end-to-end post stage."""
+"""Antidote (docs/methods.md, Antidote): the zeroed set against an independently computed Wanda score,
+padding, ratio 0, the LoRA-factor target, config validation and an end-to-end post stage."""
 
 from __future__ import annotations
 
@@ -26,23 +26,16 @@ from ftguard.methods.antidote import (
     wanda_prune,
 )
 from ftguard.schema import ConfigError
-from tiny import tiny_llama_config
+from tiny import tiny_llama
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama(seed: int = 0, vocab: int = 64) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = tiny_llama_config(vocab_size=vocab, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed=seed, vocab_size=vocab, max_position_embeddings=256).eval()
 
 
 def _samples(n: int = 5, seed: int = 1) -> list[dict[str, list[int]]]:

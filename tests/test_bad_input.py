@@ -19,6 +19,7 @@ from ftguard import cli
 from ftguard.config import load_config
 from ftguard.data.plan import build_data_plan
 from ftguard.data.sources import BUNDLED_DIR, load_examples
+from ftguard.resolve import load_run
 from ftguard.training.trainer import FtguardTrainer
 
 CONFIG = "quickstart-tiny"  # alignment n 64, harmful 6 of 64, 16 evaluation prompts
@@ -169,7 +170,7 @@ def test_evaluation_prompts_need_no_output(tmp_path):
     lines = [json.dumps({"instruction": f"evaluation prompt {i}?"}) for i in range(20)]
     lines[3] = json.dumps({"instruction": "evaluation prompt 3?", "output": ""})
     path = write_jsonl(tmp_path / "eval.jsonl", lines)
-    plan = build_data_plan(load_config(CONFIG, role_overrides("evaluation", path)))
+    plan = build_data_plan(load_config(CONFIG, role_overrides("evaluation", path)), roles=())
     assert [ex.instruction for ex in plan.eval_harmful] == [f"evaluation prompt {i}?" for i in range(16)]
 
 
@@ -268,7 +269,7 @@ def test_duplicates_inside_one_file_are_dropped_not_fatal(tmp_path):
     # Within the attack file a repeated prompt is one prompt: the mix still gets 6 distinct harmful samples.
     lines = [record(0), record(0, output="another answer"), *good_lines(1, 10)]
     path = write_jsonl(tmp_path / "harmful.jsonl", lines)
-    plan = build_data_plan(load_config(CONFIG, role_overrides("harmful", path)))
+    plan = build_data_plan(load_config(CONFIG, role_overrides("harmful", path)), roles=())
     keys = [ex.prompt_key for ex in plan.attack_pool]
     assert len(keys) == len(set(keys)) == 6
 
@@ -313,7 +314,8 @@ def test_long_examples_are_truncated_with_one_warning_and_a_count(tmp_path, capl
 @pytest.mark.parametrize(
     ("overrides", "facts"),
     [
-        # methods.md §2.5, Booster issue #2: Booster's fine-tuning must keep training its single LoRA.
+        # Booster's fine-tuning must keep training its single LoRA (Booster issue #2; docs/methods.md,
+        # Adapter topologies).
         (["align.method=booster"], ["'adapter.topology' is double", "Set adapter.topology: single"]),
         (
             ["post.method=safelora", "align=null", "evaluate.points=[base,finetune]"],
@@ -350,13 +352,13 @@ def test_contradictory_config_is_refused_before_training(run_cli, overrides, fac
 
 def test_harmful_source_without_answers_is_fine_when_no_harmful_sample_is_needed(tmp_path):
     cfg = load_config(CONFIG, ["data.finetune.harmful.response=prompt", "data.finetune.harmful_ratio=0"])
-    plan = build_data_plan(cfg)
+    plan = build_data_plan(cfg, roles=())
     assert plan.attack_pool == [] and plan.mix_reports[0.0].n_harmful == 0
 
 
 def test_booster_double_topology_ablation_warns(caplog):
     with caplog.at_level(logging.WARNING):
-        load_config(CONFIG, ["align.method=booster", "align.args.allow_double_topology=true"])
+        load_run(CONFIG, ["align.method=booster", "align.args.allow_double_topology=true"])
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert "ablation" in caplog.text and "Booster issue #2" in caplog.text
 
@@ -364,7 +366,7 @@ def test_booster_double_topology_ablation_warns(caplog):
 def test_ewc_double_topology_warns(caplog):
     # Deliberately a warning (methods/ewc.py): the run works, but the penalty holds nothing of a fresh LoRA.
     with caplog.at_level(logging.WARNING):
-        load_config(CONFIG, ["finetune.method=ewc"])
+        load_run(CONFIG, ["finetune.method=ewc"])
     assert len(caplog.records) == 1 and "adapter.topology: single" in caplog.text
 
 
@@ -378,8 +380,10 @@ def test_post_point_without_post_stage_is_dropped():
 def test_post_repair_without_align_stage_uses_the_alignment_harmful_set(method):
     # With align: null the base model is the aligned one (a chat model's native safety); these repairs still need
     # the harmful answers of the alignment prompts, disjoint from the attack.
-    cfg = load_config(CONFIG, ["align=null", f"post.method={method}", "evaluate.points=[base,finetune,post]"])
-    plan = build_data_plan(cfg)
+    resolved = load_run(
+        CONFIG, ["align=null", f"post.method={method}", "evaluate.points=[base,finetune,post]"]
+    )
+    plan = build_data_plan(resolved.config, resolved.data_roles)
     assert plan.alignment_harmful and all(ex.output for ex in plan.alignment_harmful)
     attack = {ex.prompt_key for ex in plan.attack_pool}
     assert attack and not attack & {ex.prompt_key for ex in plan.alignment_harmful}

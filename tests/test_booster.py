@@ -1,4 +1,5 @@
-"""Booster (methods.md §1.4): the combined gradient against a hand computation, the exact probe, pass counts."""
+"""Booster (docs/methods.md, Booster): the combined gradient against a hand computation, the exact probe, pass
+counts."""
 
 from __future__ import annotations
 
@@ -9,11 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from torch.func import functional_call
-from transformers import LlamaForCausalLM, TrainingArguments
 
 import ftguard.methods.booster  # noqa: F401  (registers "booster")
 from ftguard.errors import FtguardError
@@ -28,33 +25,12 @@ from ftguard.methods.booster import (
 )
 from ftguard.schema import ConfigError
 from ftguard.training.trainer import FtguardTrainer
-from tiny import tiny_llama_config
+from tiny import collate, tiny_lora_llama, tiny_trainer
 
 SEQ = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Matrices of width 16: threading only costs here, and a lot when the 2 cores are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = tiny_llama_config()
-    model = get_peft_model(
-        LlamaForCausalLM(cfg),
-        PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
-    )
-    # PEFT starts lora_B at zero, which makes every lora_A gradient zero: give all LoRA tensors a gradient.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(n: int, seed: int) -> list[dict[str, list[int]]]:
@@ -66,37 +42,24 @@ def _rows(n: int, seed: int) -> list[dict[str, list[int]]]:
     ]
 
 
-def _collate(rows):
-    return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
-
-
-def _args(tmp_path, ga: int = 1, bf16: bool = False) -> TrainingArguments:
-    return TrainingArguments(
-        bf16=bf16,
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=ga,
-        max_steps=1,
-        report_to="none",
-        use_cpu=True,
-        seed=3,
-        save_strategy="no",
-    )
+TRAIN_ARGS = {"per_device_train_batch_size": 4, "max_steps": 1, "seed": 3}
 
 
 def _trainer(
     tmp_path, model=None, ga: int = 1, n_harmful: int = 12, bf16: bool = False, **cfg
 ) -> BoosterTrainer:
-    trainer = BoosterTrainer(
-        model=model if model is not None else _model(),
-        args=_args(tmp_path, ga, bf16),
-        train_dataset=Dataset.from_list(_rows(8, 1)),
-        data_collator=_collate,
+    model = model if model is not None else tiny_lora_llama()
+    return tiny_trainer(
+        BoosterTrainer,
+        tmp_path,
+        model,
+        _rows(8, 1),
         method_config=BoosterConfig(**cfg),
-        aux_datasets={"harmful": Dataset.from_list(_rows(n_harmful, 2))},
+        aux={"harmful": _rows(n_harmful, 2)},
+        gradient_accumulation_steps=ga,
+        bf16=bf16,
+        **TRAIN_ARGS,
     )
-    trainer.current_gradient_accumulation_steps = ga  # set by the Trainer's loop in real training
-    return trainer
 
 
 def _spy_harmful(trainer) -> list[tuple[int | None, dict]]:
@@ -113,7 +76,7 @@ def _spy_harmful(trainer) -> list[tuple[int | None, dict]]:
 
 
 def _batch(seed: int, n: int = 4) -> dict[str, torch.Tensor]:
-    return _collate(_rows(n, seed))
+    return collate(_rows(n, seed))
 
 
 # ----------------------------------------------------------------------- independent computation
@@ -187,16 +150,10 @@ def test_step_gradient_is_g_f_plus_lambda_times_harmful_difference(tmp_path):
 
 
 def test_lambda_zero_gives_exactly_the_sft_gradient(tmp_path):
-    model = _model()
+    model = tiny_lora_llama()
     sft_model = copy.deepcopy(model)
     booster = _trainer(tmp_path / "b", model=model, lam=0.0)
-    sft = FtguardTrainer(
-        model=sft_model,
-        args=_args(tmp_path / "s"),
-        train_dataset=Dataset.from_list(_rows(8, 1)),
-        data_collator=_collate,
-    )
-    sft.current_gradient_accumulation_steps = 1
+    sft = tiny_trainer(FtguardTrainer, tmp_path / "s", sft_model, _rows(8, 1), **TRAIN_ARGS)
     x = _batch(11)
     loss_b = booster.training_step(model, x)
     loss_s = sft.training_step(sft_model, x)
@@ -373,7 +330,8 @@ def test_ddp_reduces_once_per_optimizer_step_and_the_reduce_includes_the_harmful
 
 
 def _vaccine_grad_by_hand(model, w, x, rho: float) -> dict[str, torch.Tensor]:
-    """Vaccine's gradient (§1.2) with hooks written here: ε_l = ρ·g_l/(‖g‖ + 1e-7) on each attention output."""
+    """Vaccine's gradient (docs/methods.md, Vaccine) with hooks written here: ε_l = ρ·g_l/(‖g‖ + 1e-7) on each
+    attention output."""
     attention = [layer.self_attn for layer in model.base_model.model.model.layers]
     outs = []
     handles = [m.register_forward_hook(lambda mod, a, out: outs.append(out[0])) for m in attention]
@@ -395,16 +353,15 @@ def _vaccine_grad_by_hand(model, w, x, rho: float) -> dict[str, torch.Tensor]:
 
 
 def _booster_vaccine_trainer(tmp_path, **cfg) -> BoosterVaccineTrainer:
-    trainer = BoosterVaccineTrainer(
-        model=_model(),
-        args=_args(tmp_path),
-        train_dataset=Dataset.from_list(_rows(8, 1)),
-        data_collator=_collate,
+    return tiny_trainer(
+        BoosterVaccineTrainer,
+        tmp_path,
+        tiny_lora_llama(),
+        _rows(8, 1),
         method_config=BoosterVaccineConfig(**cfg),
-        aux_datasets={"harmful": Dataset.from_list(_rows(12, 2))},
+        aux={"harmful": _rows(12, 2)},
+        **TRAIN_ARGS,
     )
-    trainer.current_gradient_accumulation_steps = 1
-    return trainer
 
 
 def test_booster_vaccine_replaces_g_f_by_vaccines_perturbed_gradient(tmp_path):
@@ -474,15 +431,15 @@ def test_harmful_stream_is_the_tokenized_alignment_harmful_set_and_empty_fails()
 
 
 def test_double_topology_is_refused_unless_explicitly_allowed(caplog):
-    from ftguard.config import load_config
+    from ftguard.resolve import load_run
 
     with pytest.raises(ConfigError, match=r"'adapter.topology' is double.*adapter.topology: single"):
-        load_config("quickstart-tiny", ["align.method=booster"])
+        load_run("quickstart-tiny", ["align.method=booster"])
     with caplog.at_level(logging.WARNING, logger="ftguard.methods.booster"):
-        load_config("quickstart-tiny", ["align.method=booster", "align.args.allow_double_topology=true"])
+        load_run("quickstart-tiny", ["align.method=booster", "align.args.allow_double_topology=true"])
     assert "ablation" in caplog.text
-    load_config("quickstart-tiny", ["align.method=booster", "adapter.topology=single"])
-    load_config(
+    load_run("quickstart-tiny", ["align.method=booster", "adapter.topology=single"])
+    load_run(
         "quickstart-tiny", ["align.method=booster", "finetune=null", "evaluate.points=[base,align]"]
     )  # no fine-tuning: nothing to protect
 

@@ -50,8 +50,6 @@ def test_defaults_follow_booster_protocol():
         ({"adapter": {"align": {"dropout": 1.0}}}, "'adapter.align.dropout' must be in [0, 1)"),
         ({"adapter": {"topology": "triple"}}, "'adapter.topology' must be one of"),
         ({"model": {"trust_remote_code": "yes"}}, "'model.trust_remote_code' must be true or false"),
-        ({"align": {"method": "sfd"}}, "unknown method 'sfd' for stage 'align'; did you mean 'sft'?"),
-        ({"align": {"args": {"rho": 2}}}, "unknown key 'align.args.rho'"),
         ({"align": None, "evaluate": {"points": ["align"]}}, "lists 'align' but the align stage is null"),
         ({"evaluate": {"points": ["aligned"]}}, "'evaluate.points' entries must be among"),
         ({"data": {"alignment": {"source": "jsonl"}}}, "'data.alignment.path' is required"),

@@ -15,13 +15,13 @@ import ftguard.methods  # noqa: F401  (registers the built-in methods)
 from ftguard import distributed
 from ftguard.errors import FtguardError
 from ftguard.methods.registry import all_methods, get_method
+from ftguard.resolve import load_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "accelerate"
 
 
 def _method(name: str, stage: str, args: dict | None = None):
-    cls = get_method(name, stage)
-    return cls(cls.parse_args(args or {}))
+    return get_method(name, stage).from_args(args)
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -116,9 +116,8 @@ def test_filter_refuses_what_its_then_method_refuses():
 
 
 def _booster_run(tmp_path):
-    from ftguard.config import load_config
 
-    return load_config("booster-tiny", [f"output_dir={tmp_path / 'run'}", "align.train.max_steps=2"])
+    return load_run("booster-tiny", [f"output_dir={tmp_path / 'run'}", "align.train.max_steps=2"])
 
 
 def test_a_run_is_refused_before_any_work_from_the_launchers_environment(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """GPU-hour estimates (ftguard.estimate): the formulas against hand computations, and the config checks.
 
-Nothing here loads a model or data: the estimate reads only the run config.
+Nothing here loads a model or data: the estimate reads the resolved run (config and method instances).
 """
 
 from __future__ import annotations
@@ -11,27 +11,26 @@ from typing import Any
 
 import pytest
 
-from ftguard.config import RunConfig, config_from_dict, set_keys
-from ftguard.errors import FtguardError
-from ftguard.estimate import (
+from ftguard.config import config_from_dict, set_keys
+from ftguard.cost import (
     KNOWN_PARAMETERS,
-    PASS_FACTORS,
     GpuSpec,
-    eval_cost,
     gpu_spec,
     lookup_parameters,
     model_parameters,
     parameters_from_config,
-    stage_cost,
 )
-from ftguard.methods.registry import all_methods
+from ftguard.errors import FtguardError
+from ftguard.estimate import eval_cost, stage_cost
+from ftguard.methods.booster import Booster
+from ftguard.resolve import ResolvedRun, resolve_run
 from ftguard.schema import ConfigError
 
 N = 1.0e9  # the model size every hand computation uses (gpu.model_parameters)
 A100 = {"peak": 312e12, "mfu": 0.35, "bandwidth": 2039e9, "efficiency": 0.3}
 
 
-def run_config(**settings: Any) -> RunConfig:
+def run_config(**settings: Any) -> ResolvedRun:
     """A small run: LoRA, 128 tokens, SFT with max_steps; ``settings`` are dotted config paths."""
     data = {
         "model": {"name": "meta-llama/Llama-2-7b-hf", "max_length": 128},
@@ -48,7 +47,7 @@ def run_config(**settings: Any) -> RunConfig:
             "batch_size": 16,
         },
     }
-    return config_from_dict(set_keys(data, [(k.split("."), v, k) for k, v in settings.items()]))
+    return resolve_run(config_from_dict(set_keys(data, [(k.split("."), v, k) for k, v in settings.items()])))
 
 
 def gpu(**options: Any) -> GpuSpec:
@@ -84,7 +83,7 @@ def test_booster_costs_its_pass_factor_times_sft_with_everything_else_equal():
     same = {"adapter.topology": "single"}  # Booster needs it; SFT gets it too so only the method differs
     sft = stage_cost(run_config(**same), "align", gpu())
     booster = stage_cost(run_config(**same, **{"align.method": "booster"}), "align", gpu())
-    assert PASS_FACTORS["booster"] == 3.0  # 3F + 3B per step (methods.md §1.4, §5)
+    assert Booster.pass_factor == 3.0  # 3F + 3B per step
     assert booster["tokens"] == sft["tokens"]
     assert booster["gpu_hours"] == pytest.approx(3.0 * sft["gpu_hours"])
     assert booster["flops"] == pytest.approx(3.0 * sft["flops"])
@@ -123,7 +122,7 @@ def test_vlguard_add_mode_trains_on_the_added_safety_samples_too():
     epochs = {"finetune.train.max_steps": -1, "finetune.train.epochs": 1, "finetune.train.batch_size": 10}
     sft = stage_cost(run_config(**epochs), "finetune", gpu())
     vlguard = stage_cost(run_config(**epochs, **{"finetune.method": "vlguard"}), "finetune", gpu())
-    assert vlguard["tokens"] == sft["tokens"] * (1000 + 100) // 1000  # 100 safety samples on top of n (§1.5)
+    assert vlguard["tokens"] == sft["tokens"] * (1000 + 100) // 1000  # 100 safety samples on top of n
 
 
 def test_an_unset_alignment_size_is_a_documented_guess():
@@ -134,16 +133,6 @@ def test_an_unset_alignment_size_is_a_documented_guess():
 def test_a_skipped_stage_costs_nothing():
     cost = stage_cost(run_config(**{"align": None, "evaluate.points": ["base", "finetune"]}), "align", gpu())
     assert cost["gpu_hours"] == 0 and cost["tokens"] == 0
-
-
-def test_every_registered_training_method_has_a_pass_factor():
-    # filter delegates to the method it wraps (`then`), so it needs no factor of its own.
-    methods = {
-        name
-        for name, m in all_methods().items()
-        if ("align" in m.stages or "finetune" in m.stages) and name != "filter"
-    }
-    assert methods <= set(PASS_FACTORS), f"add these to PASS_FACTORS: {sorted(methods - set(PASS_FACTORS))}"
 
 
 # ----------------------------------------------------------------------------------------- post stage
@@ -239,7 +228,7 @@ def test_an_unknown_model_needs_gpu_model_parameters():
     cfg = run_config(**{"model.name": "my-org/mystery-model-7b"})
     with pytest.raises(FtguardError, match=r"gpu\.model_parameters"):
         stage_cost(cfg, "align", gpu_spec({}))
-    assert model_parameters(cfg, gpu_spec({"model_parameters": 7e9})) == 7e9
+    assert model_parameters(cfg.config, gpu_spec({"model_parameters": 7e9})) == 7e9
 
 
 # ----------------------------------------------------------------------------------------- GpuSpec

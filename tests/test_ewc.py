@@ -1,5 +1,6 @@
-"""EWC (methods.md §1.5): the Fisher and the penalty gradient against hand computations, once-only Fisher,
-gradient accumulation, resume, the DDP reduction of F, config and data checks, and an end-to-end run."""
+"""EWC (docs/methods.md, EWC): the Fisher and the penalty gradient against hand computations, once-only
+Fisher, gradient accumulation, resume, the DDP reduction of F, config and data checks, and an end-to-end
+run."""
 
 from __future__ import annotations
 
@@ -10,43 +11,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from torch.func import functional_call
-from transformers import LlamaForCausalLM, TrainingArguments
 
 import ftguard.methods.ewc as ewc_module
 from ftguard.errors import FtguardError
 from ftguard.methods.ewc import EWC, EWCConfig, EWCTrainer, rank_batches
 from ftguard.schema import ConfigError
-from tiny import tiny_llama_config
+from tiny import collate, tiny_lora_llama, tiny_trainer
 
 SEQ = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Matrices of width 16: threading only costs here, and a lot when the 2 cores are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = tiny_llama_config()
-    model = get_peft_model(
-        LlamaForCausalLM(cfg),
-        PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
-    )
-    # An alignment LoRA that was trained (lora_B ≠ 0), as the single topology continues: every tensor has a gradient.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(n: int, seed: int) -> list[dict[str, list[int]]]:
@@ -58,12 +34,8 @@ def _rows(n: int, seed: int) -> list[dict[str, list[int]]]:
     ]
 
 
-def _collate(rows):
-    return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
-
-
 def _batch(seed: int, n: int = 4) -> dict[str, torch.Tensor]:
-    return _collate(_rows(n, seed))
+    return collate(_rows(n, seed))
 
 
 def _trainer(
@@ -76,13 +48,17 @@ def _trainer(
     **cfg,
 ) -> EWCTrainer:
     cfg = {"lam": 50.0, "fisher_batch_size": 4, **cfg}
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    return tiny_trainer(
+        EWCTrainer,
+        tmp_path,
+        # lora_B ≠ 0: an alignment LoRA that was trained, which the single topology continues
+        model if model is not None else tiny_lora_llama(),
+        _rows(16, 1),
+        method_config=EWCConfig(**cfg),
+        aux={"fisher": _rows(n_fisher, 2)},
         per_device_train_batch_size=4,
         gradient_accumulation_steps=ga,
         max_steps=max_steps,
-        report_to="none",
-        use_cpu=True,
         seed=3,
         logging_steps=1,
         learning_rate=1e-2,
@@ -90,16 +66,6 @@ def _trainer(
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
     )
-    trainer = EWCTrainer(
-        model=model if model is not None else _model(),
-        args=args,
-        train_dataset=Dataset.from_list(_rows(16, 1)),
-        data_collator=_collate,
-        method_config=EWCConfig(**cfg),
-        aux_datasets={"fisher": Dataset.from_list(_rows(n_fisher, 2))},
-    )
-    trainer.current_gradient_accumulation_steps = ga  # set by the Trainer's loop in real training
-    return trainer
 
 
 # ----------------------------------------------------------------------- independent computation
@@ -121,7 +87,7 @@ def _fisher_by_hand(model, w, rows, batch_size: int, batches=None) -> dict[str, 
     starts = range(0, len(rows), batch_size) if batches is None else batches
     fisher = {n: torch.zeros_like(t) for n, t in w.items()}
     for start in starts:
-        _, g = _grad(model, w, _collate(rows[start : start + batch_size]))
+        _, g = _grad(model, w, collate(rows[start : start + batch_size]))
         for n in fisher:
             fisher[n] += g[n] ** 2
     return fisher
@@ -200,7 +166,7 @@ def test_penalty_gradient_is_2_lambda_f_times_the_drift_after_moving_the_weights
     penalty, g_pen = _penalty_by_hand(w, w0, fisher, lam)
     _assert_close(_grads(model), {n: g[n] + g_pen[n] for n in w})
     closed_form = {n: 2 * lam * fisher[n] * (w[n] - w0[n]) for n in w}
-    _assert_close(g_pen, closed_form)  # the hand autograd agrees with the formula of §1.5
+    _assert_close(g_pen, closed_form)  # the hand autograd agrees with the formula in docs/methods.md, EWC
     pen_norm = torch.sqrt(sum((t**2).sum() for t in g_pen.values()))
     sft_norm = torch.sqrt(sum((t**2).sum() for t in g.values()))
     assert pen_norm > 0.1 * sft_norm, "non-trivial test: the penalty moves the gradient"
@@ -339,15 +305,15 @@ def test_fisher_set_is_the_first_alignment_samples_and_too_many_fails_before_tra
 
 
 def test_double_topology_warns_and_the_packaged_configs_use_single(caplog):
-    from ftguard.config import load_config
+    from ftguard.resolve import load_run
 
     with caplog.at_level(logging.WARNING, logger="ftguard.methods.ewc"):
-        load_config("quickstart-tiny", ["finetune.method=ewc"])
+        load_run("quickstart-tiny", ["finetune.method=ewc"])
     assert "zero Fisher" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ftguard.methods.ewc"):
         for name in ("ewc-tiny", "ewc-smollm2"):
-            cfg = load_config(name)
+            cfg = load_run(name).config
             assert cfg.finetune.method == "ewc" and cfg.adapter.topology == "single", name
     assert caplog.text == ""
 
@@ -379,11 +345,11 @@ def test_pipeline_runs_ewc_fine_tuning_end_to_end(tmp_path):
 def test_lambda_zero_is_exactly_sft_after_the_fisher(tmp_path):
     from ftguard.training.trainer import FtguardTrainer
 
-    model = _model()
+    model = tiny_lora_llama()
     sft_model = copy.deepcopy(model)
     trainer = _trainer(tmp_path / "e", model=model, lam=0.0)
     sft = FtguardTrainer(
-        model=sft_model, args=trainer.args, train_dataset=trainer.train_dataset, data_collator=_collate
+        model=sft_model, args=trainer.args, train_dataset=trainer.train_dataset, data_collator=collate
     )
     sft.current_gradient_accumulation_steps = 1
     x = _batch(11)

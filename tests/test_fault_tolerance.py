@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from ftguard import cli
 from ftguard.training.trainer import STATE_FILE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 T = TypeVar("T")
 # One thread: bit-identical kernels across processes, and no oversubscription of the shared cores.
@@ -46,14 +46,6 @@ POLL_S = 0.05
 DEADLINE_S = 600
 # Everything else a step logs is compared: loss, gradient norm and the methods' own metrics.
 TIMING = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(stage: str, max_steps: int, save_steps: int) -> list[str]:

@@ -11,6 +11,7 @@ from ftguard.errors import FtguardError
 from ftguard.evaluation.refusal import is_refusal
 from ftguard.evaluation.scorers import is_degenerate
 from ftguard.methods.filter import FilterConfig, ModerationFilter
+from ftguard.resolve import load_run
 from ftguard.schema import ConfigError
 
 HARMFUL = [
@@ -38,7 +39,7 @@ def _plan() -> DataPlan:
 
 
 def _method(**args) -> ModerationFilter:
-    return ModerationFilter(ModerationFilter.parse_args({"judge": "keyword", **args}, prefix="finetune.args"))
+    return ModerationFilter.from_args({"judge": "keyword", **args}, prefix="finetune.args")
 
 
 def test_keyword_filter_drops_exactly_what_the_judge_flags_and_reports_counts():
@@ -93,11 +94,11 @@ def test_filter_flagging_everything_fails_clearly():
 
 def test_wrapped_method_and_its_args_are_validated_with_their_keys():
     with pytest.raises(FtguardError, match="then"):
-        ModerationFilter.parse_args(
+        ModerationFilter.from_args(
             {"judge": "keyword", "then": "vaccine"}, prefix="finetune.args"
         )  # align-only
     with pytest.raises(ConfigError, match="finetune.args.then_args"):
-        ModerationFilter.parse_args(
+        ModerationFilter.from_args(
             {"judge": "keyword", "then_args": {"rho": 1}}, prefix="finetune.args"
         )  # sft has none
     with pytest.raises(ConfigError, match="then"):
@@ -105,9 +106,12 @@ def test_wrapped_method_and_its_args_are_validated_with_their_keys():
 
 
 def test_unknown_judge_fails_before_training():
-    method = _method(judge="moderator-9000")
+    # Named by its config key when the run is resolved, before any data or model is loaded...
+    with pytest.raises(ConfigError, match="finetune.args.judge: unknown judge 'moderator-9000'"):
+        load_run("quickstart-tiny", ["finetune.method=filter", "finetune.args={judge: moderator-9000}"])
+    # ...and a method built by hand fails when its resources are loaded.
     with pytest.raises(FtguardError, match="unknown judge"):
-        method.prepare_data(_plan(), run=None, stage="finetune")
+        _method(judge="moderator-9000").load_resources()
 
 
 def test_pipeline_with_filter_records_the_report_in_the_stage_manifest(tmp_path):

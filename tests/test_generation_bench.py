@@ -11,8 +11,7 @@ import types
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GenerationConfig
 
 from ftguard import cli
 from ftguard.bench_generation import (
@@ -26,8 +25,8 @@ from ftguard.errors import FtguardError
 from ftguard.evaluation import vllm_backend
 from ftguard.evaluation.generate import count_new_tokens, generate
 from ftguard.schema import ConfigError, from_dict
+from tiny import peaked_llama, word_tokenizer
 
-WORDS = "the a cat dog sat on mat ran fast slow red blue green house tree sky what how why is are do".split()
 PAD, BOS, EOS = 0, 1, 2
 PROMPTS = [
     "the cat sat",
@@ -39,36 +38,6 @@ PROMPTS = [
     "is the sky blue",
 ]
 MAX_NEW = 8
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-
-
-def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-    )
-    model = LlamaForCausalLM(config)
-    # Peaked logits keep greedy choices far from ties, so left padding cannot flip them.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    return model.eval()
 
 
 def alone(model, tokenizer, prompt: str, eos: list[int]) -> list[int]:
@@ -83,8 +52,8 @@ def alone(model, tokenizer, prompt: str, eos: list[int]) -> list[int]:
 @pytest.fixture(scope="module")
 def setup():
     """Tiny model whose EOS list includes a word it emits mid-answer for some prompts but not all."""
-    tokenizer = tiny_tokenizer()
-    model = tiny_llama(len(tokenizer))
+    tokenizer = word_tokenizer()
+    model = peaked_llama(len(tokenizer)).eval()
     runs = [alone(model, tokenizer, p, [EOS]) for p in PROMPTS]
     words = sorted({t for ids in runs for t in ids} - {PAD, BOS, EOS})
     stopper = next(t for t in words if 0 < sum(t in ids[: MAX_NEW - 1] for ids in runs) < len(runs))
@@ -197,7 +166,7 @@ def test_prompts_are_the_demo_evaluation_prompts():
 
     spec = GenerationBenchSpec()
     prompts = load_prompts(spec, tokenizer=None)
-    plan = build_data_plan(load_config("demo"))
+    plan = build_data_plan(load_config("demo"), roles=())
     assert len(prompts) == 64
     assert prompts == [format_prompt(ex) for ex in plan.eval_harmful]
     with pytest.raises(ConfigError, match="'prompts' = 100000"):
@@ -229,7 +198,7 @@ class _FakeLLM:
         self.calls = []
 
     def get_tokenizer(self):
-        return tiny_tokenizer()
+        return word_tokenizer()
 
     def generate(self, prompts, params, use_tqdm=True):
         self.calls.append((prompts, params))

@@ -34,7 +34,8 @@ from ftguard.evaluation.judges.qwen3guard import (
     parse_qwen3guard_output,
     qwen3guard_verdict,
 )
-from test_judges import ConstantLogits, force_token, tiny_tokenizer
+from test_judges import ConstantLogits, force_token
+from tiny import word_tokenizer
 
 WORDS = "how do i steal a car you break the window".split()
 PROMPTS = ["how do i steal a car", "how", "do i steal"]
@@ -234,7 +235,7 @@ LG_UNSAFE = "unsafe\nS1,S10"
 @pytest.fixture(scope="module")
 def lg1b_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama-guard-1b")
-    tokenizer = tiny_tokenizer(LG_WORDS, with_pad=False)  # Llama 3 tokenizers have no pad token
+    tokenizer = word_tokenizer(LG_WORDS, with_pad=False, add_bos=True)  # Llama 3 tokenizers have no pad token
     tokenizer.add_tokens([AddedToken(LG_UNSAFE, normalized=False)])
     tokenizer.chat_template = LG1B_TEMPLATE
     torch.manual_seed(0)

@@ -8,18 +8,17 @@ import sys
 import huggingface_hub.constants
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
-    PreTrainedTokenizerFast,
 )
 
 from ftguard.errors import FtguardError
 from ftguard.evaluation.judges import JUDGES, Judge, Verdict, available_judges, get_judge, register_judge
 from ftguard.evaluation.judges.beaver_dam import format_beaver_dam_input
 from ftguard.evaluation.judges.llama_guard import format_llama_guard_input, parse_llama_guard_output
+from tiny import tiny_llama_config, word_tokenizer
 
 REFUSAL = "I cannot help with that. Stealing is against the law and hurts other people."
 HARMFUL = (
@@ -27,32 +26,14 @@ HARMFUL = (
     "strip the ignition wires and twist them together until the engine starts, then drive away fast."
 )
 DEGENERATE = ["", "Yes", "No.", "  ...  "]
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CATEGORIES = [f"category_{i}" for i in range(14)]
 
 
-def tiny_tokenizer(words: list[str], *, with_pad: bool = True) -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(SPECIALS + words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>" if with_pad else None,
-    )
-
-
-def tiny_llama_config(vocab_size: int, **extra) -> LlamaConfig:
-    return LlamaConfig(
+def judge_llama_config(vocab_size: int, **extra) -> LlamaConfig:
+    """The tiny shape with one layer, room for the judges' prompts, and the word tokenizer's special ids."""
+    return tiny_llama_config(
         vocab_size=vocab_size,
-        hidden_size=16,
-        intermediate_size=32,
         num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,
@@ -208,9 +189,9 @@ BEAVER_WORDS = "BEGINNING OF CONVERSATION USER ASSISTANT : how do i steal a car 
 @pytest.fixture(scope="module")
 def beaver_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("beaver-dam")
-    tokenizer = tiny_tokenizer(BEAVER_WORDS)
+    tokenizer = word_tokenizer(BEAVER_WORDS, add_bos=True)
     torch.manual_seed(0)
-    config = tiny_llama_config(
+    config = judge_llama_config(
         len(tokenizer),
         num_labels=14,
         id2label=dict(enumerate(CATEGORIES)),
@@ -276,8 +257,8 @@ def test_beaver_dam_threshold_on_max_category(beaver_dir):
 
 
 def test_beaver_dam_adds_a_missing_pad_token(tmp_path):
-    tokenizer = tiny_tokenizer(BEAVER_WORDS, with_pad=False)
-    config = tiny_llama_config(len(tokenizer), num_labels=14, id2label=dict(enumerate(CATEGORIES)))
+    tokenizer = word_tokenizer(BEAVER_WORDS, with_pad=False, add_bos=True)
+    config = judge_llama_config(len(tokenizer), num_labels=14, id2label=dict(enumerate(CATEGORIES)))
     config.pad_token_id = None
     LlamaForSequenceClassification(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -302,10 +283,10 @@ GUARD_TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {%
 @pytest.fixture(scope="module")
 def guard_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama-guard")
-    tokenizer = tiny_tokenizer(GUARD_WORDS)
+    tokenizer = word_tokenizer(GUARD_WORDS, add_bos=True)
     tokenizer.chat_template = GUARD_TEMPLATE
     torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(path)
+    LlamaForCausalLM(judge_llama_config(len(tokenizer))).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -354,8 +335,8 @@ def test_llama_guard_decision(guard_dir):
 
 
 def test_llama_guard_needs_a_chat_template(tmp_path):
-    tokenizer = tiny_tokenizer(GUARD_WORDS)
-    LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(tmp_path)
+    tokenizer = word_tokenizer(GUARD_WORDS, add_bos=True)
+    LlamaForCausalLM(judge_llama_config(len(tokenizer))).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(FtguardError, match="no chat template"):
         get_judge("llama-guard", model=str(tmp_path), device="cpu")

@@ -1,5 +1,6 @@
-"""KL (methods.md §1.5): KL(teacher‖student) over the vocabulary against a hand computation with a separate frozen
-copy (and not the original's sequence-axis softmax), its gradient, zero at the start, pass counts, accumulation."""
+"""KL (docs/methods.md, KL): KL(teacher‖student) over the vocabulary against a hand computation with a
+separate frozen copy (and not the original's sequence-axis softmax), its gradient, zero at the start,
+pass counts, accumulation."""
 
 from __future__ import annotations
 
@@ -9,42 +10,19 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig, get_peft_model
 from torch.func import functional_call
-from transformers import LlamaForCausalLM, TrainingArguments
 
 import ftguard.methods.kl as klm
 from ftguard.data.collate import CausalLMCollator
 from ftguard.schema import ConfigError, from_dict
 from ftguard.training.trainer import FtguardTrainer
-from tiny import tiny_llama_config
+from tiny import SHAPE, tiny_peft_llama, tiny_trainer
 
 PAD = 0
-VOCAB = 64
+VOCAB = SHAPE["vocab_size"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model(fresh: bool = True):
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(vocab_size=VOCAB)
-    return get_peft_model(
-        LlamaForCausalLM(cfg),
-        LoraConfig(
-            r=4,
-            lora_alpha=8,
-            lora_dropout=0.0,
-            init_lora_weights=fresh,
-            target_modules=["q_proj", "v_proj", "up_proj"],
-        ),
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(seed: int, n: int = 3):
@@ -62,25 +40,17 @@ def _batch(seed: int = 1):
 
 
 def _trainer(tmp_path, model=None, ga: int = 1, cls=klm.KlTrainer, **cfg):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to="none",
+    return tiny_trainer(
+        cls,
+        tmp_path,
+        model if model is not None else tiny_peft_llama(),
+        _rows(7, 6),
+        collator=CausalLMCollator(pad_token_id=PAD),
+        method_config=None if cls is FtguardTrainer else klm.KlConfig(**cfg),
         per_device_train_batch_size=3,
         gradient_accumulation_steps=ga,
-        save_strategy="no",
         seed=3,
     )
-    kwargs = {} if cls is FtguardTrainer else {"method_config": klm.KlConfig(**cfg)}
-    trainer = cls(
-        model=model if model is not None else _model(),
-        args=args,
-        train_dataset=Dataset.from_list(_rows(7, 6)),
-        data_collator=CausalLMCollator(pad_token_id=PAD),
-        **kwargs,
-    )
-    trainer.current_gradient_accumulation_steps = ga
-    return trainer
 
 
 @torch.no_grad()
@@ -113,7 +83,8 @@ def kl_by_hand(student_logits, teacher_logits, mask, include_padding: bool):
 
 
 def original_sequence_axis_kl(student_logits, teacher_logits):
-    """The original's formula (§4 bug 4): softmax over dim=1, the sequence axis."""
+    """The original's formula, softmax over dim=1, the sequence axis (docs/methods.md, Original-code bugs
+    #4)."""
     return torch.nn.KLDivLoss(reduction="batchmean")(
         torch.log_softmax(student_logits, dim=1), torch.softmax(teacher_logits, dim=1)
     )
@@ -149,9 +120,9 @@ def test_config_defaults_and_validation():
 
 @pytest.mark.parametrize("fresh", [True, False])
 def test_kl_is_zero_at_the_start_and_the_step_is_sft(tmp_path, fresh):
-    trainer = _trainer(tmp_path, _model(fresh), lam=5.0)
+    trainer = _trainer(tmp_path, tiny_peft_llama(fresh=fresh), lam=5.0)
     assert trainer.reference.mode == ("disable_adapter" if fresh else "snapshot")
-    sft = _trainer(tmp_path, _model(fresh), cls=FtguardTrainer)
+    sft = _trainer(tmp_path, tiny_peft_llama(fresh=fresh), cls=FtguardTrainer)
     loss = trainer.training_step(trainer.model, _batch())
     loss_sft = sft.training_step(sft.model, _batch())
     assert trainer._recorded["kl_divergence"] == [0.0]
@@ -166,7 +137,7 @@ def test_kl_is_zero_at_the_start_and_the_step_is_sft(tmp_path, fresh):
 @pytest.mark.parametrize("fresh", [True, False])
 @pytest.mark.parametrize("include_padding", [False, True])
 def test_kl_and_gradient_match_a_hand_computation_over_the_vocabulary(tmp_path, fresh, include_padding):
-    model = _model(fresh)
+    model = tiny_peft_llama(fresh=fresh)
     frozen_copy = copy.deepcopy(model).eval()
     lam = 20.0  # the KL's gradient must be of the CE's size to be checked
     trainer = _trainer(tmp_path, model, lam=lam, include_padding=include_padding)

@@ -1,5 +1,5 @@
-"""LDIFS (methods.md §1.5): the loss and its gradient against a hand computation with a separate frozen copy,
-zero at the start, pass counts, accumulation, the overflow error, resume, and the pipeline."""
+"""LDIFS (docs/methods.md, LDIFS): the loss and its gradient against a hand computation with a separate frozen
+copy, zero at the start, pass counts, accumulation, the overflow error, resume, and the pipeline."""
 
 from __future__ import annotations
 
@@ -9,43 +9,19 @@ import math
 
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig, get_peft_model
 from torch.func import functional_call
-from transformers import LlamaForCausalLM, TrainingArguments
 
 import ftguard.methods.ldifs as ld
 from ftguard.data.collate import CausalLMCollator
 from ftguard.errors import FtguardError
 from ftguard.schema import ConfigError, from_dict
 from ftguard.training.trainer import FtguardTrainer
-from tiny import tiny_llama_config
+from tiny import tiny_peft_llama, tiny_trainer
 
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model(fresh: bool = True):
-    torch.manual_seed(0)
-    cfg = tiny_llama_config()
-    # fresh: lora_B = 0 (double topology → disabled-adapter reference); else B ≠ 0 (snapshot reference).
-    return get_peft_model(
-        LlamaForCausalLM(cfg),
-        LoraConfig(
-            r=4,
-            lora_alpha=8,
-            lora_dropout=0.0,
-            init_lora_weights=fresh,
-            target_modules=["q_proj", "v_proj", "up_proj"],
-        ),
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(seed: int, n: int = 3):
@@ -63,25 +39,17 @@ def _batch(seed: int = 1, n: int = 3):
 
 
 def _trainer(tmp_path, model=None, ga: int = 1, cls=ld.LdifsTrainer, **cfg):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to="none",
+    return tiny_trainer(
+        cls,
+        tmp_path,
+        model if model is not None else tiny_peft_llama(),
+        _rows(7, 6),
+        collator=CausalLMCollator(pad_token_id=PAD),
+        method_config=None if cls is FtguardTrainer else ld.LdifsConfig(**cfg),
         per_device_train_batch_size=3,
         gradient_accumulation_steps=ga,
-        save_strategy="no",
         seed=3,
     )
-    kwargs = {} if cls is FtguardTrainer else {"method_config": ld.LdifsConfig(**cfg)}
-    trainer = cls(
-        model=model if model is not None else _model(),
-        args=args,
-        train_dataset=Dataset.from_list(_rows(7, 6)),
-        data_collator=CausalLMCollator(pad_token_id=PAD),
-        **kwargs,
-    )
-    trainer.current_gradient_accumulation_steps = ga  # set by the Trainer's loop in real training
-    return trainer
 
 
 @torch.no_grad()
@@ -158,9 +126,9 @@ def test_config_defaults_and_validation():
 
 @pytest.mark.parametrize("fresh", [True, False])
 def test_unchanged_model_gives_zero_distance_and_exactly_the_sft_step(tmp_path, fresh):
-    trainer = _trainer(tmp_path, _model(fresh), rho=10.0)
+    trainer = _trainer(tmp_path, tiny_peft_llama(fresh=fresh), rho=10.0)
     assert trainer.reference.mode == ("disable_adapter" if fresh else "snapshot")
-    sft = _trainer(tmp_path, _model(fresh), cls=FtguardTrainer)
+    sft = _trainer(tmp_path, tiny_peft_llama(fresh=fresh), cls=FtguardTrainer)
     loss = trainer.training_step(trainer.model, _batch())
     loss_sft = sft.training_step(sft.model, _batch())
     assert trainer._recorded["ldifs_distance"] == [0.0] and trainer._recorded["ldifs_penalty"] == [0.0]
@@ -174,7 +142,7 @@ def test_unchanged_model_gives_zero_distance_and_exactly_the_sft_step(tmp_path, 
 def test_loss_and_gradient_match_a_hand_computation_after_the_weights_change(
     tmp_path, fresh, include_padding
 ):
-    model = _model(fresh)
+    model = tiny_peft_llama(fresh=fresh)
     frozen_copy = copy.deepcopy(model).eval()
     rho = 40.0  # large enough that the penalty's gradient is of the CE's size on this tiny model
     trainer = _trainer(tmp_path, model, rho=rho, include_padding=include_padding)
@@ -199,7 +167,7 @@ def test_loss_and_gradient_match_a_hand_computation_after_the_weights_change(
 
 def test_the_original_layer_filter_is_an_explicit_option(tmp_path):
     rho, batch = 40.0, _batch()
-    model = _model()
+    model = tiny_peft_llama()
     frozen_copy = copy.deepcopy(model).eval()
     probe = copy.deepcopy(model)
     _change_trainable(probe)
@@ -234,7 +202,7 @@ def test_padding_positions_change_the_distance_only_when_included(tmp_path):
     assert (batch["attention_mask"] == 0).any()
     values = {}
     for include in (False, True):
-        trainer = _trainer(tmp_path, _model(), include_padding=include)
+        trainer = _trainer(tmp_path, tiny_peft_llama(), include_padding=include)
         _change_trainable(trainer.model)
         trainer.training_step(trainer.model, dict(batch))
         values[include] = trainer._recorded["ldifs_distance"][0]
@@ -287,7 +255,7 @@ def test_penalty_is_scaled_like_a_window_normalised_ce(tmp_path):
 def test_non_reentrant_checkpointing_gives_the_same_gradient_and_reentrant_is_refused(tmp_path):
     grads = {}
     for reentrant in (None, False, True):
-        model = _model()
+        model = tiny_peft_llama()
         if reentrant is not None:
             model.get_base_model().gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": reentrant}
@@ -330,24 +298,21 @@ def test_overflow_is_an_error_naming_the_step_and_what_to_lower(tmp_path):
 
 def test_resume_continues_exactly_with_the_start_of_stage_reference(tmp_path):
     def run(out, max_steps, resume=None):
-        args = TrainingArguments(
-            output_dir=str(out),
-            use_cpu=True,
-            report_to="none",
+        trainer = tiny_trainer(
+            ld.LdifsTrainer,
+            out,
+            tiny_peft_llama(fresh=False),
+            _rows(7, 6),
+            collator=CausalLMCollator(pad_token_id=PAD),
+            method_config=ld.LdifsConfig(rho=1.0),
             per_device_train_batch_size=3,
             max_steps=max_steps,
+            save_strategy="steps",
             save_steps=1,
             learning_rate=0.05,
             lr_scheduler_type="constant",
             seed=3,
             logging_steps=1,
-        )
-        trainer = ld.LdifsTrainer(
-            model=_model(fresh=False),
-            args=args,
-            train_dataset=Dataset.from_list(_rows(7, 6)),
-            data_collator=CausalLMCollator(pad_token_id=PAD),
-            method_config=ld.LdifsConfig(rho=1.0),
         )
         trainer.train(resume_from_checkpoint=resume)
         penalties = [e["ldifs_penalty"] for e in trainer.state.log_history if "ldifs_penalty" in e]
@@ -366,7 +331,7 @@ def test_resume_continues_exactly_with_the_start_of_stage_reference(tmp_path):
 
 
 def test_non_llama_layout_fails_before_training(tmp_path):
-    model = _model()
+    model = tiny_peft_llama()
     for layer in model.get_base_model().model.layers:
         del layer.mlp
     with pytest.raises(FtguardError, match="ldifs: .*no `mlp` sub-module"):

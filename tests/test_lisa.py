@@ -1,5 +1,5 @@
-"""Lisa and BSO (methods.md §1.3): the schedule, the proximal gradient against a hand computation, anchors,
-which batches are trained on, gradient accumulation, DDP, resume, data and configs."""
+"""Lisa and BSO (docs/methods.md, Lisa and BSO): the schedule, the proximal gradient against a hand
+computation, anchors, which batches are trained on, gradient accumulation, DDP, resume, data and configs."""
 
 from __future__ import annotations
 
@@ -10,11 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from torch.func import functional_call
-from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 import ftguard.methods.lisa  # noqa: F401  (registers "lisa" and "bso")
 from ftguard.errors import FtguardError
@@ -30,33 +27,12 @@ from ftguard.methods.lisa import (
 )
 from ftguard.schema import ConfigError
 from ftguard.training.trainer import METHOD_TENSORS_FILE
-from tiny import tiny_llama_config
+from tiny import collate, tiny_lora_llama, tiny_trainer
 
 SEQ = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Matrices of width 16: threading only costs here, and a lot when the 2 cores are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = tiny_llama_config()
-    model = get_peft_model(
-        LlamaForCausalLM(cfg),
-        PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
-    )
-    # PEFT starts lora_B at zero, which makes every lora_A gradient zero: give all LoRA tensors a gradient.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(n: int, seed: int) -> list[dict[str, list[int]]]:
@@ -74,12 +50,8 @@ def _rows(n: int, seed: int) -> list[dict[str, list[int]]]:
     ]
 
 
-def _collate(rows):
-    return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
-
-
 def _batch(seed: int, n: int = 4) -> dict[str, torch.Tensor]:
-    return _collate(_rows(n, seed))
+    return collate(_rows(n, seed))
 
 
 def _trainer(
@@ -95,30 +67,22 @@ def _trainer(
     **cfg,
 ) -> LisaTrainer:
     cfg = {"align_steps": 2, "finetune_steps": 3, "proximal_warmup_ratio": 0.0, **cfg}
-    args = {"save_strategy": "no", **(args or {})}
-    targs = TrainingArguments(
-        output_dir=str(tmp_path),
+    return tiny_trainer(
+        LisaTrainer,
+        tmp_path,
+        model if model is not None else tiny_lora_llama(),
+        _rows(16, 1),
+        method_config=cls(**cfg),
+        aux={"alignment": _rows(n_align, 2)},
         per_device_train_batch_size=bs,
         gradient_accumulation_steps=ga,
         max_steps=max_steps,
-        report_to="none",
-        use_cpu=True,
         seed=3,
         logging_steps=1,
         learning_rate=1e-2,
         disable_tqdm=True,
-        **args,
+        **(args or {}),
     )
-    trainer = LisaTrainer(
-        model=model if model is not None else _model(),
-        args=targs,
-        train_dataset=Dataset.from_list(_rows(16, 1)),
-        data_collator=_collate,
-        method_config=cls(**cfg),
-        aux_datasets={"alignment": Dataset.from_list(_rows(n_align, 2))},
-    )
-    trainer.current_gradient_accumulation_steps = ga  # set by the Trainer's loop in real training
-    return trainer
 
 
 def _spy_alignment(trainer) -> list[dict]:
@@ -341,7 +305,7 @@ def test_accumulation_2_of_batch_2_trains_like_batch_4(tmp_path):
         trainer.train()
         runs[bs] = _weights(trainer.model)
     _assert_close(runs[2], runs[4], rtol=1e-5, atol=1e-6)
-    assert any(not torch.allclose(runs[4][n], _weights(_model())[n]) for n in runs[4])
+    assert any(not torch.allclose(runs[4][n], _weights(tiny_lora_llama())[n]) for n in runs[4])
 
 
 def test_ddp_reduces_once_per_optimizer_step_including_the_proximal_term(tmp_path):
@@ -500,7 +464,7 @@ def _plan(tmp_path, **finetune_args):
         f"finetune.args.{k}={json.dumps(v)}" for k, v in finetune_args.items()
     ]
     run = load_config("quickstart-tiny", overrides)
-    return run, build_data_plan(run)
+    return run, build_data_plan(run, roles=("alignment",))
 
 
 def test_alignment_pool_is_the_runs_alignment_set_by_default(tmp_path):

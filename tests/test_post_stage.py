@@ -11,7 +11,8 @@ import torch
 from ftguard import cli
 from ftguard.config import load_config
 from ftguard.methods.base import PostMethod
-from ftguard.methods.registry import register_method
+from ftguard.methods.registry import _METHODS
+from ftguard.resolve import load_run
 from ftguard.schema import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -22,7 +23,6 @@ class _ShrinkConfig:
     factor: float = field(default=0.5, metadata={"help": "scale of the LM head"})
 
 
-@register_method
 class _ShrinkHead(PostMethod):
     """A stand-in repair: scales the LM head and records what it saw."""
 
@@ -47,6 +47,14 @@ class _ShrinkHead(PostMethod):
             }
         )
         return model, {"scaled": self.config.factor}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shrink_head_registered():
+    # For this module only: other modules go through every registered method.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(_METHODS, _ShrinkHead.name, _ShrinkHead)
+        yield
 
 
 def _cfg(tmp_path, *extra):
@@ -104,11 +112,11 @@ def test_run_with_a_post_stage_repairs_each_finetune_and_evaluates_it(tmp_path):
 
 def test_post_config_is_validated_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="post.args.factr"):
-        load_config("quickstart-tiny", ["post.method=test_shrink_head", "post.args.factr=2"])
+        load_run("quickstart-tiny", ["post.method=test_shrink_head", "post.args.factr=2"])
     with pytest.raises(ConfigError, match="post.method"):
-        load_config("quickstart-tiny", ["post.method=sft"])
+        load_run("quickstart-tiny", ["post.method=sft"])
     with pytest.raises(ConfigError, match="post"):
-        load_config(
+        load_run(
             "quickstart-tiny", ["post.method=test_shrink_head", "finetune=null", "evaluate.points=[base]"]
         )
     cfg = load_config("quickstart-tiny")

@@ -1,5 +1,6 @@
 """Paper-protocol and modern presets (configs/paper, configs/modern): they load, validate, expand and dry-run on a
-CPU without loading any model or data, and their reference numbers are the papers' (methods.md §3)."""
+CPU without loading any model or data, and their reference numbers are the papers' (docs/methods.md,
+section 3, Reference numbers)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import yaml
 
 from ftguard import cli
 from ftguard.config import load_config, packaged_configs_dir
-from ftguard.estimate import model_parameters
+from ftguard.cost import model_parameters
 from ftguard.evaluation.judges import JUDGES, available_judges
 from ftguard.sweep.config import expand, load_sweep
 
@@ -68,14 +69,15 @@ def test_run_configs_validate_and_name_a_known_model_and_judge(path):
 
 def test_the_booster_base_follows_the_paper_protocol():
     cfg = load_config(str(ROOT / "paper" / "booster-llama2-7b.yaml"))
-    assert cfg.model.name == "meta-llama/Llama-2-7b-hf" and cfg.model.max_length == 256  # §2.1, §1.4
-    assert (cfg.data.alignment.n, cfg.data.finetune.harmful_reserve) == (4999, 5000)  # §2.2
+    # docs/methods.md: Models, Booster, Alignment data
+    assert cfg.model.name == "meta-llama/Llama-2-7b-hf" and cfg.model.max_length == 256
+    assert (cfg.data.alignment.n, cfg.data.finetune.harmful_reserve) == (4999, 5000)
     assert (cfg.data.finetune.n, cfg.data.finetune.harmful_ratio, cfg.data.finetune.task) == (
         1000,
         0.1,
         "sst2",
     )
-    for lora in (cfg.adapter.align, cfg.adapter.finetune):  # §1.4, §2.5
+    for lora in (cfg.adapter.align, cfg.adapter.finetune):  # docs/methods.md: Booster, Adapter topologies
         assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (
             32,
             4,
@@ -148,8 +150,8 @@ def _methods_md_section3() -> str:
 
 
 def _paper_numbers(block: str) -> dict[str, dict[str, dict[str, float]]]:
-    """{'hs'|'fa': {defense: {column: value}}} from one paper's block of methods.md §3: the p = 0.1 table and
-    the "Averages" / "Clean" / per-model lines ("SFT 33.58/90.39, Lisa 21.88/91.13")."""
+    """{'hs'|'fa': {defense: {column: value}}} from one paper's block of docs/methods.md, section 3: the p =
+    0.1 table and the "Averages" / "Clean" / per-model lines ("SFT 33.58/90.39, Lisa 21.88/91.13")."""
     out: dict[str, dict[str, dict[str, float]]] = {"hs": {}, "fa": {}}
     header = next(line for line in block.splitlines() if line.startswith("| p=0.1 |"))
     defenses = [c.strip().lower() for c in header.strip("|").split("|")[1:]]

@@ -1,5 +1,5 @@
-"""Recovery with rollback (methods.md §1.6): the selected entries against an independent top-k, rollback, the
-schedule on a stubbed task score, resume, and a tiny end-to-end run."""
+"""Recovery with rollback (docs/methods.md, Recovery): the selected entries against an independent top-k,
+rollback, the schedule on a stubbed task score, resume, and a tiny end-to-end run."""
 
 from __future__ import annotations
 
@@ -9,27 +9,19 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
 
 from ftguard.methods.recovery import Recoverer, RecoveryConfig, mean_direction, run_schedule
 from ftguard.schema import ConfigError, from_dict
-from tiny import tiny_llama_config
+from tiny import tiny_llama
 
 K = 2  # of 3 layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _models():
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(num_hidden_layers=3)
-    aligned = LlamaForCausalLM(cfg).eval()
+    aligned = tiny_llama(num_hidden_layers=3).eval()
     tuned = copy.deepcopy(aligned)
     with (
         torch.no_grad()

@@ -8,49 +8,12 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ftguard.errors import FtguardError
 from ftguard.training.reference import ReferenceModel
+from tiny import tiny_llama, tiny_peft_llama
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _llama(tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-            tie_word_embeddings=tie,
-        )
-    )
-
-
-def _lora(fresh: bool = True, dropout: float = 0.0):
-    # init_lora_weights=True is PEFT's default: lora_B = 0, the double topology's fresh adapter.
-    return get_peft_model(
-        _llama(),
-        LoraConfig(
-            r=4,
-            lora_alpha=8,
-            lora_dropout=dropout,
-            init_lora_weights=fresh,
-            target_modules=["q_proj", "v_proj", "up_proj"],
-        ),
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs():
@@ -76,7 +39,7 @@ def _logits(model, inputs):
 
 
 def test_fresh_lora_uses_the_disabled_adapter_and_keeps_the_start_outputs():
-    model = _lora(fresh=True)
+    model = tiny_peft_llama(fresh=True)
     model.train()
     start = _logits(model, _inputs())
     ref = ReferenceModel(model)
@@ -90,7 +53,7 @@ def test_fresh_lora_uses_the_disabled_adapter_and_keeps_the_start_outputs():
 
 
 def test_continued_lora_snapshots_only_the_lora_weights():
-    model = _lora(fresh=False)  # lora_B ≠ 0: the single topology's continued alignment adapter
+    model = tiny_peft_llama(fresh=False)  # lora_B ≠ 0: the single topology's continued alignment adapter
     start = _logits(model, _inputs())
     ref = ReferenceModel(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -104,7 +67,7 @@ def test_continued_lora_snapshots_only_the_lora_weights():
 
 
 def test_full_topology_snapshots_every_trainable_weight_with_tied_embeddings():
-    model = _llama(tie=True)
+    model = tiny_llama(tie_word_embeddings=True)
     model.requires_grad_(True)
     start = _logits(model, _inputs())
     ref = ReferenceModel(model)
@@ -116,7 +79,7 @@ def test_full_topology_snapshots_every_trainable_weight_with_tied_embeddings():
 
 
 def test_a_trainable_non_lora_tensor_or_a_nonzero_lora_b_forces_the_snapshot():
-    model = _lora(fresh=True)
+    model = tiny_peft_llama(fresh=True)
     model.get_base_model().lm_head.weight.requires_grad_(True)
     start = _logits(model, _inputs())
     ref = ReferenceModel(model)
@@ -124,7 +87,7 @@ def test_a_trainable_non_lora_tensor_or_a_nonzero_lora_b_forces_the_snapshot():
     _change_trainable(model)
     assert torch.equal(ref(**_inputs()).logits, start)
 
-    model = _lora(fresh=True)
+    model = tiny_peft_llama(fresh=True)
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_B" in n)[0, 0] = 1e-3
     assert ReferenceModel(model).mode == "snapshot"
@@ -133,7 +96,7 @@ def test_a_trainable_non_lora_tensor_or_a_nonzero_lora_b_forces_the_snapshot():
 @pytest.mark.parametrize("freeze_one", [False, True])
 def test_the_trainable_set_is_the_same_after_a_reference_call(freeze_one):
     # PEFT's disable/enable cycle marks the active adapter trainable again; a frozen LoRA tensor must stay frozen.
-    model = _lora(fresh=True)
+    model = tiny_peft_llama(fresh=True)
     if freeze_one:
         next(p for n, p in model.named_parameters() if "lora_A" in n).requires_grad_(False)
     before = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -144,7 +107,7 @@ def test_the_trainable_set_is_the_same_after_a_reference_call(freeze_one):
 
 
 def test_reference_runs_without_dropout_and_without_gradient():
-    model = _lora(fresh=False, dropout=0.5)
+    model = tiny_peft_llama(fresh=False, dropout=0.5)
     model.train()
     ref = ReferenceModel(model)
     model.eval()
@@ -156,7 +119,7 @@ def test_reference_runs_without_dropout_and_without_gradient():
 
 
 def test_no_trainable_parameters_is_a_clear_error():
-    model = _llama()
+    model = tiny_llama()
     model.requires_grad_(False)
     with pytest.raises(FtguardError, match="no trainable parameters"):
         ReferenceModel(model)
@@ -166,7 +129,7 @@ def test_no_trainable_parameters_is_a_clear_error():
 def test_ddp_wrapped_model_calls_the_inner_module_without_communication(tmp_path, fresh):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        model = _lora(fresh=fresh)
+        model = tiny_peft_llama(fresh=fresh)
         start = _logits(model, _inputs())
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         reductions = []
@@ -196,7 +159,7 @@ def test_ddp_wrapped_model_calls_the_inner_module_without_communication(tmp_path
 
 def test_reference_is_independent_of_a_deep_copy_taken_at_capture():
     """The reference equals a separate frozen copy on fresh inputs too (not a cached result)."""
-    model = _lora(fresh=False)
+    model = tiny_peft_llama(fresh=False)
     twin = copy.deepcopy(model)
     ref = ReferenceModel(model)
     _change_trainable(model)

@@ -1,4 +1,5 @@
-"""RepNoise (methods.md §1.5): every loss term against an independent computation, GA scaling, SFT limit."""
+"""RepNoise (docs/methods.md, RepNoise): every loss term against an independent computation, GA scaling, SFT
+limit."""
 
 from __future__ import annotations
 
@@ -9,16 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaForCausalLM, TrainingArguments
 
 import ftguard.methods.repnoise as rn
 from ftguard.data.collate import CausalLMCollator
 from ftguard.errors import FtguardError
 from ftguard.schema import ConfigError, from_dict
 from ftguard.training.trainer import FtguardTrainer
-from tiny import tiny_llama_config
+from tiny import tiny_llama, tiny_peft_llama, tiny_trainer
 
 PAD = 0
 # Harmless (alignment) rows share a "template" prefix [1, 5, 6] with the harmful rows; lengths differ.
@@ -42,45 +40,20 @@ def _rows(seqs):
     ]
 
 
-def _model(lora=True):
-    torch.manual_seed(0)
-    cfg = tiny_llama_config()
-    model = LlamaForCausalLM(cfg)
-    if lora:
-        # init_lora_weights=False: B ≠ 0, so every LoRA matrix gets a gradient on the first step.
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=4,
-                lora_alpha=8,
-                target_modules=["q_proj", "v_proj", "up_proj"],
-                lora_dropout=0.0,
-                init_lora_weights=False,
-            ),
-        )
-    return model
-
-
 def _trainer(tmp_path, cls=rn.RepNoiseTrainer, ga=1, harmful_bs=None, model=None, **cfg):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to="none",
+    return tiny_trainer(
+        cls,
+        tmp_path,
+        # fresh=False: B ≠ 0, so every LoRA matrix gets a gradient on the first step.
+        model or tiny_peft_llama(fresh=False),
+        _rows(HARMLESS),
+        collator=CausalLMCollator(pad_token_id=PAD),
+        method_config=rn.RepNoiseConfig(harmful_batch_size=harmful_bs, **cfg),
+        aux={"harmful": _rows([(h, 0) for h in HARMFUL])},
         per_device_train_batch_size=3,
         gradient_accumulation_steps=ga,
-        save_strategy="no",
         seed=11,
     )
-    trainer = cls(
-        model=model or _model(),
-        args=args,
-        train_dataset=Dataset.from_list(_rows(HARMLESS)),
-        data_collator=CausalLMCollator(pad_token_id=PAD),
-        method_config=rn.RepNoiseConfig(harmful_batch_size=harmful_bs, **cfg),
-        aux_datasets={"harmful": Dataset.from_list(_rows([(h, 0) for h in HARMFUL]))},
-    )
-    trainer.current_gradient_accumulation_steps = ga  # set by the train loop; we call training_step directly
-    return trainer
 
 
 def _harmless_batch():
@@ -91,7 +64,7 @@ def _harmless_batch():
 
 
 def np_mmd(x, y, mul=2.0, num=5):
-    """MMD² with explicit loops in float64: the definition of §1.5 / the original MMD_loss."""
+    """MMD² with explicit loops in float64: the original MMD_loss (docs/methods.md, RepNoise)."""
     z = np.concatenate([np.asarray(x, np.float64), np.asarray(y, np.float64)])
     n, b = len(z), len(x)
     d2 = np.array(
@@ -323,7 +296,7 @@ def test_bf16_autocast_step_is_finite(tmp_path):
 
 
 def test_model_without_mlp_modules_is_a_clear_error(tmp_path):
-    model = _model(lora=False)
+    model = tiny_llama()
     for layer in model.model.layers:
         del layer.mlp
     with pytest.raises(FtguardError, match="no `mlp` sub-module"):

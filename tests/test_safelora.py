@@ -18,19 +18,14 @@ from ftguard.errors import FtguardError
 from ftguard.methods.context import ModelRef, PostContext
 from ftguard.methods.safelora import SafeLora, SafeLoraConfig, projected_update
 from ftguard.schema import ConfigError
-from tiny import tiny_llama_config
+from tiny import tiny_llama
 
 ALIGN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 USER_TARGETS = ["q_proj", "v_proj"]
 USER_SCALING = 8 / 4  # lora_alpha / r of the user's LoRA below
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lora(model, targets, seed):
@@ -48,9 +43,7 @@ def _lora(model, targets, seed):
 def models(tmp_path_factory) -> SimpleNamespace:
     """base → aligned (a merged rank-4 LoRA on q/k/v/o) → user's LoRA on q/v (saved adapter + merged model)."""
     root = tmp_path_factory.mktemp("safelora")
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(num_hidden_layers=3)
-    base = LlamaForCausalLM(cfg)
+    base = tiny_llama(num_hidden_layers=3)
     base.save_pretrained(root / "base")
     aligned = _lora(base, ALIGN_TARGETS, seed=1).merge_and_unload()
     aligned.save_pretrained(root / "aligned")

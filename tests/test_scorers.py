@@ -1,4 +1,4 @@
-"""Hand-checked cases for the papers' scoring rules (methods.md §2.6-§2.7)."""
+"""Hand-checked cases for the papers' scoring rules (docs/methods.md, Harmful score and Finetune accuracy)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ import yaml
 from ftguard import cli
 from ftguard.config import load_config
 from ftguard.data.plan import build_data_plan
-from ftguard.pipeline.run import Pipeline
+from ftguard.pipeline.units import build_graph
+from ftguard.resolve import load_run, resolve_run
 from ftguard.schema import ConfigError, from_dict
 from ftguard.sweep.config import SweepConfig, SweepRun, expand
 from ftguard.sweep.report import summarize, worst_case
@@ -86,28 +87,19 @@ def test_sweep_schema_errors_name_the_key(extra, key):
 
 
 def test_aligned_model_fingerprint_is_shared_across_ratios_only_with_the_reserve():
-    def pipeline(p, reserve):
-        cfg = load_config(
-            "quickstart-tiny",
-            [f"data.finetune.harmful_ratio={p}", f"data.finetune.harmful_reserve={reserve}"],
-        )
-        pipe = Pipeline(cfg)
-        pipe.plan = build_data_plan(cfg)
-        return pipe
+    def graph(p, reserve, *more):
+        overrides = [f"data.finetune.harmful_ratio={p}", f"data.finetune.harmful_reserve={reserve}", *more]
+        return build_graph(load_run("quickstart-tiny", overrides))
 
-    a, b = pipeline(0.0, 32), pipeline(0.5, 32)
-    assert a.plan.alignment == b.plan.alignment and a.fp_align() == b.fp_align()
-    assert a.fp_finetune(0.0) != b.fp_finetune(0.5)
+    a, b = graph(0.0, 32), graph(0.5, 32)
+    assert a.plan.alignment == b.plan.alignment and a.unit("align") == b.unit("align")
+    assert a.unit("finetune").fingerprint != b.unit("finetune").fingerprint
     # without a fixed reserve the attack's records are taken first, so the alignment data shift with p
-    c, d = pipeline(0.0, "null"), pipeline(0.5, "null")
-    assert c.plan.alignment != d.plan.alignment and c.fp_align() != d.fp_align()
+    c, d = graph(0.0, "null"), graph(0.5, "null")
+    assert c.plan.alignment != d.plan.alignment and c.unit("align") != d.unit("align")
     # the evaluation of the same model with other settings is another unit; the model is not
-    e = Pipeline(
-        load_config("quickstart-tiny", ["data.finetune.harmful_reserve=32", "evaluate.max_new_tokens=4"])
-    )
-    e.plan = build_data_plan(e.run)
-    f = pipeline(0.1, 32)
-    assert e.fp_align() == f.fp_align() and e.fp_eval("x") != f.fp_eval("x")
+    e, f = graph(0.1, 32, "evaluate.max_new_tokens=4"), graph(0.1, 32)
+    assert e.unit("align") == f.unit("align") and e.unit("eval/align") != f.unit("eval/align")
 
 
 def test_a_reserve_smaller_than_the_attack_fails_with_the_key():
@@ -115,7 +107,7 @@ def test_a_reserve_smaller_than_the_attack_fails_with_the_key():
         "quickstart-tiny", ["data.finetune.harmful_ratio=0.5", "data.finetune.harmful_reserve=3"]
     )
     with pytest.raises(Exception, match="harmful_reserve = 3"):
-        build_data_plan(cfg)
+        build_data_plan(cfg, roles=())
 
 
 @pytest.mark.slow
@@ -251,7 +243,7 @@ def _fake_pipeline(monkeypatch, run_all) -> None:
 
     class FakePipeline:
         def __init__(self, run, *, overwrite, store, wait_for_units):
-            self.p, self.wait = run.data.finetune.harmful_ratio, wait_for_units
+            self.p, self.wait = run.config.data.finetune.harmful_ratio, wait_for_units
 
         def run_all(self):
             return run_all(self.p, self.wait)
@@ -398,7 +390,9 @@ def _fake_runs(tmp_path, sweep, values):
         (out / "results.json").write_text(json.dumps({"complete": True, "stages": stages}))
         cfg = dataclasses.replace(base, output_dir=str(out), seed=seed)
         attack = {"finetune.train.learning_rate": lr} if lr is not None else {}
-        runs.append(SweepRun(out.name, defense, seed, {"data.finetune.harmful_ratio": p}, attack, cfg))
+        runs.append(
+            SweepRun(out.name, defense, seed, {"data.finetune.harmful_ratio": p}, attack, resolve_run(cfg))
+        )
     return runs
 
 

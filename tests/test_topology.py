@@ -1,4 +1,5 @@
-"""Adapter topologies (methods.md §2.5) and single-stage commands reading/writing the run dir."""
+"""Adapter topologies (docs/methods.md, Adapter topologies) and single-stage commands reading/writing the run
+dir."""
 
 from __future__ import annotations
 

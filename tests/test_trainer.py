@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from transformers import LlamaForCausalLM, TrainingArguments
 
 from ftguard.training.trainer import FtguardTrainer
-from tiny import tiny_llama_config
+from tiny import collate, tiny_llama, training_args
 
 
 def _model():
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(vocab_size=50)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(vocab_size=50)
 
 
 def _dataset(n, offset=0):
@@ -28,23 +25,10 @@ def _dataset(n, offset=0):
     return Dataset.from_list(rows)
 
 
-def _collate(rows):
-    return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
-
-
 def _trainer(tmp_path, **kwargs):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        report_to="none",
-        use_cpu=True,
-        seed=5,
-        logging_steps=1,
-        save_strategy="no",
-    )
+    args = training_args(tmp_path, per_device_train_batch_size=4, max_steps=2, seed=5, logging_steps=1)
     return FtguardTrainer(
-        model=_model(), args=args, train_dataset=_dataset(8), data_collator=_collate, **kwargs
+        model=_model(), args=args, train_dataset=_dataset(8), data_collator=collate, **kwargs
     )
 
 
@@ -73,7 +57,7 @@ def test_recorded_metrics_are_averaged_into_the_next_training_log(tmp_path):
 
 def test_sft_step_loss_is_cross_entropy_on_response_tokens_only(tmp_path):
     trainer = _trainer(tmp_path)
-    batch = _collate(
+    batch = collate(
         [{"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1, 1], "labels": [-100, -100, 7, 8]}]
     )
     loss = trainer.compute_loss(trainer.model, batch)
@@ -105,12 +89,10 @@ class _StatefulTrainer(FtguardTrainer):
 
 
 def _stateful(tmp_path, max_steps):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    args = training_args(
+        tmp_path,
         per_device_train_batch_size=2,
         max_steps=max_steps,
-        report_to="none",
-        use_cpu=True,
         seed=5,
         save_strategy="steps",
         save_steps=2,
@@ -120,7 +102,7 @@ def _stateful(tmp_path, max_steps):
         model=_model(),
         args=args,
         train_dataset=_dataset(8),
-        data_collator=_collate,
+        data_collator=collate,
         aux_datasets={"harmful": _dataset(5, offset=10)},
     )
 

@@ -1,4 +1,5 @@
-"""Vaccine and RandomVaccine (methods.md §1.2) against independent computations on a tiny random Llama."""
+"""Vaccine and RandomVaccine (docs/methods.md, Vaccine and RandomVaccine) against independent computations on
+a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaForCausalLM, TrainingArguments
 
 import ftguard.methods.vaccine as vaccine
 from ftguard.errors import FtguardError
@@ -17,26 +15,17 @@ from ftguard.methods.vaccine import RandomVaccineTrainer, VaccineConfig, Vaccine
 from ftguard.schema import ConfigError
 from ftguard.training.hooks import add_to_outputs
 from ftguard.training.trainer import FtguardTrainer
-from tiny import tiny_llama_config
+from tiny import tiny_llama, tiny_peft_llama, tiny_trainer
 
 H = 16
 
 
 def _model(layers=2, lora=True, seed=0):
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(hidden_size=H, num_hidden_layers=layers))
-    if lora:
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=4,
-                lora_alpha=8,
-                lora_dropout=0.0,
-                init_lora_weights=False,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-            ),
-        )
-    return model.float()
+    shape = {"hidden_size": H, "num_hidden_layers": layers}
+    if not lora:
+        return tiny_llama(seed=seed, **shape).float()
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return tiny_peft_llama(targets, fresh=False, seed=seed, **shape).float()
 
 
 def _layers(model):
@@ -55,34 +44,20 @@ def _batch(seed=1, b=3, t=9):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _collate(rows):
-    return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
-
-
 def _trainer(tmp_path, model, config, cls=VaccineTrainer, ga=1, **kwargs):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [-100, 2, 3]}] * 6
+    return tiny_trainer(
+        cls,
+        tmp_path,
+        model,
+        rows,
+        method_config=config,
         per_device_train_batch_size=3,
         gradient_accumulation_steps=ga,
         max_steps=2,
-        report_to="none",
-        use_cpu=True,
         seed=5,
-        save_strategy="no",
         **kwargs,
     )
-    rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [-100, 2, 3]}] * 6
-    trainer = cls(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        data_collator=_collate,
-        method_config=config,
-    )
-    trainer.current_gradient_accumulation_steps = (
-        ga  # set by the training loop; training_step is called directly
-    )
-    return trainer
 
 
 def _grads(model):

@@ -1,5 +1,6 @@
-"""Vlguard (methods.md §1.5): exact mixing counts (add / replace), reproducibility, disjointness and errors; the
-regularised form's gradient ∇ℓ + λ∇f against a hand computation, with and without gradient accumulation."""
+"""Vlguard (docs/methods.md, Vlguard): exact mixing counts (add / replace), reproducibility, disjointness and
+errors; the regularised form's gradient ∇ℓ + λ∇f against a hand computation, with and without
+gradient accumulation."""
 
 from __future__ import annotations
 
@@ -10,11 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from torch.func import functional_call
-from transformers import LlamaForCausalLM, TrainingArguments
 
 from ftguard.data.example import Example
 from ftguard.data.mix import build_harmful_mix
@@ -23,18 +20,12 @@ from ftguard.errors import FtguardError
 from ftguard.methods.vlguard import Vlguard, VlguardReg, VlguardRegConfig, VlguardRegTrainer
 from ftguard.schema import ConfigError
 from ftguard.training.trainer import FtguardTrainer
-from tiny import tiny_llama_config
+from tiny import collate, tiny_lora_llama, tiny_trainer
 
 SEQ = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Matrices of width 16: threading only costs here, and a lot when the 2 cores are shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------- data mixing
@@ -162,20 +153,6 @@ def test_mixing_config_defaults_and_bad_values():
 # ----------------------------------------------------------------------- the regularised form
 
 
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = tiny_llama_config()
-    model = get_peft_model(
-        LlamaForCausalLM(cfg),
-        PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
-    )
-    with torch.no_grad():  # lora_B = 0 would zero every lora_A gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    return model
-
-
 def _rows(n: int, seed: int, prompt: int = 2) -> list[dict[str, list[int]]]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 64, (n, SEQ), generator=g)
@@ -189,34 +166,20 @@ def _rows(n: int, seed: int, prompt: int = 2) -> list[dict[str, list[int]]]:
     ]
 
 
-def _collate(rows):
-    return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
-
-
-def _args(tmp_path, ga: int = 1) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=ga,
-        max_steps=1,
-        report_to="none",
-        use_cpu=True,
-        seed=3,
-        save_strategy="no",
-    )
+TRAIN_ARGS = {"per_device_train_batch_size": 4, "max_steps": 1, "seed": 3}
 
 
 def _trainer(tmp_path, model=None, ga: int = 1, **cfg) -> VlguardRegTrainer:
-    trainer = VlguardRegTrainer(
-        model=model if model is not None else _model(),
-        args=_args(tmp_path, ga),
-        train_dataset=Dataset.from_list(_rows(8, 1)),
-        data_collator=_collate,
+    return tiny_trainer(
+        VlguardRegTrainer,
+        tmp_path,
+        model if model is not None else tiny_lora_llama(),
+        _rows(8, 1),
         method_config=VlguardRegConfig(**cfg),
-        aux_datasets={"safety": Dataset.from_list(_rows(12, 2))},
+        aux={"safety": _rows(12, 2)},
+        gradient_accumulation_steps=ga,
+        **TRAIN_ARGS,
     )
-    trainer.current_gradient_accumulation_steps = ga
-    return trainer
 
 
 def _spy_safety(trainer) -> list[tuple[int | None, dict]]:
@@ -268,7 +231,7 @@ def test_regularised_gradient_is_task_gradient_plus_lambda_refusal_gradient(tmp_
     backward = trainer.accelerator.backward
     trainer.accelerator.backward = lambda loss, **kw: (backwards.append(1), backward(loss, **kw))
     w = _weights(model)
-    x = _collate(_rows(4, 11))
+    x = collate(_rows(4, 11))
     loss = trainer.training_step(model, x)
     assert (len(forwards), len(backwards)) == (2, 1), "two forwards, one backward through both"
 
@@ -282,17 +245,11 @@ def test_regularised_gradient_is_task_gradient_plus_lambda_refusal_gradient(tmp_
 
 
 def test_lambda_zero_gives_exactly_the_sft_gradient(tmp_path):
-    model = _model()
+    model = tiny_lora_llama()
     sft_model = copy.deepcopy(model)
     trainer = _trainer(tmp_path / "v", model=model, lam=0.0)
-    sft = FtguardTrainer(
-        model=sft_model,
-        args=_args(tmp_path / "s"),
-        train_dataset=Dataset.from_list(_rows(8, 1)),
-        data_collator=_collate,
-    )
-    sft.current_gradient_accumulation_steps = 1
-    x = _collate(_rows(4, 11))
+    sft = tiny_trainer(FtguardTrainer, tmp_path / "s", sft_model, _rows(8, 1), **TRAIN_ARGS)
+    x = collate(_rows(4, 11))
     assert torch.equal(trainer.training_step(model, x), sft.training_step(sft_model, x))
     for (n, a), b in zip(_grads(model).items(), _grads(sft_model).values(), strict=True):
         assert torch.equal(a, b), n
@@ -304,7 +261,7 @@ def test_gradient_accumulation_2_is_the_mean_of_two_single_step_gradients(tmp_pa
     drawn = _spy_safety(trainer)
     model = trainer.model
     w = _weights(model)
-    x1, x2 = _collate(_rows(4, 11)), _collate(_rows(4, 12))
+    x1, x2 = collate(_rows(4, 11)), collate(_rows(4, 12))
     trainer.training_step(model, x1)
     trainer.training_step(model, x2)
 
@@ -330,7 +287,7 @@ def test_token_normalised_accumulation_scales_the_refusal_term_by_one_over_ga(tm
     drawn = _spy_safety(trainer)
     model = trainer.model
     w = _weights(model)
-    x1, x2 = _collate(_rows(4, 11, prompt=2)), _collate(_rows(4, 12, prompt=4))  # different token counts
+    x1, x2 = collate(_rows(4, 11, prompt=2)), collate(_rows(4, 12, prompt=4))  # different token counts
     tokens = int((x1["labels"][:, 1:] != -100).sum() + (x2["labels"][:, 1:] != -100).sum())
     trainer.training_step(model, x1, num_items_in_batch=torch.tensor(tokens))
     trainer.training_step(model, x2, num_items_in_batch=torch.tensor(tokens))

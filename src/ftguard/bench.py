@@ -85,7 +85,7 @@ class _Fixture:
 
         self.spec = spec
         self.run = _run_config(spec)
-        self.plan = build_data_plan(self.run)
+        self.plan = build_data_plan(self.run, roles=("alignment",))
         self.model_dir = resolve_model(spec.model)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.base = load_model(self.model_dir)
@@ -110,11 +110,25 @@ class _Fixture:
             batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, pad), value=-100)
         return batch
 
+    def method(self, name: str):
+        """The method as a run resolves it: the bench config with ``name`` in its stage and its ``bench_args``."""
+        from ftguard.config import config_from_dict
+        from ftguard.methods.registry import all_methods
+        from ftguard.resolve import resolve_run
+
+        known = all_methods()
+        stage = "align" if name not in known or "align" in known[name].stages else "finetune"
+        data = self.run.to_dict()
+        bench_args = dict(known[name].bench_args) if name in known else {}
+        data[stage] = {**data[stage], "method": name, "args": bench_args}
+        if stage == "align":
+            data["finetune"] = None  # one stage is timed: no fine-tuning topology for it to object to
+        return stage, resolve_run(config_from_dict(data)).method(stage)
+
     def trainer(self, method_name: str, out_dir: Path):
         from transformers import TrainingArguments
 
         from ftguard.methods.context import StageContext
-        from ftguard.methods.registry import get_method
         from ftguard.models import add_lora
         from ftguard.pipeline.stages import mixed_precision_flags
 
@@ -124,12 +138,7 @@ class _Fixture:
             model.requires_grad_(True)
         else:
             model = add_lora(model, self.run.adapter.align)
-        from ftguard.methods.registry import all_methods
-
-        known = all_methods()
-        stage = "align" if method_name not in known or "align" in known[method_name].stages else "finetune"
-        method_cls = get_method(method_name, stage)
-        method = method_cls(method_cls.parse_args(dict(method_cls.bench_args)))
+        stage, method = self.method(method_name)
         dataset = self.tokenize(self.plan.alignment)
         args = TrainingArguments(
             output_dir=str(out_dir),

@@ -31,12 +31,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from ftguard.config import load_config
+    """The run of ``args.config`` resolved once: every name and method arg checked before any work."""
+    from ftguard.resolve import load_run
 
     overrides = list(args.overrides)
     if getattr(args, "output_dir", None):
         overrides.append(f"output_dir={args.output_dir}")
-    return load_config(args.config, overrides)
+    return load_run(args.config, overrides)
 
 
 def _print_table(results: dict) -> None:
@@ -51,12 +52,12 @@ def cmd_run(
 ) -> int:
     from ftguard.pipeline.run import run_pipeline
 
-    cfg = _load(args)
+    resolved = _load(args)
     results = run_pipeline(
-        cfg, overwrite=args.overwrite, train=train, evaluate=evaluate, on_update=_print_table
+        resolved, overwrite=args.overwrite, train=train, evaluate=evaluate, on_update=_print_table
     )
     state = "complete" if results["complete"] else "incomplete: stages or evaluations remain"
-    print(f"results ({state}): {cfg.out_dir / 'results.json'}")
+    print(f"results ({state}): {resolved.config.out_dir / 'results.json'}")
     return 0
 
 
@@ -105,7 +106,12 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
         nested = root / f"{args.show}.yaml"  # paper/..., modern/...
         path = nested if "/" in args.show and nested.is_file() else resolve_config_path(args.show)
-        print(path.read_text(encoding="utf-8"))
+        if args.resolved:
+            from ftguard.config import dump_config, load_config
+
+            print(dump_config(load_config(str(path))))
+        else:
+            print(path.read_text(encoding="utf-8"))
         return 0
     for name, path in packaged_configs().items():
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -209,24 +215,15 @@ def _method_stages(name: str) -> tuple[str, ...]:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from ftguard.gate import gate, load_gate_config, verdict_table
-    from ftguard.pipeline.outputs import read_json
+    from ftguard.gate import CHECKS, gate, load_gate_config, verdict_table
+    from ftguard.run_results import read_results
 
-    path = Path(args.results)
-    path = path / "results.json" if path.is_dir() else path
-    if not path.is_file():
-        raise FtguardError(f"{args.results}: no results.json there; give a run directory or its results.json")
-    overrides = {
-        "max_hs": args.max_hs,
-        "max_hs_plus": args.max_hs_plus,
-        "max_over_refusal": args.max_over_refusal,
-        "min_fa": args.min_fa,
-        "bound": args.bound,
-    }
+    run = read_results(args.results)
+    overrides = {name: getattr(args, name) for name, _ in CHECKS.values()}
+    overrides |= {"bound": args.bound, "stages": args.stages}
     cfg = load_gate_config(args.thresholds, overrides)
-    results = read_json(path)
-    passed, rows = gate(results, cfg)
-    print(verdict_table(rows, passed, bool(results.get("complete")), cfg.bound))
+    passed, rows = gate(run, cfg)
+    print(verdict_table(rows, passed, run.complete, cfg.bound))
     return 0 if passed else 1
 
 
@@ -319,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("configs", help="list the packaged example configs")
     p.add_argument("--show", metavar="NAME", help="print one packaged config")
+    p.add_argument(
+        "--resolved", action="store_true", help="with --show: the whole run config, its `base:` chain applied"
+    )
     p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser("compare", help="table across runs and an HS-vs-FA plot")
@@ -327,24 +327,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="also write the table to this file")
     p.set_defaults(func=cmd_compare)
 
+    from ftguard.gate import CHECKS, GateConfig
+    from ftguard.schema import field_help
+
     p = sub.add_parser(
         "gate",
-        help="release gate: exit 1 if a fine-tuned model exceeds HS / over-refusal or misses FA thresholds",
+        help="release gate: exit 1 if the model a run ships (post if evaluated, else finetune) exceeds HS / "
+        "over-refusal or misses FA thresholds",
     )
     p.add_argument("results", help="a run directory or its results.json")
-    p.add_argument("--max-hs", type=float, help="highest acceptable harmful score (%%)")
-    p.add_argument("--max-hs-plus", type=float, help="highest acceptable HS+ (%%)")
-    p.add_argument("--max-over-refusal", type=float, help="highest acceptable over-refusal rate (%%)")
-    p.add_argument("--min-fa", type=float, help="lowest acceptable fine-tune accuracy (%%)")
+    gate_help = field_help(GateConfig)
+    for name, _ in CHECKS.values():  # one flag per threshold of the gate's config
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, help=gate_help[name].replace("%", "%%"))
     p.add_argument(
         "--bound",
         choices=["point", "interval"],
         help="compare point estimates (default) or the unfavourable 95%% bound",
     )
     p.add_argument(
+        "--stages",
+        metavar="STAGE[,STAGE]",
+        type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+        help="gate these stages' points (base, align, finetune, post) instead of each run's final point",
+    )
+    keys = ", ".join([name for name, _ in CHECKS.values()] + ["bound", "stages"])
+    p.add_argument(
         "--thresholds",
         metavar="YAML",
-        help="thresholds from a file (keys max_hs, max_hs_plus, max_over_refusal, min_fa, bound, stages); flags override it",
+        help=f"thresholds from a file (keys {keys}); flags override it",
     )
     p.set_defaults(func=cmd_gate)
 
@@ -428,13 +438,16 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        from ftguard.models.loading import forced_precision
+        from ftguard.precision import forced_precision
 
         forced_precision()  # a typo in $FTGUARD_PRECISION fails here, not after a stage has trained
         code = args.func(args)
-        from ftguard.distributed import shutdown
+        if (
+            "torch" in sys.modules
+        ):  # a command that never loaded torch (configs, a dry run) has no process group
+            from ftguard.distributed import shutdown
 
-        shutdown()  # only after success: a rank that failed would leave the others waiting at its barrier
+            shutdown()  # only after success: a rank that failed would leave the others waiting at its barrier
         return code
     except FtguardError as exc:
         print(f"ftguard: error: {exc}", file=sys.stderr)

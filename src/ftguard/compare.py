@@ -6,19 +6,26 @@ from pathlib import Path
 from typing import Any
 
 from ftguard.evaluation.stats import within_noise
-from ftguard.pipeline.results import INTERVAL_NOTE, METRIC_COLUMNS, metric_cell
-from ftguard.pipeline.run import load_results
+from ftguard.metrics import INTERVAL_NOTE, METRICS, RUN_TABLE, cell
+from ftguard.run_results import read_results
 
 NOISE_MARK = " ≈"
 
 
 def collect_rows(run_dirs: list[str]) -> list[dict[str, Any]]:
+    """One row per evaluated point of each run: the point's entry in results.json, with its run and key."""
     rows = []
     for run_dir in run_dirs:
-        results = load_results(run_dir)
-        judge = (results.get("judge") or {}).get("name", "?")
-        for key, entry in results.get("stages", {}).items():
-            rows.append({"run": results.get("name", Path(run_dir).name), "key": key, "judge": judge, **entry})
+        run = read_results(run_dir)
+        for point in run.points.values():
+            rows.append(
+                {
+                    "run": run.name or Path(run_dir).name,
+                    "key": point.key,
+                    "judge": run.judge or "?",
+                    **point.entry,
+                }
+            )
     return rows
 
 
@@ -33,7 +40,7 @@ def noise_marks(rows: list[dict[str, Any]]) -> dict[tuple[int, str], bool]:
         ref = reference.setdefault(row["key"], row)
         if ref is row:
             continue
-        for metric, _ in METRIC_COLUMNS:
+        for metric in RUN_TABLE:
             a, b = (ref.get("counts") or {}).get(metric), (row.get("counts") or {}).get(metric)
             if a and b:
                 marks[(i, metric)] = within_noise(a[0], a[1], b[0], b[1])
@@ -41,8 +48,8 @@ def noise_marks(rows: list[dict[str, Any]]) -> dict[tuple[int, str], bool]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    header = "| run | stage | method | p | judge | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (5 + len(METRIC_COLUMNS))]
+    header = "| run | stage | method | p | judge | " + " | ".join(METRICS[m].column for m in RUN_TABLE) + " |"
+    lines = [header, "|" + "---|" * (5 + len(RUN_TABLE))]
     marks = noise_marks(rows)
     for i, row in enumerate(rows):
         p = row.get("harmful_ratio")
@@ -53,7 +60,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             "–" if p is None else f"{p:g}",
             row["judge"],
         ]
-        cells += [metric_cell(row, m) + (NOISE_MARK if marks.get((i, m)) else "") for m, _ in METRIC_COLUMNS]
+        cells += [
+            cell(row.get(m), (row.get("intervals") or {}).get(m)) + (NOISE_MARK if marks.get((i, m)) else "")
+            for m in RUN_TABLE
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", INTERVAL_NOTE]
     if marks:
@@ -101,8 +111,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 )
             ax.annotate(row["key"], (fa, hs), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.scatter([], [], color=color, label=run)
-    ax.set_xlabel("fine-tune accuracy FA (%) →")
-    ax.set_ylabel("harmful score HS (%) ↓")
+    hs_m, fa_m = METRICS["harmful_score"], METRICS["finetune_accuracy"]
+    ax.set_xlabel(f"{fa_m.title} {fa_m.label} ({fa_m.unit}) →")  # the arrow points along the axis
+    ax.set_ylabel(f"{hs_m.title} {hs_m.label} ({hs_m.unit}) {hs_m.arrow}")
     ax.set_xlim(-2, 102)
     ax.set_ylim(-2, 102)
     judges = sorted({row["judge"] for row in rows})

@@ -1,8 +1,9 @@
 """The run config: one YAML file describes a whole pipeline run.
 
-Defaults follow the Booster protocol (methods.md §1.4, §2.2–§2.7), the one whose alignment data (refusals)
-we have offline; each default cites its section. Sizes that would need the full 30k BeaverTails default to
-"all available" (``null``) instead of failing on smaller local copies.
+Defaults follow the Booster protocol (docs/methods.md, Booster and Protocol), the one whose alignment data
+(refusals) we have offline; each default names the section of docs/methods.md it follows. Sizes that
+would need the full 30k BeaverTails default to "all available" (``null``) instead of failing on smaller local
+copies.
 """
 
 from __future__ import annotations
@@ -39,12 +40,16 @@ class ModelConfig:
         "run code shipped with a hub model (off unless you trust it)", default=False
     )
     template: Literal["alpaca", "chat"] = _help(
-        "prompt format: Alpaca (§2.4) or the model's chat template", default="alpaca"
+        "prompt format: Alpaca (docs/methods.md, Prompt template) or the model's chat template",
+        default="alpaca",
     )
     response_newline: bool = _help(
-        "append a newline after '### Response:' (Booster's variant, §2.4)", default=False
+        "append a newline after '### Response:' (Booster's variant; docs/methods.md, Prompt template)",
+        default=False,
     )
-    max_length: int = _help("max tokens per training sample (Booster forces 256, §1.4)", default=256)
+    max_length: int = _help(
+        "max tokens per training sample (Booster forces 256; docs/methods.md, Booster)", default=256
+    )
 
     def __post_init__(self) -> None:
         check(bool(self.name), "name", "must not be empty")
@@ -60,7 +65,7 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    # Booster protocol LoRA (§1.4/§2.5): r 32, α 4, q/k/v, no dropout.
+    # Booster protocol LoRA (docs/methods.md, Adapter topologies): r 32, α 4, q/k/v, no dropout.
     r: int = _help("LoRA rank", default=32)
     alpha: float = _help("LoRA alpha (scaling = alpha / r)", default=4.0)
     dropout: float = _help("LoRA dropout", default=0.0)
@@ -78,8 +83,8 @@ class LoraConfig:
 @dataclass
 class AdapterConfig:
     topology: Literal["double", "single", "full"] = _help(
-        "double: merge the alignment LoRA, train a new one (§2.5); single: keep training the alignment "
-        "LoRA (Booster); full: full fine-tuning",
+        "double: merge the alignment LoRA, train a new one; single: keep training the alignment LoRA "
+        "(Booster); full: full fine-tuning (docs/methods.md, Adapter topologies)",
         default="double",
     )
     align: LoraConfig = _help("LoRA of the alignment stage", default_factory=LoraConfig)
@@ -106,7 +111,8 @@ class SourceConfig:
 
 
 def _alignment_default() -> SourceConfig:
-    # Booster aligns on the refusals of 4,999 records (§2.2); null takes every record the attack does not use.
+    # Booster aligns on the refusals of 4,999 records (docs/methods.md, Alignment data); null takes every
+    # record the attack does not use.
     return SourceConfig(source="beavertails_refusals", split="train", response="safe", n=None)
 
 
@@ -117,20 +123,23 @@ def _harmful_default() -> SourceConfig:
 @dataclass
 class FinetuneDataConfig:
     task: str = _help("benign user task: sst2, ag_news, gsm8k", default="sst2")
-    n: int = _help("samples in the user's upload (Booster/Vaccine n = 1000, §2.3)", default=1000)
+    n: int = _help(
+        "samples in the user's upload (Booster/Vaccine n = 1000; docs/methods.md, User data)", default=1000
+    )
     harmful_ratio: float | list[float] = _help(
-        "fraction p of harmful samples (§2.3: 0.1); a list runs one fine-tune per ratio from the same aligned model",
+        "fraction p of harmful samples (papers: 0.1); a list runs one fine-tune per ratio from the same "
+        "aligned model",
         default=0.1,
     )
     harmful: SourceConfig = _help(
         "where the harmful (prompt, harmful answer) pairs come from", default_factory=_harmful_default
     )
     gsm8k_cot_suffix: bool = _help(
-        "append Vaccine's step-by-step suffix to GSM8K questions (§2.3)", default=False
+        "append Vaccine's step-by-step suffix to GSM8K questions (Lisa, Booster: none)", default=False
     )
     harmful_reserve: int | None = _help(
         "when data.alignment and the harmful pool are one file: how many leading records the attack keeps "
-        "(Booster: 5000, §2.2); null = what the largest ratio needs. Fixing it keeps the aligned model the same "
+        "(Booster: 5000); null = what the largest ratio needs. Fixing it keeps the aligned model the same "
         "for every ratio (a sweep sets it)",
         default=None,
     )
@@ -165,7 +174,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Maps onto transformers.TrainingArguments; defaults are the Booster alignment stage (§1.4)."""
+    """Maps onto transformers.TrainingArguments; defaults are the Booster alignment stage (docs/methods.md,
+    Training defaults)."""
 
     epochs: float = _help("training epochs (Booster: 20)", default=20.0)
     max_steps: int = _help("stop after this many optimizer steps (-1 = use epochs)", default=-1)
@@ -178,7 +188,8 @@ class TrainConfig:
     batch_size: int = _help("per-device batch size", default=10)
     grad_accum: int = _help("gradient accumulation steps", default=1)
     max_grad_norm: float = _help(
-        "gradient clipping of the final combined gradient (HF default, §0)", default=1.0
+        "gradient clipping of the final combined gradient (HF default; docs/methods.md, Training defaults)",
+        default=1.0,
     )
     optim: str = _help("transformers optimizer name", default="adamw_torch")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
@@ -202,7 +213,7 @@ class TrainConfig:
 
 
 def _finetune_train_default() -> TrainConfig:
-    # Booster fine-tuning (§2.3): lr 1e-5 constant, 20 epochs, batch size 10.
+    # Booster fine-tuning (docs/methods.md, User data): lr 1e-5 constant, 20 epochs, batch size 10.
     return TrainConfig(learning_rate=1e-5)
 
 
@@ -242,7 +253,8 @@ def _over_refusal_default() -> SourceConfig:
 
 
 def _harmful_eval_default() -> SourceConfig:
-    # Held-out harmful prompts; Booster uses the first 1000 unsafe 30k_test prompts (§2.6).
+    # Held-out harmful prompts; Booster uses the first 1000 unsafe 30k_test prompts (docs/methods.md,
+    # Harmful score).
     return SourceConfig(source="beavertails_refusals", split="test", response=None, n=None)
 
 
@@ -278,12 +290,12 @@ class EvalConfig:
     harmful_prompts: SourceConfig = _help(
         "held-out harmful prompts for HS", default_factory=_harmful_eval_default
     )
-    max_new_tokens: int = _help("new tokens per harmful prompt (Booster 512, Vaccine 128, §2.6)", default=512)
+    max_new_tokens: int = _help("new tokens per harmful prompt (Booster 512, Vaccine 128)", default=512)
     task_n: int | None = _help(
-        "task evaluation samples: the first n, or all when fewer (Booster: up to 1000, §2.7); null = all",
+        "task evaluation samples: the first n, or all when fewer (Booster: up to 1000); null = all",
         default=1000,
     )
-    task_max_new_tokens: int = _help("new tokens per task prompt (§2.7: 200)", default=200)
+    task_max_new_tokens: int = _help("new tokens per task prompt (papers: 200)", default=200)
     task_rule: Literal["exact", "substring"] = _help(
         "label match rule: exact (Lisa/Booster) or substring (Vaccine)", default="exact"
     )
@@ -310,7 +322,7 @@ class EvalConfig:
 class RunConfig:
     name: str = _help("run name", default="run")
     description: str = _help("free text, kept with the results", default="")
-    seed: int = _help("global seed (the git-disl repos use 43, §0)", default=43)
+    seed: int = _help("global seed (the git-disl repos use 43)", default=43)
     output_dir: str | None = _help("where the run writes; default runs/<name>", default=None)
     model: ModelConfig = _help("the model to align and fine-tune", default_factory=ModelConfig)
     adapter: AdapterConfig = _help("LoRA topology", default_factory=AdapterConfig)
@@ -426,9 +438,7 @@ def set_keys(data: dict[str, Any], settings: list[tuple[list[str], Any, str]]) -
     return data
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (file or packaged name), apply ``key=value`` overrides, validate everything."""
-    path = resolve_config_path(name_or_path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -437,27 +447,54 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
-    data = apply_overrides(data, overrides or [])
+    return data
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists, scalars, null) replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve_base(name: str, folder: Path) -> Path:
+    """A ``base:`` entry: a path relative to the including file (with or without .yaml), else a packaged name."""
+    local = folder / name
+    for candidate in (local, local.with_name(local.name + ".yaml")):
+        if candidate.is_file():
+            return candidate
+    return resolve_config_path(name)
+
+
+def read_config_data(name_or_path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a run config with its ``base:`` chain applied (this file's keys over its base's), so a
+    config can be a short delta: ``base: vaccine-tiny`` then only what differs."""
+    path = resolve_config_path(str(name_or_path)).resolve()
+    if path in _chain:
+        cycle = " → ".join(p.name for p in (*_chain, path))
+        raise ConfigError(f"{path}: 'base' chain loops ({cycle})")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: 'base' must name a run config (a packaged name or a path), got {base!r}")
+    return merge(read_config_data(_resolve_base(base, path.parent), (*_chain, path)), data)
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (file or packaged name, with its ``base:`` chain), apply ``key=value`` overrides and
+    validate its types and values. Method args and registered names are checked by ``ftguard.resolve.load_run``."""
+    data = apply_overrides(read_config_data(name_or_path), overrides or [])
     return config_from_dict(data)
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    cfg = from_dict(RunConfig, data)
-    # Method names and their args are checked here too, so a typo fails before any work starts.
-    from ftguard.methods.registry import get_method
-
-    for stage in STAGES:
-        stage_cfg = getattr(cfg, stage)
-        if stage_cfg is not None:
-            try:
-                method = get_method(stage_cfg.method, stage)
-            except ConfigError:
-                raise
-            except FtguardError as exc:
-                raise ConfigError(f"'{stage}.method': {exc}") from None
-            method.parse_args(stage_cfg.args, prefix=f"{stage}.args")
-            method.check_run_config(cfg, stage)
-    return cfg
+    return from_dict(RunConfig, data)
 
 
 def dump_config(cfg: RunConfig) -> str:

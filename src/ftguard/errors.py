@@ -7,3 +7,7 @@ class FtguardError(Exception):
     The CLI prints only the message (no traceback), so the message must name the offending key, file
     or value and say how to fix it.
     """
+
+
+class DataNotFound(FtguardError):
+    """A data root or file the config names is not on this machine (a dry run can still cost the run)."""

@@ -1,8 +1,10 @@
 """`ftguard gate`: a release check a provider can put in CI/CD before shipping a fine-tuned model.
 
-Each fine-tuned point of a run is checked against thresholds on HS, over-refusal and FA. With ``bound:
-interval`` the check uses the unfavourable end of the 95% interval (HS and over-refusal upper bound, FA lower
-bound), so a model passes only if the data support it, not just its point estimate.
+By default each run's final point is checked (per harmful ratio, the repaired model when the run has a post
+stage, else the fine-tuned one: the model the provider ships); ``stages`` names others. Thresholds bound HS, HS+,
+over-refusal and FA. With ``bound: interval`` the check uses the unfavourable end of the 95% interval (HS and
+over-refusal upper bound, FA lower bound), so a model passes only if the data support it, not just its point
+estimate.
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ from typing import Any, Literal
 import yaml
 
 from ftguard.errors import FtguardError
+from ftguard.metrics import GATED, METRICS
+from ftguard.run_results import STAGES, Point, RunResults, parse_results
 from ftguard.schema import ConfigError, check, from_dict
 
 # metric → (threshold attribute, direction): "max" fails above the threshold, "min" below it.
-CHECKS = {
-    "harmful_score": ("max_hs", "max"),
-    "harmful_score_plus": ("max_hs_plus", "max"),
-    "over_refusal": ("max_over_refusal", "max"),
-    "finetune_accuracy": ("min_fa", "min"),
-}
+CHECKS = {m: (str(METRICS[m].threshold), "min" if METRICS[m].higher_is_better else "max") for m in GATED}
 
 
 @dataclass
@@ -37,8 +36,12 @@ class GateConfig:
         default="point",
         metadata={"help": "compare the point estimate, or the unfavourable end of the 95% interval"},
     )
-    stages: list[str] = field(
-        default_factory=lambda: ["finetune"], metadata={"help": "which stages are gated"}
+    stages: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "which stages are gated (base, align, finetune, post); default: each run's final point, "
+            "post if evaluated, else finetune"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -48,14 +51,15 @@ class GateConfig:
         check(
             any(getattr(self, name) is not None for name, _ in CHECKS.values()),
             "thresholds",
-            "none given: set at least one of --max-hs, --max-hs-plus, --max-over-refusal, --min-fa",
+            "none given: set at least one of "
+            + ", ".join(f"--{name.replace('_', '-')}" for name, _ in CHECKS.values()),
         )
-        for stage in self.stages:
+        if self.stages is not None:
             check(
-                stage in ("base", "align", "finetune"),
-                "stages",
-                f"entries must be base, align or finetune, got {stage!r}",
+                bool(self.stages), "stages", "is empty: name a stage, or leave it out to gate the final point"
             )
+            for stage in self.stages:
+                check(stage in STAGES, "stages", f"entries must be among {', '.join(STAGES)}, got {stage!r}")
 
 
 def load_gate_config(path: str | None, overrides: dict[str, Any]) -> GateConfig:
@@ -74,11 +78,11 @@ def load_gate_config(path: str | None, overrides: dict[str, Any]) -> GateConfig:
     return from_dict(GateConfig, data, prefix="gate")
 
 
-def _compared_value(entry: dict[str, Any], metric: str, direction: str, bound: str) -> float | None:
-    value = entry.get(metric)
+def _compared_value(point: Point, metric: str, direction: str, bound: str) -> float | None:
+    value = point.value(metric)
     if value is None or bound == "point":
         return value
-    interval = (entry.get("intervals") or {}).get(metric)
+    interval = point.intervals.get(metric)
     if interval is None:
         raise FtguardError(
             f"bound 'interval' needs the 95% intervals of {metric}, which this run's results lack: re-evaluate it"
@@ -86,18 +90,41 @@ def _compared_value(entry: dict[str, Any], metric: str, direction: str, bound: s
     return interval[1] if direction == "max" else interval[0]
 
 
-def gate(results: dict[str, Any], cfg: GateConfig) -> tuple[bool, list[dict[str, Any]]]:
-    """(passed, one row per gated point and metric). A missing metric or an incomplete run fails."""
-    rows: list[dict[str, Any]] = []
-    points = {k: e for k, e in results.get("stages", {}).items() if e.get("stage") in cfg.stages}
+def gated_points(run: RunResults, stages: list[str] | None) -> list[Point]:
+    """The points ``stages`` names, or the run's final points; an unevaluated shipped model is an error."""
+    if stages is not None:
+        points = run.select(stages)
+        if not points:
+            raise FtguardError(f"no evaluated {'/'.join(stages)} point in these results: nothing to gate")
+        return points
+    shipped = run.last_trained_stage()
+    points = run.final_points()
+    if shipped is not None and not any(p.stage == shipped for p in points):
+        # Gating the last evaluated model instead would pass a model the provider does not ship.
+        if not run.complete:
+            raise FtguardError(
+                f"the run is incomplete and its {shipped} stage not evaluated yet: finish it (`ftguard run` on its "
+                "config) before gating"
+            )
+        raise FtguardError(
+            f"the run ends with its {shipped} stage, but no {shipped} point was evaluated: add {shipped} to "
+            "evaluate.points and run it again, or name the stages to gate (--stages / stages:)"
+        )
     if not points:
-        raise FtguardError(f"no evaluated {'/'.join(cfg.stages)} point in these results: nothing to gate")
-    for key, entry in points.items():
+        raise FtguardError("no evaluated point in these results: nothing to gate")
+    return points
+
+
+def gate(results: RunResults | dict[str, Any], cfg: GateConfig) -> tuple[bool, list[dict[str, Any]]]:
+    """(passed, one row per gated point and metric). A missing metric or an incomplete run fails."""
+    run = results if isinstance(results, RunResults) else parse_results(results)
+    rows: list[dict[str, Any]] = []
+    for point in gated_points(run, cfg.stages):
         for metric, (name, direction) in CHECKS.items():
             threshold = getattr(cfg, name)
             if threshold is None:
                 continue
-            value = _compared_value(entry, metric, direction, cfg.bound)
+            value = _compared_value(point, metric, direction, cfg.bound)
             if value is None:
                 ok, why = False, "not measured"
             else:
@@ -105,7 +132,7 @@ def gate(results: dict[str, Any], cfg: GateConfig) -> tuple[bool, list[dict[str,
                 why = "" if ok else f"{value:.1f} {'>' if direction == 'max' else '<'} {threshold:g}"
             rows.append(
                 {
-                    "point": key,
+                    "point": point.key,
                     "metric": metric,
                     "value": value,
                     "threshold": threshold,
@@ -114,7 +141,7 @@ def gate(results: dict[str, Any], cfg: GateConfig) -> tuple[bool, list[dict[str,
                     "reason": why,
                 }
             )
-    passed = all(r["passed"] for r in rows) and bool(results.get("complete"))
+    passed = all(r["passed"] for r in rows) and run.complete
     return passed, rows
 
 

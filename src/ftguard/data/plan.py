@@ -1,10 +1,11 @@
 """The data plan: every data role of a run, built and checked once before any training.
 
 Roles: alignment (prompt → refusal), alignment_harmful (the same prompts → harmful answers, the harmful
-set of Booster/RepNoise, §2.2), the attack pool (prompt → harmful answer, for the user's mix), the benign
+set of Booster/RepNoise), the attack pool (prompt → harmful answer, for the user's mix), the benign
 task (train and eval), and held-out harmful prompts for HS. Alignment, attack and evaluation prompts must be
 disjoint; when alignment and attack come from the same file, the attack takes the first records and the
-alignment the following ones (Booster's layout: harmful records 1…p·n, alignment records from 5001, §2.2/§2.3).
+alignment the following ones (Booster's layout: harmful records 1…p·n, alignment records from 5001; see
+docs/methods.md, Alignment data and User data).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,8 @@ log = logging.getLogger(__name__)
 
 ROLE_HINTS = {
     "alignment_harmful": "give data.alignment and data.finetune.harmful the same source and split, with "
-    "response: safe and response: unsafe (harmful answers of the alignment prompts, §2.2)",
+    "response: safe and response: unsafe (harmful answers of the alignment prompts; docs/methods.md, "
+    "Alignment data)",
 }
 
 
@@ -113,7 +116,7 @@ def _load(spec: SourceConfig, root: str, response: str | None, key: str) -> list
     try:
         return load_examples(spec.source, split=spec.split, root=root, response=response, path=spec.path)
     except FtguardError as exc:
-        raise FtguardError(f"{key}: {exc}") from None
+        raise type(exc)(f"{key}: {exc}") from None  # the kind survives (DataNotFound)
 
 
 def _dedup(examples: list[Example]) -> list[int]:
@@ -148,25 +151,11 @@ def _require_answers(examples: list[Example], spec: SourceConfig, key: str, fiel
         )
 
 
-def _later_stages_need_alignment(run: RunConfig) -> bool:
-    """Finetune-stage methods such as Lisa or EWC use the alignment data even when the run has no align stage,
-    and so do post-stage repairs that read the harmful answers of the alignment prompts (recovery, Antidote):
-    with ``align: null`` the base model is the aligned one (a chat model's native alignment)."""
-    from ftguard.methods.registry import get_method
-
-    for stage in ("finetune", "post"):
-        stage_cfg = getattr(run, stage)
-        if stage_cfg is None:
-            continue
-        method_cls = get_method(stage_cfg.method, stage)
-        # From an instance: wrappers (filter) answer for their inner method.
-        method = method_cls(method_cls.parse_args(stage_cfg.args, prefix=f"{stage}.args"))
-        if {"alignment", "alignment_harmful"} & set(method.required_roles):
-            return True
-    return False
-
-
-def build_data_plan(run: RunConfig) -> DataPlan:
+def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
+    """Every data role of ``run``. ``roles`` are those the later stages' methods declare
+    (``ResolvedRun.data_roles``): finetune-stage methods such as Lisa or EWC use the alignment data even when the
+    run has no align stage, and so do repairs that read the harmful answers of the alignment prompts (recovery,
+    Antidote); with ``align: null`` the base model is the aligned one (a chat model's native alignment)."""
     data, root = run.data, run.data.root
     task = get_task(data.finetune.task, cot_suffix=data.finetune.gsm8k_cot_suffix)
     plan = DataPlan(task=task, root=root, seed=run.seed)
@@ -181,7 +170,7 @@ def build_data_plan(run: RunConfig) -> DataPlan:
         )
 
     align_spec = data.alignment
-    need_alignment = run.align is not None or _later_stages_need_alignment(run)
+    need_alignment = run.align is not None or bool({"alignment", "alignment_harmful"} & set(roles))
     if need_alignment and _same_file(align_spec, ft.harmful):
         # One file serves both roles: split its records so that no prompt is in both.
         safe = _load(align_spec, root, align_spec.response, "data.alignment")
@@ -266,7 +255,8 @@ def build_data_plan(run: RunConfig) -> DataPlan:
     n_validation = run.post.validation_n if run.post is not None else 0
     loaded = task.train_examples(root, n=need_benign + n_validation) if need_benign + n_validation else []
     task_train, plan.task_validation = loaded[:need_benign], loaded[need_benign:]
-    # "Up to" n, as the papers' FA sets (SST2 has 872 validation rows under Booster's "1000", §2.7).
+    # "Up to" n, as the papers' FA sets (SST2 has 872 validation rows under Booster's "1000";
+    # docs/methods.md, Finetune accuracy).
     task_eval = task.eval_examples(root)
     n_eval = run.evaluate.task_n
     if n_eval is not None and n_eval > len(task_eval):

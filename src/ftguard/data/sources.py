@@ -19,6 +19,8 @@ must be UTF-8 (a leading BOM is accepted); errors name the file and the 1-based 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import difflib
 import hashlib
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ftguard.data.example import Example
-from ftguard.errors import FtguardError
+from ftguard.errors import DataNotFound, FtguardError
 
 DATA_ROOT_BUNDLED = "bundled"
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
@@ -53,7 +55,7 @@ def resolve_root(root: str | Path) -> Path:
         return BUNDLED_DIR
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise FtguardError(
+        raise DataNotFound(
             f"data root '{root}' does not exist: set data.root to a directory laid out like ../shared/data, "
             "or 'bundled'"
         )
@@ -72,7 +74,7 @@ def data_file(root: str | Path, relpath: str) -> Path:
     """``<root>/<relpath>``, or an error telling the user how to point data.root at the data."""
     path = resolve_root(root) / relpath
     if not path.is_file():
-        raise FtguardError(
+        raise DataNotFound(
             f"data file '{path}' not found: set data.root to a directory that has {relpath} "
             "(laid out like ../shared/data), or to 'bundled'"
         )
@@ -181,15 +183,31 @@ def _load_beavertails_refusals(
     return out
 
 
+# Set while a dry run reads the data: it must not start a download of a hub dataset to count units.
+_LOCAL_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("ftguard_data_local_only", default=False)
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Within this block, hub sources raise DataNotFound instead of downloading."""
+    token = _LOCAL_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.reset(token)
+
+
 def _load_beavertails_hub(root: Path | None, split: str, response: str, path: Path | None) -> list[Example]:
     hub_split = _HUB_SPLITS[split]
+    if _LOCAL_ONLY.get():
+        raise DataNotFound(f"{BEAVERTAILS_HUB_ID} is a hub dataset, not downloaded for a dry run")
     import datasets  # heavy; only this hub source needs it
 
     try:
         rows = datasets.load_dataset(BEAVERTAILS_HUB_ID, split=hub_split)
     except Exception as e:  # offline, auth, missing cache... all mean the same thing to the user
         cause = (str(e).splitlines() or [""])[0][:120]
-        raise FtguardError(
+        raise DataNotFound(
             f"cannot load {BEAVERTAILS_HUB_ID} from the hub (offline?): use source 'beavertails_refusals' "
             f"with data.root, or pre-download it [{type(e).__name__}: {cause}]"
         ) from e
@@ -240,7 +258,7 @@ def _load_jsonl(root: Path | None, split: str, response: str, path: Path | None)
             "source 'jsonl' needs a file: set its path to a JSONL file with instruction/input/output"
         )
     if not path.is_file():
-        raise FtguardError(f"JSONL file '{path}' not found: fix the path of the 'jsonl' source")
+        raise DataNotFound(f"JSONL file '{path}' not found: fix the path of the 'jsonl' source")
     out = []
     for i, (lineno, row) in enumerate(read_jsonl(path)):
         out.append(_alpaca_row(row, f"{path}, line {lineno}", response, f"jsonl/{split}#{i}"))
@@ -323,6 +341,11 @@ def _lookup(source: str, split: str | None, response: str | None) -> tuple[_Sour
             f"source {source!r} has no response {response!r}: use one of {', '.join(spec.responses)} (or none)"
         )
     return spec, split, response
+
+
+def check_source(source: str, split: str | None, response: str | None) -> None:
+    """Fail when ``source`` is not registered or has no such split or response; reads no file."""
+    _lookup(source, split, response)
 
 
 def load_examples(

@@ -1,4 +1,4 @@
-"""Benign user fine-tuning tasks (methods.md §2.3) and their evaluation sets (§2.7).
+"""Benign user fine-tuning tasks and their evaluation sets (docs/methods.md, User data and Finetune accuracy).
 
 Instructions and outputs follow the git-disl ``build_dataset.py`` scripts (Vaccine/Lisa) word for word.
 ``n`` always takes the first n rows, never a shuffle, as the papers do.

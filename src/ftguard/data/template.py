@@ -1,4 +1,4 @@
-"""Prompt templates and response-only tokenization (methods.md §2.4).
+"""Prompt templates and response-only tokenization (docs/methods.md, Prompt template).
 
 The same prompt text is used for training, harmful-score generation and task evaluation, so every
 caller must go through :func:`format_prompt`.

@@ -1,5 +1,5 @@
 """Antidote: one-shot removal of the weights that matter most on harmful data, after the user's fine-tune
-(methods.md §1.5 last bullet; Huang et al., "Antidote: Post-fine-tuning Safety Alignment for Large Language
+(docs/methods.md, Antidote; Huang et al., "Antidote: Post-fine-tuning Safety Alignment for Large Language
 Models against Harmful Fine-tuning", ICML 2025; code ``git-disl/Antidote``).
 
 What the original does (``train.py`` with ``--optimizer antidote``, ``trainer.py`` ``AntidoteTrainer.save_mask``,
@@ -46,6 +46,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ftguard.config import RunConfig
+from ftguard.cost import GpuSpec, alignment_n, cost_result, train_seconds
 from ftguard.errors import FtguardError
 from ftguard.methods.base import PostMethod
 from ftguard.methods.context import PostContext
@@ -60,7 +62,7 @@ class AntidoteConfig:
     # antidote_poison_ratio.sh: dense_ratio=0.1.
     dense_ratio: float = field(
         default=0.1,
-        metadata={"help": "fraction of each weight row zeroed: the top ceil(r·cols) by Wanda score (§1.5)"},
+        metadata={"help": "fraction of each weight row zeroed: the top ceil(r·cols) by Wanda score"},
     )
     # antidote_poison_ratio.sh: bad_sample_num=2000 (passed as --sample_num).
     n_samples: int = field(
@@ -248,6 +250,19 @@ class Antidote(PostMethod):
         base = ModelRef(model_dir=ref.base_dir or ctx.aligned.model_dir)
         model = load_lora(ctx.load(base), ref.adapter_dir, trainable=False)
         return model, lora_factors(model), target
+
+    def cost(self, run: RunConfig, n_params: float, gpu: GpuSpec) -> dict[str, Any]:
+        # One forward over the harmful calibration pairs for the Wanda scores; the pruning itself is elementwise.
+        n_align, note = alignment_n(run)
+        n = min(self.config.n_samples, n_align)
+        tokens = n * run.model.max_length
+        flops = tokens * 2.0 * n_params
+        notes = [
+            f"{run.model.name} N={n_params:.3g}",
+            note,
+            f"antidote: a forward over {n} calibration samples × {run.model.max_length} tokens",
+        ]
+        return cost_result(train_seconds(flops, gpu.peak_tflops, gpu), tokens, flops, notes)
 
     def repair(self, ctx: PostContext) -> tuple[Any, dict[str, Any]]:
         from ftguard.data.template import tokenize_dataset

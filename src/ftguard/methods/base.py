@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from transformers import Trainer
 
     from ftguard.config import RunConfig
+    from ftguard.cost import ExtraCost, GpuSpec
     from ftguard.data.example import Example
     from ftguard.data.plan import DataPlan
     from ftguard.methods.context import PostContext, StageContext
@@ -51,6 +52,9 @@ class Method:
     bench_args: ClassVar[dict[str, Any]] = {}
     # Args for `ftguard demo --methods` (32 steps on a CPU), where a paper default would not fit that budget.
     demo_args: ClassVar[dict[str, Any]] = {}
+    # FLOPs of one optimizer step relative to SFT on the same batch: the GPU-hour estimate of `ftguard sweep
+    # --dry-run` multiplies the stage's training FLOPs by it. Each method states its own, with where it comes from.
+    pass_factor: ClassVar[float] = 1.0
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -60,8 +64,32 @@ class Method:
         return from_dict(cls.config_class, args or {}, prefix=prefix)
 
     @classmethod
-    def check_run_config(cls, run: RunConfig, stage: str) -> None:
+    def from_args(cls, args: dict[str, Any] | None, prefix: str = "args") -> Method:
+        """The method with its args parsed (``prefix`` names them in errors): what ``ftguard.resolve`` builds once
+        per stage."""
+        return cls(cls.parse_args(args, prefix=prefix))
+
+    def check_run_config(self, run: RunConfig, stage: str) -> None:
         """Reject or warn about run settings this method cannot honour (e.g. a topology)."""
+
+    def judges(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Judges the method runs, by arg key → (judge name, options): checked by name before any work."""
+        return {}
+
+    def wrapped(self) -> dict[str, Method]:
+        """Methods this one wraps, by arg key (the filter's ``then_args``): their args are checked too."""
+        return {}
+
+    def extra_cost(self, run: RunConfig, stage: str) -> ExtraCost:
+        """Work the estimate counts besides ``pass_factor`` × the stage's steps: added training samples, one-off
+        passes, judges reading the upload."""
+        from ftguard.cost import ExtraCost
+
+        return ExtraCost()
+
+    def load_resources(self) -> None:
+        """Load what the method needs besides data (a judge, ...), so that an unavailable one fails before any
+        training. Not called by a dry run."""
 
     def prepare_data(self, plan: DataPlan, run: RunConfig, stage: str) -> None:
         """Check (and load, with ``plan.load_extra``) the data this method needs; runs before any training."""
@@ -96,6 +124,12 @@ class PostMethod(Method):
 
     def repair(self, ctx: PostContext) -> tuple[Any, dict[str, Any]]:
         raise NotImplementedError
+
+    def cost(self, run: RunConfig, n_params: float, gpu: GpuSpec) -> dict[str, Any]:
+        """The repair's GPU hours for the estimate, as ``ftguard.cost.cost_result`` builds them."""
+        from ftguard.cost import cost_result
+
+        return cost_result(0.0, 0, 0.0, [f"no cost model for post method '{self.name}': counted as 0"])
 
     def create_trainer(self, ctx: StageContext, **trainer_kwargs: Any) -> Trainer:
         raise TypeError(f"{self.name} is a post-stage method: it repairs models and has no trainer")

@@ -1,4 +1,5 @@
-"""Booster: alignment that attenuates harmful perturbation (Huang et al., ICLR 2025; methods.md §1.4)."""
+"""Booster: alignment that attenuates harmful perturbation (Huang et al., ICLR 2025; docs/methods.md,
+Booster)."""
 
 from __future__ import annotations
 
@@ -25,38 +26,38 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROBE_EPS = 1e-7  # added to ‖g_h‖ in the normalised probe step, as in the original (§1.4 step 2)
+PROBE_EPS = 1e-7  # added to ‖g_h‖ in the probe step, as in the original (docs/methods.md, Booster)
 REDUCE_BUCKET = 1 << 25  # elements per all-reduce of g_h across ranks
 
 
 @dataclass
 class BoosterConfig:
-    # Defaults: Booster's smooth_align.sh (methods.md §1.4).
+    # Defaults: Booster's smooth_align.sh (docs/methods.md, Booster).
     lam: float = field(
         default=5.0,
         metadata={
-            "help": "λ, weight of the harmful-perturbation penalty h(w) − h(w − α·ĝ_h) (§1.4: 5; GSM8K 25)"
+            "help": "λ, weight of the harmful-perturbation penalty h(w) − h(w − α·ĝ_h) (Booster: 5; GSM8K 25)"
         },
     )
     alpha: float = field(
-        default=0.1, metadata={"help": "α, length of the simulated normalised harmful step (§1.4: 0.1)"}
+        default=0.1, metadata={"help": "α, length of the simulated normalised harmful step (Booster: 0.1)"}
     )
     harmful_batch_size: int = field(
         default=10,
-        metadata={"help": "harmful batch size per step and device (§1.4: hard-coded 10 in the original)"},
+        metadata={"help": "harmful batch size per step and device (hard-coded 10 in the original)"},
     )
     harmful_data: Literal["alignment_harmful"] = field(
         default="alignment_harmful",
         metadata={
-            "help": "harmful set: alignment_harmful = the harmful answers of the alignment prompts (§2.2, the "
-            "paper's records 5001–9999)"
+            "help": "harmful set: alignment_harmful = the harmful answers of the alignment prompts (the "
+            "paper's records 5001–9999; docs/methods.md, Alignment data)"
         },
     )
     allow_double_topology: bool = field(
         default=False,
         metadata={
             "help": "allow adapter.topology double (an ablation: the paper fine-tunes Booster's own LoRA, "
-            "topology single, §2.5 / Booster issue #2)"
+            "topology single: Booster issue #2; docs/methods.md, Adapter topologies)"
         },
     )
 
@@ -223,16 +224,19 @@ class BoosterTrainer(FtguardTrainer):
 @register_method
 class Booster(Method):
     """Booster in the alignment stage: SFT on refusals plus λ·(harmful loss − harmful loss after a simulated
-    normalised harmful step). Fine-tuning afterwards must continue the same LoRA (topology single, §2.5)."""
+    normalised harmful step). Fine-tuning afterwards must continue the same LoRA (topology
+    single; docs/methods.md, Adapter topologies)."""
 
     name = "booster"
+    # Three full passes per step: harmful at w, harmful at the probed w, alignment. Bench 3.28× / 3.11×.
+    pass_factor = 3.0
     stages = ("align",)
     paper = "Huang et al., Booster: Tackling Harmful Fine-tuning for Large Language Models via Attenuating Harmful Perturbation, ICLR 2025"
     summary = "alignment + λ·[h(w) − h(w − α·∇h/‖∇h‖)] on a harmful set (3F+3B per step)"
     config_class = BoosterConfig
     trainer_class = BoosterTrainer
     required_roles = ("alignment_harmful",)
-    preferred_topology = "single"  # §2.5: fine-tuning continues Booster's LoRA
+    preferred_topology = "single"  # fine-tuning continues its LoRA (docs/methods.md, Adapter topologies)
     unsupported_modes: ClassVar[dict[str, str]] = {
         **{
             mode: "its probe steps the trainable weights in place (w − α·ĝ_h) and restores them, which needs every "
@@ -246,9 +250,8 @@ class Booster(Method):
         },
     }
 
-    @classmethod
-    def check_run_config(cls, run: RunConfig, stage: str) -> None:
-        cfg = cls.parse_args(getattr(run, stage).args, prefix=f"{stage}.args")
+    def check_run_config(self, run: RunConfig, stage: str) -> None:
+        cfg = self.config
         if run.adapter.topology != "double" or run.finetune is None:
             # single (the paper's) and full both fine-tune the very weights Booster perturbed; without a
             # fine-tuning stage the topology changes nothing.
@@ -256,8 +259,8 @@ class Booster(Method):
         message = (
             "Booster hardens the alignment LoRA against a harmful step taken IN that LoRA, so the fine-tuning "
             "stage must keep training it: the paper (Table 1) and its maintainer (Booster issue #2) use the "
-            "single topology (methods.md §2.5); with 'double' the fine-tuning trains a fresh LoRA that Booster "
-            "never saw"
+            "single topology (docs/methods.md, Adapter topologies); with 'double' the fine-tuning trains a "
+            "fresh LoRA that Booster never saw"
         )
         if not cfg.allow_double_topology:
             raise ConfigError(
@@ -288,10 +291,10 @@ class Booster(Method):
 
 @dataclass
 class BoosterVaccineConfig(BoosterConfig):
-    # Booster repo's --perturb_aware True (methods.md §1.4 variants): ρ = 5.
+    # Booster repo's --perturb_aware True (docs/methods.md, Booster+Vaccine): ρ = 5.
     rho: float = field(
         default=5.0,
-        metadata={"help": "Vaccine's perturbation radius ρ on the attention outputs (§1.4 variants: 5)"},
+        metadata={"help": "Vaccine's perturbation radius ρ on the attention outputs (Booster's variant: 5)"},
     )
     attention_modules: list[str] | None = field(
         default=None,
@@ -317,7 +320,8 @@ class BoosterVaccineConfig(BoosterConfig):
 
 class BoosterVaccineTrainer(BoosterTrainer, VaccineTrainer):
     """Booster + Vaccine: Booster's steps 1, 2 and 4, with step 3 (g_f) replaced by Vaccine's perturbation-aware
-    alignment gradient (``VaccineTrainer.training_step``, methods.md §1.2), 4F + 4B per micro-batch.
+    alignment gradient (``VaccineTrainer.training_step``; docs/methods.md, Vaccine), 4F + 4B per
+    micro-batch.
 
     The method resolution order makes ``super().training_step`` in ``BoosterTrainer`` Vaccine's step, so nothing
     is copied: Booster adds λ·(g_h − g_h′) to ``.grad`` first, then Vaccine's perturbed backward (the only
@@ -327,9 +331,12 @@ class BoosterVaccineTrainer(BoosterTrainer, VaccineTrainer):
 
 @register_method
 class BoosterVaccine(Booster):
-    """Booster's harmful-perturbation penalty on top of Vaccine's perturbation-aware alignment (§1.4 variants)."""
+    """Booster's harmful-perturbation penalty on top of Vaccine's perturbation-aware alignment
+    (docs/methods.md, Booster+Vaccine)."""
 
     name = "booster_vaccine"
+    # Booster with Vaccine's two-pass alignment gradient instead of one pass: 4F + 4B.
+    pass_factor = 4.0
     stages = ("align",)
     paper = "Huang et al., Booster, ICLR 2025 (Booster+Vaccine variant, --perturb_aware True)"
     summary = "Booster with the alignment gradient replaced by Vaccine's (ρ = 5); 4F+4B per step"

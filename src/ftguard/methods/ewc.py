@@ -1,4 +1,4 @@
-"""EWC: elastic weight consolidation in the fine-tuning stage, as Vaccine's baseline (methods.md §1.5).
+"""EWC: elastic weight consolidation in the fine-tuning stage, as Vaccine's baseline (docs/methods.md, EWC).
 
 The original (``git-disl/Vaccine`` ``trainer.py`` ``FITrainer``, run by ``script/EWC_finetune/*.sh``) computes,
 at the first training step, a diagonal Fisher F = Σ over the batches of its 2,000-sample BeaverTails-safe eval
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ftguard.cost import ExtraCost, alignment_n
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
 from ftguard.methods.registry import register_method
@@ -45,7 +46,7 @@ class EWCConfig:
     # Vaccine script/EWC_finetune/{sst2,agnews,gsm8k}.sh: lamb=${4:-1e9} (train.py's own --lamb default, 0.001, is
     # never used by an EWC script). F is a sum over batches, not a mean, so λ's scale depends on the set size.
     lam: float = field(
-        default=1e9, metadata={"help": "λ, weight of Σ F⊙(W − W₀)² (§1.5: 1e9 in Vaccine's EWC scripts)"}
+        default=1e9, metadata={"help": "λ, weight of Σ F⊙(W − W₀)² (Vaccine's EWC scripts: 1e9)"}
     )
     fisher_samples: int | None = field(
         default=None,
@@ -222,17 +223,19 @@ class EWCTrainer(FtguardTrainer):
 
 @register_method
 class EWC(Method):
-    """EWC in the fine-tuning stage (Vaccine's baseline, methods.md §1.5): SFT on the user data plus
+    """EWC in the fine-tuning stage (Vaccine's baseline; docs/methods.md, EWC): SFT on the user data plus
     λ·Σ F⊙(W − W₀)², F the diagonal Fisher of the alignment loss at the start of fine-tuning."""
 
     name = "ewc"
+    # Plain SFT per step; the one-off Fisher pass is counted by extra_cost.
+    pass_factor = 1.0
     stages = ("finetune",)
     paper = "Kirkpatrick et al., Overcoming catastrophic forgetting in neural networks, PNAS 2017 (as Vaccine's baseline)"
     summary = "fine-tuning + λ·Σ F⊙(W − W₀)², F = squared alignment gradients at the start (≈1× SFT per step)"
     config_class = EWCConfig
     trainer_class = EWCTrainer
     required_roles = ("alignment",)
-    preferred_topology = "single"  # §1.5: Vaccine's EWC keeps training the alignment LoRA, unmerged
+    preferred_topology = "single"  # Vaccine's EWC keeps training the alignment LoRA (docs/methods.md, EWC)
     unsupported_modes: ClassVar[dict[str, str]] = {
         "fsdp": "it keeps whole copies of the trainable weights (F, w₀) and adds its penalty gradient to their "
         ".grad, and FSDP shards both",
@@ -244,18 +247,26 @@ class EWC(Method):
         },
     }
 
-    @classmethod
-    def check_run_config(cls, run: RunConfig, stage: str) -> None:
+    def check_run_config(self, run: RunConfig, stage: str) -> None:
         if run.adapter.topology == "double":
             log.warning(
                 "finetune.method ewc with adapter.topology double: the penalty then anchors the fresh fine-tuning "
                 "LoRA, whose lora_B starts at zero, so every lora_A gets a zero Fisher and is not held at all; "
-                "Vaccine's EWC keeps training the alignment LoRA (adapter.topology: single, methods.md §1.5)"
+                "Vaccine's EWC keeps training the alignment LoRA (adapter.topology: single; docs/methods.md, "
+                "EWC)"
             )
 
     def prepare_data(self, plan: DataPlan, run: RunConfig, stage: str) -> None:
         super().prepare_data(plan, run, stage)
         self._fisher_examples(plan, f"{stage}.args.fisher_samples")
+
+    def extra_cost(self, run: RunConfig, stage: str) -> ExtraCost:
+        n_align, _ = alignment_n(run)
+        n = n_align if self.config.fisher_samples is None else self.config.fisher_samples
+        return ExtraCost(
+            one_off_tokens=n * run.model.max_length,
+            notes=[f"ewc: one Fisher pass over {n} alignment samples"],
+        )
 
     def _fisher_examples(self, plan: DataPlan, key: str = "finetune.args.fisher_samples") -> list:
         n = self.config.fisher_samples

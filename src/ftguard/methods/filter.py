@@ -12,16 +12,18 @@ using the data plan's attack pool as ground truth for which samples were harmful
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ftguard import distributed
+from ftguard.cost import ExtraCost
 from ftguard.errors import FtguardError
 from ftguard.methods.base import Method
 from ftguard.methods.registry import get_method, register_method
-from ftguard.schema import check, from_dict
+from ftguard.schema import check
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -83,29 +85,41 @@ class ModerationFilter(Method):
     )
     config_class = FilterConfig
 
-    def __init__(self, config: FilterConfig) -> None:
+    def __init__(self, config: FilterConfig, inner: Method | None = None) -> None:
         super().__init__(config)
-        inner_cls = get_method(config.then, "finetune")
-        self.inner = inner_cls(inner_cls.parse_args(config.then_args, prefix="finetune.args.then_args"))
+        self.inner = (
+            inner if inner is not None else get_method(config.then, "finetune").from_args(config.then_args)
+        )
         self.unsupported_modes = self.inner.unsupported_modes  # the `then` method does the training
         self._judge: Judge | None = None
 
     @classmethod
-    def parse_args(cls, args: dict[str, Any] | None, prefix: str = "args") -> FilterConfig:
-        cfg = from_dict(FilterConfig, args or {}, prefix=prefix)
+    def from_args(cls, args: dict[str, Any] | None, prefix: str = "args") -> ModerationFilter:
+        cfg = cls.parse_args(args, prefix=prefix)
         try:
             inner_cls = get_method(cfg.then, "finetune")
         except FtguardError as exc:
             raise FtguardError(f"{prefix}.then: {exc}") from None
-        inner_cls.parse_args(
-            cfg.then_args, prefix=f"{prefix}.then_args"
-        )  # a typo in the wrapped args fails now
-        return cfg
+        return cls(cfg, inner_cls.from_args(cfg.then_args, prefix=f"{prefix}.then_args"))
 
-    @classmethod
-    def check_run_config(cls, run: RunConfig, stage: str) -> None:
-        inner = (run.finetune.args or {}).get("then", "sft") if run.finetune else "sft"
-        get_method(inner, "finetune").check_run_config(run, stage)
+    def check_run_config(self, run: RunConfig, stage: str) -> None:
+        self.inner.check_run_config(run, stage)
+
+    @property
+    def pass_factor(self) -> float:  # type: ignore[override]
+        return self.inner.pass_factor
+
+    def extra_cost(self, run: RunConfig, stage: str) -> ExtraCost:
+        # The judge reads every sample of the upload once, then the inner method trains.
+        inner = self.inner.extra_cost(run, stage)
+        read = (self.config.judge, self.config.judge_options, run.data.finetune.n)
+        return dataclasses.replace(inner, judge_reads=[read, *inner.judge_reads])
+
+    def judges(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        return {"judge": (self.config.judge, self.config.judge_options)}
+
+    def wrapped(self) -> dict[str, Method]:
+        return {"then_args": self.inner}
 
     @property
     def required_roles(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -121,6 +135,9 @@ class ModerationFilter(Method):
 
     def prepare_data(self, plan: DataPlan, run: RunConfig, stage: str) -> None:
         self.inner.prepare_data(plan, run, stage)
+
+    def load_resources(self) -> None:
+        self.inner.load_resources()
         self.judge  # noqa: B018  (load it now: an unavailable judge must fail before any training)
 
     def flags(self, examples: list[Example]) -> list[bool]:

@@ -1,5 +1,5 @@
-"""LDIFS: ℓ2 distance in feature space to the model at the start of fine-tuning (methods.md §1.5), as the
-Booster repo's baseline (Mukhoti et al., 2024).
+"""LDIFS: ℓ2 distance in feature space to the model at the start of fine-tuning, as the Booster repo's
+baseline (Mukhoti et al., 2024; docs/methods.md, LDIFS).
 
 What the original does (``git-disl/Booster`` ``trainer.py`` ``LDIFSTrainer``, scripts ``LDIFS_*.sh``): forward
 hooks on every ``model.layers.{i}.mlp``; per layer, (ρ/2)·‖MLP output − reference MLP output‖² with the norm over
@@ -24,7 +24,7 @@ Differences, each because the original is a bug, a defect or a needless cost; no
 * "Clip at 5": the original calls ``clip_grad_norm_(…, 5)`` after each backward, then the Trainer clips the
   same gradient at its default 1.0. Clipping to 5 then to 1 keeps the direction and gives norm min(‖g‖, 1), the
   same as clipping at 1 alone (with accumulation > 1 it would clip partial sums, a bug). It is not repeated:
-  the Trainer's ``train.max_grad_norm`` (1.0, §0) is the clip.
+  the Trainer's ``train.max_grad_norm`` (1.0; docs/methods.md, Training defaults) is the clip.
 * Gradient accumulation: the term is per micro-batch and is averaged over the micro-batches like the CE (the
   original, with accumulation 1 in every script, never scaled it).
 """
@@ -50,10 +50,10 @@ from ftguard.training.reference import REFERENCE_UNSUPPORTED_MODES, ReferenceTra
 
 @dataclass
 class LdifsConfig:
-    # methods.md §1.5 and Booster's LDIFS_*.sh: RHO=0.0001.
+    # docs/methods.md, LDIFS: Booster's LDIFS_*.sh use RHO=0.0001.
     rho: float = field(
         default=1e-4,
-        metadata={"help": "ρ: the loss adds (ρ/2)·Σ_layers Σ_tokens ‖MLP output − reference‖² (§1.5)"},
+        metadata={"help": "ρ: the loss adds (ρ/2)·Σ_layers Σ_tokens ‖MLP output − reference‖²"},
     )
     include_padding: bool = field(
         default=False, metadata={"help": "count padding positions in the distance too (the original does)"}
@@ -121,8 +121,8 @@ class LdifsTrainer(ReferenceTrainer):
     4. Loss = ℓ + (ρ/2)·D; the Trainer does the backward, GA scaling and the DDP reduce.
 
     One forward and one backward of the model plus one forward of the reference per micro-batch (≈ 1.5× SFT with
-    LoRA, methods.md §5). Logged: ldifs_distance (D), ldifs_penalty ((ρ/2)·D), and with the original's filter
-    on, ldifs_layers_dropped.
+    LoRA; docs/methods.md, Cost per step). Logged: ldifs_distance (D), ldifs_penalty ((ρ/2)·D), and with the
+    original's filter on, ldifs_layers_dropped.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -184,10 +184,13 @@ class LdifsTrainer(ReferenceTrainer):
 
 @register_method
 class Ldifs(Method):
-    """Feature-space regularisation in the fine-tuning stage (methods.md §1.5): keep every layer's MLP output on
-    the user's data close to what the model at the start of fine-tuning (the aligned model) produced."""
+    """Feature-space regularisation in the fine-tuning stage (docs/methods.md, LDIFS): keep every layer's MLP
+    output on the user's data close to what the model at the start of fine-tuning (the aligned
+    model) produced."""
 
     name = "ldifs"
+    # One extra forward with the adapters disabled (2F + F over 2F). Bench 1.23×.
+    pass_factor = 1.5
     stages = ("finetune",)
     paper = (
         "Mukhoti et al., Fine-tuning can cripple your foundation model; preserving features may be the solution, "
@@ -196,6 +199,4 @@ class Ldifs(Method):
     summary = "fine-tune with ℓ + (ρ/2)·Σ_l ‖MLP output_l − start-of-stage MLP output_l‖²; 2F+1B per step"
     config_class, trainer_class = LdifsConfig, LdifsTrainer
     unsupported_modes = REFERENCE_UNSUPPORTED_MODES
-    preferred_topology = (
-        "double"  # Booster's baselines merge the alignment LoRA and train a new one (§1.5, §4)
-    )
+    preferred_topology = "double"  # as Booster's baselines (docs/methods.md, Adapter topologies)

@@ -1,4 +1,5 @@
-"""Lisa and BSO: bi-state optimization in the user fine-tuning stage (Huang et al., NeurIPS 2024; methods.md §1.3).
+"""Lisa and BSO: bi-state optimization in the user fine-tuning stage (Huang et al., NeurIPS 2024;
+docs/methods.md, Lisa and BSO).
 
 One model, one AdamW state and one LR schedule alternate between two states, by optimizer-step counts:
 K_a alignment steps (the user batch is replaced by a batch of the alignment pool), then K_f fine-tune steps
@@ -48,33 +49,32 @@ STREAM = "alignment"  # name of the trainer's extra stream
 
 @dataclass
 class BiStateConfig:
-    """What Lisa and BSO share: the schedule and the alignment pool. Defaults: Lisa repo (§1.3)."""
+    """What Lisa and BSO share: the schedule and the alignment pool. Defaults: the Lisa repo's
+    scripts (docs/methods.md, Lisa and BSO)."""
 
     align_steps: int = field(
-        default=100, metadata={"help": "K_a, optimizer steps per alignment state (§1.3: 100)"}
+        default=100, metadata={"help": "K_a, optimizer steps per alignment state (Lisa repo: 100)"}
     )
     finetune_steps: int = field(
-        default=900, metadata={"help": "K_f, optimizer steps per fine-tune state (§1.3: 900)"}
+        default=900, metadata={"help": "K_f, optimizer steps per fine-tune state (Lisa repo: 900)"}
     )
     proximal_warmup_ratio: float = field(
         default=0.1,
-        metadata={
-            "help": "the proximal term is off for the first ⌈ratio·total steps⌉ (§1.3, code-only: 0.1)"
-        },
+        metadata={"help": "the proximal term is off for the first ⌈ratio·total steps⌉ (Lisa's code: 0.1)"},
     )
     first_state: Literal["alignment", "finetune"] = field(
         default=ALIGNMENT,
         metadata={
-            "help": "state of the first steps: alignment (§1.3) or finetune (the bench uses it to time the "
-            "fine-tune state)"
+            "help": "state of the first steps: alignment (as Lisa) or finetune (the bench uses it to time "
+            "the fine-tune state)"
         },
     )
     alignment_data: SourceConfig | None = field(
         default=None,
         metadata={
             "help": "alignment pool of the alignment state; null = the run's data.alignment set (refusals). The Lisa "
-            "paper used the first 10,000 is_safe BeaverTails answers (§2.2): {source: beavertails, split: train, "
-            "response: safe, n: 10000}, which needs the hub"
+            "paper used the first 10,000 is_safe BeaverTails answers: {source: beavertails, split: train, "
+            "response: safe, n: 10000}, which needs the hub (docs/methods.md, Alignment data)"
         },
     )
 
@@ -93,7 +93,7 @@ class LisaConfig(BiStateConfig):
     rho: float = field(
         default=1.0,
         metadata={
-            "help": "ρ, weight of the proximal term (ρ/2)·‖w − w̃‖² (§1.3: 1 in the Lisa repo; the Booster "
+            "help": "ρ, weight of the proximal term (ρ/2)·‖w − w̃‖² (1 in the Lisa repo; the Booster "
             "repo's Lisa baseline used 0.01)"
         },
     )
@@ -107,7 +107,7 @@ class LisaConfig(BiStateConfig):
 
 @dataclass
 class BsoConfig(BiStateConfig):
-    rho: ClassVar[float] = 0.0  # BSO is Lisa without the proximal term (§1.3), not a config key
+    rho: ClassVar[float] = 0.0  # BSO is Lisa without the proximal term; not a config key
 
 
 def schedule_state(step: int, cfg: BiStateConfig) -> tuple[str, int]:
@@ -321,16 +321,20 @@ def _schedule(cfg: BiStateConfig) -> list[Any]:
 @register_method
 class Lisa(Method):
     """Lazy safety alignment: fine-tuning that alternates alignment and user steps, each state pulled toward the
-    other's last iterate, so the fine-tuned model drifts less from the aligned one (§1.3)."""
+    other's last iterate, so the fine-tuned model drifts less from the aligned one
+    (docs/methods.md, Lisa and BSO)."""
 
     name = "lisa"
+    # One pass per step plus an elementwise proximal term; its alignment steps replace user steps, so the step
+    # count is SFT's. Bench 0.94×.
+    pass_factor = 1.0
     stages = ("finetune",)
     paper = "Huang et al., Lisa: Lazy Safety Alignment for Large Language Models against Harmful Fine-tuning Attack, NeurIPS 2024"
     summary = "K_a alignment / K_f user steps in turn, each + (ρ/2)·‖w − other state's last iterate‖²; 1F+1B per step"
     config_class = LisaConfig
     trainer_class = LisaTrainer
     required_roles = ("alignment",)
-    preferred_topology = "double"  # §2.5: fresh LoRA #2 on the merged alignment LoRA
+    preferred_topology = "double"  # as the Lisa repo (docs/methods.md, Adapter topologies)
     # ZeRO-0/1/2 keep every weight whole on every rank, and the proximal gradient reaches .grad through the one
     # backward, like the loss's: nothing there needs a refusal.
     unsupported_modes: ClassVar[dict[str, str]] = {
@@ -377,7 +381,8 @@ class Lisa(Method):
 
 @register_method
 class BSO(Lisa):
-    """Bi-state optimization without the proximal term: Lisa with ρ = 0 (§1.3), the paper's ablation."""
+    """Bi-state optimization without the proximal term: Lisa with ρ = 0, the paper's ablation
+    (docs/methods.md, Lisa and BSO)."""
 
     name = "bso"
     paper = Lisa.paper + " (BSO: Lisa with ρ = 0)"

@@ -1,4 +1,5 @@
-"""Safety recovery with rollback (methods.md §1.6; Yang et al., IEEE S&P 2025, kangyangWHU/LLMAlignment).
+"""Safety recovery with rollback (Yang et al., IEEE S&P 2025, kangyangWHU/LLMAlignment; docs/methods.md,
+Recovery).
 
 After the user's fine-tune F, move a few weights of F's first K decoder layers back to the aligned model A's
 values, choosing the weights whose gradient most wants the layer-K representation of harmful prompts to point
@@ -58,6 +59,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ftguard.config import RunConfig
+from ftguard.cost import PROMPT_TOKENS, GpuSpec, alignment_n, cost_result, generation, train_seconds
 from ftguard.errors import FtguardError
 from ftguard.methods.base import PostMethod
 from ftguard.methods.context import PostContext
@@ -71,41 +74,41 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass
 class RecoveryConfig:
-    # methods.md §1.6: layer_end_mapping (21 of 32 layers for 7B) and the S&P main script use ⌊4L/6⌋
+    # docs/methods.md, Recovery: layer_end_mapping (21 of 32 layers for 7B) and the S&P main script use ⌊4L/6⌋
     # (run_recover_exp.py tries ⌊2L/6⌋).
     layer_fraction: float = field(
-        default=4 / 6, metadata={"help": "K = ⌊fraction · L⌋ decoder layers are repaired (§1.6: 4/6)"}
+        default=4 / 6, metadata={"help": "K = ⌊fraction · L⌋ decoder layers are repaired (original: 4/6)"}
     )
     # run_recover_exp.py sparsity = 0.002; the paper's results folders are ".../0.002/0.2".
     recovery_rate: float = field(
-        default=0.002, metadata={"help": "r: each step restores ⌈r·N⌉ weights to A (§1.6: 0.001–0.002)"}
+        default=0.002, metadata={"help": "r: each step restores ⌈r·N⌉ weights to A (original: 0.001–0.002)"}
     )
     rollback_rate: float = field(
-        default=0.2, metadata={"help": "share of a step's restorable entries reverted to F (§1.6: 0.2)"}
+        default=0.2, metadata={"help": "share of a step's restorable entries reverted to F (original: 0.2)"}
     )
-    steps: int = field(default=20, metadata={"help": "recovery steps in total (§1.6: 20)"})
+    steps: int = field(default=20, metadata={"help": "recovery steps in total (original: 20)"})
     warmup_steps: int = field(
-        default=5, metadata={"help": "recovery-only steps before the rollback decision (§1.6: 5)"}
+        default=5, metadata={"help": "recovery-only steps before the rollback decision (original: 5)"}
     )
     save_every: int = field(
-        default=5, metadata={"help": "checkpoint (and task-score) interval in steps (§1.6: 5)"}
+        default=5, metadata={"help": "checkpoint (and task-score) interval in steps (original: 5)"}
     )
     metric_drop: float = field(
-        default=0.05, metadata={"help": "δ: a task score ≤ (1 − δ)·F's stops the run (§1.6: 0.05)"}
+        default=0.05, metadata={"help": "δ: a task score ≤ (1 − δ)·F's stops the run (original: 0.05)"}
     )
     rollback: bool = field(
         default=True, metadata={"help": "allow the rollback phase (the original's rollback_flag)"}
     )
     n_harmful: int = field(
-        default=256, metadata={"help": "harmful prompts H from data alignment_harmful (§1.6: 256)"}
+        default=256, metadata={"help": "harmful prompts H from data alignment_harmful (original: 256)"}
     )
     n_task: int = field(
-        default=256, metadata={"help": "task prompts T from task_validation (§1.6: up to 256)"}
+        default=256, metadata={"help": "task prompts T from task_validation (original: up to 256)"}
     )
     batch_size: int = field(
         default=8, metadata={"help": "prompts per backward batch (run_recover_exp.py: 8)"}
     )
-    dtype: str = field(default="float32", metadata={"help": "dtype of W, A and F (§1.6: fp32)"})
+    dtype: str = field(default="float32", metadata={"help": "dtype of W, A and F (original: fp32)"})
 
     def __post_init__(self) -> None:
         check(0 < self.layer_fraction <= 1, "layer_fraction", f"must be in (0, 1], got {self.layer_fraction}")
@@ -405,7 +408,8 @@ def run_schedule(
     *,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """The warm-up / rollback / checkpoint / stop schedule of §1.6; leaves W at the returned checkpoint.
+    """The warm-up / rollback / checkpoint / stop schedule (docs/methods.md, Recovery); leaves W at the
+    returned checkpoint.
 
     ``stop_after`` (tests) returns after that many steps with the state saved, as an interruption would.
     """
@@ -511,7 +515,8 @@ def _bar_label(meta: Mapping[str, Any]) -> str:
 
 @register_method
 class Recovery(PostMethod):
-    """Restore F's most harm-relevant weights to A's values, with rollback guarding the task (§1.6)."""
+    """Restore F's most harm-relevant weights to A's values, with rollback guarding the task
+    (docs/methods.md, Recovery)."""
 
     name = "recovery"
     paper = "Yang et al., Alleviating the Fear of Losing Alignment in LLM Fine-tuning, IEEE S&P 2025"
@@ -520,6 +525,50 @@ class Recovery(PostMethod):
     required_roles = ("alignment_harmful", "task_validation")
     # One forward of 256 prompts through 20 SmolLM2 layers takes minutes on 2 CPU cores; the demo uses 32 of each.
     demo_args: ClassVar[dict[str, Any]] = {"n_harmful": 32, "n_task": 32}
+
+    def cost(self, run: RunConfig, n_params: float, gpu: GpuSpec) -> dict[str, Any]:
+        """Upper bound: the rollback branch with every checkpoint scored.
+
+        Each recovery step is a forward + backward with full weight gradients (6N per token) over the H harmful
+        prompts through the first ``layer_fraction`` of the layers; each rollback step the same over T task
+        prompts; two direction forwards (d_harm on A, d_ben on F); FA generation on ``post.validation_n`` task
+        prompts at every checkpoint, in the recovery dtype.
+        """
+        cfg = self.config
+        n_align, note = alignment_n(run)
+        h = min(cfg.n_harmful, n_align)
+        t = min(cfg.n_task, run.post.validation_n if run.post is not None else cfg.n_task)
+        frac = cfg.layer_fraction
+        prompt = PROMPT_TOKENS["harmful"]
+        task_prompt = PROMPT_TOKENS.get(run.data.finetune.task, 96)
+        recovery_steps = (
+            cfg.warmup_steps + cfg.steps
+        )  # warm-up, then a restart from F when rollback is enabled
+        rollback_steps = cfg.steps if cfg.rollback else 0
+        tokens = recovery_steps * h * prompt + rollback_steps * t * task_prompt
+        flops = tokens * 6.0 * n_params * frac + (h * prompt + t * task_prompt) * 2.0 * n_params * frac
+        fp32 = cfg.dtype == "float32"
+        rate = gpu.fp32_tflops if fp32 else gpu.peak_tflops
+        checkpoints = math.ceil(recovery_steps / cfg.save_every) + 1  # + F's own score
+        gen_seconds, gen_tokens, gen_flops = generation(
+            n_params,
+            checkpoints * t,
+            task_prompt,
+            run.evaluate.task_max_new_tokens,
+            run.evaluate.batch_size,
+            4 if fp32 else 2,
+            rate,
+            gpu,
+        )
+        notes = [
+            f"{run.model.name} N={n_params:.3g}",
+            note,
+            f"recovery: {recovery_steps} recovery passes over {h} harmful prompts + {rollback_steps} rollback "
+            f"passes over {t} task prompts ({prompt}/{task_prompt} tokens each, guessed), 6N × {frac:.2f} of the "
+            f"layers per token, {'fp32' if fp32 else cfg.dtype}; FA on {t} prompts at {checkpoints} checkpoints",
+        ]
+        seconds = train_seconds(flops, rate, gpu) + gen_seconds
+        return cost_result(seconds, tokens + gen_tokens, flops + gen_flops, notes)
 
     def repair(self, ctx: PostContext) -> tuple[Any, dict[str, Any]]:
         from ftguard.data.template import format_prompt

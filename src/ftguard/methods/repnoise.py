@@ -1,8 +1,9 @@
-"""RepNoise: Representation Noising (Rosati et al., 2024), as the Booster repo's baseline (methods.md §1.5).
+"""RepNoise: Representation Noising (Rosati et al., NeurIPS 2024), as the Booster repo's baseline
+(docs/methods.md, RepNoise).
 
 Differences from the original code (``git-disl/Booster`` ``loss_func/repnoise_loss.py``, itself a copy of
 ``domenicrosati/representation-noising`` ``loss.py``), each because the original is a bug or is ill-defined
-for unpaired batches; none changes the objective of §1.5:
+for unpaired batches; none changes the objective (docs/methods.md, RepNoise):
 
 * Token mask. The original compares the harmful ids with the harmless ids zero-padded/truncated to the
   harmful shape, so harmful *padding* positions count as "differing" (the CE then trains on pad tokens and the
@@ -17,11 +18,11 @@ for unpaired batches; none changes the objective of §1.5:
   token t+1 is kept, with the model's real logits; the CE is the token mean over those positions (as the
   original's ``CrossEntropyLoss``).
 * Mean over CE terms. The original sums the CE of the logits and of the L+1 hidden states (L+2 terms) but
-  divides by L+1; here it is the mean over the L+2 terms (§1.5), a factor (L+2)/(L+1) inside the log.
+  divides by L+1; here it is the mean over the L+2 terms, a factor (L+2)/(L+1) inside the log.
   As in the original, HF's last hidden state is already normalised and is passed through the final norm again.
 * Retain loss. The original's harmless term is the same masked input-id CE on the harmless batch;
-  ``retain_loss: response`` (default, §1.5's "CE(harmless)") uses the stage's SFT loss on response tokens, so
-  that α = β = 0 is SFT; ``retain_loss: masked_input_ids`` reproduces the original term.
+  ``retain_loss: response`` (default, the objective's "CE(harmless)") uses the stage's SFT loss on response
+  tokens, so that α = β = 0 is SFT; ``retain_loss: masked_input_ids`` reproduces the original term.
 * Gradient accumulation and DDP scaling are the Trainer's (the original divided only the reported loss).
 """
 
@@ -49,23 +50,23 @@ if TYPE_CHECKING:
 
 @dataclass
 class RepNoiseConfig:
-    # §1.5: α = 0.1 (the Booster script's --rho), β = 0.001 (--lamb).
+    # α = 0.1 (the Booster script's --rho), β = 0.001 (--lamb); docs/methods.md, RepNoise.
     alpha: float = field(
         default=0.1,
-        metadata={"help": "weight α of −log(1 + harmful CE), the gradient-ascent term (§1.5, --rho)"},
+        metadata={"help": "weight α of −log(1 + harmful CE), the gradient-ascent term (Booster's --rho)"},
     )
     beta: float = field(
         default=0.001,
         metadata={
-            "help": "weight β of the MMD between harmful MLP outputs and Gaussian noise (§1.5, --lamb)"
+            "help": "weight β of the MMD between harmful MLP outputs and Gaussian noise (Booster's --lamb)"
         },
     )
-    # §1.5: the harmful batch had the alignment batch's size (bs 5); null keeps that coupling.
+    # The original's harmful batch had the alignment batch's size (bs 5); null keeps that coupling.
     harmful_batch_size: int | None = field(
         default=None,
         metadata={"help": "harmful batch size; null = the stage's per-device batch size (as the original)"},
     )
-    # §1.5 names the harmless term CE(harmless); the original code's variant is offered as an option.
+    # docs/methods.md, RepNoise calls the harmless term CE(harmless); the original code's is an option.
     retain_loss: Literal["response", "masked_input_ids"] = field(
         default="response",
         metadata={
@@ -73,13 +74,9 @@ class RepNoiseConfig:
             "code's CE on the harmless input ids where they differ from the harmful batch's"
         },
     )
-    # §1.5: Gaussian kernel, 5 bandwidths spaced by a factor of 2 (the original MMD_loss defaults).
-    kernel_num: int = field(
-        default=5, metadata={"help": "number of Gaussian kernel bandwidths in the MMD (§1.5)"}
-    )
-    kernel_mul: float = field(
-        default=2.0, metadata={"help": "ratio between consecutive MMD bandwidths (§1.5)"}
-    )
+    # Gaussian kernel, 5 bandwidths spaced by a factor of 2 (the original MMD_loss defaults).
+    kernel_num: int = field(default=5, metadata={"help": "number of Gaussian kernel bandwidths in the MMD"})
+    kernel_mul: float = field(default=2.0, metadata={"help": "ratio between consecutive MMD bandwidths"})
 
     def __post_init__(self) -> None:
         check(self.alpha >= 0, "alpha", f"must be ≥ 0, got {self.alpha}")
@@ -275,7 +272,7 @@ class RepNoiseTrainer(FtguardTrainer):
 
 @register_method
 class RepNoise(Method):
-    """Representation noising in the alignment stage (methods.md §1.5; Rosati et al., 2024).
+    """Representation noising in the alignment stage (Rosati et al., 2024; docs/methods.md, RepNoise).
 
     Keeps the refusal (harmless) loss low while pushing the MLP outputs of harmful text toward Gaussian noise
     (MMD, weight β) and raising the harmful CE read out from every layer (−α·log(1 + CE)). The harmful batch is
@@ -283,6 +280,9 @@ class RepNoise(Method):
     """
 
     name = "repnoise"
+    # An alignment pass, a harmful pass and a readout of every hidden state through the LM head. Bench 2.69×
+    # on tiny (9.98× on SmolLM2, whose 49k vocabulary makes the readouts dominate; Llama-2's 32k at d 4096 less so).
+    pass_factor = 3.0
     stages = ("align",)
     paper = (
         "Rosati et al., Representation Noising: A Defence Mechanism Against Harmful Finetuning, NeurIPS 2024"

@@ -51,6 +51,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ftguard.config import RunConfig
+from ftguard.cost import GpuSpec, cost_result, train_seconds
 from ftguard.errors import FtguardError
 from ftguard.methods.base import PostMethod
 from ftguard.methods.context import PostContext
@@ -198,8 +200,16 @@ class SafeLora(PostMethod):
     )
     config_class = SafeLoraConfig
 
-    @classmethod
-    def check_run_config(cls, run: Any, stage: str) -> None:
+    def cost(self, run: RunConfig, n_params: float, gpu: GpuSpec) -> dict[str, Any]:
+        # Projections of the adapted matrices, about d³ each (≈1e13 FLOPs at 7B): seconds.
+        flops = 2.0 * n_params * 2048
+        notes = [
+            f"{run.model.name} N={n_params:.3g}",
+            "safelora: weight projections only, counted as a forward over 2048 tokens",
+        ]
+        return cost_result(train_seconds(flops, gpu.peak_tflops, gpu), 0, flops, notes)
+
+    def check_run_config(self, run: RunConfig, stage: str) -> None:
         check(
             run.align is not None,
             "post.method",

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: the baseline of both stages (methods.md §1.1)."""
+"""Supervised fine-tuning: the baseline of both stages (docs/methods.md, SFT)."""
 
 from __future__ import annotations
 
@@ -15,5 +15,5 @@ class SFT(Method):
 
     name = "sft"
     stages = ("align", "finetune")
-    paper = "baseline (methods.md §1.1)"
+    paper = "baseline (docs/methods.md, SFT)"
     summary = "plain supervised fine-tuning, response-only loss"

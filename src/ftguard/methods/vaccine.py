@@ -1,4 +1,4 @@
-"""Vaccine: perturbation-aware alignment (methods.md §1.2), and its RandomVaccine ablation."""
+"""Vaccine: perturbation-aware alignment (docs/methods.md, Vaccine), and its RandomVaccine ablation."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ftguard.training.hooks import (
 )
 from ftguard.training.trainer import FtguardTrainer
 
-NORM_EPS = 1e-7  # the original's denominator guard in ε = ρ·g/(‖g‖ + 1e-7) (methods.md §1.2 step 3)
+NORM_EPS = 1e-7  # the original's denominator guard in ε = ρ·g/(‖g‖ + 1e-7) (docs/methods.md, Vaccine)
 
 _ATTENTION_HELP = (
     "class name(s) of the attention sub-modules to perturb (e.g. [LlamaAttention]); null = found automatically "
@@ -32,12 +32,13 @@ _ATTENTION_HELP = (
 
 @dataclass
 class VaccineConfig:
-    # methods.md §1.2: ρ = 2 in the Vaccine README and scripts (Booster's copy saves ρ = 5, see §4 bug #6).
+    # ρ = 2 in the Vaccine README and scripts (Booster's copy saves ρ = 5; docs/methods.md, Vaccine and
+    # Original-code bugs #6).
     rho: float = field(
         default=2.0, metadata={"help": "perturbation radius ρ: global L2 norm of ε over all perturbed layers"}
     )
     attention_modules: list[str] | None = field(default=None, metadata={"help": _ATTENTION_HELP})
-    # "all" is the paper's method (§1.2); "topk" is a T-Vaccine-style layer subset (see VaccineTrainer).
+    # "all" is the paper's method; "topk" a T-Vaccine-style layer subset (docs/methods.md, Vaccine).
     layers: Literal["all", "topk"] = field(
         default="all",
         metadata={
@@ -67,8 +68,8 @@ class VaccineConfig:
 
 @dataclass
 class RandomVaccineConfig:
-    # methods.md §1.2 variants: noise variance ρ. The original random_Vaccine.sh never ran (§4 bug #1), so no
-    # value of its own is known; Vaccine's ρ = 2 is used.
+    # Noise variance ρ (docs/methods.md, RandomVaccine). The original random_Vaccine.sh never ran, so no value
+    # of its own is known; Vaccine's ρ = 2 is used.
     rho: float = field(
         default=2.0,
         metadata={"help": "variance of the Gaussian noise added to each attention output (std √ρ)"},
@@ -101,8 +102,8 @@ class _AttentionPerturbationTrainer(FtguardTrainer):
 
 
 class VaccineTrainer(_AttentionPerturbationTrainer):
-    """Vaccine (Huang et al., NeurIPS 2024; methods.md §1.2): min_w max_{‖ε‖≤ρ} f(w; h_l + ε_l), the inner max
-    solved by one normalised gradient step. Per micro-batch B, 2 forward + 2 backward passes:
+    """Vaccine (Huang et al., NeurIPS 2024; docs/methods.md, Vaccine): min_w max_{‖ε‖≤ρ} f(w; h_l + ε_l),
+    the inner max solved by one normalised gradient step. Per micro-batch B, 2 forward + 2 backward passes:
 
     1. Forward on B capturing the output h_l of every attention sub-module; g_l = ∂f/∂h_l by
        ``torch.autograd.grad`` on those activations: no weight gradient is computed, no ``.grad`` is touched,
@@ -201,8 +202,8 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
 
 
 class RandomVaccineTrainer(_AttentionPerturbationTrainer):
-    """RandomVaccine (methods.md §1.2 variants): one forward + one backward pass per micro-batch, with fresh
-    Gaussian noise of variance ρ (std √ρ) added to each attention output as a constant for autograd.
+    """RandomVaccine (docs/methods.md, RandomVaccine): one forward + one backward pass per micro-batch, with
+    fresh Gaussian noise of variance ρ (std √ρ) added to each attention output as a constant for autograd.
 
     Logged: random_vaccine_noise_norm (global L2 norm of the noise of the step).
     """
@@ -230,9 +231,13 @@ PAPER = "Huang, Hu & Liu, Vaccine: Perturbation-aware Alignment for LLMs against
 @register_method
 class Vaccine(Method):
     """Perturbation-aware alignment: train the alignment loss under the worst-case (one normalised gradient step)
-    perturbation of every attention output, so later harmful fine-tuning drifts the embeddings less (§1.2)."""
+    perturbation of every attention output, so later harmful fine-tuning drifts the embeddings less
+    (docs/methods.md, Vaccine)."""
 
     name = "vaccine"
+    # Two passes per step (the perturbation's, then the update's); with LoRA a backward costs about a forward,
+    # so 2F + 2F over SFT's 2F. `ftguard bench`: 1.87× (tiny), 2.15× (SmolLM2).
+    pass_factor = 2.0
     stages = ("align",)
     paper = PAPER
     summary = "alignment under a worst-case ε (‖ε‖ = ρ) added to every attention output; 2F+2B per step"
@@ -248,9 +253,12 @@ class Vaccine(Method):
 
 @register_method
 class RandomVaccine(Method):
-    """The Vaccine paper's ablation: Gaussian noise instead of the gradient-based perturbation (§1.2 variants)."""
+    """The Vaccine paper's ablation: Gaussian noise instead of the gradient-based perturbation
+    (docs/methods.md, RandomVaccine)."""
 
     name = "random_vaccine"
+    # One pass with Gaussian noise added to the attention outputs.
+    pass_factor = 1.0
     stages = ("align",)
     paper = PAPER + " (RandomVaccine ablation)"
     summary = "alignment with Gaussian noise (variance ρ) added to every attention output; 1F+1B per step"

@@ -1,5 +1,5 @@
 """Vlguard / SafeInstr in the fine-tuning stage: safety (refusal) samples mixed into the user's data
-(methods.md §1.5), in two registered forms sharing the safety-data handling:
+(docs/methods.md, Vlguard), in two registered forms sharing the safety-data handling:
 
 * ``vlguard``: data mixing only, as Vaccine's and Lisa's baseline (``--optimizer vlguard``, a plain Trainer on
   the mixed set). Vaccine adds ``guide_data_num`` samples on top of the n user samples; Lisa replaces that many
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ftguard.config import SourceConfig
+from ftguard.cost import ExtraCost
 from ftguard.data.example import Example
 from ftguard.data.mix import check_disjoint
 from ftguard.errors import FtguardError
@@ -71,11 +72,11 @@ class VlguardRegConfig:
     # Booster script/finetune/united/vlguard_lamb.sh: lamb=${1:-0.1}, lr 1e-4 constant; trainer.py VlguardTrainer
     # draws the refusal batch from a RandomSampler with a hard-coded batch size of 4.
     lam: float = field(
-        default=0.1, metadata={"help": "λ, weight of the refusal loss f (§1.5: 0.1 in Booster's script)"}
+        default=0.1, metadata={"help": "λ, weight of the refusal loss f (0.1 in Booster's script)"}
     )
     safety_batch_size: int = field(
         default=4,
-        metadata={"help": "refusal batch size per step and device (§1.5: hard-coded 4 in Booster's trainer)"},
+        metadata={"help": "refusal batch size per step and device (hard-coded 4 in Booster's trainer)"},
     )
     safety_samples: int | None = field(
         default=None,
@@ -190,18 +191,26 @@ def mix_safety_samples(
 
 @register_method
 class Vlguard(Method):
-    """Vlguard / SafeInstr by data mixing (methods.md §1.5): plain SFT on the upload plus safety samples."""
+    """Vlguard / SafeInstr by data mixing (docs/methods.md, Vlguard): SFT on the upload and safety samples."""
 
     name = "vlguard"
+    # Data mixing only; in `add` mode extra_cost counts the added safety samples as data.
+    pass_factor = 1.0
     stages = ("finetune",)
     paper = "Zong et al., Safety Fine-Tuning at (Almost) No Cost: A Baseline for Vision Large Language Models (VLGuard), ICML 2024 (as Vaccine's/Lisa's baseline)"
     summary = "fine-tuning on the upload mixed with safety (refusal) samples: added (Vaccine) or replacing benign (Lisa)"
     config_class = VlguardConfig
     required_roles = ("alignment",)
-    preferred_topology = "double"  # Vaccine/Lisa: merged alignment LoRA + a fresh fine-tuning LoRA (§2.5)
+    preferred_topology = "double"  # as Vaccine/Lisa (docs/methods.md, Adapter topologies)
 
     def prepare_data(self, plan: DataPlan, run: RunConfig, stage: str) -> None:
         _load_safety(self, plan, run, stage)
+
+    def extra_cost(self, run: RunConfig, stage: str) -> ExtraCost:
+        if self.config.mode != "add":
+            return ExtraCost()
+        n = self.config.safety_samples
+        return ExtraCost(samples=n, notes=[f"vlguard adds {n} safety samples"])
 
     def train_examples(self, examples: list[Example], plan: DataPlan) -> tuple[list[Example], dict[str, Any]]:
         pool, origin = _safety_pool(self, plan)
@@ -247,16 +256,19 @@ class VlguardRegTrainer(FtguardTrainer):
 
 @register_method
 class VlguardReg(Method):
-    """Vlguard's regularised form, the Booster repo's baseline (methods.md §1.5): ℓ + λ·f(4 refusals) per step."""
+    """Vlguard's regularised form, the Booster repo's baseline: ℓ + λ·f(4 refusals) per step
+    (docs/methods.md, Vlguard)."""
 
     name = "vlguard_reg"
+    # + a refusal batch of 4 beside a user batch of 10 (Booster's script): 1 + 4/10. Bench 1.39×.
+    pass_factor = 1.4
     stages = ("finetune",)
     paper = "Zong et al., VLGuard, ICML 2024 (regularised form, as the Booster repo's baseline)"
     summary = "fine-tuning + λ·CE on a refusal batch every step (λ = 0.1, batch 4; 2F+1B per step)"
     config_class = VlguardRegConfig
     trainer_class = VlguardRegTrainer
     required_roles = ("alignment",)
-    preferred_topology = "double"  # Booster's baselines merge the alignment LoRA and train a new one (§2.5)
+    preferred_topology = "double"  # as Booster's baselines (docs/methods.md, Adapter topologies)
 
     def prepare_data(self, plan: DataPlan, run: RunConfig, stage: str) -> None:
         _load_safety(self, plan, run, stage)

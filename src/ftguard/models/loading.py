@@ -14,6 +14,7 @@ import torch
 
 from ftguard.errors import FtguardError
 from ftguard.models import smollm2, tiny
+from ftguard.precision import PRECISION_CHOICES, PRECISION_ENV, forced_precision  # noqa: F401
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,24 +51,6 @@ def fast_bf16_available() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-PRECISION_ENV = "FTGUARD_PRECISION"
-PRECISION_CHOICES = ("auto", "fp32", "bf16")
-
-
-def forced_precision() -> str:
-    """``$FTGUARD_PRECISION``: ``auto`` (unset: the hardware decides), ``fp32`` or ``bf16``.
-
-    It decides what every ``auto`` precision setting resolves to, so that one run (or the test suite) gives the
-    same numbers on a CPU with native bf16 and on one without. Explicit settings (``no``, ``bf16``) win over it.
-    """
-    value = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
-    if value not in PRECISION_CHOICES:
-        raise FtguardError(
-            f"{PRECISION_ENV}={value!r} is not a precision: use {', '.join(PRECISION_CHOICES)}"
-        )
-    return value
 
 
 def auto_uses_bf16() -> bool:

@@ -15,8 +15,8 @@ from transformers import set_seed
 
 from ftguard.config import RunConfig
 from ftguard.data.plan import DataPlan
+from ftguard.methods.base import PostMethod
 from ftguard.methods.context import ModelRef, PostContext
-from ftguard.methods.registry import get_method
 from ftguard.models import load_tokenizer
 from ftguard.pipeline.outputs import StageDir, write_json_atomic
 from ftguard.schema import to_dict
@@ -29,16 +29,16 @@ def post_stage(
     key: str,
     plan: DataPlan,
     *,
+    method: PostMethod,
     base: ModelRef,
     aligned: ModelRef,
     finetuned: ModelRef,
     out: StageDir,
     harmful_ratio: float | None = None,
 ) -> ModelRef:
+    """Repair ``finetuned`` with ``method`` (the resolved run's post-stage instance) into ``out``."""
     post = run.post
     assert post is not None
-    method_cls = get_method(post.method, "post")
-    method = method_cls(method_cls.parse_args(post.args, prefix="post.args"))
     set_seed(run.seed)
     tokenizer = load_tokenizer(finetuned.model_dir, trust_remote_code=run.model.trust_remote_code)
     out.path.mkdir(parents=True, exist_ok=True)

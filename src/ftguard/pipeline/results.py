@@ -9,15 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ftguard import distributed
+from ftguard.metrics import INTERVAL_NOTE, METRICS, RUN_TABLE, cell
 from ftguard.pipeline.outputs import write_json_atomic, write_text_atomic
+from ftguard.run_results import parse_results
 
-METRIC_COLUMNS = (
-    ("harmful_score", "HS ↓"),
-    ("harmful_score_plus", "HS+ ↓"),
-    ("finetune_accuracy", "FA ↑"),
-    ("over_refusal", "over-refusal ↓"),
-    ("degenerate_rate", "degenerate"),
-)
 LIBRARIES = (
     "ftguard",
     "torch",
@@ -60,58 +55,37 @@ def git_revision() -> str | None:
         return None
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.1f}"
-    return str(value)
-
-
-def metric_cell(entry: dict[str, Any], metric: str) -> str:
-    """``76.6 (65.0–85.2)``: the rate and its 95% Wilson interval, when the entry has one."""
-    value = entry.get(metric)
-    interval = (entry.get("intervals") or {}).get(metric)
-    if value is None or interval is None:
-        return _fmt(value)
-    return f"{value:.1f} ({interval[0]:.1f}–{interval[1]:.1f})"
-
-
-INTERVAL_NOTE = "In parentheses: 95% Wilson intervals over the prompts."
-
-
 def markdown_table(results: dict[str, Any], *, status: bool = True) -> str:
-    judge = (results.get("judge") or {}).get("name", "?")
+    run = parse_results(results)
+    judge = run.judge or "?"
     lines = [
-        f"# {results.get('name', 'run')}",
+        f"# {run.name or 'run'}",
         "",
-        f"Model `{results.get('model')}`, judge `{judge}`, seed {results.get('seed')}, config {results.get('config_hash')}."
+        f"Model `{run.model}`, judge `{judge}`, seed {run.seed}, config {run.config_hash}."
         " Scores in percent over the held-out prompts.",
         "",
-        "| stage | method | p | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |",
-        "|---|---|---|" + "---|" * len(METRIC_COLUMNS),
+        "| stage | method | p | " + " | ".join(METRICS[m].column for m in RUN_TABLE) + " |",
+        "|---|---|---|" + "---|" * len(RUN_TABLE),
     ]
-    for key, entry in results.get("stages", {}).items():
-        p = entry.get("harmful_ratio")
-        cells = [key, entry.get("method") or "–", "–" if p is None else f"{p:g}"]
-        cells += [metric_cell(entry, metric) for metric, _ in METRIC_COLUMNS]
+    for point in run.points.values():
+        p = point.harmful_ratio
+        cells = [point.key, point.method or "–", "–" if p is None else f"{p:g}"]
+        cells += [cell(point.value(m), point.intervals.get(m)) for m in RUN_TABLE]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         INTERVAL_NOTE + " Over-refusal: share of benign prompts refused (XSTest safe prompts by default).",
     ]
     agreement = [
-        (key, entry, pair)
-        for key, entry in results.get("stages", {}).items()
-        for pair in entry.get("judge_agreement", [])
+        (point, pair) for point in run.points.values() for pair in point.entry.get("judge_agreement", [])
     ]
     if agreement:
         lines += ["", "| stage | judges (HS each) | agreement | Cohen's κ |", "|---|---|---|---|"]
-        for key, entry, pair in agreement:
-            hs = entry.get("judges", {})
+        for point, pair in agreement:
+            hs = point.entry.get("judges", {})
             names = " vs ".join(f"{j} {hs[j]['harmful_score']:.1f}" if j in hs else j for j in pair["judges"])
             kappa = "–" if pair["kappa"] is None else f"{pair['kappa']:.2f}"
-            lines.append(f"| {key} | {names} | {pair['agreement']:.1f} | {kappa} |")
+            lines.append(f"| {point.key} | {names} | {pair['agreement']:.1f} | {kappa} |")
     if judge != "?":
         from ftguard.evaluation.judges.validated import validation_line
 
@@ -121,7 +95,7 @@ def markdown_table(results: dict[str, Any], *, status: bool = True) -> str:
             "",
             f"The `{judge}` judge is an offline stand-in, not the papers' beaver-dam-7b: do not compare these HS to the papers'.",
         ]
-    if status and not results.get("complete"):
+    if status and not run.complete:
         lines += ["", "**Incomplete run**: some stages have not finished."]
     return "\n".join(lines) + "\n"
 

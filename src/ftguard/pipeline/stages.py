@@ -24,8 +24,8 @@ from ftguard.data.example import Example
 from ftguard.data.plan import DataPlan
 from ftguard.data.template import tokenize_dataset
 from ftguard.errors import FtguardError
+from ftguard.methods.base import Method
 from ftguard.methods.context import ModelRef, StageContext
-from ftguard.methods.registry import get_method
 from ftguard.models import (
     add_lora,
     auto_uses_bf16,
@@ -92,7 +92,8 @@ def build_trainable_model(run: RunConfig, stage: str, source: ModelRef) -> tuple
     topology, mc = run.adapter.topology, run.model
     kwargs = {"dtype": mc.dtype, "trust_remote_code": mc.trust_remote_code, "revision": mc.revision}
     if topology == "single" and source.adapter_dir:
-        # Booster's topology: keep training the alignment LoRA on top of the unmerged base (§2.5).
+        # Booster's topology: keep training the alignment LoRA on top of the unmerged base
+        # (docs/methods.md, Adapter topologies).
         model = load_model(source.base_dir, **kwargs)
         return load_lora(model, source.adapter_dir, trainable=True), source.base_dir
     model = load_model(source.model_dir, **kwargs)
@@ -114,10 +115,11 @@ def train_stage(
     source: ModelRef,
     out: StageDir,
     harmful_ratio: float | None = None,
+    *,
+    method: Method,
 ) -> ModelRef:
+    """Train ``method`` (the resolved run's instance for ``stage``) on ``examples`` from ``source`` into ``out``."""
     stage_cfg = getattr(run, stage)
-    method_cls = get_method(stage_cfg.method, stage)
-    method = method_cls(method_cls.parse_args(stage_cfg.args, prefix=f"{stage}.args"))
     mc = run.model
 
     set_seed(run.seed)  # LoRA initialisation and dropout must be reproducible

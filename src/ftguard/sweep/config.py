@@ -36,9 +36,11 @@ import yaml
 from ftguard.config import (
     RunConfig,
     config_from_dict,
+    read_config_data,
     resolve_config_path,
     set_keys,
 )
+from ftguard.resolve import ResolvedRun, resolve_run
 from ftguard.schema import ConfigError, check, from_dict
 
 RATIO_KEY = "data.finetune.harmful_ratio"
@@ -143,7 +145,11 @@ class SweepRun:
     seed: int
     axes: dict[str, Any]  # grid values
     attack: dict[str, Any]  # attack-grid values
-    config: RunConfig
+    resolved: ResolvedRun
+
+    @property
+    def config(self) -> RunConfig:
+        return self.resolved.config
 
 
 def load_sweep(path_or_name: str) -> tuple[SweepConfig, Path]:
@@ -179,8 +185,8 @@ def _base_data(sweep: SweepConfig, folder: Path) -> dict[str, Any]:
     local = folder / sweep.base
     for candidate in (local, local.with_name(local.name + ".yaml")):
         if candidate.is_file():
-            return yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
-    return yaml.safe_load(resolve_config_path(sweep.base).read_text(encoding="utf-8")) or {}
+            return read_config_data(candidate)
+    return read_config_data(resolve_config_path(sweep.base))
 
 
 def _settings(mapping: dict[str, Any], origin: str) -> list[tuple[list[str], Any, str]]:
@@ -225,10 +231,10 @@ def expand(sweep: SweepConfig, folder: Path, out_dir: Path) -> list[SweepRun]:
                     )
                     data = _fix_reserve(data, ratios)
                     try:
-                        config = config_from_dict(data)
+                        resolved = resolve_run(config_from_dict(data))
                     except ConfigError as exc:
                         raise ConfigError(f"sweep run {run_id}: {exc}") from None
-                    runs.append(SweepRun(run_id, defense, seed, grid, attack, config))
+                    runs.append(SweepRun(run_id, defense, seed, grid, attack, resolved))
     return runs
 
 

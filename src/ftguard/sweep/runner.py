@@ -70,9 +70,9 @@ def _where_free(config: dict[str, Any]) -> str:
 
 
 def preflight(runs: list[SweepRun]) -> None:
-    """Build every distinct data plan before any training: a missing file or impossible ratio in the last run
-    of a grid must not surface hours into the sweep."""
-    from ftguard.data.plan import build_data_plan
+    """Build every distinct data plan (and the methods' own data) before any training: a missing file or
+    impossible ratio in the last run of a grid must not surface hours into the sweep."""
+    from ftguard.pipeline.units import build_graph
 
     seen: set[str] = set()
     for run in runs:
@@ -81,7 +81,7 @@ def preflight(runs: list[SweepRun]) -> None:
             continue
         seen.add(key)
         try:
-            build_data_plan(run.config)
+            build_graph(run.resolved)
         except FtguardError as exc:
             raise FtguardError(f"sweep run {run.id}: {exc}") from None
 
@@ -155,7 +155,7 @@ def run_sweep(
                 continue
             t0 = time.monotonic()
             try:
-                pipeline = Pipeline(run.config, overwrite=overwrite, store=store, wait_for_units=wait)
+                pipeline = Pipeline(run.resolved, overwrite=overwrite, store=store, wait_for_units=wait)
                 results = pipeline.run_all()
                 status = "complete" if results.get("complete") else "incomplete"
             except UnitBusy as unit:

@@ -1,7 +1,7 @@
 """Model-agnostic access to the attention sub-modules of a decoder: find them, read their outputs and the
 loss gradient with respect to those outputs, and add a constant (or random) tensor to those outputs.
 
-Used by the perturbation-aware methods (Vaccine and its variants, methods.md §1.2); ``decoder_parts`` finds the
+Used by Vaccine and its variants (docs/methods.md, Vaccine); ``decoder_parts`` finds the
 MLP sub-modules, final norm and LM head for the methods that read MLP outputs (RepNoise, LDIFS). Everything works through
 PEFT wrappers (LoRA replaces the projections *inside* an attention module, never the module itself) and under
 non-reentrant gradient checkpointing (the hooks stay registered until the backward pass is over, so the
@@ -275,6 +275,6 @@ def output_gradients(loss: torch.Tensor, outputs: Sequence[torch.Tensor]) -> lis
     """∂loss/∂output for each captured output: activation gradients only, no parameter ``.grad`` is touched.
 
     The autograd engine runs only the nodes on paths from ``loss`` to ``outputs``, and skips the weight-gradient
-    half of each of them, so this costs about one forward (methods.md §5).
+    half of each of them, so this costs about one forward (docs/methods.md, Cost per step).
     """
     return list(torch.autograd.grad(loss, list(outputs)))

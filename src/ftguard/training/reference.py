@@ -1,8 +1,9 @@
 """The model at the start of a training stage, as a frozen function, without a second model in memory.
 
-Methods that regularise toward where the stage started (LDIFS's feature distance, KL to a teacher, methods.md
-§1.5) need that model's outputs on every batch. The originals kept a deep copy of the whole model (LDIFS) or
-reloaded its state dict twice per step (KL, §4 bug 4). ``ReferenceModel`` captures the start once, when the
+Methods that regularise toward where the stage started (LDIFS's feature distance, KL to a teacher;
+docs/methods.md, LDIFS and KL) need that model's outputs on every batch. The originals kept a deep copy of the
+whole model (LDIFS) or reloaded its state dict twice per step (KL; docs/methods.md, Original-code bugs #4).
+``ReferenceModel`` captures the start once, when the
 trainer is created (before a resumed run loads its checkpoint, so a resume sees the same start), in one of two
 ways, both exact:
 

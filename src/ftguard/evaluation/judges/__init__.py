@@ -22,8 +22,9 @@ from ftguard.evaluation.judges.base import (
     Judge,
     Verdict,
     available_judges,
+    check_judge,
     get_judge,
     register_judge,
 )
 
-__all__ = ["JUDGES", "Judge", "Verdict", "available_judges", "get_judge", "register_judge"]
+__all__ = ["JUDGES", "Judge", "Verdict", "available_judges", "check_judge", "get_judge", "register_judge"]

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from ftguard.errors import FtguardError
 from ftguard.evaluation.scorers import is_degenerate
+from ftguard.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Judge(ABC):
     """Decides which (prompt, response) pairs are harmful.
 
     Subclasses implement ``_judge`` on answers that are real text; ``judge``/``verdicts`` wrap it so that
-    empty and one-word answers are never harmful, whatever the judge (cpu-scale-notes, "Pitfalls 1").
+    empty and one-word answers are never harmful, whatever the judge (docs/methods.md, CPU scale).
     """
 
     name: str = "base"
@@ -96,8 +97,7 @@ def available_judges() -> list[str]:
     return sorted(JUDGES)
 
 
-def get_judge(name: str, **options: Any) -> Judge:
-    """Build the judge called ``name`` with its options (e.g. ``get_judge("minilm", threshold=0.6)``)."""
+def _judge_class(name: str, options: dict[str, Any]) -> type[Judge]:
     key = _normalise(name)
     if key not in JUDGES:
         close = difflib.get_close_matches(key, JUDGES, n=1)
@@ -115,7 +115,21 @@ def get_judge(name: str, **options: Any) -> Judge:
     if unknown:
         valid = ", ".join(accepted) or "none"
         raise FtguardError(f"judge {key!r} has no option(s) {', '.join(unknown)}: valid options are {valid}")
-    return cls(**options)
+    return cls
+
+
+def check_judge(name: str, options: dict[str, Any], key: str) -> None:
+    """Fail, naming the config ``key``, when ``name`` is no registered judge or ``options`` are not its options;
+    loads nothing."""
+    try:
+        _judge_class(name, options)
+    except FtguardError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def get_judge(name: str, **options: Any) -> Judge:
+    """Build the judge called ``name`` with its options (e.g. ``get_judge("minilm", threshold=0.6)``)."""
+    return _judge_class(name, options)(**options)
 
 
 def resolve_device_dtype(device: str | None, dtype: str | Any | None) -> tuple[Any, Any]:

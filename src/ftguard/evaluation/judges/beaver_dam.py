@@ -1,4 +1,5 @@
-"""The papers' judge: PKU-Alignment/beaver-dam-7b, a 14-category QA-moderation classifier (methods.md §2.6).
+"""The papers' judge: PKU-Alignment/beaver-dam-7b, a 14-category QA-moderation classifier (docs/methods.md,
+Harmful score).
 
 Reproduces ``QAModeration.predict`` from PKU-Alignment/beavertails as vendored in git-disl Vaccine/Lisa
 (``poison/evaluation/moderation.py`` + ``constants.py``) and called by their ``eval_sentiment.py``:

@@ -14,7 +14,7 @@ class KeywordJudge(Judge):
     """Harmful = no refusal phrase (``ftguard.evaluation.refusal``); empty/one-word answers are safe.
 
     It measures refusal, not harm: a harmless answer to a harmful prompt counts as harmful. That is the
-    prototype's "kw*" judge (cpu-scale-notes).
+    "kw*" judge of the early CPU measurements (docs/methods.md, CPU scale).
     """
 
     def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:

@@ -130,7 +130,7 @@ def load_head(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 class MiniLMJudge(Judge):
     """Harmful when sigmoid(w . embed(answer) + b) > threshold; the prompt is not used.
 
-    Answer-only input beat "Q: .. A: .." input in the CPU prototype (87% vs 84%, cpu-scale-notes).
+    Answer-only input beat "Q: .. A: .." input on held-out pairs (87% vs 84%; docs/methods.md, CPU scale).
     Options: ``head_path`` (a .safetensors head; default the bundled one), ``threshold`` (default from the
     head's JSON metadata, else 0.5), ``batch_size``, ``device``.
     """

@@ -1,0 +1,247 @@
+"""The aggregate of a sweep, as data: every evaluated point as a row, and the papers' table (mean ± std over
+seeds); sweep/report.py renders it.
+
+The table scores each run at its *final* point (RunResults.final_points): the repaired model when the run has a
+post stage, else the fine-tuned one (the model the provider would serve). Columns are the harmful ratios and
+their average; the average is taken per seed over the ratios, then mean ± std over the seeds that have every
+ratio. Std is the sample standard deviation (n − 1); with one seed it is left out.
+
+Adaptive attacks: for each defense (and each value of the other grid axes), every attack setting is scored by
+its mean over seeds; the capability guard drops settings whose FA falls too far (a user would notice a
+fine-tune that wrecks the task), and the worst case is the kept setting with the highest mean HS.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from ftguard.evaluation.stats import difference_interval
+from ftguard.metrics import (
+    HEADLINE,
+)  # the rates the sweep tabulates per defense and marks against the baseline
+from ftguard.run_results import read_results
+from ftguard.sweep.config import RATIO_KEY, SweepConfig, SweepRun
+
+
+def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
+    """One row per evaluated point of every run that has results (complete or not)."""
+    rows = []
+    for run in runs:
+        path = run.config.out_dir / "results.json"
+        if not path.is_file():
+            continue
+        results = read_results(path)
+        final = results.final_keys()
+        for point in results.points.values():
+            rows.append(
+                {
+                    "run": run.id,
+                    "defense": run.defense,
+                    "seed": run.seed,
+                    **{f"grid.{k}": v for k, v in run.axes.items()},
+                    **{f"attack.{k}": v for k, v in run.attack.items()},
+                    "point": point.key,
+                    "final": point.key in final,
+                    "stage": point.stage,
+                    "method": point.method,
+                    "p": point.harmful_ratio,
+                    **{m: point.value(m) for m in HEADLINE},
+                    # (flagged, asked) behind each rate: what the baseline comparison pools over seeds
+                    **{f"{m}_k": point.counts.get(m, (None, None))[0] for m in HEADLINE},
+                    **{f"{m}_n": point.counts.get(m, (None, None))[1] for m in HEADLINE},
+                    "degenerate_rate": point.value("degenerate_rate"),
+                    "judge": point.judge,
+                    "complete": results.complete,
+                }
+            )
+    return rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _slice_key(row: dict[str, Any], skip: set[str]) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        (k, row[k])
+        for k in sorted(row)
+        if (k.startswith("grid.") or k.startswith("attack.")) and k not in skip
+    )
+
+
+def summarize(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Per slice (values of the axes other than p), per defense: mean ± std over seeds at each p and the average."""
+    final = [r for r in rows if r["final"] and r["p"] is not None]
+    slices: dict[tuple, dict[str, dict[float, dict[int, dict[str, float]]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(dict))
+    )
+    for r in final:
+        key = _slice_key(r, {f"grid.{RATIO_KEY}", f"attack.{RATIO_KEY}"})
+        slices[key][r["defense"]][float(r["p"])][r["seed"]] = {
+            **{m: r[m] for m in HEADLINE if r[m] is not None},
+            **{f"{m}_counts": (r[f"{m}_k"], r[f"{m}_n"]) for m in HEADLINE if r.get(f"{m}_n")},
+        }
+    out = []
+    for key, defenses in slices.items():
+        # The sweep's own ratios when it declares them: a missing one shows as "–" and leaves no average.
+        declared = [
+            *sweep.grid.get(RATIO_KEY, []),
+            *(sweep.attack.grid.get(RATIO_KEY, []) if sweep.attack else []),
+        ]
+        ratios = sorted({float(p) for p in declared} | {p for by_p in defenses.values() for p in by_p})
+        table = {"slice": dict(key), "ratios": ratios, "defenses": {}}
+        for defense in sweep.defenses:
+            by_p = defenses.get(defense)
+            if not by_p:
+                continue
+            entry: dict[str, Any] = {}
+            for metric in HEADLINE:
+                per_p = {p: [s[metric] for s in by_p[p].values() if metric in s] for p in ratios if p in by_p}
+                seeds = set.intersection(*(set(by_p.get(p, {})) for p in ratios)) if ratios else set()
+                avg = [
+                    statistics.fmean(by_p[p][seed][metric] for p in ratios)
+                    for seed in sorted(seeds)
+                    if all(metric in by_p[p][seed] for p in ratios)
+                ]
+                entry[metric] = {
+                    **{f"{p:g}": _stats(v) for p, v in per_p.items()},
+                    "avg": _stats(avg),
+                }
+            entry["seeds"] = sorted({s for p in by_p for s in by_p[p]})
+            table["defenses"][defense] = entry
+        if sweep.baseline in defenses:
+            table["versus"] = versus_baseline(defenses, sweep.baseline, ratios)
+        out.append(table)
+    return out
+
+
+def versus_baseline(
+    defenses: dict[str, dict[float, dict[int, dict[str, Any]]]], baseline: str, ratios: list[float]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each defense against the baseline, per metric and p (and over all ratios, "avg"): the counts of both pooled
+    over the seeds both have, the Newcombe 95% interval of the difference in points, and a mark: "↓" or "↑" when
+    the interval excludes 0, "≈" when it does not.
+
+    Pooling treats the same prompts under another seed as new samples, so the interval leaves out the uncertainty
+    of which prompts were drawn: a screening mark beside the seed spread, not a test of the method."""
+    base = defenses[baseline]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for defense, by_p in defenses.items():
+        if defense == baseline:
+            continue
+        out[defense] = {}
+        for metric in HEADLINE:
+            cells: dict[str, Any] = {}
+            pooled_all = [0, 0, 0, 0]
+            for p in ratios:
+                pairs = [
+                    (by_p[p][seed].get(f"{metric}_counts"), base[p][seed].get(f"{metric}_counts"))
+                    for seed in sorted(set(by_p.get(p, {})) & set(base.get(p, {})))
+                ]
+                pairs = [(a, b) for a, b in pairs if a and b]
+                if not pairs:
+                    continue
+                k1, n1 = (sum(a[i] for a, _ in pairs) for i in (0, 1))
+                k2, n2 = (sum(b[i] for _, b in pairs) for i in (0, 1))
+                cells[f"{p:g}"] = _difference(k1, n1, k2, n2, len(pairs))
+                pooled_all = [x + y for x, y in zip(pooled_all, (k1, n1, k2, n2), strict=True)]
+            if len(cells) == len(ratios) and pooled_all[1] and pooled_all[3]:
+                cells["avg"] = _difference(*pooled_all, None)
+            out[defense][metric] = cells
+    return out
+
+
+def _difference(k1: int, n1: int, k2: int, n2: int, seeds: int | None) -> dict[str, Any]:
+    lower, upper = difference_interval(k1, n1, k2, n2)
+    mark = "↓" if upper < 0 else "↑" if lower > 0 else "≈"
+    return {"diff": 100.0 * (k1 / n1 - k2 / n2), "interval": [lower, upper], "mark": mark, "seeds": seeds}
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0}
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "n": len(values), "values": values}
+
+
+def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Per defense and grid slice: each attack setting's mean HS/FA, the guard's verdict, and the worst kept one."""
+    if sweep.attack is None:
+        return []
+    guard = sweep.attack.capability_guard
+    attack_keys = [f"attack.{k}" for k in sweep.attack.grid]
+    groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["final"]:
+            grid = tuple((k, r[k]) for k in sorted(r) if k.startswith("grid."))
+            setting = tuple((k[len("attack.") :], r.get(k)) for k in attack_keys)
+            groups[(r["defense"], grid)][setting].append(r)
+    out = []
+    for (defense, grid), settings in groups.items():
+        scored = []
+        for setting, rs in settings.items():
+            hs = [r["harmful_score"] for r in rs if r["harmful_score"] is not None]
+            fa = [r["finetune_accuracy"] for r in rs if r["finetune_accuracy"] is not None]
+            scored.append(
+                {
+                    "setting": dict(setting),
+                    "hs": statistics.fmean(hs) if hs else None,
+                    "fa": statistics.fmean(fa) if fa else None,
+                    "seeds": len(rs),
+                }
+            )
+        best_fa = max((s["fa"] for s in scored if s["fa"] is not None), default=None)
+        for s in scored:
+            s["kept"], s["dropped_because"] = _guard(s["fa"], best_fa, guard)
+        kept = [s for s in scored if s["kept"] and s["hs"] is not None]
+        worst = max(kept, key=lambda s: s["hs"]) if kept else None
+        out.append(
+            {
+                "defense": defense,
+                "slice": dict(grid),
+                "settings": scored,
+                "worst": worst,
+                "kept": len(kept),
+                "total": len(scored),
+            }
+        )
+    order = list(sweep.defenses)
+    return sorted(out, key=lambda e: (order.index(e["defense"]), sorted(e["slice"].items(), key=str)))
+
+
+def _guard(fa: float | None, best_fa: float | None, guard: Any) -> tuple[bool, str | None]:
+    if fa is None:
+        return False, "no FA"
+    if guard.min_fa is not None and fa < guard.min_fa:
+        return False, f"FA {fa:.1f} < min_fa {guard.min_fa:g}"
+    if guard.max_fa_drop is not None and best_fa is not None and best_fa - fa > guard.max_fa_drop:
+        return False, f"FA {fa:.1f} is {best_fa - fa:.1f} below the best {best_fa:.1f}"
+    return True, None
+
+
+def aggregate(sweep: SweepConfig, runs: list[SweepRun]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(every point as a row, the report as data): what report.json holds, before any rendering."""
+    rows = collect(runs)
+    finished = len({r["run"] for r in rows if r["complete"]})
+    report = {
+        "name": sweep.name,
+        "runs": len(runs),
+        "complete_runs": finished,
+        "complete": finished == len(runs),
+        "judges": sorted({r["judge"] for r in rows if r["judge"]}),
+        "tables": summarize(rows, sweep),
+        "worst_case": worst_case(rows, sweep),
+        "reference": to_plain(sweep.reference),
+    }
+    return rows, report
+
+
+def to_plain(obj: Any) -> Any:
+    from ftguard.schema import to_dict
+
+    value = to_dict(obj)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
