@@ -111,11 +111,18 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = DEADLINE_S) -> i
         pytest.fail(f"{proc.args} did not end within {timeout} s:\n{log.read_text()[-4000:]}")
 
 
-def _kill_when(proc: subprocess.Popen, ready: Callable[[], T | None], log: Path) -> T:
+def _kill_when(
+    proc: subprocess.Popen, ready: Callable[[], T | None], log: Path, near: Callable[[], bool] = lambda: True
+) -> T:
     """SIGKILL ``proc`` as soon as ``ready()`` returns something, looking only while the process is stopped: it
-    cannot move on between the look and the kill. Returns what ``ready`` returned."""
+    cannot move on between the look and the kill. Returns what ``ready`` returned. Until ``near()`` holds the
+    process runs without being stopped: start-up (a launcher's rendezvous, model loading) is left alone."""
     deadline = time.monotonic() + DEADLINE_S
     try:
+        while not near() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(POLL_S / 5)
+        if proc.returncode is not None:
+            pytest.fail(f"{proc.args} ended before it could be killed:\n{log.read_text()[-4000:]}")
         while True:
             if time.monotonic() > deadline:
                 pytest.fail(f"{proc.args} made no checkpoint in {DEADLINE_S} s:\n{log.read_text()[-4000:]}")
@@ -147,7 +154,7 @@ def _kill_after_first_checkpoint(proc: subprocess.Popen, unit: Path, log: Path) 
         done = [p for p in (unit / "checkpoints").glob("checkpoint-*") if (p / STATE_FILE).is_file()]
         return max((int(p.name.rsplit("-", 1)[1]) for p in done), default=None)
 
-    return _kill_when(proc, newest, log)
+    return _kill_when(proc, newest, log, near=lambda: any((unit / "checkpoints").glob("checkpoint-*")))
 
 
 def _weights(unit: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -397,7 +404,7 @@ def _kill_after_first_finished_run(proc: subprocess.Popen, index: Path, log: Pat
         found = {k: v["status"] for k, v in runs.items()}
         return found if "complete" in found.values() else None
 
-    return _kill_when(proc, statuses, log)
+    return _kill_when(proc, statuses, log, near=index.exists)
 
 
 def _mtimes(paths) -> dict[Path, int]:
