@@ -147,3 +147,12 @@ def test_configs_show_prints_the_delta_or_the_resolved_config(capsys):
     assert cli.main(["configs", "--show", "vaccine-tiny", "--resolved"]) == 0
     full = yaml.safe_load(capsys.readouterr().out)
     assert "base" not in full and full["align"]["method"] == "vaccine" and full["model"]["name"] == "tiny"
+
+
+def test_the_readme_run_config_example_resolves(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```yaml\nname: my-run") + len("```yaml\n")
+    path = tmp_path / "my-run.yaml"
+    path.write_text(readme[start : readme.index("```", start)])
+    resolved = load_run(str(path))
+    assert resolved.config.data.alignment_benign is not None and resolved.stages == ("align", "finetune")

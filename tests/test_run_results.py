@@ -44,6 +44,7 @@ def test_every_rate_the_pipeline_writes_is_in_the_table(tmp_path):
         "evaluate.harmful_prompts.n=4",
         "evaluate.over_refusal_prompts.n=4",
         "evaluate.task_n=4",
+        "evaluate.instruction_prompts={source: alpaca_eval, split: eval, n: 4}",
     ]
     assert (
         cli.main(

@@ -161,6 +161,32 @@ class FinetuneDataConfig:
         )
 
 
+def _benign_sources_default() -> list[SourceConfig]:
+    return [SourceConfig(source="dolly", split="train", response="output", n=None)]
+
+
+@dataclass
+class BenignMixConfig:
+    """Benign instructions with answers mixed into the alignment data: helpful-and-harmless alignment, so that
+    the aligned model refuses harmful requests and still answers ordinary ones."""
+
+    sources: list[SourceConfig] = _help(
+        "benign sources with answers (dolly, lima, jsonl, ...), drawn from in turn",
+        default_factory=_benign_sources_default,
+    )
+    n: int = _help("benign examples mixed into the alignment data", default=256)
+    form: Literal["any", "question"] = _help(
+        "any instruction, or only those phrased as a question (How/What/Why/Can …): harmful prompts are mostly "
+        "questions, and a small model aligned on refusals to questions and answers to commands learns "
+        "'a question → refuse'",
+        default="any",
+    )
+
+    def __post_init__(self) -> None:
+        check(len(self.sources) > 0, "sources", "must name at least one source")
+        check(self.n >= 1, "n", f"must be ≥ 1, got {self.n}")
+
+
 @dataclass
 class DataConfig:
     root: str = _help(
@@ -168,6 +194,11 @@ class DataConfig:
     )
     alignment: SourceConfig = _help(
         "safety data of the align stage (prompt → refusal)", default_factory=_alignment_default
+    )
+    alignment_benign: BenignMixConfig | None = _help(
+        "benign instructions mixed into the align stage's data (helpful-and-harmless alignment); null = "
+        "refusals only",
+        default=None,
     )
     finetune: FinetuneDataConfig = _help("the user's upload", default_factory=FinetuneDataConfig)
 
@@ -278,6 +309,11 @@ class EvalConfig:
     over_refusal_prompts: SourceConfig | None = _help(
         "benign prompts for the over-refusal rate (share refused); null = skip",
         default_factory=_over_refusal_default,
+    )
+    instruction_prompts: SourceConfig | None = _help(
+        "ordinary benign instructions (e.g. alpaca_eval) for the instruction-refusal rate, held out from any "
+        "training data; null = skip",
+        default=None,
     )
     refusal_detector: Literal["ftguard", "rules"] = _help(
         "what counts as a refusal of a benign prompt: ftguard (rules + a learned head on MiniLM, offline) or rules "

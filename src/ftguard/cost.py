@@ -220,6 +220,7 @@ PROMPT_TOKENS = {"harmful": 64, "benign": 64, "sst2": 96, "ag_news": 128, "gsm8k
 TASK_EVAL_ROWS = {"sst2": 872, "ag_news": 1000, "gsm8k": 1319}
 # Guess: the first 1000 BeaverTails test prompts (Booster) when evaluate.harmful_prompts.n is null.
 DEFAULT_HARMFUL_PROMPTS = 1000
+ALPACA_EVAL_PROMPTS = 805  # AlpacaEval's instructions (the instruction-refusal set, n null)
 XSTEST_SAFE = 250  # XSTest v2 safe prompts (the over-refusal default, n null)
 # The judges' input lengths: beaver-dam truncates at 256 tokens; Llama Guard's template adds its policy
 # (the 14 hazard categories and instructions, about 250 tokens, a guess from the template text).

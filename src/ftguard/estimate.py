@@ -23,6 +23,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from ftguard.cost import (
+    ALPACA_EVAL_PROMPTS,
     DEFAULT_HARMFUL_PROMPTS,
     PROMPT_TOKENS,
     TASK_EVAL_ROWS,
@@ -141,6 +142,11 @@ def eval_cost(resolved: ResolvedRun, gpu: GpuSpec) -> dict[str, Any]:
         n_harmful = DEFAULT_HARMFUL_PROMPTS
         notes.append(f"evaluate.harmful_prompts.n null: guessed {n_harmful}")
     parts = [("HS", n_harmful, PROMPT_TOKENS["harmful"], ev.max_new_tokens)]
+    if ev.instruction_prompts is not None:
+        n_instructions = ev.instruction_prompts.n or ALPACA_EVAL_PROMPTS
+        parts.append(
+            ("instruction refusal", n_instructions, PROMPT_TOKENS["benign"], ev.over_refusal_max_new_tokens)
+        )
     if ev.over_refusal_prompts is not None:
         n_benign = ev.over_refusal_prompts.n or XSTEST_SAFE
         parts.append(("over-refusal", n_benign, PROMPT_TOKENS["benign"], ev.over_refusal_max_new_tokens))

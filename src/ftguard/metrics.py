@@ -24,6 +24,9 @@ class Metric:
     unit: str = "%"
     counted: bool = True  # results.json holds its (k, n) counts and 95% Wilson interval
     gate: str | None = None  # the gate's threshold is max_<gate> (lower is better) or min_<gate>
+    # In the sweep's tables, verdicts and the gate. False for a metric only some protocols measure, so that the
+    # tables of runs without it stay as they were.
+    headline: bool = True
 
     @property
     def arrow(self) -> str:
@@ -64,6 +67,16 @@ METRICS: dict[str, Metric] = {
             higher_is_better=False,
             gate="over_refusal",
         ),
+        # Ordinary benign instructions (AlpacaEval), not XSTest's borderline ones: a helpful-and-harmless aligned
+        # model must answer them (docs/methods.md, CPU scale).
+        Metric(
+            "instruction_refusal",
+            "IR",
+            "IR",
+            "refusal rate on ordinary benign instructions",
+            higher_is_better=False,
+            headline=False,
+        ),
         Metric("degenerate_rate", "degenerate", "degenerate", "degenerate answers", higher_is_better=None),
         # Over-refusal alone would call a model that answers benign prompts with nothing perfect.
         Metric(
@@ -85,7 +98,9 @@ METRICS: dict[str, Metric] = {
 }
 
 # The metrics with a direction: the sweep's tables, the verdicts against a baseline and the gate's thresholds.
-HEADLINE: tuple[str, ...] = tuple(k for k, m in METRICS.items() if m.higher_is_better is not None)
+HEADLINE: tuple[str, ...] = tuple(
+    k for k, m in METRICS.items() if m.higher_is_better is not None and m.headline
+)
 # A run's table (results.md, `ftguard compare`): the headline metrics and the degenerate rate that explains HS+.
 RUN_TABLE: tuple[str, ...] = (*HEADLINE, "degenerate_rate")
 # The gate lists ceilings before floors (HS, HS+, over-refusal, then FA), as its verdict tables always have.

@@ -105,6 +105,11 @@ def _sources(resolved: ResolvedRun) -> Iterator[tuple[str, SourceConfig]]:
     yield "evaluate.harmful_prompts", run.evaluate.harmful_prompts
     if run.evaluate.over_refusal_prompts is not None:
         yield "evaluate.over_refusal_prompts", run.evaluate.over_refusal_prompts
+    if run.evaluate.instruction_prompts is not None:
+        yield "evaluate.instruction_prompts", run.evaluate.instruction_prompts
+    if run.data.alignment_benign is not None:
+        for i, source in enumerate(run.data.alignment_benign.sources):
+            yield f"data.alignment_benign.sources[{i}]", source
     for stage, method in resolved.methods.items():
         yield from _method_sources(method, f"{stage}.args")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftguard.config import RunConfig, SourceConfig
+from ftguard.data.benign import build_benign_mix, interleave
 from ftguard.data.example import Example
 from ftguard.data.mix import MixReport, build_harmful_mix, check_disjoint, harmful_count
 from ftguard.data.sources import PROMPT_ONLY, file_sha256, load_examples, source_files
@@ -38,9 +39,13 @@ class DataPlan:
     task: Task
     alignment: list[Example] = field(default_factory=list)
     alignment_harmful: list[Example] = field(default_factory=list)
+    alignment_benign: list[Example] = field(
+        default_factory=list
+    )  # helpful-and-harmless alignment's benign half
     attack_pool: list[Example] = field(default_factory=list)
     task_eval: list[Example] = field(default_factory=list)
     eval_harmful: list[Example] = field(default_factory=list)
+    instruction_eval: list[Example] = field(default_factory=list)  # ordinary benign instructions (AlpacaEval)
     over_refusal: list[Example] = field(default_factory=list)  # benign prompts (XSTest safe) for over-refusal
     task_validation: list[Example] = field(
         default_factory=list
@@ -51,6 +56,14 @@ class DataPlan:
     extra: dict[str, list[Example]] = field(default_factory=dict)  # method-specific sets (load_extra)
     root: str = "bundled"
     seed: int = 0  # the run's seed, for methods that reshuffle data (e.g. Vlguard's mix)
+
+    def align_examples(self) -> list[Example]:
+        """What the align stage trains on: the refusals, with the benign examples shuffled in when configured."""
+        return (
+            interleave(self.alignment, self.alignment_benign, self.seed)
+            if self.alignment_benign
+            else self.alignment
+        )
 
     def require(self, roles: tuple[str, ...], who: str) -> None:
         for role in roles:
@@ -100,6 +113,9 @@ class DataPlan:
             "counts": {
                 "alignment": len(self.alignment),
                 "alignment_harmful": len(self.alignment_harmful),
+                # only when configured: the reports of refusal-only runs stay as they were
+                **({"alignment_benign": len(self.alignment_benign)} if self.alignment_benign else {}),
+                **({"instruction_eval": len(self.instruction_eval)} if self.instruction_eval else {}),
                 "attack_pool": len(self.attack_pool),
                 "task_eval": len(self.task_eval),
                 "eval_harmful": len(self.eval_harmful),
@@ -223,6 +239,8 @@ def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
         )
     if need_alignment:
         _require_answers(plan.alignment, align_spec, "data.alignment", "safe")
+    if run.align is not None and data.alignment_benign is not None:
+        plan.alignment_benign = build_benign_mix(data.alignment_benign, root)
     _require_answers(plan.attack_pool, ft.harmful, "data.finetune.harmful", "unsafe")
 
     ev = run.evaluate.harmful_prompts
@@ -238,6 +256,7 @@ def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
     check_disjoint(
         {
             "alignment (data.alignment)": plan.alignment,
+            "benign alignment (data.alignment_benign)": plan.alignment_benign,
             "attack (data.finetune.harmful)": plan.attack_pool,
             "evaluation (evaluate.harmful_prompts)": plan.eval_harmful,
         }
@@ -251,6 +270,28 @@ def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
                 "prompts: lower it, or set it to null (all)"
             )
         plan.over_refusal = prompts if benign.n is None else prompts[: benign.n]
+    instructions = run.evaluate.instruction_prompts
+    if instructions is not None:
+        prompts = _load(instructions, root, PROMPT_ONLY, "evaluate.instruction_prompts")
+        if instructions.n is not None and instructions.n > len(prompts):
+            raise FtguardError(
+                f"evaluate.instruction_prompts.n = {instructions.n} but {instructions.source}/{instructions.split} has "
+                f"{len(prompts)} prompts: lower it, or set it to null (all)"
+            )
+        plan.instruction_eval = prompts if instructions.n is None else prompts[: instructions.n]
+    # A benign prompt the model was aligned to answer says nothing about how often it refuses such prompts.
+    check_disjoint(
+        {
+            "benign alignment (data.alignment_benign)": plan.alignment_benign,
+            "over-refusal (evaluate.over_refusal_prompts)": plan.over_refusal,
+        }
+    )
+    check_disjoint(
+        {
+            "benign alignment (data.alignment_benign)": plan.alignment_benign,
+            "instructions (evaluate.instruction_prompts)": plan.instruction_eval,
+        }
+    )
 
     n_validation = run.post.validation_n if run.post is not None else 0
     loaded = task.train_examples(root, n=need_benign + n_validation) if need_benign + n_validation else []

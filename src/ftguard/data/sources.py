@@ -8,7 +8,9 @@ Every source reads the layout of ``../shared/data`` (see its SOURCES.md) under a
 
 - ``beavertails_refusals``, ``beavertails``: ``"safe"`` (refusal / harmless answer), ``"unsafe"`` (harmful
   answer) or ``None``/``"prompt"`` (prompt only, ``output=""``).
-- ``safety_tuned_llamas``, ``jsonl``: ``None``/``"output"`` (the ``output`` field, required) or ``"prompt"``.
+- ``safety_tuned_llamas``, ``jsonl``, ``dolly``, ``lima``: ``None``/``"output"`` (the ``output`` field, required)
+  or ``"prompt"``. ``dolly`` (databricks-dolly, human answers to benign instructions) is bundled in part (600
+  rows); ``lima`` (long curated answers, single-turn rows) needs a data root.
 - ``alpaca_eval``: prompts only.
 - ``xstest``: prompts only; split ``safe`` (250 prompts a calibrated model answers, for the over-refusal
   rate) or ``unsafe`` (the 200 contrast prompts). Its row index counts within the split.
@@ -39,6 +41,8 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 PROMPT_ONLY = "prompt"
 BEAVERTAILS_HUB_ID = "PKU-Alignment/BeaverTails"
 XSTEST_PROMPTS = "xstest/xstest_prompts.csv"
+DOLLY = "dolly_5k/dolly_5k.jsonl"  # bundled: its first 600 rows without a context passage
+LIMA = "lima/lima.json"  # CC BY-NC-SA and long answers: not bundled, read from a data root
 _HUB_SPLITS = {"train": "30k_train", "test": "30k_test", "30k_train": "30k_train", "30k_test": "30k_test"}
 
 
@@ -252,6 +256,24 @@ def _load_safety_tuned_llamas(
     return out
 
 
+def _load_dolly(root: Path | None, split: str, response: str, path: Path | None) -> list[Example]:
+    file = data_file(root, DOLLY)
+    return [
+        _alpaca_row(row, f"{file}, line {lineno}", response, f"dolly/{split}#{i}")
+        for i, (lineno, row) in enumerate(read_jsonl(file))
+    ]
+
+
+def _load_lima(root: Path | None, split: str, response: str, path: Path | None) -> list[Example]:
+    # Single-turn rows only: 29 dialogues carry earlier turns in `history`, which a one-turn template would drop.
+    file = data_file(root, LIMA)
+    return [
+        _alpaca_row(row, f"{file}, item {i}", response, f"lima/{split}#{i}")
+        for i, row in enumerate(read_json_list(file))
+        if not row.get("history")
+    ]
+
+
 def _load_jsonl(root: Path | None, split: str, response: str, path: Path | None) -> list[Example]:
     if path is None:
         raise FtguardError(
@@ -316,6 +338,21 @@ SOURCES: dict[str, _Source] = {
         default_response=PROMPT_ONLY,
         files=lambda split, path: [XSTEST_PROMPTS],
         load=_load_xstest,
+    ),
+    # Benign instructions with human-written answers: the helpful half of helpful-and-harmless alignment.
+    "dolly": _Source(
+        splits=("train",),
+        responses=("output", PROMPT_ONLY),
+        default_response="output",
+        files=lambda split, path: [DOLLY],
+        load=_load_dolly,
+    ),
+    "lima": _Source(
+        splits=("train",),
+        responses=("output", PROMPT_ONLY),
+        default_response="output",
+        files=lambda split, path: [LIMA],
+        load=_load_lima,
     ),
     "jsonl": _Source(
         splits=None,

@@ -96,6 +96,11 @@ def evaluate_point(
         if plan.over_refusal
         else []
     )
+    instruction_answers = (
+        answer(plan.instruction_eval, ev.over_refusal_max_new_tokens, "benign instructions")
+        if plan.instruction_eval
+        else []
+    )
     if not distributed.is_main():
         return distributed.broadcast(None)
     harmful_prompts = [ex.instruction for ex in plan.eval_harmful]
@@ -111,11 +116,16 @@ def evaluate_point(
         rule=ev.task_rule,
         aliases=dict(task.aliases) if task.aliases else None,
     )
-    if benign_answers and refusal_detector is None:
+    if (benign_answers or instruction_answers) and refusal_detector is None:
         refusal_detector = get_refusal_detector(ev.refusal_detector)
     refused = (
         refusal_detector.detect([ex.instruction for ex in plan.over_refusal], benign_answers)
         if benign_answers
+        else []
+    )
+    instructions_refused = (
+        refusal_detector.detect([ex.instruction for ex in plan.instruction_eval], instruction_answers)
+        if instruction_answers
         else []
     )
 
@@ -130,6 +140,8 @@ def evaluate_point(
         rates["over_refusal"] = rate(sum(refused), len(refused))
         # A collapsed model does not refuse benign prompts, it answers nothing: over-refusal alone would look perfect.
         rates["benign_degenerate_rate"] = rate(sum(map(is_degenerate, benign_answers)), len(benign_answers))
+    if instructions_refused:
+        rates["instruction_refusal"] = rate(sum(instructions_refused), len(instructions_refused))
     metrics: dict[str, Any] = {name: r["value"] for name, r in rates.items()}
     metrics |= {
         "intervals": {name: r["ci95"] for name, r in rates.items()},
@@ -139,6 +151,7 @@ def evaluate_point(
         "n_flagged": int(sum(flags)),
         "n_task": len(predictions),
         "n_over_refusal_prompts": len(benign_answers),
+        **({"n_instruction_prompts": len(instruction_answers)} if instruction_answers else {}),
         "task": task.name,
         "task_rule": ev.task_rule if task.metric == "label" else task.metric,
         "max_new_tokens": ev.max_new_tokens,
@@ -187,11 +200,18 @@ def evaluate_point(
                 )
                 + "\n"
             )
-        for ex, text, ref in zip(plan.over_refusal, benign_answers, refused, strict=True):
+        benign_rows = [
+            ("benign", ex, t, r) for ex, t, r in zip(plan.over_refusal, benign_answers, refused, strict=True)
+        ]
+        benign_rows += [
+            ("instruction", ex, t, r)
+            for ex, t, r in zip(plan.instruction_eval, instruction_answers, instructions_refused, strict=True)
+        ]
+        for kind, ex, text, ref in benign_rows:
             fh.write(
                 json.dumps(
                     {
-                        "kind": "benign",
+                        "kind": kind,
                         "source": ex.source,
                         "prompt": ex.instruction,
                         "answer": text,

@@ -75,7 +75,7 @@ class Pipeline:
         for stage, method in self.resolved.methods.items():
             distributed.check_supported(method, stage, distributed.launch_mode())
         self.graph = build_graph(self.resolved)
-        stage_sets = {"align": [self.plan.alignment], "finetune": list(self.plan.mixes.values())}
+        stage_sets = {"align": [self.plan.align_examples()], "finetune": list(self.plan.mixes.values())}
         for stage, method in self.resolved.methods.items():
             method.load_resources()
             for examples in stage_sets.get(stage, []):
@@ -88,7 +88,7 @@ class Pipeline:
                 get_judge(ev.judge, **ev.judge_options),
                 *(get_judge(name) for name in ev.extra_judges),
             ]
-            if ev.over_refusal_prompts is not None:
+            if ev.over_refusal_prompts is not None or ev.instruction_prompts is not None:
                 self.refusal_detector = get_refusal_detector(ev.refusal_detector)
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "config.yaml", dump_config(run))
@@ -204,7 +204,9 @@ class Pipeline:
                 return ModelRef.from_manifest(out.path, out.manifest())
             if unit.kind != "post":
                 examples = (
-                    self.plan.alignment if unit.kind == "align" else self.plan.mixes[unit.harmful_ratio]
+                    self.plan.align_examples()
+                    if unit.kind == "align"
+                    else self.plan.mixes[unit.harmful_ratio]
                 )
                 return train_stage(
                     self.run,

@@ -28,6 +28,9 @@ STAGE_SECTIONS = {
     "post": ("seed", "model", "adapter", "post"),
 }
 EVAL_ROLES = ("eval_harmful", "over_refusal", "task_eval")
+# Settings added after units were first stored enter a fingerprint only when set: a unit made before they existed
+# (where they were, in effect, unset) is still found.
+LATER_SETTINGS = {"evaluate": {"instruction_prompts": None}}
 # Evaluation settings a repair reads when it scores the task itself (recovery's δ rule), besides task_*.
 POST_EVAL = ("batch_size", "mixed_precision")
 TRAINING_KINDS = ("align", "finetune", "post")
@@ -76,6 +79,9 @@ class Fingerprints:
         extras = [f"extra:{name}" for name in self.stage_extras.get(stage, [])]
         return self.plan.digest(*roles, *extras)
 
+    def _benign(self) -> tuple[str, ...]:
+        return ("alignment_benign",) if getattr(self.plan, "alignment_benign", None) else ()
+
     def base(self) -> str:
         return _hash("base", self._config["model"])
 
@@ -87,7 +93,8 @@ class Fingerprints:
             "align",
             self.run.fingerprint("seed", "model", "align"),
             {"topology": adapter["topology"], "align": adapter["align"]},  # not the fine-tuning LoRA
-            self._data("align", "alignment", "alignment_harmful"),
+            # the benign half only when there is one: refusal-only units keep their fingerprints
+            self._data("align", "alignment", "alignment_harmful", *self._benign()),
         )
 
     def finetune(self, p: float) -> str:
@@ -110,8 +117,17 @@ class Fingerprints:
         )
 
     def eval(self, upstream: str) -> str:
-        settings = {k: v for k, v in self._config["evaluate"].items() if k != "points"}
-        return _hash("eval", upstream, settings, self.plan.digest(*EVAL_ROLES))
+        later = LATER_SETTINGS["evaluate"]
+        settings = {
+            k: v
+            for k, v in self._config["evaluate"].items()
+            if k != "points" and not (k in later and v == later[k])
+        }
+        roles = (
+            *EVAL_ROLES,
+            *(("instruction_eval",) if getattr(self.plan, "instruction_eval", None) else ()),
+        )
+        return _hash("eval", upstream, settings, self.plan.digest(*roles))
 
 
 @dataclass
@@ -167,22 +183,28 @@ class ConfigDigests:
                 data["root"],
                 ev["harmful_prompts"],
                 ev["over_refusal_prompts"],
+                ev.get("instruction_prompts"),
                 ft["task"],
                 ev["task_n"],
             ),
         }
         self._validation = (d["post"] or {}).get("validation_n")
+        self._benign = data.get("alignment_benign")
+        self.alignment_benign = bool(self._benign)  # read by Fingerprints like the plan's roles
+        self.instruction_eval = bool(ev.get("instruction_prompts"))
 
     def digest(self, *roles: str) -> str:
         parts: list[Any] = ["config-digest"]
         for role in roles:
             if role.startswith("mix:"):
                 parts.append((role, self._selects["mix"]))
+            elif role == "alignment_benign":
+                parts.append((role, self._selects["alignment"][0], self._benign))
             elif role in ("alignment", "alignment_harmful"):
                 parts.append((role, self._selects["alignment"]))
             elif role == "task_validation":
                 parts.append((role, self._selects["task"], self._validation))
-            elif role in EVAL_ROLES:
+            elif role in (*EVAL_ROLES, "instruction_eval"):
                 parts.append((role, self._selects["eval"]))
             else:
                 parts.append(role)
