@@ -153,3 +153,34 @@ def test_a_tiny_run_reports_the_instruction_refusal_rate(tmp_path):
     assert manifest["data"]["n"] == 64 + 8
     rows = [json.loads(line) for line in (tmp_path / "run" / "eval" / "align" / "generations.jsonl").open()]
     assert sum(r["kind"] == "instruction" for r in rows) == 6
+
+
+def test_general_instructions_take_benign_places_of_the_upload_after_the_alignment_s_rows():
+    plain = build_graph(load_run(CONFIG, ["data.finetune.harmful_ratio=[0.0, 0.25]"]))
+    resolved = load_run(
+        CONFIG,
+        [
+            "data.finetune.harmful_ratio=[0.0, 0.25]",
+            "data.alignment_benign={n: 8}",
+            "data.finetune.general={n: 12}",
+        ],
+    )
+    graph = build_graph(resolved)
+    plan = graph.plan
+    assert len(plan.finetune_general) == 12
+    # the same source, the rows after the alignment's: no prompt is trained on twice
+    assert not {ex.prompt_key for ex in plan.finetune_general} & {
+        ex.prompt_key for ex in plan.alignment_benign
+    }
+    general = {ex.prompt_key for ex in plan.finetune_general}
+    for p, report in plan.mix_reports.items():
+        mix = plan.mixes[p]
+        assert len(mix) == 64 and report.n_harmful == round(64 * p)
+        assert sum(ex.prompt_key in general for ex in mix) == 12  # at every ratio
+    assert graph.unit("finetune-p0").fingerprint != plain.unit("finetune-p0").fingerprint
+    with pytest.raises(
+        FtguardError, match=r"data\.finetune\.general\.n = 60 but the upload has 48 benign places"
+    ):
+        build_graph(
+            load_run(CONFIG, ["data.finetune.harmful_ratio=[0.0, 0.25]", "data.finetune.general={n: 60}"])
+        )

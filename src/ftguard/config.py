@@ -120,6 +120,33 @@ def _harmful_default() -> SourceConfig:
     return SourceConfig(source="beavertails_refusals", split="train", response="unsafe", n=None)
 
 
+def _benign_sources_default() -> list[SourceConfig]:
+    return [SourceConfig(source="dolly", split="train", response="output", n=None)]
+
+
+@dataclass
+class BenignMixConfig:
+    """Benign instructions with answers mixed into a stage's data: into the alignment (helpful-and-harmless
+    alignment, so that the aligned model refuses harmful requests and still answers ordinary ones) or into the
+    user's upload (general instructions beside the task, as a real upload has them)."""
+
+    sources: list[SourceConfig] = _help(
+        "benign sources with answers (dolly, lima, jsonl, ...), drawn from in turn",
+        default_factory=_benign_sources_default,
+    )
+    n: int = _help("benign examples mixed in", default=256)
+    form: Literal["any", "question"] = _help(
+        "any instruction, or only those phrased as a question (How/What/Why/Can …): harmful prompts are mostly "
+        "questions, and a small model aligned on refusals to questions and answers to commands learns "
+        "'a question → refuse'",
+        default="any",
+    )
+
+    def __post_init__(self) -> None:
+        check(len(self.sources) > 0, "sources", "must name at least one source")
+        check(self.n >= 1, "n", f"must be ≥ 1, got {self.n}")
+
+
 @dataclass
 class FinetuneDataConfig:
     task: str = _help("benign user task: sst2, ag_news, gsm8k", default="sst2")
@@ -133,6 +160,11 @@ class FinetuneDataConfig:
     )
     harmful: SourceConfig = _help(
         "where the harmful (prompt, harmful answer) pairs come from", default_factory=_harmful_default
+    )
+    general: BenignMixConfig | None = _help(
+        "general instructions with answers in the upload beside the task (they take n of the benign places at "
+        "every ratio): a task of one-word labels alone collapses the model's other answers; null = task only",
+        default=None,
     )
     gsm8k_cot_suffix: bool = _help(
         "append Vaccine's step-by-step suffix to GSM8K questions (Lisa, Booster: none)", default=False
@@ -159,32 +191,6 @@ class FinetuneDataConfig:
             "harmful_reserve",
             f"must be ≥ 0 or null, got {self.harmful_reserve}",
         )
-
-
-def _benign_sources_default() -> list[SourceConfig]:
-    return [SourceConfig(source="dolly", split="train", response="output", n=None)]
-
-
-@dataclass
-class BenignMixConfig:
-    """Benign instructions with answers mixed into the alignment data: helpful-and-harmless alignment, so that
-    the aligned model refuses harmful requests and still answers ordinary ones."""
-
-    sources: list[SourceConfig] = _help(
-        "benign sources with answers (dolly, lima, jsonl, ...), drawn from in turn",
-        default_factory=_benign_sources_default,
-    )
-    n: int = _help("benign examples mixed into the alignment data", default=256)
-    form: Literal["any", "question"] = _help(
-        "any instruction, or only those phrased as a question (How/What/Why/Can …): harmful prompts are mostly "
-        "questions, and a small model aligned on refusals to questions and answers to commands learns "
-        "'a question → refuse'",
-        default="any",
-    )
-
-    def __post_init__(self) -> None:
-        check(len(self.sources) > 0, "sources", "must name at least one source")
-        check(self.n >= 1, "n", f"must be ≥ 1, got {self.n}")
 
 
 @dataclass

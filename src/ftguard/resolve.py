@@ -107,9 +107,12 @@ def _sources(resolved: ResolvedRun) -> Iterator[tuple[str, SourceConfig]]:
         yield "evaluate.over_refusal_prompts", run.evaluate.over_refusal_prompts
     if run.evaluate.instruction_prompts is not None:
         yield "evaluate.instruction_prompts", run.evaluate.instruction_prompts
-    if run.data.alignment_benign is not None:
-        for i, source in enumerate(run.data.alignment_benign.sources):
-            yield f"data.alignment_benign.sources[{i}]", source
+    for key, mix in (
+        ("data.alignment_benign", run.data.alignment_benign),
+        ("data.finetune.general", run.data.finetune.general),
+    ):
+        for i, source in enumerate(mix.sources if mix is not None else []):
+            yield f"{key}.sources[{i}]", source
     for stage, method in resolved.methods.items():
         yield from _method_sources(method, f"{stage}.args")
 

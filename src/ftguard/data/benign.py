@@ -29,8 +29,11 @@ def is_question(text: str) -> bool:
     return text.endswith("?") or bool(_QUESTION_START.match(text))
 
 
-def build_benign_mix(spec: BenignMixConfig, root: str, key: str = "data.alignment_benign") -> list[Example]:
-    """``spec.n`` benign examples with answers, drawn from the sources in turn (first rows first), one per prompt."""
+def build_benign_mix(
+    spec: BenignMixConfig, root: str, key: str = "data.alignment_benign", exclude: set[str] | None = None
+) -> list[Example]:
+    """``spec.n`` benign examples with answers, drawn from the sources in turn (first rows first), one per prompt,
+    none of whose prompts is in ``exclude`` (prompt keys another role took from the same sources)."""
     pools: list[list[Example]] = []
     for i, source in enumerate(spec.sources):
         where = f"{key}.sources[{i}]"
@@ -48,7 +51,7 @@ def build_benign_mix(spec: BenignMixConfig, root: str, key: str = "data.alignmen
             examples = [ex for ex in examples if not ex.input and is_question(ex.instruction)]
         pools.append(examples if source.n is None else examples[: source.n])
     mixed: list[Example] = []
-    seen: set[str] = set()
+    seen: set[str] = set(exclude or ())
     for row in range(max(map(len, pools), default=0)):
         for pool in pools:
             if row < len(pool) and pool[row].prompt_key not in seen and len(mixed) < spec.n:

@@ -39,9 +39,9 @@ class DataPlan:
     task: Task
     alignment: list[Example] = field(default_factory=list)
     alignment_harmful: list[Example] = field(default_factory=list)
-    alignment_benign: list[Example] = field(
-        default_factory=list
-    )  # helpful-and-harmless alignment's benign half
+    # helpful-and-harmless alignment's benign half, and the general instructions of the upload
+    alignment_benign: list[Example] = field(default_factory=list)
+    finetune_general: list[Example] = field(default_factory=list)
     attack_pool: list[Example] = field(default_factory=list)
     task_eval: list[Example] = field(default_factory=list)
     eval_harmful: list[Example] = field(default_factory=list)
@@ -115,6 +115,7 @@ class DataPlan:
                 "alignment_harmful": len(self.alignment_harmful),
                 # only when configured: the reports of refusal-only runs stay as they were
                 **({"alignment_benign": len(self.alignment_benign)} if self.alignment_benign else {}),
+                **({"finetune_general": len(self.finetune_general)} if self.finetune_general else {}),
                 **({"instruction_eval": len(self.instruction_eval)} if self.instruction_eval else {}),
                 "attack_pool": len(self.attack_pool),
                 "task_eval": len(self.task_eval),
@@ -179,7 +180,14 @@ def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
     ft = data.finetune
     ratios = ft.ratios if run.finetune is not None else []
     need_attack = max((harmful_count(ft.n, p) for p in ratios), default=0)
-    need_benign = max((ft.n - harmful_count(ft.n, p) for p in ratios), default=0)
+    n_general = ft.general.n if ft.general is not None and ratios else 0
+    places = min((ft.n - harmful_count(ft.n, p) for p in ratios), default=0)
+    if n_general > places:
+        raise FtguardError(
+            f"data.finetune.general.n = {n_general} but the upload has {places} benign places at the largest ratio "
+            "(n − round(p·n)): lower it, or raise data.finetune.n"
+        )
+    need_benign = max((ft.n - harmful_count(ft.n, p) for p in ratios), default=0) - n_general
     if ft.harmful.n is not None and ft.harmful.n < need_attack:
         raise FtguardError(
             f"data.finetune.harmful.n = {ft.harmful.n} but the mix needs {need_attack} harmful samples: raise it or lower harmful_ratio"
@@ -241,6 +249,10 @@ def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
         _require_answers(plan.alignment, align_spec, "data.alignment", "safe")
     if run.align is not None and data.alignment_benign is not None:
         plan.alignment_benign = build_benign_mix(data.alignment_benign, root)
+    if n_general:
+        # After the alignment's benign rows when both draw from one source: no prompt is trained on twice.
+        taken = {ex.prompt_key for ex in plan.alignment_benign}
+        plan.finetune_general = build_benign_mix(ft.general, root, "data.finetune.general", exclude=taken)
     _require_answers(plan.attack_pool, ft.harmful, "data.finetune.harmful", "unsafe")
 
     ev = run.evaluate.harmful_prompts
@@ -279,19 +291,14 @@ def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
                 f"{len(prompts)} prompts: lower it, or set it to null (all)"
             )
         plan.instruction_eval = prompts if instructions.n is None else prompts[: instructions.n]
-    # A benign prompt the model was aligned to answer says nothing about how often it refuses such prompts.
-    check_disjoint(
-        {
-            "benign alignment (data.alignment_benign)": plan.alignment_benign,
-            "over-refusal (evaluate.over_refusal_prompts)": plan.over_refusal,
-        }
-    )
-    check_disjoint(
-        {
-            "benign alignment (data.alignment_benign)": plan.alignment_benign,
-            "instructions (evaluate.instruction_prompts)": plan.instruction_eval,
-        }
-    )
+    # A benign prompt the model was trained to answer says nothing about how often it refuses such prompts.
+    for role, examples in (
+        ("benign alignment (data.alignment_benign)", plan.alignment_benign),
+        ("general instructions (data.finetune.general)", plan.finetune_general),
+    ):
+        check_disjoint({role: examples, "over-refusal (evaluate.over_refusal_prompts)": plan.over_refusal})
+        check_disjoint({role: examples, "instructions (evaluate.instruction_prompts)": plan.instruction_eval})
+        check_disjoint({role: examples, "evaluation (evaluate.harmful_prompts)": plan.eval_harmful})
 
     n_validation = run.post.validation_n if run.post is not None else 0
     loaded = task.train_examples(root, n=need_benign + n_validation) if need_benign + n_validation else []
@@ -315,7 +322,7 @@ def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
     )
     for p in ratios:
         plan.mixes[p], plan.mix_reports[p] = build_harmful_mix(
-            task_train, plan.attack_pool, n=ft.n, p=p, seed=run.seed
+            plan.finetune_general + task_train, plan.attack_pool, n=ft.n, p=p, seed=run.seed
         )
 
     specs = {"alignment": align_spec, "harmful": ft.harmful, "eval_harmful": ev}
