@@ -496,7 +496,10 @@ def test_packaged_adaptive_sweep_reports_the_worst_case_per_defense(tmp_path, ca
     assert "Adaptive attack: worst case" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["sweeps/cpu-smollm2", "sweeps/cpu-smollm2-attack", "sweeps/adaptive-tiny"])
+SWEEPS = Path(__file__).resolve().parents[1] / "src" / "ftguard" / "configs" / "sweeps"
+
+
+@pytest.mark.parametrize("name", sorted(f"sweeps/{p.stem}" for p in SWEEPS.glob("*.yaml")))
 def test_packaged_cpu_sweeps_validate_and_dry_run(name, tmp_path, capsys):
     from ftguard.sweep.config import load_sweep
     from ftguard.sweep.runner import preflight
