@@ -136,6 +136,18 @@ def _load(spec: SourceConfig, root: str, response: str | None, key: str) -> list
         raise type(exc)(f"{key}: {exc}") from None  # the kind survives (DataNotFound)
 
 
+def _eval_prompts(spec: SourceConfig, root: str, key: str) -> list[Example]:
+    """The first ``spec.n`` prompts (all when null). Evaluation needs prompts only: a user's file of harmful
+    prompts must not be asked for answers."""
+    prompts = _load(spec, root, PROMPT_ONLY, key)
+    if spec.n is not None and spec.n > len(prompts):
+        raise FtguardError(
+            f"{key}.n = {spec.n} but {spec.source}/{spec.split} has {len(prompts)} prompts: lower it, or set it to "
+            "null (all)"
+        )
+    return prompts if spec.n is None else prompts[: spec.n]
+
+
 def _dedup(examples: list[Example]) -> list[int]:
     seen: set[str] = set()
     keep = []
@@ -256,14 +268,7 @@ def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
     _require_answers(plan.attack_pool, ft.harmful, "data.finetune.harmful", "unsafe")
 
     ev = run.evaluate.harmful_prompts
-    # Evaluation needs prompts only: a user's file of harmful prompts must not be asked for answers.
-    prompts = _load(ev, root, PROMPT_ONLY, "evaluate.harmful_prompts")
-    plan.eval_harmful = prompts if ev.n is None else prompts[: ev.n]
-    if ev.n is not None and ev.n > len(prompts):
-        raise FtguardError(
-            f"evaluate.harmful_prompts.n = {ev.n} but {ev.source}/{ev.split} has {len(prompts)} prompts: lower it, "
-            "or set it to null (all)"
-        )
+    plan.eval_harmful = _eval_prompts(ev, root, "evaluate.harmful_prompts")
     # Roles named with their config keys, so that the error says which files to fix.
     check_disjoint(
         {
@@ -275,22 +280,11 @@ def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
     )
     benign = run.evaluate.over_refusal_prompts
     if benign is not None:
-        prompts = _load(benign, root, PROMPT_ONLY, "evaluate.over_refusal_prompts")
-        if benign.n is not None and benign.n > len(prompts):
-            raise FtguardError(
-                f"evaluate.over_refusal_prompts.n = {benign.n} but {benign.source}/{benign.split} has {len(prompts)} "
-                "prompts: lower it, or set it to null (all)"
-            )
-        plan.over_refusal = prompts if benign.n is None else prompts[: benign.n]
-    instructions = run.evaluate.instruction_prompts
-    if instructions is not None:
-        prompts = _load(instructions, root, PROMPT_ONLY, "evaluate.instruction_prompts")
-        if instructions.n is not None and instructions.n > len(prompts):
-            raise FtguardError(
-                f"evaluate.instruction_prompts.n = {instructions.n} but {instructions.source}/{instructions.split} has "
-                f"{len(prompts)} prompts: lower it, or set it to null (all)"
-            )
-        plan.instruction_eval = prompts if instructions.n is None else prompts[: instructions.n]
+        plan.over_refusal = _eval_prompts(benign, root, "evaluate.over_refusal_prompts")
+    if run.evaluate.instruction_prompts is not None:
+        plan.instruction_eval = _eval_prompts(
+            run.evaluate.instruction_prompts, root, "evaluate.instruction_prompts"
+        )
     # A benign prompt the model was trained to answer says nothing about how often it refuses such prompts.
     for role, examples in (
         ("benign alignment (data.alignment_benign)", plan.alignment_benign),

@@ -14,7 +14,7 @@ import torch
 
 from ftguard.errors import FtguardError
 from ftguard.models import smollm2, tiny
-from ftguard.precision import PRECISION_CHOICES, PRECISION_ENV, forced_precision  # noqa: F401
+from ftguard.precision import PRECISION_ENV, forced_precision  # noqa: F401  (models re-exports them)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

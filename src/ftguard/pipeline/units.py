@@ -33,7 +33,6 @@ EVAL_ROLES = ("eval_harmful", "over_refusal", "task_eval")
 LATER_SETTINGS = {"evaluate": {"instruction_prompts": None}}
 # Evaluation settings a repair reads when it scores the task itself (recovery's δ rule), besides task_*.
 POST_EVAL = ("batch_size", "mixed_precision")
-TRAINING_KINDS = ("align", "finetune", "post")
 
 
 def _hash(*parts: Any) -> str:
@@ -145,9 +144,6 @@ class RunGraph:
             if unit.key == key:
                 return unit
         raise KeyError(key)
-
-    def of_kind(self, kind: str) -> list[Unit]:
-        return [u for u in self.units if u.kind == kind]
 
 
 def build_graph(resolved: ResolvedRun) -> RunGraph:
