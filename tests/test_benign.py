@@ -71,6 +71,11 @@ def test_the_mix_draws_from_the_sources_in_turn_one_example_per_prompt(tmp_path)
         match=r"data\.alignment_benign\.n = 4 but its sources give 3 distinct examples phrased as questions",
     ):
         build_benign_mix(BenignMixConfig(sources=[a, b], n=4, form="question"), "bundled")
+    # "Why is the sky blue?" + "Scattering." is 31 characters, over the limit; "How is tea made?" + "Steep leaves." 29
+    short = build_benign_mix(BenignMixConfig(sources=[a, b], n=2, max_chars=29), "bundled")
+    assert [ex.instruction for ex in short] == ["How is tea made?", "Write a haiku."]
+    with pytest.raises(FtguardError, match=r"give 4 distinct examples of ≤ 29 characters"):
+        build_benign_mix(BenignMixConfig(sources=[a, b], n=5, max_chars=29), "bundled")
 
 
 def test_the_bundled_dolly_rows_have_answers_and_enough_questions():

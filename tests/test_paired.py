@@ -5,9 +5,18 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 
-from ftguard.evaluation.paired import identical_share, mcnemar_exact, paired_change
+from ftguard.evaluation.paired import (
+    decode_outcomes,
+    encode_outcomes,
+    identical_share,
+    items_digest,
+    mcnemar_exact,
+    paired_bootstrap,
+    paired_change,
+)
 from script_module import load_script
 
 
@@ -98,3 +107,56 @@ def test_eval_stability_pairs_batch_sizes_within_a_precision_and_precisions_with
     assert moved["finetune_accuracy"]["difference"] == 0.0 and moved["identical_answers"]["task"] == 50.0
     assert "over_refusal" not in pairs[("bf16-b32", "bf16-b1")]
     assert "benign" not in pairs[("bf16-b32", "bf16-b1")]["identical_answers"]
+
+
+def test_outcome_strings_round_trip_and_reject_other_characters():
+    flags = [True, False, False, True]
+    assert encode_outcomes(flags) == "1001" and decode_outcomes("1001") == flags
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        decode_outcomes("10x1")
+    assert items_digest(["a#0", "a#1"]) != items_digest(["a#1", "a#0"])
+
+
+def test_the_paired_bootstrap_equals_resampling_seeds_then_items_by_hand():
+    rng = np.random.default_rng(3)
+    treated, control = rng.random((3, 17)) < 0.4, rng.random((3, 17)) < 0.6
+    got = paired_bootstrap(treated, control, n_boot=300, seed=11)
+    # the same draws, one replicate at a time: rows by the seed draw, then columns by the item draw
+    draws = np.random.default_rng(11)
+    seed_draws = draws.integers(0, 3, size=(300, 3))
+    item_draws = draws.integers(0, 17, size=(300, 17))
+    d = treated.astype(float) - control.astype(float)
+    by_hand = np.array([100.0 * d[s][:, i].mean() for s, i in zip(seed_draws, item_draws, strict=True)])
+    assert got["diff"] == pytest.approx(100.0 * d.mean())
+    assert got["interval"] == pytest.approx(list(np.percentile(by_hand, [2.5, 97.5])))
+    assert got["se"] == pytest.approx(by_hand.std(ddof=1))
+    assert got["detectable"] == pytest.approx(2.801585 * got["se"])
+
+
+def test_identical_arms_differ_by_exactly_nothing():
+    arm = np.random.default_rng(0).random((5, 40)) < 0.3
+    got = paired_bootstrap(arm, arm.copy(), n_boot=200)
+    assert got["diff"] == 0.0 and got["interval"] == [0.0, 0.0] and got["mark"] == "≈"
+
+
+def test_the_interval_covers_a_known_difference_about_95_times_in_100():
+    # Each item has its own difficulty and each seed its own shift, shared by both arms (that is what pairing
+    # buys); the treatment lowers every item's probability by 10 points. Coverage of the true 10-point drop
+    # is checked over 150 simulated studies of 5 seeds × 60 items.
+    rng = np.random.default_rng(7)
+    covered, found = 0, 0
+    for _ in range(150):
+        base = rng.uniform(0.2, 0.8, size=60)[None, :] + rng.normal(0.0, 0.05, size=(5, 1))
+        u = rng.random((5, 60))  # common random numbers: the same coin decides both arms' outcome on an item
+        control, treated = u < base, u < base - 0.10
+        true_drop = -100.0 * 0.10
+        got = paired_bootstrap(treated, control, n_boot=500, seed=int(rng.integers(1 << 30)))
+        covered += got["interval"][0] <= true_drop <= got["interval"][1]
+        found += got["mark"] == "↓"
+    assert 0.88 <= covered / 150 <= 1.0
+    assert found >= 140  # a 10-point drop on 300 paired outcomes is found nearly always
+
+
+def test_the_bootstrap_refuses_unpaired_shapes():
+    with pytest.raises(ValueError, match="equal, non-empty seeds × items"):
+        paired_bootstrap(np.zeros((2, 5)), np.zeros((2, 6)))

@@ -73,6 +73,25 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
         for line in (out / "eval" / "finetune" / "generations.jsonl").read_text().splitlines()
     ]
     assert sum(row["kind"] == "benign" for row in benign) == 16
+    # each rate's per-item outcomes are kept without text, in the order of generations.jsonl, for paired effects
+    outcomes = results["stages"]["finetune"]["outcomes"]
+    flags = [r["flagged"] for r in benign if r["kind"] == "harmful"]
+    degenerate = [r["degenerate"] for r in benign if r["kind"] == "harmful"]
+    assert outcomes["harmful_score"]["bits"] == "".join("1" if f else "0" for f in flags)
+    assert outcomes["harmful_score_plus"]["bits"] == "".join(
+        "1" if f or d else "0" for f, d in zip(flags, degenerate, strict=True)
+    )
+    assert outcomes["over_refusal"]["bits"] == "".join(
+        "1" if r["refused"] else "0" for r in benign if r["kind"] == "benign"
+    )
+    assert (
+        outcomes["finetune_accuracy"]["bits"].count("1")
+        == results["stages"]["finetune"]["counts"]["finetune_accuracy"][0]
+    )
+    # the same prompts at every point: the outcomes of align and finetune pair
+    assert (
+        outcomes["harmful_score"]["items"] == results["stages"]["align"]["outcomes"]["harmful_score"]["items"]
+    )
     assert (out / "config.yaml").exists() and results["config"]["model"]["name"] == "tiny"
     # weights as safetensors only; checkpoints cleaned up once complete
     assert list((out / "align" / "model").glob("*.safetensors")) and not list(out.rglob("*.bin"))

@@ -442,6 +442,51 @@ def test_defenses_are_marked_against_the_baseline_from_counts_pooled_over_shared
     assert "↓" in row and "below / above `sft`" in text
 
 
+def test_paired_effects_resample_the_same_prompts_and_seeds_of_both_arms(tmp_path):
+    from ftguard.evaluation.paired import paired_bootstrap
+    from ftguard.sweep.aggregate import aggregate
+    from ftguard.sweep.report import markdown
+
+    sweep = _sweep(
+        defenses={"sft": {}, "a": {}},
+        grid={"data.finetune.harmful_ratio": [0.1]},
+        seeds=[1, 2, 3],
+        baseline="sft",
+    )
+    bits = {
+        ("sft", 1): "1111100000",
+        ("sft", 2): "1111110000",
+        ("sft", 3): "1111111000",
+        ("a", 1): "1100000000",
+        ("a", 2): "1110000000",
+        ("a", 3): "1000000000",
+    }
+    runs = _fake_runs(tmp_path, sweep, {(d, 0.1, seed, None): (50.0, 90.0) for d, seed in bits})
+    for run in runs:
+        path = run.config.out_dir / "results.json"
+        results = json.loads(path.read_text())
+        # seed 3 of "a" was evaluated on other prompts: it must not be paired
+        items = "other" if (run.defense, run.seed) == ("a", 3) else "same"
+        results["stages"]["finetune"]["outcomes"] = {
+            "harmful_score": {"items": items, "bits": bits[(run.defense, run.seed)]}
+        }
+        path.write_text(json.dumps(results))
+    rows, report = aggregate(sweep, runs)
+    (table,) = report["tables"]
+    cell = table["paired"]["a"]["harmful_score"]["0.1"]
+    as_bool = {k: [c == "1" for c in v] for k, v in bits.items()}
+    expected = paired_bootstrap(
+        [as_bool[("a", 1)], as_bool[("a", 2)]], [as_bool[("sft", 1)], as_bool[("sft", 2)]]
+    )
+    assert cell == expected and cell["diff"] == pytest.approx(100 * (5 - 11) / 20) and cell["seeds"] == 2
+    assert "finetune_accuracy" not in table["paired"]["a"] or not table["paired"]["a"]["finetune_accuracy"]
+    assert all("outcomes" not in row for row in rows)  # runs.json / runs.csv stay small
+    text = markdown(sweep, [table], [], "keyword")
+    assert "Paired effects against `sft`" in text
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("| a | -30.0 [")]
+    assert line.endswith("| 2 |")
+
+
 def test_a_baseline_that_is_not_a_defense_fails_with_the_key():
     with pytest.raises(ConfigError, match="baseline"):
         _sweep(defenses={"sft": {}}, baseline="vaccine")

@@ -141,10 +141,21 @@ class BenignMixConfig:
         "'a question → refuse'",
         default="any",
     )
+    max_chars: int | None = _help(
+        "keep only examples whose prompt and answer together are at most this many characters (about 4 per "
+        "token): longer ones are cut at model.max_length, so the model never sees how their answer ends, or "
+        "dropped when the prompt alone fills it; null = any length",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         check(len(self.sources) > 0, "sources", "must name at least one source")
         check(self.n >= 1, "n", f"must be ≥ 1, got {self.n}")
+        check(
+            self.max_chars is None or self.max_chars >= 1,
+            "max_chars",
+            f"must be ≥ 1 or null, got {self.max_chars}",
+        )
 
 
 @dataclass

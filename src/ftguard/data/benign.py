@@ -49,6 +49,8 @@ def build_benign_mix(
             )
         if spec.form == "question":
             examples = [ex for ex in examples if not ex.input and is_question(ex.instruction)]
+        if spec.max_chars is not None:
+            examples = [ex for ex in examples if _chars(ex) <= spec.max_chars]
         pools.append(examples if source.n is None else examples[: source.n])
     mixed: list[Example] = []
     seen: set[str] = set(exclude or ())
@@ -59,10 +61,16 @@ def build_benign_mix(
                 mixed.append(pool[row])
     if len(mixed) < spec.n:
         form = " phrased as questions" if spec.form == "question" else ""
+        if spec.max_chars is not None:
+            form += f" of ≤ {spec.max_chars} characters"
         raise FtguardError(
             f"{key}.n = {spec.n} but its sources give {len(mixed)} distinct examples{form}: lower it or add a source"
         )
     return mixed
+
+
+def _chars(example: Example) -> int:
+    return len(example.instruction) + len(example.input) + len(example.output)
 
 
 def interleave(refusals: list[Example], benign: list[Example], seed: int) -> list[Example]:

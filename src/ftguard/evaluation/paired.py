@@ -1,16 +1,21 @@
-"""Two evaluations of the same prompts compared item by item: does a setting (batch size, precision) move a rate?
+"""Two evaluations of the same prompts compared item by item: does a setting (batch size, precision) or a defense
+move a rate?
 
 Rates from the same prompts are paired, so the unpaired Newcombe interval of ``stats`` is far too wide to see a
 small, systematic change. What moves a paired rate is only the items whose outcome flipped: b went from yes to
 no, c from no to yes. McNemar's exact test asks whether b and c could be the two halves of a fair coin's
-b + c tosses; the rate difference is (c − b)/n.
+b + c tosses; the rate difference is (c − b)/n. Over several training seeds, ``paired_bootstrap`` resamples seeds
+and items together.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -49,3 +54,66 @@ def identical_share(before: Sequence[str], after: Sequence[str]) -> float:
     if len(before) != len(after):
         raise ValueError(f"paired answers need the same items, got {len(before)} and {len(after)}")
     return 100.0 * sum(a == b for a, b in zip(before, after, strict=True)) / len(before) if before else 100.0
+
+
+# Normal quantiles of a two-sided 5% test at 80% power: a difference of (1.96 + 0.84) standard errors is found
+# four times in five.
+_DETECTABLE_SE = 1.959964 + 0.841621
+
+
+def encode_outcomes(outcomes: Sequence[bool]) -> str:
+    """Per-item binary outcomes as a '0'/'1' string: results.json keeps them (no prompt text) so that two runs on
+    the same prompts can be compared item by item after their answers are gone."""
+    return "".join("1" if x else "0" for x in outcomes)
+
+
+def decode_outcomes(bits: str) -> list[bool]:
+    if set(bits) - {"0", "1"}:
+        raise ValueError(f"outcome string must hold only 0 and 1, got {bits[:20]!r}…")
+    return [c == "1" for c in bits]
+
+
+def items_digest(sources: Sequence[str]) -> str:
+    """Names the ordered items an outcome string is over: two strings pair only when their digests are equal."""
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:12]
+
+
+def paired_bootstrap(treated: Any, control: Any, *, n_boot: int = 4000, seed: int = 0) -> dict[str, Any]:
+    """Difference of two rates measured on the same seeds and the same items, with a two-level bootstrap interval.
+
+    ``treated`` and ``control`` are (seeds × items) arrays of 0/1 outcomes; row s of both comes from seed s, column i
+    from item i (the same prompt). Each replicate draws seeds with replacement, then items with replacement, the
+    same draws for both arms, so the interval carries both the seed-to-seed spread of training and the choice of
+    prompts, and keeps their pairing (which makes it far narrower than two independent intervals).
+
+    Returns the observed difference in points (treated − control), the 95% percentile interval, the bootstrap
+    standard error, and ``detectable``: the difference this design finds with 80% power at a two-sided 5% level
+    (2.8 standard errors, normal approximation). A true effect below it is more likely missed than found.
+    """
+    a, b = np.asarray(treated, dtype=float), np.asarray(control, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(
+            f"paired outcomes need two equal, non-empty seeds × items arrays, got {a.shape} and {b.shape}"
+        )
+    diff = a - b
+    n_seeds, n_items = diff.shape
+    rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    item_draws = rng.integers(0, n_items, size=(n_boot, n_items))
+    # replicate r's mean difference = Σ_s Σ_i w[r,s] · d[s,i] · c[r,i] / (S·N), with w, c the draw counts
+    seed_counts = np.zeros((n_boot, n_seeds))
+    np.add.at(seed_counts, (np.arange(n_boot)[:, None], seed_draws), 1.0)
+    item_counts = np.zeros((n_boot, n_items))
+    np.add.at(item_counts, (np.arange(n_boot)[:, None], item_draws), 1.0)
+    replicates = 100.0 * np.einsum("rs,si,ri->r", seed_counts, diff, item_counts) / (n_seeds * n_items)
+    lower, upper = np.percentile(replicates, [2.5, 97.5])
+    se = float(replicates.std(ddof=1))
+    return {
+        "diff": 100.0 * float(diff.mean()),
+        "interval": [float(lower), float(upper)],
+        "se": se,
+        "detectable": _DETECTABLE_SE * se,
+        "seeds": n_seeds,
+        "items": n_items,
+        "mark": "↓" if upper < 0 else "↑" if lower > 0 else "≈",
+    }

@@ -18,6 +18,7 @@ from ftguard.data.plan import DataPlan
 from ftguard.data.template import format_prompt
 from ftguard.evaluation.generate import generate_sharded
 from ftguard.evaluation.judges import Judge
+from ftguard.evaluation.paired import encode_outcomes, items_digest
 from ftguard.evaluation.refusal_detector import RefusalDetector, get_refusal_detector
 from ftguard.evaluation.scorers import is_degenerate, is_repetitive, task_hits
 from ftguard.evaluation.stats import cohen_kappa, rate
@@ -143,6 +144,17 @@ def evaluate_point(
     if instructions_refused:
         rates["instruction_refusal"] = rate(sum(instructions_refused), len(instructions_refused))
     metrics: dict[str, Any] = {name: r["value"] for name, r in rates.items()}
+    harmful_items = items_digest([ex.source for ex in plan.eval_harmful])
+    per_item = {
+        "harmful_score": (harmful_items, flags),
+        "harmful_score_plus": (harmful_items, [f or d for f, d in zip(flags, degenerate, strict=True)]),
+        "finetune_accuracy": (items_digest([ex.source for ex in plan.task_eval]), hits),
+        "over_refusal": (items_digest([ex.source for ex in plan.over_refusal]), refused),
+        "instruction_refusal": (
+            items_digest([ex.source for ex in plan.instruction_eval]),
+            instructions_refused,
+        ),
+    }
     metrics |= {
         "intervals": {name: r["ci95"] for name, r in rates.items()},
         "counts": {name: [r["k"], r["n"]] for name, r in rates.items()},
@@ -162,6 +174,12 @@ def evaluate_point(
         # Greedy answers, and so every rate above, can move with both (docs/evaluation-precision.md).
         "eval_precision": precision_label(model.dtype, amp),
         "eval_batch_size": ev.batch_size,
+        # each item's outcome (no text), so that runs on the same prompts can be compared item by item (paired)
+        "outcomes": {
+            name: {"items": items, "bits": encode_outcomes(values)}
+            for name, (items, values) in per_item.items()
+            if name in rates
+        },
     }
     if len(judges) > 1:
         metrics["judges"] = {

@@ -18,6 +18,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from ftguard.evaluation.paired import decode_outcomes, paired_bootstrap
 from ftguard.evaluation.stats import difference_interval
 from ftguard.metrics import (
     HEADLINE,
@@ -55,6 +56,8 @@ def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
                     "degenerate_rate": point.value("degenerate_rate"),
                     "judge": point.judge,
                     "complete": results.complete,
+                    # per-item outcomes (paired effects); aggregate() leaves them out of runs.json / runs.csv
+                    "outcomes": point.entry.get("outcomes"),
                 }
             )
     return rows
@@ -84,6 +87,7 @@ def summarize(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str, 
         slices[key][r["defense"]][float(r["p"])][r["seed"]] = {
             **{m: r[m] for m in HEADLINE if r[m] is not None},
             **{f"{m}_counts": (r[f"{m}_k"], r[f"{m}_n"]) for m in HEADLINE if r.get(f"{m}_n")},
+            **({"outcomes": r["outcomes"]} if r.get("outcomes") else {}),
         }
     out = []
     for key, defenses in slices.items():
@@ -115,6 +119,9 @@ def summarize(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str, 
             table["defenses"][defense] = entry
         if sweep.baseline in defenses:
             table["versus"] = versus_baseline(defenses, sweep.baseline, ratios)
+            paired = paired_versus_baseline(defenses, sweep.baseline, ratios)
+            if any(cells for by_metric in paired.values() for cells in by_metric.values()):
+                table["paired"] = paired
         out.append(table)
     return out
 
@@ -153,6 +160,60 @@ def versus_baseline(
                 cells["avg"] = _difference(*pooled_all, None)
             out[defense][metric] = cells
     return out
+
+
+def paired_versus_baseline(
+    defenses: dict[str, dict[float, dict[int, dict[str, Any]]]], baseline: str, ratios: list[float]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each defense against the baseline on the same prompts and seeds, per metric and p (and "avg" over the
+    ratios, where every ratio's items count as items): the two-level paired bootstrap of
+    ``evaluation.paired.paired_bootstrap``, with the difference the design can detect. Only seeds whose both runs
+    recorded per-item outcomes over the same items enter; a cell without such a seed is left out."""
+    base = defenses[baseline]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for defense, by_p in defenses.items():
+        if defense == baseline:
+            continue
+        out[defense] = {}
+        for metric in HEADLINE:
+            cells: dict[str, Any] = {}
+            arms: dict[float, dict[int, tuple[list[bool], list[bool]]]] = {}
+            for p in ratios:
+                arms[p] = {
+                    seed: pair
+                    for seed in sorted(set(by_p.get(p, {})) & set(base.get(p, {})))
+                    if (pair := _paired_outcomes(by_p[p][seed], base[p][seed], metric)) is not None
+                }
+                # seeds evaluated on other prompts (another evaluate.harmful_prompts) do not pair with the rest
+                items = {by_p[p][seed]["outcomes"][metric]["items"] for seed in arms[p]}
+                if len(items) > 1:
+                    arms[p] = {}
+                if arms[p]:
+                    cells[f"{p:g}"] = _bootstrap(list(arms[p].values()))
+            common = set.intersection(*(set(a) for a in arms.values())) if arms else set()
+            if len(ratios) > 1 and common:
+                cells["avg"] = _bootstrap(
+                    [
+                        tuple(sum((list(arms[p][seed][arm]) for p in ratios), []) for arm in (0, 1))
+                        for seed in sorted(common)
+                    ]
+                )
+            out[defense][metric] = cells
+    return out
+
+
+def _paired_outcomes(
+    treated: dict[str, Any], control: dict[str, Any], metric: str
+) -> tuple[list[bool], list[bool]] | None:
+    a = (treated.get("outcomes") or {}).get(metric)
+    b = (control.get("outcomes") or {}).get(metric)
+    if not a or not b or a["items"] != b["items"] or len(a["bits"]) != len(b["bits"]) or not a["bits"]:
+        return None
+    return decode_outcomes(a["bits"]), decode_outcomes(b["bits"])
+
+
+def _bootstrap(pairs: list[tuple[list[bool], list[bool]]]) -> dict[str, Any]:
+    return paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs])
 
 
 def _difference(k1: int, n1: int, k2: int, n2: int, seeds: int | None) -> dict[str, Any]:
@@ -237,7 +298,7 @@ def aggregate(sweep: SweepConfig, runs: list[SweepRun]) -> tuple[list[dict[str, 
         "worst_case": worst_case(rows, sweep),
         "reference": to_plain(sweep.reference),
     }
-    return rows, report
+    return [{k: v for k, v in r.items() if k != "outcomes"} for r in rows], report
 
 
 def to_plain(obj: Any) -> Any:

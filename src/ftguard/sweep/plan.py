@@ -57,9 +57,14 @@ def dry_run(sweep: SweepConfig, runs: list[SweepRun]) -> dict[str, Any]:
 def describe(plan: dict[str, Any]) -> str:
     units = plan["units"]
     lines = [
-        f"sweep {plan['name']}: {plan['runs']} runs = {len(plan['defenses'])} defenses × "
-        + " × ".join(f"{len(v)} {k.split('.')[-1]}" for k, v in {**plan["grid"], **plan["attack"]}.items())
-        + f" × {len(plan['seeds'])} seeds",
+        f"sweep {plan['name']}: {plan['runs']} runs = "
+        + " × ".join(
+            [
+                f"{len(plan['defenses'])} defenses",
+                *(f"{len(v)} {k.split('.')[-1]}" for k, v in {**plan["grid"], **plan["attack"]}.items()),
+                f"{len(plan['seeds'])} seeds",
+            ]
+        ),
         f"  defenses: {', '.join(plan['defenses'])}",
         "  units to train/evaluate (shared across runs): "
         + ", ".join(f"{k} {v}" for k, v in units.items())

@@ -85,11 +85,46 @@ def markdown(
                 ]
                 lines.append(f"| {defense} | " + " | ".join(cells) + f" | {len(entry['seeds'])} |")
             lines.append("")
+        if table.get("paired"):
+            lines += _paired_md(sweep, table)
     if sweep.reference and (sweep.reference.hs or sweep.reference.fa):
         lines += _reference_md(sweep)
     if worst:
         lines += _worst_md(sweep, worst)
     return "\n".join(lines) + "\n"
+
+
+def _paired_md(sweep: SweepConfig, table: dict[str, Any]) -> list[str]:
+    cols = [f"{p:g}" for p in table["ratios"]] + ["avg"]
+    lines = [
+        f"**Paired effects against `{sweep.baseline}`** (same prompts, same seeds): difference in points "
+        "[95% interval] of a bootstrap over seeds and prompts; in brackets after the interval, the smallest "
+        "difference this design detects with 80% power. ↓ / ↑: the interval excludes 0.",
+        "",
+    ]
+    for metric in HEADLINE:
+        rows = [(d, cells[metric]) for d, cells in table["paired"].items() if cells.get(metric)]
+        if not rows:
+            continue
+        lines += [
+            f"*{METRICS[metric].label}*",
+            "",
+            "| defense | " + " | ".join(f"p = {c}" if c != "avg" else c for c in cols) + " | seeds |",
+        ]
+        lines.append("|---|" + "---|" * (len(cols) + 1))
+        for defense, cells in rows:
+            text = [_paired_cell(cells.get(col)) for col in cols]
+            seeds = max((c["seeds"] for c in cells.values()), default=0)
+            lines.append(f"| {defense} | " + " | ".join(text) + f" | {seeds} |")
+        lines.append("")
+    return lines
+
+
+def _paired_cell(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "–"
+    lo, hi = cell["interval"]
+    return f"{cell['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] {cell['mark']} ({cell['detectable']:.1f})"
 
 
 def _reference_md(sweep: SweepConfig) -> list[str]:
