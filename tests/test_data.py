@@ -517,3 +517,29 @@ def test_bundled_files_are_subsets_not_copies():
     for p in BUNDLED_DIR.rglob("*"):
         if p.is_file():
             assert file_sha256(p) not in upstream, p
+
+
+def test_a_split_slice_takes_rows_of_the_whole_split_and_keeps_their_indices():
+    from ftguard.data.sources import load_examples
+
+    whole = load_examples("xstest", split="safe")
+    head, tail = load_examples("xstest", split="safe[:10]"), load_examples("xstest", split="safe[10:]")
+    assert head == whole[:10] and tail == whole[10:] and len(head) + len(tail) == len(whole)
+    assert tail[0].source == "xstest/safe#10"  # not #0: a validation and a test slice stay distinguishable
+    assert load_examples("xstest", split="safe[5:7]") == whole[5:7]
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        ("safe[3]", r"must be a name or a name with a row slice"),
+        ("safe[7:7]", r"selects no rows"),
+        ("safe[100000:]", r"starts after its last row \(250 rows\)"),
+        ("nope[:5]", r"has no split 'nope'"),
+    ],
+)
+def test_a_bad_split_slice_is_named(split, message):
+    from ftguard.data.sources import load_examples
+
+    with pytest.raises(FtguardError, match=message):
+        load_examples("xstest", split=split)

@@ -15,6 +15,10 @@ Every source reads the layout of ``../shared/data`` (see its SOURCES.md) under a
 - ``xstest``: prompts only; split ``safe`` (250 prompts a calibrated model answers, for the over-refusal
   rate) or ``unsafe`` (the 200 contrast prompts). Its row index counts within the split.
 
+A split may take a slice of its rows, as in Hugging Face datasets: ``test[:100]`` (the first 100),
+``test[100:]`` (the rest). Row indices in ``Example.source`` stay those of the whole split, so a validation slice
+and a test slice of one file can be checked disjoint. A study tunes on one slice and reports on the other.
+
 Evaluation prompt sets are always read prompt-only, so a user's file of harmful prompts needs no ``output``. Files
 must be UTF-8 (a leading BOM is accepted); errors name the file and the 1-based line.
 """
@@ -28,6 +32,7 @@ import difflib
 import hashlib
 import io
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,11 +370,30 @@ SOURCES: dict[str, _Source] = {
 }
 
 
+_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+
+
+def parse_split(split: str) -> tuple[str, slice | None]:
+    """``"test[100:300]"`` → ``("test", slice(100, 300))``; a plain split name has no slice."""
+    if "[" not in split:
+        return split, None
+    match = _SLICE.match(split)
+    if match is None:
+        raise FtguardError(
+            f"split {split!r} must be a name or a name with a row slice, such as 'test[100:300]'"
+        )
+    start, stop = (int(match[k]) if match[k] else None for k in ("start", "stop"))
+    if start is not None and stop is not None and stop <= start:
+        raise FtguardError(f"split {split!r} selects no rows: the slice's end must be after its start")
+    return match["name"], slice(start, stop)
+
+
 def _lookup(source: str, split: str | None, response: str | None) -> tuple[_Source, str, str]:
     if source not in SOURCES:
         raise unknown_name_error("data source", source, tuple(SOURCES))
     spec = SOURCES[source]
     split = split if split is not None else (spec.splits[0] if spec.splits else "train")
+    split, _ = parse_split(split)
     if spec.splits is not None and split not in spec.splits:
         raise FtguardError(f"source {source!r} has no split {split!r}: use one of {', '.join(spec.splits)}")
     response = response if response is not None else spec.default_response
@@ -398,9 +422,15 @@ def load_examples(
     ``split=None`` means the source's first split (``train``; ``eval`` for ``alpaca_eval``, ``safe`` for ``xstest``).
     ``path`` is only used by the ``jsonl`` source.
     """
-    spec, split, response = _lookup(source, split, response)
+    spec, name, response = _lookup(source, split, response)
     root_path = resolve_root(root) if spec.needs_root else None
-    return spec.load(root_path, split, response, Path(path).expanduser() if path is not None else None)
+    rows = spec.load(root_path, name, response, Path(path).expanduser() if path is not None else None)
+    _, rows_slice = parse_split(split) if split is not None else (name, None)
+    if rows_slice is None:
+        return rows
+    if rows_slice.start is not None and rows_slice.start >= len(rows):
+        raise FtguardError(f"split {split!r} of {source!r} starts after its last row ({len(rows)} rows)")
+    return rows[rows_slice]
 
 
 def source_files(
