@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="sft", help="comma-separated method names (sft is always included)")
     p.add_argument(
         "--model",
-        help="tiny, smollm2-135m, a hub id or a path (default tiny; smollm2-135m with --generation)",
+        help="tiny, smollm2-135m, gemma3-270m, a hub id or a path (default tiny; smollm2-135m with --generation)",
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(

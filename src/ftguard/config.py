@@ -28,9 +28,12 @@ def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
+BUILTIN_WITHOUT_CHAT_TEMPLATE = ("gemma3-270m",)
+
+
 @dataclass
 class ModelConfig:
-    name: str = _help("'tiny', 'smollm2-135m', a hub id or a local path", default="tiny")
+    name: str = _help("'tiny', 'smollm2-135m', 'gemma3-270m', a hub id or a local path", default="tiny")
     revision: str | None = _help("hub revision (commit, tag or branch)", default=None)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
         "weights dtype; auto = bf16 on a bf16-capable GPU (unless $FTGUARD_PRECISION=fp32), else fp32",
@@ -54,6 +57,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check(bool(self.name), "name", "must not be empty")
         check(self.max_length >= 8, "max_length", f"must be ≥ 8, got {self.max_length}")
+        # Known before any conversion or judge loading, not at the first prompt of a run.
+        check(
+            not (self.template == "chat" and self.name in BUILTIN_WITHOUT_CHAT_TEMPLATE),
+            "template",
+            f"'{self.name}' is a base model without a chat template: set model.template: alpaca",
+        )
         # format_prompt ignores the newline in chat templates: a run would differ from what its config says.
         check(
             not (self.response_newline and self.template == "chat"),

