@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from ftguard.evaluation.paired import decode_outcomes, paired_bootstrap
@@ -135,31 +136,9 @@ def versus_baseline(
 
     Pooling treats the same prompts under another seed as new samples, so the interval leaves out the uncertainty
     of which prompts were drawn: a screening mark beside the seed spread, not a test of the method."""
-    base = defenses[baseline]
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for defense, by_p in defenses.items():
-        if defense == baseline:
-            continue
-        out[defense] = {}
-        for metric in HEADLINE:
-            cells: dict[str, Any] = {}
-            pooled_all = [0, 0, 0, 0]
-            for p in ratios:
-                pairs = [
-                    (by_p[p][seed].get(f"{metric}_counts"), base[p][seed].get(f"{metric}_counts"))
-                    for seed in sorted(set(by_p.get(p, {})) & set(base.get(p, {})))
-                ]
-                pairs = [(a, b) for a, b in pairs if a and b]
-                if not pairs:
-                    continue
-                k1, n1 = (sum(a[i] for a, _ in pairs) for i in (0, 1))
-                k2, n2 = (sum(b[i] for _, b in pairs) for i in (0, 1))
-                cells[f"{p:g}"] = _difference(k1, n1, k2, n2, len(pairs))
-                pooled_all = [x + y for x, y in zip(pooled_all, (k1, n1, k2, n2), strict=True)]
-            if len(cells) == len(ratios) and pooled_all[1] and pooled_all[3]:
-                cells["avg"] = _difference(*pooled_all, None)
-            out[defense][metric] = cells
-    return out
+    return _each_against_baseline(
+        defenses, baseline, lambda by_p, base, metric: _pooled(by_p, base, metric, ratios)
+    )
 
 
 def paired_versus_baseline(
@@ -169,37 +148,73 @@ def paired_versus_baseline(
     ratios, where every ratio's items count as items): the two-level paired bootstrap of
     ``evaluation.paired.paired_bootstrap``, with the difference the design can detect. Only seeds whose both runs
     recorded per-item outcomes over the same items enter; a cell without such a seed is left out."""
+    return _each_against_baseline(
+        defenses, baseline, lambda by_p, base, metric: _paired(by_p, base, metric, ratios)
+    )
+
+
+def _each_against_baseline(
+    defenses: dict[str, dict[float, dict[int, dict[str, Any]]]],
+    baseline: str,
+    cells_of: Callable[
+        [dict[float, dict[int, dict[str, Any]]], dict[float, dict[int, dict[str, Any]]], str], dict
+    ],
+) -> dict[str, dict[str, dict[str, Any]]]:
     base = defenses[baseline]
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for defense, by_p in defenses.items():
-        if defense == baseline:
+    return {
+        defense: {metric: cells_of(by_p, base, metric) for metric in HEADLINE}
+        for defense, by_p in defenses.items()
+        if defense != baseline
+    }
+
+
+def _shared_seeds(by_p: dict, base: dict, p: float) -> list[int]:
+    return sorted(set(by_p.get(p, {})) & set(base.get(p, {})))
+
+
+def _pooled(by_p: dict, base: dict, metric: str, ratios: list[float]) -> dict[str, Any]:
+    cells: dict[str, Any] = {}
+    pooled_all = [0, 0, 0, 0]
+    for p in ratios:
+        pairs = [
+            (by_p[p][seed].get(f"{metric}_counts"), base[p][seed].get(f"{metric}_counts"))
+            for seed in _shared_seeds(by_p, base, p)
+        ]
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if not pairs:
             continue
-        out[defense] = {}
-        for metric in HEADLINE:
-            cells: dict[str, Any] = {}
-            arms: dict[float, dict[int, tuple[list[bool], list[bool]]]] = {}
-            for p in ratios:
-                arms[p] = {
-                    seed: pair
-                    for seed in sorted(set(by_p.get(p, {})) & set(base.get(p, {})))
-                    if (pair := _paired_outcomes(by_p[p][seed], base[p][seed], metric)) is not None
-                }
-                # seeds evaluated on other prompts (another evaluate.harmful_prompts) do not pair with the rest
-                items = {by_p[p][seed]["outcomes"][metric]["items"] for seed in arms[p]}
-                if len(items) > 1:
-                    arms[p] = {}
-                if arms[p]:
-                    cells[f"{p:g}"] = _bootstrap(list(arms[p].values()))
-            common = set.intersection(*(set(a) for a in arms.values())) if arms else set()
-            if len(ratios) > 1 and common:
-                cells["avg"] = _bootstrap(
-                    [
-                        tuple(sum((list(arms[p][seed][arm]) for p in ratios), []) for arm in (0, 1))
-                        for seed in sorted(common)
-                    ]
-                )
-            out[defense][metric] = cells
-    return out
+        k1, n1 = (sum(a[i] for a, _ in pairs) for i in (0, 1))
+        k2, n2 = (sum(b[i] for _, b in pairs) for i in (0, 1))
+        cells[f"{p:g}"] = _difference(k1, n1, k2, n2, len(pairs))
+        pooled_all = [x + y for x, y in zip(pooled_all, (k1, n1, k2, n2), strict=True)]
+    if len(cells) == len(ratios) and pooled_all[1] and pooled_all[3]:
+        cells["avg"] = _difference(*pooled_all, None)
+    return cells
+
+
+def _paired(by_p: dict, base: dict, metric: str, ratios: list[float]) -> dict[str, Any]:
+    cells: dict[str, Any] = {}
+    arms: dict[float, dict[int, tuple[list[bool], list[bool]]]] = {}
+    for p in ratios:
+        arms[p] = {
+            seed: pair
+            for seed in _shared_seeds(by_p, base, p)
+            if (pair := _paired_outcomes(by_p[p][seed], base[p][seed], metric)) is not None
+        }
+        # seeds evaluated on other prompts (another evaluate.harmful_prompts) do not pair with the rest
+        if len({by_p[p][seed]["outcomes"][metric]["items"] for seed in arms[p]}) > 1:
+            arms[p] = {}
+        if arms[p]:
+            cells[f"{p:g}"] = _bootstrap(list(arms[p].values()))
+    common = set.intersection(*(set(a) for a in arms.values())) if arms else set()
+    if len(ratios) > 1 and common:
+        cells["avg"] = _bootstrap(
+            [
+                tuple(sum((list(arms[p][seed][arm]) for p in ratios), []) for arm in (0, 1))
+                for seed in sorted(common)
+            ]
+        )
+    return cells
 
 
 def _paired_outcomes(
