@@ -100,16 +100,22 @@ def before_attack(rows: list[dict]) -> str:
             by_method.setdefault(r["method"], {})[r["seed"]] = r
     if not by_method:
         return ""
+    # a rate no alignment was evaluated on (e.g. instruction refusal before it existed) gets no column
+    metrics = [
+        (key, label)
+        for key, label in METRICS
+        if any(r.get(key) is not None for seeds in by_method.values() for r in seeds.values())
+    ]
     lines = [
         "**Before the attack** (each alignment method's model, mean ± std over seeds; the defenses that keep the "
         "SFT alignment start from the `sft` row)",
         "",
-        "| alignment | " + " | ".join(label for _, label in METRICS) + " | seeds |",
-        "|---|" + "---|" * (len(METRICS) + 1),
+        "| alignment | " + " | ".join(label for _, label in metrics) + " | seeds |",
+        "|---|" + "---|" * (len(metrics) + 1),
     ]
     for method, seeds in by_method.items():
         cells = []
-        for metric, _ in METRICS:
+        for metric, _ in metrics:
             values = [r[metric] for r in seeds.values() if r.get(metric) is not None]
             if not values:
                 cells.append("–")
@@ -137,6 +143,8 @@ def verdicts(report: dict, probed: bool = False) -> str:
         for defense, metrics in table.get("versus", {}).items():
             parts = []
             for metric, label in METRICS:
+                if metric not in metrics:
+                    continue  # a rate this report predates
                 cell = metrics.get(metric, {}).get("avg")
                 if cell is None:
                     parts.append(f"{label} not yet measured at every ratio")
@@ -183,12 +191,18 @@ def probe(out: Path) -> str:
     ]
     ratios: list[float] = []
     rows = []
+    # reports written before a rate existed (instruction refusal) have no entry for it
+    metrics = [
+        (key, label)
+        for key, label in METRICS
+        if any(key in entry for t in report["tables"] for entry in t["defenses"].values())
+    ]
     for table in report["tables"]:
         setting = _setting(table)
         ratios = table["ratios"]
         for defense, entry in table["defenses"].items():
             cells = []
-            for metric, _ in METRICS:
+            for metric, _ in metrics:
                 marks = table.get("versus", {}).get(defense, {}).get(metric, {})
                 parts = []
                 for p in ratios:
@@ -198,8 +212,8 @@ def probe(out: Path) -> str:
                 cells.append(" / ".join(parts))
             rows.append(f"| {defense} | {setting} | " + " | ".join(cells) + " |")
     at = " / ".join(f"{p:g}" for p in ratios)
-    header = " | ".join(f"{label} (p = {at})" for _, label in METRICS)
-    lines += [f"| defense | attack | {header} |", "|---|---|" + "---|" * len(METRICS), *rows, ""]
+    header = " | ".join(f"{label} (p = {at})" for _, label in metrics)
+    lines += [f"| defense | attack | {header} |", "|---|---|" + "---|" * len(metrics), *rows, ""]
     lines += [_hs_against_sft(table) for table in report["tables"]]
     lines += [
         "",

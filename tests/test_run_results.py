@@ -18,8 +18,15 @@ ARCHIVE = REPO / "docs" / "results" / "cpu-smollm2" / "runs"
 
 
 def test_labels_and_directions_are_the_ones_the_reports_print():
-    assert [METRICS[m].column for m in RUN_TABLE] == ["HS ↓", "HS+ ↓", "FA ↑", "over-refusal ↓", "degenerate"]
-    assert [METRICS[m].abbrev for m in HEADLINE] == ["HS", "HS+", "FA", "OR"]
+    assert [METRICS[m].column for m in RUN_TABLE] == [
+        "HS ↓",
+        "HS+ ↓",
+        "FA ↑",
+        "over-refusal ↓",
+        "IR ↓",
+        "degenerate",
+    ]
+    assert [METRICS[m].abbrev for m in HEADLINE] == ["HS", "HS+", "FA", "OR", "IR"]
     # the gate's thresholds are fields of its config, ceilings before floors
     assert [CHECKS[m] for m in GATED] == [
         ("max_hs", "max"),

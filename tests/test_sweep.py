@@ -541,6 +541,55 @@ def test_packaged_adaptive_sweep_reports_the_worst_case_per_defense(tmp_path, ca
     assert "Adaptive attack: worst case" in (out / "report.md").read_text()
 
 
+def test_the_attack_curve_lists_every_setting_in_grid_order_with_means_at_each_p(tmp_path):
+    from ftguard.sweep.aggregate import attack_curve
+    from ftguard.sweep.report import collect, write_report
+
+    # declared strongest first: the curve keeps the grid's order, not a sorted one
+    sweep = _sweep(
+        defenses={"sft": {}},
+        grid={"data.finetune.harmful_ratio": [0.0, 0.1]},
+        seeds=[1, 2],
+        attack={"grid": {"finetune.train.learning_rate": [1e-3, 1e-5]}},
+    )
+    hs = {
+        (0.0, 1e-3): (10.0, 20.0),
+        (0.1, 1e-3): (60.0, 80.0),
+        (0.0, 1e-5): (2.0, 4.0),
+        (0.1, 1e-5): (6.0, 8.0),
+    }
+    values = {
+        ("sft", p, seed, lr): (pair[seed - 1], 90.0 - seed) for (p, lr), pair in hs.items() for seed in (1, 2)
+    }
+    runs = _fake_runs(tmp_path, sweep, values)
+    curve = attack_curve(collect(runs), sweep)
+    assert [e["setting"] for e in curve] == [
+        {"finetune.train.learning_rate": 1e-3},
+        {"finetune.train.learning_rate": 1e-5},
+    ]
+    strong, weak = curve
+    assert strong["points"]["0.1"]["harmful_score"] == 70.0 and strong["points"]["0"]["harmful_score"] == 15.0
+    assert weak["points"]["0.1"]["finetune_accuracy"] == 88.5 and weak["seeds"] == 2
+    assert weak["points"]["0"]["degenerate_rate"] is None  # the fake results carry no degenerate rate
+    out = tmp_path / "report"
+    out.mkdir()
+    report = write_report(sweep, runs, out)
+    text = (out / "report.md").read_text()
+    assert "## Attack curve" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| sft | lr = 0.001 |")]
+    assert "15.0 / 70.0" in row
+    assert (out / "attack_curve.png").stat().st_size > 0 and str(out / "attack_curve.png") in report["plots"]
+
+
+def test_a_sweep_without_an_attack_grid_has_no_curve(tmp_path):
+    from ftguard.sweep.aggregate import attack_curve
+    from ftguard.sweep.report import collect
+
+    sweep = _sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.1]})
+    runs = _fake_runs(tmp_path, sweep, {("sft", 0.1, 1, None): (50.0, 90.0)})
+    assert attack_curve(collect(runs), sweep) == []
+
+
 SWEEPS = Path(__file__).resolve().parents[1] / "src" / "ftguard" / "configs" / "sweeps"
 
 
@@ -658,6 +707,8 @@ def test_results_md_reports_each_alignment_before_the_attack_once_per_seed():
     rows += [row("vaccine", 1, 5.0), row("sft", 1, 80.0, point="finetune")]
     text = load_script("make_results_md").before_attack(rows)
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
-    assert lines["| sft"] == f"| sft | 15.0 ± {statistics.stdev([10, 20]):.1f} | – | – | 90.0 ± 0.0 | 2 |"
-    assert lines["| vaccine"] == "| vaccine | 5.0 ± 0.0 | – | – | 90.0 ± 0.0 | 1 |"
+    # HS and OR are all these rows have: a rate no alignment was evaluated on gets no column
+    assert lines["| sft"] == f"| sft | 15.0 ± {statistics.stdev([10, 20]):.1f} | 90.0 ± 0.0 | 2 |"
+    assert lines["| vaccine"] == "| vaccine | 5.0 ± 0.0 | 90.0 ± 0.0 | 1 |"
+    assert "| alignment | HS | OR | seeds |" in text
     assert load_script("make_results_md").before_attack([row("sft", 1, 80.0, point="finetune")]) == ""

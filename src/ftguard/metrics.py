@@ -75,7 +75,6 @@ METRICS: dict[str, Metric] = {
             "IR",
             "refusal rate on ordinary benign instructions",
             higher_is_better=False,
-            headline=False,
         ),
         Metric("degenerate_rate", "degenerate", "degenerate", "degenerate answers", higher_is_better=None),
         # Over-refusal alone would call a model that answers benign prompts with nothing perfect.

@@ -289,6 +289,58 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
     return sorted(out, key=lambda e: (order.index(e["defense"]), sorted(e["slice"].items(), key=str)))
 
 
+CURVE_METRICS = (*HEADLINE, "degenerate_rate")
+
+
+def attack_curve(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Per defense, grid slice (other than p) and attack setting, in the order of the attack grid: the mean over
+    seeds of each headline rate and the degenerate rate at every p. Read along the settings, it is how strongly
+    each attack moves the model: the curve from which a calibrated attack is chosen (docs/testbed.md)."""
+    if sweep.attack is None:
+        return []
+    attack_keys = [f"attack.{k}" for k in sweep.attack.grid]
+    ratio_keys = {f"grid.{RATIO_KEY}", f"attack.{RATIO_KEY}"}
+    groups: dict[tuple, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["final"] and r["p"] is not None:
+            grid = tuple((k, r[k]) for k in sorted(r) if k.startswith("grid.") and k not in ratio_keys)
+            setting = tuple((k[len("attack.") :], r.get(k)) for k in attack_keys if k not in ratio_keys)
+            groups[(r["defense"], grid, setting)][float(r["p"])].append(r)
+    order = list(sweep.defenses)
+    values = {k: list(v) for k, v in sweep.attack.grid.items()}
+
+    def position(key: tuple) -> tuple:
+        defense, grid, setting = key
+        return (
+            order.index(defense),
+            str(grid),
+            *(values[k].index(v) if v in values.get(k, []) else len(values.get(k, [])) for k, v in setting),
+        )
+
+    out = []
+    for key in sorted(groups, key=position):
+        defense, grid, setting = key
+        by_p = groups[key]
+        out.append(
+            {
+                "defense": defense,
+                "slice": dict(grid),
+                "setting": dict(setting),
+                "seeds": len({r["seed"] for rs in by_p.values() for r in rs}),
+                "points": {
+                    f"{p:g}": {
+                        m: statistics.fmean(vals)
+                        if (vals := [r[m] for r in by_p[p] if r[m] is not None])
+                        else None
+                        for m in CURVE_METRICS
+                    }
+                    for p in sorted(by_p)
+                },
+            }
+        )
+    return out
+
+
 def _guard(fa: float | None, best_fa: float | None, guard: Any) -> tuple[bool, str | None]:
     if fa is None:
         return False, "no FA"
@@ -311,6 +363,7 @@ def aggregate(sweep: SweepConfig, runs: list[SweepRun]) -> tuple[list[dict[str, 
         "judges": sorted({r["judge"] for r in rows if r["judge"]}),
         "tables": summarize(rows, sweep),
         "worst_case": worst_case(rows, sweep),
+        "attack_curve": attack_curve(rows, sweep),
         "reference": to_plain(sweep.reference),
     }
     return [{k: v for k, v in r.items() if k != "outcomes"} for r in rows], report

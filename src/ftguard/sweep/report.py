@@ -10,7 +10,15 @@ from typing import Any
 
 from ftguard.metrics import HEADLINE, METRICS, Metric, fmt
 from ftguard.pipeline.outputs import write_json_atomic, write_text_atomic
-from ftguard.sweep.aggregate import aggregate, collect, mean_std, summarize, to_plain, worst_case
+from ftguard.sweep.aggregate import (
+    CURVE_METRICS,
+    aggregate,
+    collect,
+    mean_std,
+    summarize,
+    to_plain,
+    worst_case,
+)
 from ftguard.sweep.config import ABBREVIATIONS, SweepConfig, SweepRun
 
 # Importers from before the split into aggregate and render still find the aggregation here.
@@ -47,7 +55,11 @@ def _marked(values: list[float], versus: dict[str, Any] | None) -> str:
 
 
 def markdown(
-    sweep: SweepConfig, tables: list[dict[str, Any]], worst: list[dict[str, Any]], judge: str
+    sweep: SweepConfig,
+    tables: list[dict[str, Any]],
+    worst: list[dict[str, Any]],
+    judge: str,
+    curve: list[dict[str, Any]] | None = None,
 ) -> str:
     lines = [f"# Sweep `{sweep.name}`", ""]
     if sweep.description:
@@ -91,6 +103,8 @@ def markdown(
         lines += _reference_md(sweep)
     if worst:
         lines += _worst_md(sweep, worst)
+    if curve:
+        lines += _curve_md(curve)
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +190,60 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _curve_md(curve: list[dict[str, Any]]) -> list[str]:
+    ratios = sorted({float(p) for e in curve for p in e["points"]})
+    metrics = [
+        m for m in CURVE_METRICS if any(pt.get(m) is not None for e in curve for pt in e["points"].values())
+    ]
+    label = " / ".join(f"{p:g}" for p in ratios)
+    lines = [
+        "## Attack curve: each attack setting at every p",
+        "",
+        f"Means over seeds; each cell lists p = {label}. Settings in the order of the attack grid.",
+        "",
+        "| defense | setting | " + " | ".join(METRICS[m].label for m in metrics) + " | seeds |",
+        "|---|---|" + "---|" * (len(metrics) + 1),
+    ]
+    for e in curve:
+        setting = ", ".join(_axis(k, v) for k, v in {**e["slice"], **e["setting"]}.items()) or "–"
+        cells = [" / ".join(fmt(e["points"].get(f"{p:g}", {}).get(m)) for p in ratios) for m in metrics]
+        lines.append(f"| {e['defense']} | {setting} | " + " | ".join(cells) + f" | {e['seeds']} |")
+    return [*lines, ""]
+
+
+def plot_curve(curve: list[dict[str, Any]], out: Path) -> list[Path]:
+    """attack_curve.png: HS at each attack setting, a line per p, one panel per defense."""
+    if not curve:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    defenses = list(dict.fromkeys(e["defense"] for e in curve))
+    fig, axes = plt.subplots(1, len(defenses), figsize=(6 * len(defenses), 4), squeeze=False)
+    for ax, defense in zip(axes[0], defenses, strict=True):
+        entries = [e for e in curve if e["defense"] == defense]
+        labels = ["\n".join(_axis(k, v) for k, v in {**e["slice"], **e["setting"]}.items()) for e in entries]
+        for p in sorted({float(p) for e in entries for p in e["points"]}):
+            ys = [e["points"].get(f"{p:g}", {}).get("harmful_score") for e in entries]
+            ax.plot(
+                range(len(entries)),
+                [y if y is not None else float("nan") for y in ys],
+                "o-",
+                label=f"p={p:g}",
+            )
+        ax.set_xticks(range(len(entries)), labels, fontsize=7, rotation=45, ha="right")
+        ax.set(ylabel=_axis_label(HS), title=f"{defense}: {HS.label} by attack setting", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "attack_curve.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
+
+
 def _axis(key: str, value: Any) -> str:
     text = f"{value:g}" if isinstance(value, float) else str(value)
     return f"{ABBREVIATIONS.get(key, key.split('.')[-1])} = {text}"
@@ -243,11 +311,19 @@ def write_report(sweep: SweepConfig, runs: list[SweepRun], out: Path) -> dict[st
     rows, report = aggregate(sweep, runs)
     write_json_atomic(out / "runs.json", rows)
     write_text_atomic(out / "runs.csv", to_csv(rows))
-    text = markdown(sweep, report["tables"], report["worst_case"], ", ".join(report["judges"]) or "?")
+    text = markdown(
+        sweep,
+        report["tables"],
+        report["worst_case"],
+        ", ".join(report["judges"]) or "?",
+        report["attack_curve"],
+    )
     if not report["complete"]:
         text += f"\n**Incomplete: {report['complete_runs']} of {report['runs']} runs finished.**\n"
     write_text_atomic(out / "report.md", text)
-    report["plots"] = [str(p) for p in plot(report["tables"], out)]
+    report["plots"] = [
+        str(p) for p in [*plot(report["tables"], out), *plot_curve(report["attack_curve"], out)]
+    ]
     write_json_atomic(out / "report.json", report)
     report["markdown"] = text
     return report
