@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from subprocesses import launch_failure
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
@@ -37,7 +39,7 @@ def report(tmp_path_factory) -> dict:
         str(out),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_failure(done.stderr)
     return json.loads((out / "report.json").read_text())
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from subprocesses import launch_failure
+
 pytestmark = pytest.mark.slow
 
 TESTS = Path(__file__).parent
@@ -39,7 +41,7 @@ def _torchrun(*argv: str) -> list[str]:
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, **kwargs)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_failure(done.stderr)
     return done
 
 

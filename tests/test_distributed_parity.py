@@ -41,6 +41,8 @@ from pathlib import Path
 
 import pytest
 
+from subprocesses import launch_failure
+
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("ddp_parity_worker.py")
@@ -81,7 +83,7 @@ def runs(tmp_path_factory) -> dict:
     ]
     for cmd in (one, two):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=WORKER.parent)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, launch_failure(done.stderr)
     return {
         "one": load_file(str(out / "one.safetensors")),
         "two": load_file(str(out / "two.safetensors")),

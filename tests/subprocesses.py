@@ -1,0 +1,15 @@
+"""What a failed multi-process launch said, without the warnings that bury it."""
+
+from __future__ import annotations
+
+_NOISE = ("Warning:", "warnings.warn(", "find_unused_parameters", "consider turning this flag off")
+
+
+def launch_failure(stderr: str, limit: int = 3000) -> str:
+    """The tracebacks of a failed `torch.distributed.run` (every rank's, from the first on), else its stderr
+    without DDP's per-step warnings: their tail alone once hid why a launch failed."""
+    lines = stderr.splitlines()
+    start = next((i for i, line in enumerate(lines) if "Traceback" in line), None)
+    kept = lines[start:] if start is not None else [ln for ln in lines if not any(n in ln for n in _NOISE)]
+    text = "\n".join(kept)
+    return text[:limit] + ("\n…" if len(text) > limit else "")
