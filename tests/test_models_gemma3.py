@@ -14,11 +14,12 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 
+from ftguard.config import BUILTIN_WITHOUT_CHAT_TEMPLATE as NO_CHAT_TEMPLATE
 from ftguard.data.example import Example
 from ftguard.data.template import format_prompt
 from ftguard.errors import FtguardError
 from ftguard.models import count_parameters, gemma3, load_model, load_tokenizer, resolve_model
-from ftguard.models.loading import BUILTIN, NO_CHAT_TEMPLATE
+from ftguard.models.loading import BUILTIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,6 +28,8 @@ def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
+# Built-in base models whose tokenizer has no chat template (they need model.template: alpaca). Here, not in
+# models/, because config stays torch-free.
 BUILTIN_WITHOUT_CHAT_TEMPLATE = ("gemma3-270m",)
 
 

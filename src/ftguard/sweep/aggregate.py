@@ -64,6 +64,16 @@ def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
     return rows
 
 
+# the row columns of the harmful ratio, whichever axis (grid or attack) carries it
+RATIO_COLUMNS = frozenset({f"grid.{RATIO_KEY}", f"attack.{RATIO_KEY}"})
+
+
+def _attack_setting(row: dict[str, Any], sweep: SweepConfig, skip: frozenset[str] = frozenset()) -> tuple:
+    """The row's values of the attack grid's axes (outside ``skip``), as ((key, value), ...) in grid order."""
+    assert sweep.attack is not None
+    return tuple((key, row.get(f"attack.{key}")) for key in sweep.attack.grid if f"attack.{key}" not in skip)
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
@@ -84,7 +94,7 @@ def summarize(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str, 
         lambda: defaultdict(lambda: defaultdict(dict))
     )
     for r in final:
-        key = _slice_key(r, {f"grid.{RATIO_KEY}", f"attack.{RATIO_KEY}"})
+        key = _slice_key(r, RATIO_COLUMNS)
         slices[key][r["defense"]][float(r["p"])][r["seed"]] = {
             **{m: r[m] for m in HEADLINE if r[m] is not None},
             **{f"{m}_counts": (r[f"{m}_k"], r[f"{m}_n"]) for m in HEADLINE if r.get(f"{m}_n")},
@@ -249,13 +259,11 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
     if sweep.attack is None:
         return []
     guard = sweep.attack.capability_guard
-    attack_keys = [f"attack.{k}" for k in sweep.attack.grid]
     groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["final"]:
             grid = tuple((k, r[k]) for k in sorted(r) if k.startswith("grid."))
-            setting = tuple((k[len("attack.") :], r.get(k)) for k in attack_keys)
-            groups[(r["defense"], grid)][setting].append(r)
+            groups[(r["defense"], grid)][_attack_setting(r, sweep)].append(r)
     out = []
     for (defense, grid), settings in groups.items():
         scored = []
@@ -298,13 +306,11 @@ def attack_curve(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[st
     each attack moves the model: the curve from which a calibrated attack is chosen (docs/testbed.md)."""
     if sweep.attack is None:
         return []
-    attack_keys = [f"attack.{k}" for k in sweep.attack.grid]
-    ratio_keys = {f"grid.{RATIO_KEY}", f"attack.{RATIO_KEY}"}
     groups: dict[tuple, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["final"] and r["p"] is not None:
-            grid = tuple((k, r[k]) for k in sorted(r) if k.startswith("grid.") and k not in ratio_keys)
-            setting = tuple((k[len("attack.") :], r.get(k)) for k in attack_keys if k not in ratio_keys)
+            grid = tuple((k, r[k]) for k in sorted(r) if k.startswith("grid.") and k not in RATIO_COLUMNS)
+            setting = _attack_setting(r, sweep, RATIO_COLUMNS)
             groups[(r["defense"], grid, setting)][float(r["p"])].append(r)
     order = list(sweep.defenses)
     values = {k: list(v) for k, v in sweep.attack.grid.items()}
