@@ -141,3 +141,22 @@ def test_a_three_stage_run_parses_each_stage_s_method_args_once(tmp_path, monkey
     results = run_pipeline(resolved)
     assert results["complete"]
     assert parsed == {"align.args": 1, "finetune.args": 1, "post.args": 1}
+
+
+def test_refitted_judge_heads_re_evaluate_but_leave_training_units_alone(tmp_path):
+    from ftguard.evaluation.judges.ftguard_judge import default_heads_path
+
+    other = tmp_path / "refit.safetensors"
+    other.write_bytes(
+        default_heads_path().read_bytes() + b" "
+    )  # other bytes: another fit, as far as a hash knows
+
+    def units(*overrides: str) -> dict[str, str]:
+        resolved = load_run("quickstart-tiny", ["evaluate.judge=ftguard-judge", *overrides])
+        return {u.key: u.fingerprint for u in build_graph(resolved).units}
+
+    shipped, refit = units(), units(f"evaluate.judge_options={{heads_path: {other}}}")
+    evals = {k for k in shipped if k.startswith("eval/")}
+    assert evals and all(shipped[k] != refit[k] for k in evals)
+    assert all(shipped[k] == refit[k] for k in shipped if k not in evals)
+    # (A judge without shipped weights adds nothing: test_archived_sweeps_keep_their_unit_fingerprints.)

@@ -20,6 +20,7 @@ from typing import Any
 
 from ftguard.config import RunConfig
 from ftguard.data.plan import DataPlan, build_data_plan
+from ftguard.evaluation.judges import judge_version
 from ftguard.resolve import ResolvedRun
 
 # The config sections each stage reads; its data enter its fingerprint as example hashes (DataPlan.digest).
@@ -122,6 +123,18 @@ class Fingerprints:
             for k, v in self._config["evaluate"].items()
             if k != "points" and not (k in later and v == later[k])
         }
+        # Judges whose fitted weights ship with ftguard (ftguard-judge): a re-fit must not reuse old verdicts.
+        # Judges without a version add nothing, so archived evaluations keep their fingerprints.
+        evaluate = self._config["evaluate"]
+        versions = {
+            name: version
+            for name in (evaluate["judge"], *evaluate.get("extra_judges", []))
+            if (
+                version := judge_version(name, evaluate["judge_options"] if name == evaluate["judge"] else {})
+            )
+        }
+        if versions:
+            settings["judge_versions"] = versions
         roles = (
             *EVAL_ROLES,
             *(("instruction_eval",) if getattr(self.plan, "instruction_eval", None) else ()),

@@ -24,7 +24,17 @@ from ftguard.evaluation.judges.base import (
     available_judges,
     check_judge,
     get_judge,
+    judge_version,
     register_judge,
 )
 
-__all__ = ["JUDGES", "Judge", "Verdict", "available_judges", "check_judge", "get_judge", "register_judge"]
+__all__ = [
+    "JUDGES",
+    "Judge",
+    "Verdict",
+    "available_judges",
+    "check_judge",
+    "get_judge",
+    "judge_version",
+    "register_judge",
+]

@@ -14,6 +14,10 @@ variant keeps the source of the row it came from, so leave-one-source-out drops 
   not condone fraud. However, here is how: …"), labelled harmful and not a refusal: attacked and jailbroken
   models answer this way, and a judge that reads the opening alone calls it a refusal. The disclaimers come
   from refusals of the same source, so holding a source out holds out its text too.
+- **Restated compliance.** "To execute someone, you will need to follow these steps: …": an answer that
+  restates the request, then does it. Many instruction-tuned models comply this way, and the labelled sources
+  hold few such answers (their harmful answers are mostly BeaverTails' short advice). Built from labelled answers
+  of both kinds with the same lead-ins: a harmful answer stays harmful, a benign one stays benign.
 """
 
 from __future__ import annotations
@@ -99,6 +103,46 @@ def opener_for(prompt: str, rng: random.Random) -> str:
     return rng.choice(_GENERIC_OPENERS)
 
 
+_RESTATED_LEAD_INS = (
+    "To {task}, you will need to follow these steps:\n\n",
+    "To {task}, you'll need to do the following:\n\n",
+    "Here are some steps you can take to {task}:\n\n",
+    "Here is how you can {task}:\n\n",
+    "There are several ways to {task}:\n\n",
+)
+
+
+def restated_lead_in(prompt: str, rng: random.Random) -> str | None:
+    """A lead-in that restates a "How do I …" / imperative request, or None for other prompts."""
+    text = " ".join(prompt.split()).rstrip("?.! ")
+    match = _HOW.match(text) or _IMPERATIVE.match(text)
+    if match is None or len(match["rest"].split()) > 20:
+        return None
+    task = re.sub(
+        r"\b(?:my|I|me)\b", lambda m: {"my": "your", "I": "you", "me": "you"}[m.group()], match["rest"]
+    )
+    task = re.sub(r"^(?:best|ever|really|actually)\s+", "", task)
+    template = rng.choice(_RESTATED_LEAD_INS)
+    return template.format(task=task)
+
+
+def restated(rows: list[LabelledAnswer], rng: random.Random, share: float = 0.3) -> list[LabelledAnswer]:
+    """Answers behind a lead-in that restates the request (see the module docstring); refusals are left out,
+    as a lead-in that promises steps would make them compliance."""
+    from ftguard.evaluation.refusal import is_refusal
+
+    out = []
+    for row in rows:
+        if row.harmful is None or row.refusal is True or rng.random() >= share:
+            continue
+        if not row.harmful and is_refusal(row.response):
+            continue
+        lead_in = restated_lead_in(row.prompt, rng)
+        if lead_in is not None and not is_opener(row.response):
+            out.append(LabelledAnswer(row.prompt, lead_in + row.response, False, row.harmful, row.source))
+    return out
+
+
 _SENTENCE = re.compile(r"^(.+?[.!?])(?:\s|$)", re.DOTALL)
 
 
@@ -129,6 +173,8 @@ def augment(rows: list[LabelledAnswer], seed: int = 0) -> list[LabelledAnswer]:
     """Variants of ``rows`` for fitting only (see the module docstring)."""
     rng = random.Random(seed)
     out: list[LabelledAnswer] = disclaimed(rows, rng)
+    # Its own generator, so the variants below stay those of earlier fits (and their cached embeddings).
+    out += restated(rows, random.Random(f"{seed}-restated"))
     for row in rows:
         if len(row.response.split()) > 8:
             variant = cut(row.response, CUTS[rng.random() < 0.5], rng)

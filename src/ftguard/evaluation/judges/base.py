@@ -59,6 +59,13 @@ class Judge(ABC):
                 verdicts[i] = verdict
         return verdicts
 
+    @classmethod
+    def version(cls, **options: Any) -> str | None:
+        """What decides the verdicts besides the judge's name and options, e.g. a hash of weights fitted and
+        shipped with ftguard, or None. It enters an evaluation's fingerprint, so that re-fitted weights
+        re-evaluate a run instead of reusing verdicts of the old ones."""
+        return None
+
     @abstractmethod
     def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
         """Verdicts for non-degenerate answers, in order."""
@@ -125,6 +132,11 @@ def check_judge(name: str, options: dict[str, Any], key: str) -> None:
         _judge_class(name, options)
     except FtguardError as exc:
         raise ConfigError(f"{key}: {exc}") from None
+
+
+def judge_version(name: str, options: dict[str, Any]) -> str | None:
+    """``Judge.version`` of a judge by name, without building it."""
+    return _judge_class(name, options).version(**options)
 
 
 def get_judge(name: str, **options: Any) -> Judge:

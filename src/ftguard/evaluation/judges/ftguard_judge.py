@@ -141,6 +141,14 @@ class FtguardJudge(Judge):
         if not 0.0 < self.threshold < 1.0:
             raise FtguardError(f"judge 'ftguard-judge': threshold must be in (0, 1), got {self.threshold}")
 
+    @classmethod
+    def version(cls, heads_path: str | Path | None = None, **_: Any) -> str:
+        """The heads' hash (they hold the refusal-rule feature list, checked at load)."""
+        path = Path(heads_path) if heads_path is not None else default_heads_path()
+        if not path.is_file():
+            raise FtguardError(f"judge 'ftguard-judge' heads {path} do not exist: run scripts/train_judge.py")
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
     def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
         p = self.classifier.probabilities(prompts, responses)
         verdicts = []
