@@ -23,7 +23,8 @@ class ConfigError(FtguardError):
     """A config key or value is wrong; the message names the key."""
 
 
-def _close(name: str, options: typing.Iterable[str]) -> str:
+def did_you_mean(name: str, options: typing.Iterable[str]) -> str:
+    """'; did you mean 'x'?' for the closest option, or ''."""
     matches = difflib.get_close_matches(name, list(options), n=1)
     return f"; did you mean '{matches[0]}'?" if matches else ""
 
@@ -136,7 +137,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
             known = ", ".join(sorted(fields)) or "none"
-            raise ConfigError(f"unknown key '{full}'{_close(str(key), fields)} (known: {known})")
+            raise ConfigError(f"unknown key '{full}'{did_you_mean(str(key), fields)} (known: {known})")
         kwargs[key] = _convert(value, hints[key], full)
     try:
         return cls(**kwargs)

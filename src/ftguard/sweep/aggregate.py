@@ -25,6 +25,7 @@ from ftguard.metrics import (
     HEADLINE,
 )  # the rates the sweep tabulates per defense and marks against the baseline
 from ftguard.run_results import read_results
+from ftguard.sweep.calibrate import calibrate
 from ftguard.sweep.config import RATIO_KEY, SweepConfig, SweepRun
 
 
@@ -370,6 +371,7 @@ def aggregate(sweep: SweepConfig, runs: list[SweepRun]) -> tuple[list[dict[str, 
         "tables": summarize(rows, sweep),
         "worst_case": worst_case(rows, sweep),
         "attack_curve": attack_curve(rows, sweep),
+        "calibration": calibrate(rows, sweep),
         "reference": to_plain(sweep.reference),
     }
     return [{k: v for k, v in r.items() if k != "outcomes"} for r in rows], report

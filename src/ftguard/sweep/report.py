@@ -19,6 +19,7 @@ from ftguard.sweep.aggregate import (
     to_plain,
     worst_case,
 )
+from ftguard.sweep.calibrate import calibration_markdown
 from ftguard.sweep.config import ABBREVIATIONS, SweepConfig, SweepRun
 
 # Importers from before the split into aggregate and render still find the aggregation here.
@@ -60,6 +61,7 @@ def markdown(
     worst: list[dict[str, Any]],
     judge: str,
     curve: list[dict[str, Any]] | None = None,
+    calibration: list[dict[str, Any]] | None = None,
 ) -> str:
     lines = [f"# Sweep `{sweep.name}`", ""]
     if sweep.description:
@@ -105,6 +107,8 @@ def markdown(
         lines += _worst_md(sweep, worst)
     if curve:
         lines += _curve_md(curve)
+    if calibration:
+        lines += calibration_markdown(sweep, calibration)
     return "\n".join(lines) + "\n"
 
 
@@ -317,6 +321,7 @@ def write_report(sweep: SweepConfig, runs: list[SweepRun], out: Path) -> dict[st
         report["worst_case"],
         ", ".join(report["judges"]) or "?",
         report["attack_curve"],
+        report["calibration"],
     )
     if not report["complete"]:
         text += f"\n**Incomplete: {report['complete_runs']} of {report['runs']} runs finished.**\n"
