@@ -712,3 +712,32 @@ def test_results_md_reports_each_alignment_before_the_attack_once_per_seed():
     assert lines["| vaccine"] == "| vaccine | 5.0 ± 0.0 | 90.0 ± 0.0 | 1 |"
     assert "| alignment | HS | OR | seeds |" in text
     assert load_script("make_results_md").before_attack([row("sft", 1, 80.0, point="finetune")]) == ""
+
+
+def test_a_finished_run_is_redone_when_its_judge_was_refit_since(tmp_path):
+    from ftguard.evaluation.judges import judge_versions
+    from ftguard.sweep.runner import is_done
+
+    def run_judged_by(judge):
+        sweep = _sweep(defenses={"sft": {}}, set={**TINY["set"], "evaluate.judge": judge})
+        (run,) = expand(sweep, tmp_path, tmp_path / judge)
+        run.config.out_dir.mkdir(parents=True)
+        return run
+
+    def finish(run, **recorded):
+        results = {"complete": True, "config_hash": run.config.fingerprint(), **recorded}
+        (run.config.out_dir / "results.json").write_text(json.dumps(results))
+
+    run = run_judged_by("ftguard-judge")
+    today = judge_versions("ftguard-judge", {})
+    assert today  # the shipped heads' hash
+    finish(run, judge_versions=today)
+    assert is_done(run)
+    finish(run, judge_versions={"ftguard-judge": "another-fit"})
+    assert not is_done(run)
+    finish(run)  # written before results recorded the judge's version
+    assert not is_done(run)
+    # a judge without shipped weights has no version: results written before the field stay done
+    keyword = run_judged_by("keyword")
+    finish(keyword)
+    assert is_done(keyword)

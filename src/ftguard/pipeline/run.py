@@ -17,7 +17,7 @@ from typing import Any
 from ftguard import distributed
 from ftguard.config import RunConfig, dump_config
 from ftguard.errors import FtguardError
-from ftguard.evaluation.judges import get_judge
+from ftguard.evaluation.judges import get_judge, judge_versions
 from ftguard.evaluation.refusal_detector import get_refusal_detector
 from ftguard.methods.context import ModelRef
 from ftguard.models import load_tokenizer, resolve_model
@@ -102,6 +102,10 @@ class Pipeline:
             "config_hash": run.fingerprint(),
             "judge": self.judges[0].describe() if self.judges else None,
             "extra_judges": [j.describe() for j in self.judges[1:]],
+            # what a sweep's resume compares: a refit judge must re-evaluate a finished run, not skip it
+            "judge_versions": judge_versions(
+                run.evaluate.judge, run.evaluate.judge_options, run.evaluate.extra_judges
+            ),
             "versions": library_versions(),
             "git": git_revision(),
             "data": self.plan.report(),

@@ -20,7 +20,7 @@ from typing import Any
 
 from ftguard.config import RunConfig
 from ftguard.data.plan import DataPlan, build_data_plan
-from ftguard.evaluation.judges import judge_version
+from ftguard.evaluation.judges import judge_versions
 from ftguard.resolve import ResolvedRun
 
 # The config sections each stage reads; its data enter its fingerprint as example hashes (DataPlan.digest).
@@ -126,13 +126,9 @@ class Fingerprints:
         # Judges whose fitted weights ship with ftguard (ftguard-judge): a re-fit must not reuse old verdicts.
         # Judges without a version add nothing, so archived evaluations keep their fingerprints.
         evaluate = self._config["evaluate"]
-        versions = {
-            name: version
-            for name in (evaluate["judge"], *evaluate.get("extra_judges", []))
-            if (
-                version := judge_version(name, evaluate["judge_options"] if name == evaluate["judge"] else {})
-            )
-        }
+        versions = judge_versions(
+            evaluate["judge"], evaluate["judge_options"], evaluate.get("extra_judges", [])
+        )
         if versions:
             settings["judge_versions"] = versions
         roles = (

@@ -25,6 +25,7 @@ from ftguard.evaluation.judges.base import (
     check_judge,
     get_judge,
     judge_version,
+    judge_versions,
     register_judge,
 )
 
@@ -36,5 +37,6 @@ __all__ = [
     "check_judge",
     "get_judge",
     "judge_version",
+    "judge_versions",
     "register_judge",
 ]

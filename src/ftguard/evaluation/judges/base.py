@@ -139,6 +139,16 @@ def judge_version(name: str, options: dict[str, Any]) -> str | None:
     return _judge_class(name, options).version(**options)
 
 
+def judge_versions(judge: str, options: dict[str, Any], extra_judges: Sequence[str] = ()) -> dict[str, str]:
+    """{name: version} of a run's judges that have one (ftguard-judge: its heads' hash); judges without a version
+    are left out, so that what is keyed on this dict stays as it was for them."""
+    return {
+        name: version
+        for name in (judge, *extra_judges)
+        if (version := judge_version(name, options if name == judge else {}))
+    }
+
+
 def get_judge(name: str, **options: Any) -> Judge:
     """Build the judge called ``name`` with its options (e.g. ``get_judge("minilm", threshold=0.6)``)."""
     return _judge_class(name, options)(**options)
