@@ -265,6 +265,20 @@ def test_extra_terms_are_scaled_like_the_retain_loss_under_accumulation(tmp_path
     assert loss.item() == pytest.approx(retain + extra / ga, rel=1e-5)
 
 
+@pytest.mark.parametrize("num_items", [None, 11])
+def test_the_original_retain_term_is_divided_by_the_accumulation_steps_too(tmp_path, num_items):
+    # The masked input-id CE is a per-micro-batch mean like the extra terms: with a window-normalised SFT loss
+    # (num_items given) the Trainer does not divide, so the step must; the loss is then 1/GA of the plain one.
+    ga, batch = 2, _harmless_batch()
+    trainer = _trainer(tmp_path, ga=ga, alpha=0.3, beta=0.5, retain_loss="masked_input_ids")
+    loss = trainer.training_step(trainer.model, dict(batch), num_items_in_batch=num_items)
+    rec = {k: v[0] for k, v in trainer._recorded.items()}
+    whole = (
+        rec["repnoise_retain_loss"] + 0.5 * rec["repnoise_mmd"] - 0.3 * math.log1p(rec["repnoise_harmful_ce"])
+    )
+    assert loss.item() == pytest.approx(whole / ga, rel=1e-5)
+
+
 def test_gradients_reach_every_lora_parameter_and_nothing_else(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.training_step(trainer.model, _harmless_batch())

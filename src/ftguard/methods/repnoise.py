@@ -182,12 +182,10 @@ class RepNoiseTrainer(FtguardTrainer):
             retain, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
-            retain_scaled = self.loss_normalised_over_window(num_items_in_batch)
         else:
             outputs = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
             )
-            retain_scaled = False
 
         # 2. Token mask of the harmful batch.
         harmful = self.aux_batch("harmful", cfg.harmful_batch_size)
@@ -248,15 +246,21 @@ class RepNoiseTrainer(FtguardTrainer):
         harmful_ce = torch.stack(ce_terms).mean()
 
         # 6. Combine. The extra terms are per-micro-batch means: scale them like the retain loss will be scaled.
+        # When the Trainer leaves the division by the accumulation steps to compute_loss (the SFT loss is then
+        # normalised over the window's tokens), every per-micro-batch mean must be divided here, including the
+        # original's masked input-id retain term.
         extra = cfg.beta * mmd - cfg.alpha * torch.log1p(harmful_ce)
-        if retain_scaled:
-            extra = extra / getattr(
-                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
-            )
-        loss = retain + extra
+        window = self.loss_normalised_over_window(num_items_in_batch)
+        if cfg.retain_loss == "response":
+            loss = retain + self.scale_extra(extra, num_items_in_batch)
+        else:
+            loss = self.scale_extra(retain + extra, num_items_in_batch)
 
+        response_window = window and cfg.retain_loss == "response"
         self.record(
-            repnoise_retain_loss=self._batch_retain_loss(outputs.logits, inputs) if retain_scaled else retain,
+            repnoise_retain_loss=self._batch_retain_loss(outputs.logits, inputs)
+            if response_window
+            else retain,
             repnoise_mmd=mmd,
             repnoise_harmful_ce=harmful_ce,
         )
