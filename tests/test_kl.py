@@ -177,6 +177,46 @@ def test_sequence_kl_is_over_the_vocabulary_not_the_sequence_axis():
     )
 
 
+def seq_axis_kl_by_hand(student_logits, teacher_logits):
+    """For each sequence b and vocabulary entry v, the KL between the two distributions over positions t of the
+    logit of v (softmax written out, float64); summed, divided by the batch: the original's term as it computes."""
+    total = torch.zeros((), dtype=torch.float64)
+    batch, _, vocab = student_logits.shape
+    for b in range(batch):
+        for v in range(vocab):
+            s, te = student_logits[b, :, v].double(), teacher_logits[b, :, v].double()
+            p_s = torch.exp(s - s.max()) / torch.exp(s - s.max()).sum()
+            p_t = torch.exp(te - te.max()) / torch.exp(te - te.max()).sum()
+            total = total + (p_t * (torch.log(p_t) - torch.log(p_s))).sum()
+    return total / batch
+
+
+def test_the_original_mode_is_the_sequence_axis_term_over_every_position(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    got = klm.original_sequence_axis_kl(student, teacher)
+    assert got.item() == pytest.approx(seq_axis_kl_by_hand(student, teacher).item(), rel=1e-5)
+    assert got.item() == pytest.approx(original_sequence_axis_kl(student, teacher).item(), rel=1e-5)
+    # the step: ℓ + λ·(that term) on the model's and the frozen start's logits, padding positions included
+    model = tiny_peft_llama(fresh=False)
+    frozen_copy = copy.deepcopy(model).eval()
+    trainer = _trainer(tmp_path, model, lam=0.5, mode="original")
+    _change_trainable(model)
+    batch = _batch()
+    assert not batch["attention_mask"].all()  # the batch has padding, which the original counts
+    loss = trainer.training_step(model, dict(batch))
+    with torch.no_grad():
+        out = model(**batch)
+        teacher_logits = frozen_copy(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+    want = seq_axis_kl_by_hand(out.logits, teacher_logits)
+    assert trainer._recorded["kl_divergence"][0] == pytest.approx(want.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(out.loss.item() + 0.5 * want.item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="args.mode"):
+        from_dict(klm.KlConfig, {"mode": "sequence"}, prefix="args")
+
+
 def test_one_student_forward_and_backward_and_one_teacher_forward(tmp_path):
     trainer = _trainer(tmp_path)
     base = trainer.model.get_base_model()

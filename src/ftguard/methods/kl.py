@@ -20,12 +20,19 @@ Differences, each because the original is a bug (docs/methods.md, Original-code 
   different dropout masks): 2 forwards per step instead of 3.
 * Padding positions do not count by default; ``include_padding: true`` reproduces the original's positions.
 * Log-probabilities are computed in fp32; gradient accumulation averages the term over micro-batches like the CE.
+
+``mode: original`` is the bug-compatible term, for reproducing the numbers Vaccine's Table 1 reports for KL:
+the softmax over the sequence axis (dim 1) of the whole [batch, tokens, vocab] logits, every position counted
+(padding included, so include_padding does not apply), "batchmean". It is a different regulariser, not a
+rescaled one, and of another size: a λ does not carry over between the modes (docs/methods.md, Original-code
+bugs #4).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +53,13 @@ class KlConfig:
     include_padding: bool = field(
         default=False, metadata={"help": "count padding positions in the KL too (the original does)"}
     )
+    mode: Literal["vocabulary", "original"] = field(
+        default="vocabulary",
+        metadata={
+            "help": "'vocabulary': KL of next-token distributions; 'original': the Vaccine repository's term, "
+            "softmax over the sequence axis, every position (bug-compatible; docs/methods.md)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check(
@@ -61,6 +75,14 @@ def sequence_kl(
     student = F.log_softmax(student_logits[keep].float(), dim=-1)
     teacher = F.log_softmax(teacher_logits[keep].float(), dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="sum") / keep.shape[0]
+
+
+def original_sequence_axis_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The Vaccine repository's term: ``KLDivLoss("batchmean")(log_softmax(s, dim=1), softmax(t, dim=1))`` on the
+    [B, T, V] logits, i.e. for each (sequence, vocabulary entry) a distribution over the positions; fp32."""
+    student = F.log_softmax(student_logits.float(), dim=1)
+    teacher = F.log_softmax(teacher_logits.float(), dim=1)
+    return F.kl_div(student, teacher, log_target=True, reduction="sum") / student_logits.shape[0]
 
 
 class KlTrainer(ReferenceTrainer):
@@ -88,8 +110,11 @@ class KlTrainer(ReferenceTrainer):
         )
         # 2. The teacher on the same inputs.
         teacher_logits = self.reference(**self.reference_inputs(inputs)).logits
-        # 3. Per-sequence KL over the vocabulary at the counted positions.
-        kl = sequence_kl(outputs.logits, teacher_logits, self.positions(inputs, cfg.include_padding))
+        # 3. Per-sequence KL over the vocabulary at the counted positions (or the original's sequence-axis term).
+        if cfg.mode == "original":
+            kl = original_sequence_axis_kl(outputs.logits, teacher_logits)
+        else:
+            kl = sequence_kl(outputs.logits, teacher_logits, self.positions(inputs, cfg.include_padding))
         # 4. Combine.
         loss = ce + self.scale_extra(cfg.lam * kl, num_items_in_batch)
         self.record(kl_divergence=kl)
