@@ -255,6 +255,20 @@ def test_config_is_validated():
     assert (AntidoteConfig().dense_ratio, AntidoteConfig().n_samples) == (0.1, 2000)
 
 
+def test_the_continued_alignment_lora_of_the_single_topology_is_refused_before_any_work():
+    from ftguard.resolve import load_run
+
+    single = ["post.method=antidote", "adapter.topology=single"]
+    with pytest.raises(ConfigError, match="continues the alignment LoRA.*adapter.topology: double"):
+        load_run("quickstart-tiny", single)
+    # the merged weights are not the alignment LoRA's factors; without an alignment the LoRA is the user's alone
+    assert load_run("quickstart-tiny", [*single, "post.args.target=weights"]).methods["post"]
+    assert load_run("quickstart-tiny", [*single, "align=null", "evaluate.points=[finetune, post]"]).methods[
+        "post"
+    ]
+    assert load_run("quickstart-tiny", ["post.method=antidote"]).methods["post"]  # double: the original's
+
+
 @pytest.mark.slow
 def test_post_stage_runs_antidote_end_to_end(tmp_path):
     from safetensors.torch import load_file

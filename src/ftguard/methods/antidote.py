@@ -52,7 +52,7 @@ from ftguard.errors import FtguardError
 from ftguard.methods.base import PostMethod
 from ftguard.methods.context import PostContext
 from ftguard.methods.registry import register_method
-from ftguard.schema import check
+from ftguard.schema import ConfigError, check
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,18 @@ class Antidote(PostMethod):
     )
     config_class = AntidoteConfig
     required_roles = ("alignment_harmful",)
+
+    def check_run_config(self, run: RunConfig, stage: str) -> None:
+        # Under the single topology the fine-tune keeps training the alignment LoRA: its factors hold the
+        # alignment and the user's update together, and zeroing them would prune the alignment as well.
+        continues_alignment = run.adapter.topology == "single" and run.align is not None
+        if self.config.target != "weights" and continues_alignment and run.finetune is not None:
+            raise ConfigError(
+                "post.method antidote with adapter.topology single: the fine-tune continues the alignment LoRA, "
+                "so its lora_A/lora_B hold the alignment too and pruning them would undo it. Use "
+                "adapter.topology: double (the original's: a fresh LoRA for the user's fine-tune) or "
+                "post.args.target: weights (prune the merged q/k/v weights)"
+            )
 
     def _load(self, ctx: Any) -> tuple[nn.Module, dict[str, nn.Linear], str]:
         cfg, ref = self.config, ctx.finetuned
