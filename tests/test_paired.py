@@ -160,3 +160,33 @@ def test_the_interval_covers_a_known_difference_about_95_times_in_100():
 def test_the_bootstrap_refuses_unpaired_shapes():
     with pytest.raises(ValueError, match="equal, non-empty seeds × items"):
         paired_bootstrap(np.zeros((2, 5)), np.zeros((2, 6)))
+
+
+@pytest.mark.parametrize(("up", "down"), [(0.2, 0.1), (0.05, 0.05)])
+def test_the_planned_detectable_difference_brackets_simulated_designs(up, down):
+    from ftguard.evaluation.paired import detectable_before_the_run
+
+    n_items, n_seeds, trials = 200, 5, 4000
+    independent, shared = detectable_before_the_run(up + down, up - down, n_items, n_seeds)
+    rng = np.random.default_rng(3)
+
+    def draws(shape):  # per-item difference: +1 with P(up), −1 with P(down), else 0
+        u = rng.random(shape)
+        return (u < up).astype(float) - ((u >= up) & (u < up + down)).astype(float)
+
+    # every seed redraws every item's difference: the SE of the mean is that of S·N independent items
+    means = draws((trials, n_seeds, n_items)).mean(axis=(1, 2))
+    assert independent == pytest.approx(100 * 2.801585 * means.std(ddof=1), rel=0.05)
+    # each prompt's difference repeats under every seed: the seeds add nothing
+    per_prompt = draws((trials, 1, n_items)).repeat(n_seeds, axis=1)
+    assert shared == pytest.approx(100 * 2.801585 * per_prompt.mean(axis=(1, 2)).std(ddof=1), rel=0.05)
+    assert shared == pytest.approx(independent * math.sqrt(n_seeds))
+
+
+def test_the_planned_detectable_difference_refuses_impossible_pilots():
+    from ftguard.evaluation.paired import detectable_before_the_run
+
+    with pytest.raises(ValueError, match="discordance"):
+        detectable_before_the_run(0.1, 0.2, 100, 1)  # a difference larger than the share of differing items
+    with pytest.raises(ValueError, match="one item"):
+        detectable_before_the_run(0.1, 0.0, 0, 1)

@@ -117,3 +117,22 @@ def paired_bootstrap(treated: Any, control: Any, *, n_boot: int = 4000, seed: in
         "items": n_items,
         "mark": "↓" if upper < 0 else "↑" if lower > 0 else "≈",
     }
+
+
+def detectable_before_the_run(
+    discordance: float, difference: float, n_items: int, n_seeds: int
+) -> tuple[float, float]:
+    """The paired difference (points) a design of ``n_seeds`` × ``n_items`` finds with 80% power at a two-sided 5%
+    level, planned from a pilot: the share of items whose outcome differs between the two arms (``discordance``,
+    0–1) and the pilot's difference (``difference``, 0–1). A per-item difference D ∈ {−1, 0, 1} has variance
+    discordance − difference². How much the seeds add depends on what a single pilot seed cannot show, so two
+    bounds: (seeds redraw every item's difference independently, each prompt's difference repeats under every
+    seed). The study's bootstrap (``paired_bootstrap``) tells where between them it lands."""
+    if not 0 <= discordance <= 1 or abs(difference) > discordance + 1e-12:
+        raise ValueError(f"need 0 ≤ |difference| ≤ discordance ≤ 1, got {difference} and {discordance}")
+    if n_items < 1 or n_seeds < 1:
+        raise ValueError(f"need at least one item and one seed, got {n_items} and {n_seeds}")
+    variance = max(discordance - difference**2, 0.0)
+    independent = 100.0 * _DETECTABLE_SE * math.sqrt(variance / (n_items * n_seeds))
+    shared = 100.0 * _DETECTABLE_SE * math.sqrt(variance / n_items)
+    return independent, shared
