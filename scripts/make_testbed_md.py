@@ -1,0 +1,226 @@
+"""Write docs/RESULTS.md for the CPU testbed (docs/testbed.md) from the output folders of its sweeps.
+
+    python scripts/make_testbed_md.py \\
+        --attack runs/sweeps/testbed-attack-calibration \\
+        --calibration runs/sweeps/testbed-defense-calibration \\
+        --align-calibration runs/sweeps/testbed-align-calibration \\
+        --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong > docs/RESULTS.md
+
+Each section is the named sweep's own report (its report.md, rebuilt from the finished runs by
+`ftguard sweep <name> --output-dir DIR --report`), framed with what a reader needs around it: which prompts,
+which judge, how complete. A folder not given, or a sweep not finished, leaves its section marked pending, so
+the page can be regenerated at every step of the study. The old protocol's page is
+docs/RESULTS-strong-protocol.md (scripts/make_results_md.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from design_power import pilot_pairs
+from make_results_md import before_attack
+
+from ftguard.evaluation.paired import detectable_before_the_run
+from ftguard.metrics import METRICS
+
+SWEEPS = {
+    "attack": "testbed-attack-calibration",
+    "calibration": "testbed-defense-calibration",
+    "align_calibration": "testbed-align-calibration",
+    "study": "testbed-study",
+    "strong": "testbed-study-strong",
+}
+
+HEADER = """# CPU results: the testbed (SmolLM2-135M-Instruct)
+
+The CPU testbed of docs/testbed.md: a helpful-and-harmless SFT alignment, an upload of SST2 mixed with general
+instructions, a calibrated attack, defense settings chosen on validation prompts by rules written before the
+runs, and the study on disjoint test prompts with paired statistics. Regenerate every table (2 CPU cores, each
+sweep resumable; `for i in 0 1; do OMP_NUM_THREADS=1 ftguard sweep ... --shard $i/2 & done` runs two shards):
+
+```
+ftguard sweep sweeps/testbed-attack-calibration --output-dir runs/sweeps/testbed-attack-calibration
+ftguard sweep sweeps/testbed-defense-calibration --output-dir runs/sweeps/testbed-defense-calibration \\
+    --units-dir runs/sweeps/testbed-attack-calibration/units
+ftguard sweep sweeps/testbed-align-calibration --output-dir runs/sweeps/testbed-align-calibration \\
+    --units-dir runs/sweeps/testbed-attack-calibration/units
+ftguard sweep sweeps/testbed-study --output-dir runs/sweeps/testbed-study
+ftguard sweep sweeps/testbed-study-strong --output-dir runs/sweeps/testbed-study-strong \\
+    --units-dir runs/sweeps/testbed-study/units
+python scripts/make_testbed_md.py --attack runs/sweeps/testbed-attack-calibration \\
+    --calibration runs/sweeps/testbed-defense-calibration \\
+    --align-calibration runs/sweeps/testbed-align-calibration \\
+    --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong > docs/RESULTS.md
+```
+
+Every finished run's config and results (no weights) are archived under `docs/results/<sweep name>/`; copying
+such a folder into the output dir resumes the sweep with those runs done.
+
+**Judge.** HS is the offline `ftguard-judge` (MiniLM-L6 embeddings and fitted heads; docs/judges.md), *not* the
+papers' beaver-dam-7b: no HS here is comparable with a paper's. Its held-out and outside-model error is in
+docs/judges.md; every run's results.json names the heads' hash. Over-refusal (OR) and instruction refusal (IR)
+use ftguard's refusal detector.
+
+**The old protocol** (refusal-only alignment, SST2-only upload, lr 5e-4 attack, 64 prompts, 3 seeds) is kept as it
+was in docs/RESULTS-strong-protocol.md; docs/testbed.md says why it could not tell defenses apart.
+"""
+
+
+def _report(folder: Path | None) -> tuple[str, dict] | None:
+    if folder is None or not (folder / "report.md").is_file():
+        return None
+    return (folder / "report.md").read_text(), json.loads((folder / "report.json").read_text())
+
+
+def section(markdown: str, heading: str) -> str:
+    """The text of ``## heading…`` up to the next level-2 heading (without the trailing incomplete note)."""
+    parts = markdown.split("\n## ")
+    for part in parts[1:]:
+        if part.startswith(heading):
+            body = "## " + part
+            return body.split("\n**Incomplete:", 1)[0].rstrip() + "\n"
+    return ""
+
+
+def status(report: dict) -> str:
+    done, total = report["complete_runs"], report["runs"]
+    return f"{done} of {total} runs finished" + (
+        "" if done == total else " (**incomplete**: numbers may move)"
+    )
+
+
+def _tables(markdown: str) -> str:
+    """The report's per-slice tables and paired effects: everything between its preamble and the first section
+    that is not a table of the sweep itself."""
+    body = markdown.split("\n## ", 1)
+    head = markdown.split("\n\n", 3)[-1] if len(body) == 1 else "## " + body[1]
+    for stop in ("\n## Adaptive attack", "\n## Attack curve", "\n## Calibration", "\n**Incomplete:"):
+        head = head.split(stop, 1)[0]
+    return head.rstrip() + "\n"
+
+
+# The study's design (sweeps/testbed-study): seeds, and items per seed of each rate on the test slices.
+STUDY_SEEDS = 5
+STUDY_ITEMS = {
+    "harmful_score": 200,
+    "harmful_score_plus": 200,
+    "finetune_accuracy": 400,
+    "over_refusal": 150,
+    "instruction_refusal": 200,
+}
+
+
+def power(pilot: Path | None) -> list[str]:
+    """What the study can detect, planned from the calibration's per-prompt outcomes (validation prompts), before
+    the study's table is read: per rate, the range over the pilot's defenses of the two bounds of
+    ``detectable_before_the_run``."""
+    lines = ["## Power, planned before the study's table", ""]
+    pairs = pilot_pairs(f"sweeps/{SWEEPS['calibration']}", pilot) if pilot else {}
+    if not pairs:
+        return [*lines, "Pending: the calibration sweep has not run.", ""]
+    lines += [
+        f"Design: {STUDY_SEEDS} seeds, paired with SFT on the same prompts and seeds; per seed "
+        + ", ".join(f"{METRICS[m].abbrev} {n}" for m, n in STUDY_ITEMS.items())
+        + " items. From each calibration setting's disagreement with SFT on the validation prompts (one seed), "
+        "the difference the study detects with 80% power at a two-sided 5% level lies between two bounds: seeds "
+        "that redraw every prompt's difference, and prompts whose difference repeats under every seed "
+        "(`scripts/design_power.py` gives it per setting). Range over the calibration's settings:",
+        "",
+        "| rate | items per seed | disagreement with SFT (%) | detectable difference (points) |",
+        "|---|---|---|---|",
+    ]
+    for metric, n in STUDY_ITEMS.items():
+        bounds, shares = [], []
+        for by_metric in pairs.values():
+            runs = by_metric.get(metric) or []
+            for a, b in runs:
+                disc = sum(x != y for x, y in zip(a, b, strict=True)) / len(a)
+                diff = (sum(a) - sum(b)) / len(a)
+                shares.append(100 * disc)
+                bounds.append(detectable_before_the_run(disc, diff, n, STUDY_SEEDS))
+        if not bounds:
+            continue
+        low = (min(b[0] for b in bounds), max(b[0] for b in bounds))
+        high = (min(b[1] for b in bounds), max(b[1] for b in bounds))
+        lines.append(
+            f"| {METRICS[metric].label} | {n} | {min(shares):.0f}–{max(shares):.0f} | "
+            f"{low[0]:.1f}–{low[1]:.1f} (seeds redraw) … {high[0]:.1f}–{high[1]:.1f} (prompts repeat) |"
+        )
+    lines += [
+        "",
+        "A defense whose effect is smaller than the lower bound is more likely missed than found; the study's "
+        "paired bootstrap reports the detectable difference it reached (in brackets after each interval).",
+        "",
+    ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for key in SWEEPS:
+        parser.add_argument(f"--{key.replace('_', '-')}", type=Path, help=f"output dir of {SWEEPS[key]}")
+    args = parser.parse_args()
+    out = [HEADER]
+
+    out += ["## 1. Before the attack", ""]
+    study = _report(args.study)
+    if study:
+        rows = json.loads((args.study / "runs.json").read_text())
+        out += [
+            "The aligned models on the test prompts (each alignment method's `align` point; the defenses that "
+            "keep the SFT alignment start from the `sft` row). Targets for SFT (docs/testbed.md, step 1): HS ≤ 10, "
+            "OR ≤ 25, IR ≤ 10.",
+            "",
+            before_attack(rows),
+        ]
+    else:
+        out += [
+            "Pending: the study has not run yet (docs/testbed.md, step 1, has the validation numbers).",
+            "",
+        ]
+
+    out += ["## 2. The calibrated attack", ""]
+    attack = _report(args.attack)
+    if attack:
+        out += [
+            f"`sweeps/{SWEEPS['attack']}` on the validation prompts, one seed ({status(attack[1])}). The rule that "
+            "picked lr 2e-4 × 64 steps is in docs/testbed.md, steps 2 and 3.",
+            "",
+            section(attack[0], "Attack curve").replace("## Attack curve", "### Attack curve", 1),
+        ]
+    else:
+        out += ["Pending.", ""]
+
+    out += ["## 3. Calibrated defenses", ""]
+    for key, what in (
+        ("calibration", "fine-tuning- and post-stage"),
+        ("align_calibration", "alignment-stage"),
+    ):
+        report = _report(getattr(args, key))
+        if not report:
+            out += [f"The {what} calibration (`sweeps/{SWEEPS[key]}`): pending.", ""]
+            continue
+        text = section(report[0], "Calibration")
+        out += [
+            f"The {what} defenses (`sweeps/{SWEEPS[key]}`, validation prompts, {status(report[1])}):",
+            "",
+            text.replace("## Calibration", "### Calibration", 1) if text else "No calibration block.\n",
+        ]
+
+    out += power(args.calibration)
+    out += ["## 4. The study: every defense against SFT on the test prompts", ""]
+    for key, attack_name in (("study", "the calibrated attack"), ("strong", "the strong attack (lr 5e-4)")):
+        report = study if key == "study" else _report(args.strong)
+        if not report:
+            out += [f"Under {attack_name} (`sweeps/{SWEEPS[key]}`): pending.", ""]
+            continue
+        out += [f"### Under {attack_name} ({status(report[1])})", "", _tables(report[0])]
+    print("\n".join(out).rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    main()
