@@ -245,7 +245,8 @@ def test_single_topology_projects_the_users_change_not_the_continued_alignment_l
 
 
 def test_modules_the_alignment_never_changed_are_refused(models):
-    # The aligned LoRA did not touch the MLPs: there is no subspace to project onto (the original writes NaN).
+    # The aligned LoRA did not touch the MLPs: there is no subspace to project onto (the original divides 0 by 0
+    # and silently leaves such a module unprojected).
     cfg = SafeLoraConfig(target_modules=["q_proj"])
     SafeLora(cfg).repair(_ctx(models.root))  # a subset of the user's LoRA modules is fine
     ctx = _ctx(models.root, topology="full", finetuned="finetuned", adapter=None)

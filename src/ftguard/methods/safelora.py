@@ -24,18 +24,28 @@ read from the adapter. ``single`` continues the alignment LoRA, so that adapter 
 change in weight space (rank ≤ 2r). ``full`` has no adapter: ΔW = W_F − W_A on ``target_modules`` (default: the
 run's ``adapter.finetune.target_modules``). Both use the same rule on a different ΔW, not a different method.
 
-Differences from the original code (not copied, documented here):
+Differences from the original code (IBM/SafeLoRA ``model.py``, class ``SafeLoRA``) and from its later port in
+PEFT (``peft/utils/safelora.py``), each not copied:
 
-* Layers are matched by module name. The original pairs the adapter's lora_A/lora_B tensors with the safety
-  matrices by their positions in two independently ordered name lists (adapter file vs. model weight map),
-  and pairs A with B by position, which silently mismatches layers when the orders differ.
+* Layers are matched by module name. The original walks the base and aligned models' ``named_parameters()`` in
+  step (``get_aligned_matrix``: ``zip`` over both, kept when a target-module name is a substring), then hands
+  those matrices out by a running counter while walking the LoRA model's parameters, taking a lora tensor with
+  ``shape[0] == r`` for lora_A and the next one for lora_B: a substring that also matches another parameter, or
+  a module whose out_features equals r, shifts every later pairing silently. The PEFT port pairs by position
+  too, over two independently ordered name lists (the adapter file's and the model's weight map).
 * ``number`` projects exactly the k least similar layers (ties broken by module order). The original sets the
-  threshold to the k-th smallest cosine (rounded to 5 decimals) and projects every layer ≤ it, so ties project
-  more than k layers. In ``threshold`` mode the comparison is ≤ as in the code (the paper says "below").
+  threshold to the k-th smallest cosine rounded to 5 decimals and projects every layer ≤ it, so ties project
+  more than k (the PEFT port's first version rounds the same way; it also edits the adapter in place during a
+  first, threshold-0.5 pass that its second pass then starts from). ``threshold`` compares with ≤ as both codes
+  do (the paper says "below").
 * C·ΔW is computed as V(VᵀΔW)/‖V‖_F (no [out × out] matrix; equal in exact arithmetic) in float32 on the
-  model's device; the original casts C to bf16 on GPU.
-* A module whose alignment matrix is zero (the alignment never changed it) has no alignment subspace; the
-  original divides by zero and writes NaN weights. Here that is an error naming the modules.
+  model's device. The original keeps the models' dtype; the PEFT port casts C to bf16 (its ``dtype`` default).
+* A module whose alignment matrix is zero (the alignment never changed it) has no alignment subspace: here an
+  error naming the modules. The original divides 0 by 0, its NaN cosine fails the ≤ test, and the module is
+  silently left unprojected (in ``number`` mode a NaN can even become the threshold, and then nothing is
+  projected); the later PEFT port raises an error when base and aligned weights are equal.
+* Both codes project lora_B only (C(BA) = (CB)A) and compute the cosine on B·A without the LoRA scaling; here
+  ΔW carries the scaling. Neither changes the result: a positive factor leaves a cosine as it is.
 
 Note that C = VVᵀ/‖V‖_F is not a projector (C² ≠ C unless V's nonzero singular values are all equal to ‖V‖_F);
 only ``projection: exact`` is idempotent.
