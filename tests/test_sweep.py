@@ -319,6 +319,44 @@ def test_each_run_s_time_is_counted_once_per_attempt(tmp_path, monkeypatch):
     assert [e["wall_time_s"] for e in index.values()] == [20.0, 20.0]
 
 
+def test_stop_after_starts_no_run_that_would_end_past_the_budget_and_the_same_command_goes_on(
+    tmp_path, monkeypatch, capsys
+):
+    import ftguard.sweep.runner as runner
+
+    now = [0.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: now[0])
+    path = _sweep_file(tmp_path, "s", [0.0, 0.1, 0.2, 0.3])
+    done, calls = set(), []
+    minutes = {0.0: 10, 0.1: 25, 0.2: 10, 0.3: 10}
+
+    def run_all(p, wait):
+        calls.append(p)
+        now[0] += minutes[p] * 60
+        done.add(p)
+        return {"complete": True}
+
+    monkeypatch.setattr(runner, "is_done", lambda run: run.config.data.finetune.harmful_ratio in done)
+    _fake_pipeline(monkeypatch, run_all)
+    out = tmp_path / "out"
+    # 1 h: 0 and 0.1 end at 35 min; 0.2 would end at 35 + 25 (the longest so far) = 60 min, not past 1 h; 0.3 at
+    # 45 + 25 = 70 min would be: it is left for the next call.
+    cli.main(["sweep", str(path), "--output-dir", str(out), "--stop-after", "1"])
+    assert calls == [0.0, 0.1, 0.2]
+    assert "stopped by --stop-after with 1 run(s) left" in capsys.readouterr().out
+    cli.main(["sweep", str(path), "--output-dir", str(out), "--stop-after", "1"])
+    assert calls == [0.0, 0.1, 0.2, 0.3]
+    assert "stopped by" not in capsys.readouterr().out
+
+
+def test_stop_after_must_be_a_positive_number_of_hours(tmp_path, capsys):
+    path = _sweep_file(tmp_path, "n", [0.0])
+    for bad in ("0", "-2", "soon"):
+        with pytest.raises(SystemExit):
+            cli.main(["sweep", str(path), "--stop-after", bad])
+        assert "--stop-after takes a positive number of hours" in capsys.readouterr().err
+
+
 def test_the_progress_bar_counts_runs_done_before_the_start_as_its_initial_value(tmp_path, monkeypatch):
     import tqdm.auto
 

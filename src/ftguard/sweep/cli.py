@@ -24,9 +24,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
     p.add_argument("--shard", metavar="I/N", help="run only runs I, I+N, ... (for N parallel processes)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    p.add_argument(
+        "--stop-after",
+        type=_hours,
+        metavar="HOURS",
+        help="start no run that would end past HOURS from now (judged by the longest run so far); the same "
+        "command resumes: for sweeps longer than a working session",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace units of a different config")
     p.add_argument("--json", action="store_true", help="print the plan or report as JSON")
     p.set_defaults(func=cmd_sweep)
+
+
+def _hours(text: str) -> float:
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = -1.0
+    if not hours > 0:
+        raise argparse.ArgumentTypeError(f"--stop-after takes a positive number of hours, got {text!r}")
+    return hours
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -55,12 +72,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             shard=shard,
             fail_fast=args.fail_fast,
+            stop_after_h=args.stop_after,
         )
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2, default=str))
     else:
         print(report["markdown"])
         print(f"report: {out / 'report.md'} (runs.csv, runs.json, hs_vs_p.png, hs_vs_fa.png beside it)")
+    if report.get("not_started"):
+        print(
+            f"ftguard: stopped by --stop-after with {report['not_started']} run(s) left; run the same command again"
+        )
     if report.get("failed"):
         print(f"ftguard: {len(report['failed'])} run(s) failed: {', '.join(report['failed'])}")
         return 1

@@ -101,9 +101,15 @@ def run_sweep(
     overwrite: bool = False,
     fail_fast: bool = False,
     shard: tuple[int, int] | None = None,
+    stop_after_h: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the sweep (or this process's shard of it); returns the aggregate report of every finished run."""
+    """Run the sweep (or this process's shard of it); returns the aggregate report of every finished run.
+
+    ``stop_after_h``: start no run that would end past this many hours from the start, judged by the longest run
+    this process has finished (before the first, any run starts). A sweep longer than a working session then
+    stops with finished runs only; the same command resumes it.
+    """
     from tqdm.auto import tqdm
 
     from ftguard import distributed
@@ -136,6 +142,8 @@ def run_sweep(
     others = [r for r in runs if shard is not None and r.id not in own]
     todo = [*mine, *others]
     busy: set[str] = set()  # runs that found a unit another shard is making, since a run last finished
+    longest = 0.0  # the longest run this process finished: what the next one is assumed to take
+    stopped = 0
     # Runs done before this start are counted up front, so that the rate and ETA reflect the work left.
     for run in [r for r in todo if is_done(r)]:
         entries[run.id] = _entry(run, "complete", None)
@@ -159,6 +167,16 @@ def run_sweep(
                 todo.remove(run)
                 bar.update(1)
                 continue
+            if stop_after_h is not None and time.monotonic() - start + longest > stop_after_h * 3600:
+                stopped = len(todo)
+                log.warning(
+                    "sweep %s: %d run(s) not started, the next would end past --stop-after %gh; run the same "
+                    "command again to go on",
+                    sweep.name,
+                    stopped,
+                    stop_after_h,
+                )
+                break
             t0 = time.monotonic()
             try:
                 pipeline = Pipeline(run.resolved, overwrite=overwrite, store=store, wait_for_units=wait)
@@ -176,7 +194,9 @@ def run_sweep(
                 log.error("sweep run %s failed: %s", run.id, exc)
             todo.remove(run)
             busy.clear()
-            entries[run.id] = _entry(run, status, round(time.monotonic() - t0, 1))
+            wall = time.monotonic() - t0
+            longest = max(longest, wall)
+            entries[run.id] = _entry(run, status, round(wall, 1))
             _update_index(out, sweep.name, {run.id: entries[run.id]})
             bar.update(1)
     # Runs finished here are in the index already; those found done are added now, keeping the time recorded
@@ -185,6 +205,7 @@ def run_sweep(
     report = write_report(sweep, runs, out)
     report["wall_time_s"] = round(time.monotonic() - start, 1)
     report["failed"] = failures
+    report["not_started"] = stopped
     return report
 
 
