@@ -40,7 +40,7 @@ def _rows(seqs):
     ]
 
 
-def _trainer(tmp_path, cls=rn.RepNoiseTrainer, ga=1, harmful_bs=None, model=None, **cfg):
+def _trainer(tmp_path, cls=rn.RepNoiseTrainer, ga=1, harmful_bs=None, model=None, aux=None, **cfg):
     return tiny_trainer(
         cls,
         tmp_path,
@@ -49,7 +49,7 @@ def _trainer(tmp_path, cls=rn.RepNoiseTrainer, ga=1, harmful_bs=None, model=None
         _rows(HARMLESS),
         collator=CausalLMCollator(pad_token_id=PAD),
         method_config=rn.RepNoiseConfig(harmful_batch_size=harmful_bs, **cfg),
-        aux={"harmful": _rows([(h, 0) for h in HARMFUL])},
+        aux=aux or {"harmful": _rows([(h, 0) for h in HARMFUL])},
         per_device_train_batch_size=3,
         gradient_accumulation_steps=ga,
         seed=11,
@@ -169,17 +169,22 @@ def test_config_defaults_and_validation():
 # ----------------------------------------------------------------------------- the step
 
 
-def _reference_terms(trainer, seed, cfg):
-    """Retain, MMD and harmful CE recomputed here: a fresh twin stream, test-side hooks, loops, NumPy."""
+def _reference_terms(trainer, seed, cfg, expected_harmful=None):
+    """Retain, MMD and harmful CE recomputed here: a fresh twin stream, test-side hooks, loops, NumPy.
+    ``expected_harmful(stream_batch)`` gives the harmful batch the step should use (default: the stream's)."""
     model = trainer.model
     base = model.get_base_model()
     harmless = _harmless_batch()
-    twin = _trainer(trainer.args.output_dir, model=model, harmful_bs=cfg.harmful_batch_size)
+    twin = _trainer(
+        trainer.args.output_dir, model=model, harmful_bs=cfg.harmful_batch_size, aux=trainer.aux_datasets
+    )
 
     # Same global-RNG consumption order as the step (a new DataLoader iterator draws its base seed from it).
     torch.manual_seed(seed)
     retain = model(**harmless).loss  # the model's own mean response CE (SFT)
     harmful = twin.aux_batch("harmful", cfg.harmful_batch_size)
+    if expected_harmful is not None:
+        harmful = expected_harmful(harmful)
     ids, attn = harmful["input_ids"], harmful["attention_mask"]
     mask = manual_mask(
         [r[r_m.bool()].tolist() for r, r_m in zip(ids, attn, strict=True)],
@@ -216,6 +221,58 @@ def test_each_loss_term_and_the_total_equal_an_independent_computation(tmp_path,
     assert rec["repnoise_retain_loss"] == pytest.approx(retain, rel=1e-5)
     assert rec["repnoise_mmd"] == pytest.approx(mmd, rel=1e-4, abs=1e-6)
     assert rec["repnoise_harmful_ce"] == pytest.approx(hce, rel=1e-5)
+    assert loss.item() == pytest.approx(retain + 0.5 * mmd - 0.3 * math.log(1 + hce), rel=1e-5)
+
+
+# Harmful answers with response labels: the first two answer the prompts of HARMLESS rows 1 and 0 (prompt ids
+# [1, 5, 6, 13] and [1, 5, 6, 10]); HARMLESS row 2's prompt [1, 5, 6, 15, 16] has no harmful answer.
+PAIRED = [
+    ([1, 5, 6, 13, 50, 51, 2], 4),
+    ([1, 5, 6, 10, 52, 2], 4),
+    ([1, 5, 8, 60, 61, 2], 3),
+    ([1, 9, 62, 2], 2),
+]
+
+
+def _unpadded(batch, i):
+    real = batch["attention_mask"][i].bool()
+    return [batch[k][i][real].tolist() for k in ("input_ids", "labels")]
+
+
+def test_paired_mode_takes_the_harmful_answer_to_each_rows_question_and_the_stream_row_elsewhere(tmp_path):
+    aux = {"harmful": _rows(PAIRED)}
+    trainer = _trainer(tmp_path, aux=aux, harmful_bs=4, harmful_pairing="paired")
+    twin = _trainer(tmp_path, aux=aux, harmful_bs=4)
+    torch.manual_seed(5)
+    batch = trainer.harmful_batch(_harmless_batch())
+    torch.manual_seed(5)
+    stream = twin.aux_batch("harmful", 4)
+    rows = [_unpadded(batch, i) for i in range(4)]
+    assert rows[0] == [PAIRED[1][0], [-100] * 4 + PAIRED[1][0][4:]]
+    assert rows[1] == [PAIRED[0][0], [-100] * 4 + PAIRED[0][0][4:]]
+    # no pair for row 2, and row 3 is past the alignment batch: the random stream's rows, in place
+    assert rows[2:] == [_unpadded(stream, 2), _unpadded(stream, 3)]
+    assert trainer._recorded["repnoise_paired_rows"][0] == pytest.approx(0.5)
+    # unpaired (the default) is the stream itself
+    torch.manual_seed(5)
+    plain = _trainer(tmp_path, aux=aux, harmful_bs=4).harmful_batch(_harmless_batch())
+    assert all(torch.equal(plain[k], stream[k]) for k in stream)
+
+
+def test_paired_mode_loss_terms_equal_an_independent_computation_on_the_paired_batch(tmp_path):
+    aux = {"harmful": _rows(PAIRED)}
+    trainer = _trainer(tmp_path, aux=aux, alpha=0.3, beta=0.5, harmful_pairing="paired")
+    torch.manual_seed(123)
+    loss = trainer.compute_loss(trainer.model, _harmless_batch())
+    rec = {k: v[0] for k, v in trainer._recorded.items()}
+
+    def paired(stream):  # written out from PAIRED: rows 0 and 1 have answers, row 2 keeps the stream's
+        rows = [PAIRED[1][0], PAIRED[0][0], _unpadded(stream, 2)[0]]
+        return CausalLMCollator(pad_token_id=PAD)(_rows([(r, 0) for r in rows]))
+
+    retain, mmd, hce = _reference_terms(trainer, 123, trainer.method_config, expected_harmful=paired)
+    assert rec["repnoise_harmful_ce"] == pytest.approx(hce, rel=1e-5)
+    assert rec["repnoise_mmd"] == pytest.approx(mmd, rel=1e-4, abs=1e-6)
     assert loss.item() == pytest.approx(retain + 0.5 * mmd - 0.3 * math.log(1 + hce), rel=1e-5)
 
 

@@ -24,6 +24,11 @@ for unpaired batches; none changes the objective (docs/methods.md, RepNoise):
   ``retain_loss: response`` (default, the objective's "CE(harmless)") uses the stage's SFT loss on response
   tokens, so that α = β = 0 is SFT; ``retain_loss: masked_input_ids`` reproduces the original term.
 * Gradient accumulation and DDP scaling are the Trainer's (the original divided only the reported loss).
+* Pairing. Rosati et al.'s ``datasets.py`` builds the refusals and the harmful answers from the same BeaverTails
+  rows, so row i of both batches answers one question and the mask drops exactly the shared prompt; Booster's
+  copy draws the harmful batch at random. The default follows Booster's (the comparison ftguard reproduces);
+  ``harmful_pairing: paired`` is Rosati et al.'s, with unpaired rows where the alignment row has no harmful
+  counterpart (the benign half of a helpful-and-harmless mix).
 """
 
 from __future__ import annotations
@@ -72,6 +77,16 @@ class RepNoiseConfig:
         metadata={
             "help": "harmless term: 'response' = the SFT loss on response tokens; 'masked_input_ids' = the original "
             "code's CE on the harmless input ids where they differ from the harmful batch's"
+        },
+    )
+    # Booster's copy (which ftguard follows) draws the harmful batch at random; Rosati et al.'s own code zips the
+    # refusals with the harmful answers to the same questions, so that the token mask drops the shared prompt.
+    harmful_pairing: Literal["unpaired", "paired"] = field(
+        default="unpaired",
+        metadata={
+            "help": "'unpaired' = a random harmful batch (the Booster repo's baseline); 'paired' = row i is the "
+            "harmful answer to row i's prompt where the alignment set has one (Rosati et al.'s code), else row i "
+            "of the random batch"
         },
     )
     # Gaussian kernel, 5 bandwidths spaced by a factor of 2 (the original MMD_loss defaults).
@@ -152,6 +167,17 @@ def masked_next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Te
     return F.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep])
 
 
+def prompt_key(ids, attention_mask, labels) -> tuple[int, ...]:
+    """The prompt's token ids of one (right-padded) training row: its real tokens before the first label.
+
+    A refusal and the harmful answer to the same question, formatted by the same template, share this key.
+    """
+    ids, labels = [int(t) for t in ids], [int(t) for t in labels]
+    real = sum(int(m) for m in attention_mask)
+    start = next((t for t in range(real) if labels[t] != -100), real)
+    return tuple(ids[:start])
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 
 
@@ -188,7 +214,7 @@ class RepNoiseTrainer(FtguardTrainer):
             )
 
         # 2. Token mask of the harmful batch.
-        harmful = self.aux_batch("harmful", cfg.harmful_batch_size)
+        harmful = self.harmful_batch(inputs)
         h_ids, h_attn = harmful["input_ids"], harmful["attention_mask"]
         mask = differing_token_mask(h_ids, h_attn, inputs["input_ids"], inputs["attention_mask"])
         if cfg.retain_loss == "masked_input_ids":
@@ -266,6 +292,41 @@ class RepNoiseTrainer(FtguardTrainer):
         )
         return (loss, outputs) if return_outputs else loss
 
+    def harmful_batch(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The step's harmful batch: the random stream's next batch, with row i replaced, in paired mode, by the
+        harmful answer to the prompt of the alignment batch's row i where there is one (benign rows of a
+        helpful-and-harmless mix have none). The stream is drawn either way, so both modes resume alike."""
+        cfg: RepNoiseConfig = self.method_config
+        unpaired = self.aux_batch("harmful", cfg.harmful_batch_size)
+        if cfg.harmful_pairing == "unpaired":
+            return unpaired
+        dataset, by_prompt = self.aux_datasets["harmful"], self._harmful_by_prompt()
+        rows, paired = [], 0
+        for i in range(unpaired["input_ids"].shape[0]):
+            j = None
+            if i < inputs["input_ids"].shape[0]:
+                j = by_prompt.get(
+                    prompt_key(inputs["input_ids"][i], inputs["attention_mask"][i], inputs["labels"][i])
+                )
+            if j is None:
+                real = unpaired["attention_mask"][i].bool()
+                rows.append(
+                    {k: unpaired[k][i][real].tolist() for k in ("input_ids", "attention_mask", "labels")}
+                )
+            else:
+                rows.append(dataset[j])
+                paired += 1
+        self.record(repnoise_paired_rows=torch.tensor(paired / len(rows)))
+        return self._prepare_inputs(self.data_collator(rows))
+
+    def _harmful_by_prompt(self) -> dict[tuple[int, ...], int]:
+        if getattr(self, "_by_prompt", None) is None:
+            index: dict[tuple[int, ...], int] = {}
+            for j, row in enumerate(self.aux_datasets["harmful"]):
+                index.setdefault(prompt_key(row["input_ids"], row["attention_mask"], row["labels"]), j)
+            self._by_prompt = index
+        return self._by_prompt
+
     @staticmethod
     @torch.no_grad()
     def _batch_retain_loss(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -280,7 +341,9 @@ class RepNoise(Method):
 
     Keeps the refusal (harmless) loss low while pushing the MLP outputs of harmful text toward Gaussian noise
     (MMD, weight β) and raising the harmful CE read out from every layer (−α·log(1 + CE)). The harmful batch is
-    a random, unpaired batch of the alignment prompts' harmful answers, as in the Booster repo's baseline.
+    a random, unpaired batch of the alignment prompts' harmful answers, as in the Booster repo's baseline
+    (``harmful_pairing: paired`` pairs each refusal with the harmful answer to its question, as Rosati et al.'s
+    code does).
     """
 
     name = "repnoise"
