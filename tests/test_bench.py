@@ -43,3 +43,18 @@ def test_cli_writes_json_and_rejects_unknown_methods(tmp_path, capsys):
     assert set(report["methods"]) == {"sft"} and "time_ratio" in report["methods"]["sft"]
     assert cli.main([*args, "--methods", "sft,vacine"]) == 2
     assert "unknown method(s) vacine" in capsys.readouterr().err
+
+
+def test_a_method_variant_is_timed_with_its_args_changed(tmp_path):
+    from ftguard.bench import _Fixture, method_variant
+    from ftguard.errors import FtguardError
+
+    assert method_variant("repnoise:readout=sampled:readout_negatives=512") == (
+        "repnoise",
+        {"readout": "sampled", "readout_negatives": 512},
+    )
+    with pytest.raises(FtguardError, match="name:key=value"):
+        method_variant("repnoise:readout")
+    fixture = _Fixture(BenchSpec(methods=["repnoise:readout=sampled"], seq_len=64, batch_size=2))
+    stage, method = fixture.method("repnoise:readout=sampled:alpha=0.5")
+    assert stage == "align" and (method.config.readout, method.config.alpha) == ("sampled", 0.5)

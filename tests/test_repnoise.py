@@ -407,3 +407,64 @@ def test_pipeline_end_to_end_with_repnoise(tmp_path):
         for e in entries
         for k in ("repnoise_retain_loss", "repnoise_mmd", "repnoise_harmful_ce")
     )
+
+
+# ----------------------------------------------------------------------------- sampled read-out (approximation)
+
+
+def _head(vocab=50, dim=8, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(dim, vocab, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, dim, generator=g))
+        if bias:
+            head.bias.copy_(torch.randn(vocab, generator=g))
+    return head, torch.randn(6, dim, generator=g), torch.randint(0, vocab, (6,), generator=g)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sampled_readout_over_the_whole_vocabulary_is_the_exact_ce(bias):
+    head, h, labels = _head(bias=bias)
+    every = torch.randperm(50)
+    exact = torch.nn.functional.cross_entropy(head(h), labels)
+    assert rn.sampled_readout_ce(h, head, labels, every).item() == pytest.approx(exact.item(), rel=1e-6)
+
+
+def test_sampled_readout_estimates_each_partition_function_without_bias():
+    head, h, labels = _head()
+    with torch.no_grad():
+        logits = head(h).double()
+        true_z = logits.exp().sum(-1)
+        draws = []
+        for seed in range(4000):
+            negatives = torch.randperm(50, generator=torch.Generator().manual_seed(seed))[:10]
+            ce = torch.stack(
+                [rn.sampled_readout_ce(h[i : i + 1], head, labels[i : i + 1], negatives) for i in range(6)]
+            )
+            # CE = log Z − s_y, so Z = exp(CE + s_y)
+            draws.append((ce.double() + logits[torch.arange(6), labels]).exp())
+        mean_z = torch.stack(draws).mean(0)
+    assert torch.allclose(mean_z, true_z, rtol=0.03)
+
+
+def test_readout_sampled_in_the_step_equals_exact_with_the_whole_vocabulary_and_differs_with_few_tokens(
+    tmp_path,
+):
+    vocab = tiny_llama().config.vocab_size
+    recorded = {}
+    for name, cfg in {
+        "exact": {},
+        "all": {"readout": "sampled", "readout_negatives": vocab},
+        "few": {"readout": "sampled", "readout_negatives": 4},
+    }.items():
+        trainer = _trainer(tmp_path / name, alpha=0.3, beta=0.5, **cfg)
+        torch.manual_seed(123)
+        trainer.compute_loss(trainer.model, _harmless_batch())
+        recorded[name] = trainer._recorded["repnoise_harmful_ce"][0]
+    assert recorded["all"] == pytest.approx(recorded["exact"], rel=1e-5)
+    assert math.isfinite(recorded["few"]) and recorded["few"] != pytest.approx(recorded["exact"], rel=1e-3)
+
+
+def test_readout_negatives_must_be_positive():
+    with pytest.raises(ConfigError, match="readout_negatives"):
+        from_dict(rn.RepNoiseConfig, {"readout_negatives": 0})

@@ -75,6 +75,21 @@ def _run_config(spec: BenchSpec):
     )
 
 
+def method_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name:key=value:key=value`` → (name, args): a method timed with some args changed (values read as YAML),
+    e.g. ``repnoise:readout=sampled``. The report keeps the whole spec as the row's name."""
+    import yaml
+
+    name, *pairs = spec.split(":")
+    args = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise FtguardError(f"bench: '{spec}': write a method variant as name:key=value[:key=value]")
+        args[key] = yaml.safe_load(value)
+    return name, args
+
+
 class _Fixture:
     """The shared pieces: data plan, tokenizer, base weights and fixed-length batches."""
 
@@ -117,10 +132,11 @@ class _Fixture:
         from ftguard.resolve import resolve_run
 
         known = all_methods()
+        name, variant = method_variant(name)
         stage = "align" if name not in known or "align" in known[name].stages else "finetune"
         data = self.run.to_dict()
         bench_args = dict(known[name].bench_args) if name in known else {}
-        data[stage] = {**data[stage], "method": name, "args": bench_args}
+        data[stage] = {**data[stage], "method": name, "args": {**bench_args, **variant}}
         if stage == "align":
             data["finetune"] = None  # one stage is timed: no fine-tuning topology for it to object to
         return stage, resolve_run(config_from_dict(data)).method(stage)

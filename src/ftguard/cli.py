@@ -361,7 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="step time and peak memory of methods as ratios to SFT, measured in one run"
     )
-    p.add_argument("--methods", default="sft", help="comma-separated method names (sft is always included)")
+    p.add_argument(
+        "--methods",
+        default="sft",
+        help="comma-separated method names (sft is always included); name:key=value times a variant, e.g. repnoise:readout=sampled",
+    )
     p.add_argument(
         "--model",
         help="tiny, smollm2-135m, gemma3-270m, a hub id or a path (default tiny; smollm2-135m with --generation)",
