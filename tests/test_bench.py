@@ -46,8 +46,9 @@ def test_cli_writes_json_and_rejects_unknown_methods(tmp_path, capsys):
 
 
 def test_a_method_variant_is_timed_with_its_args_changed(tmp_path):
-    from ftguard.bench import _Fixture, method_variant
+    from ftguard.bench import _Fixture, check_methods, method_variant
     from ftguard.errors import FtguardError
+    from ftguard.schema import ConfigError
 
     assert method_variant("repnoise:readout=sampled:readout_negatives=512") == (
         "repnoise",
@@ -55,6 +56,11 @@ def test_a_method_variant_is_timed_with_its_args_changed(tmp_path):
     )
     with pytest.raises(FtguardError, match="name:key=value"):
         method_variant("repnoise:readout")
+    check_methods(["sft", "repnoise:readout=sampled"])
+    with pytest.raises(FtguardError, match="unknown method.*nosuch:a=1"):
+        check_methods(["nosuch:a=1"])
+    with pytest.raises(ConfigError, match="readout"):
+        check_methods(["repnoise:readout=approximately"])
     fixture = _Fixture(BenchSpec(methods=["repnoise:readout=sampled"], seq_len=64, batch_size=2))
     stage, method = fixture.method("repnoise:readout=sampled:alpha=0.5")
     assert stage == "align" and (method.config.readout, method.config.alpha) == ("sampled", 0.5)

@@ -90,6 +90,19 @@ def method_variant(spec: str) -> tuple[str, dict[str, Any]]:
     return name, args
 
 
+def check_methods(specs: list[str]) -> None:
+    """Every name known and every variant's args valid, before any model is loaded."""
+    from ftguard.methods.registry import all_methods
+
+    known = all_methods()
+    variants = [method_variant(spec) for spec in specs]
+    unknown = [spec for spec, (name, _) in zip(specs, variants, strict=True) if name not in known]
+    if unknown:
+        raise FtguardError(f"bench: unknown method(s) {', '.join(unknown)} (see `ftguard methods`)")
+    for spec, (name, args) in zip(specs, variants, strict=True):
+        known[name].parse_args({**known[name].bench_args, **args}, prefix=f"bench {spec}")
+
+
 class _Fixture:
     """The shared pieces: data plan, tokenizer, base weights and fixed-length batches."""
 

@@ -190,11 +190,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         topology=args.topology,
     )
-    from ftguard.methods.registry import all_methods
+    from ftguard.bench import check_methods
 
-    unknown = [m for m in spec.methods if m not in all_methods()]
-    if unknown:
-        raise FtguardError(f"bench: unknown method(s) {', '.join(unknown)} (see `ftguard methods`)")
+    check_methods(spec.methods)
     with tempfile.TemporaryDirectory(prefix="ftguard-bench-") as tmp:
         report = run_bench(spec, Path(tmp), memory=not args.no_memory)
     table = markdown(report)
