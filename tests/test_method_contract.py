@@ -44,6 +44,13 @@ CONTRACT: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "recovery": ("post", {"steps": 1, "warmup_steps": 1, "save_every": 1, "n_harmful": 2, "n_task": 2}, []),
     "antidote": ("post", {"n_samples": 4}, []),
     "safelora": ("post", {"num_proj_layers": 1}, []),
+    "safemerge": ("post", {"n_safety": 4, "safety_train": {"max_steps": 1}}, []),
+    # at max_length 128 the SST2 task rows keep no response token, and the selection has nothing to score
+    "one_shot_safety": (
+        "post",
+        {"pool_size": 2, "n_harmful": 2, "n_task": 2, "steps": 1},
+        ["model.max_length=256"],
+    ),
 }
 SMALL = [
     "model.max_length=128",

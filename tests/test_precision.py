@@ -11,7 +11,7 @@ import ftguard.models.loading as loading
 from ftguard.errors import FtguardError
 from ftguard.models import PRECISION_ENV, auto_uses_bf16, precision_label
 from ftguard.pipeline.evaluation import autocast_dtype
-from ftguard.pipeline.stages import mixed_precision_flags
+from ftguard.training.arguments import mixed_precision_flags
 
 
 @pytest.fixture(params=[True, False], ids=["native-bf16-cpu", "avx2-only-cpu"])

@@ -159,7 +159,7 @@ class _Fixture:
 
         from ftguard.methods.context import StageContext
         from ftguard.models import add_lora
-        from ftguard.pipeline.stages import mixed_precision_flags
+        from ftguard.training.arguments import mixed_precision_flags
 
         torch.manual_seed(self.spec.seed)
         model = copy.deepcopy(self.base)

@@ -18,6 +18,8 @@ BUILTIN_METHOD_MODULES = (
     "antidote",
     "safelora",
     "recovery",
+    "one_shot_safety",
+    "safemerge",
 )
 
 

@@ -165,7 +165,7 @@ def _target_weights(model: nn.Module, targets: list[str]) -> dict[str, torch.Ten
     return found
 
 
-def _adapter_deltas(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def adapter_deltas(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(W_A, ΔW = scaling·B·A) per LoRA-adapted module of a PeftModel, by the plain model's module names."""
     from peft.tuners.lora import LoraLayer
 
@@ -192,6 +192,38 @@ def _adapter_deltas(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
             for a in module.active_adapters
         ).cpu()
     return weights, deltas
+
+
+def alignment_matrices(
+    ctx: PostContext,
+    w_aligned: dict[str, torch.Tensor],
+    hint: str = "set post.args.target_modules to modules in adapter.align.target_modules",
+) -> dict[str, torch.Tensor]:
+    """Step 1: V = W_A − W_base for the modules of ``w_aligned``; a module the align stage never changed has no
+    subspace, and is refused (``hint`` says what to change)."""
+    base = ctx.load(ctx.base)
+    w_base = _target_weights(base, list(w_aligned))
+    del base
+    gc.collect()
+    v = {n: w_aligned[n] - w_base[n] for n in w_aligned}
+    del w_base
+    unchanged = [n for n, m in v.items() if not torch.any(m)]
+    if unchanged:
+        raise FtguardError(
+            f"the align stage did not change {unchanged[:4]}{'…' if len(unchanged) > 4 else ''}, so "
+            f"they have no alignment subspace: {hint}"
+        )
+    return v
+
+
+def update_similarity(
+    delta: torch.Tensor, v: torch.Tensor, projection: str = "approx"
+) -> tuple[torch.Tensor, float]:
+    """Steps 2 and 4: C·ΔW and s = cos(vec(C·ΔW), vec(ΔW))."""
+    projected = projected_update(delta, v, projection)
+    return projected, torch.nn.functional.cosine_similarity(
+        projected.flatten(), delta.flatten(), dim=0
+    ).item()
 
 
 @register_method
@@ -249,7 +281,7 @@ class SafeLora(PostMethod):
         aligned = ctx.load(ctx.aligned)
         if from_adapter:
             peft_model = load_lora(aligned, ctx.finetuned.adapter_dir, trainable=False)
-            w_aligned, deltas = _adapter_deltas(peft_model)
+            w_aligned, deltas = adapter_deltas(peft_model)
             if targets is not None:
                 keep = [n for n in deltas if _matches(n, targets)]
                 if not keep:
@@ -268,20 +300,7 @@ class SafeLora(PostMethod):
         del aligned
         gc.collect()
 
-        # Step 1: alignment matrices.
-        base = ctx.load(ctx.base)
-        w_base = _target_weights(base, list(w_aligned))
-        del base
-        gc.collect()
-        v = {n: w_aligned[n] - w_base[n] for n in w_aligned}
-        del w_base
-        unchanged = [n for n, m in v.items() if not torch.any(m)]
-        if unchanged:
-            raise FtguardError(
-                f"the align stage did not change {unchanged[:4]}{'…' if len(unchanged) > 4 else ''}, so "
-                "they have no alignment subspace: set post.args.target_modules to modules in "
-                "adapter.align.target_modules"
-            )
+        v = alignment_matrices(ctx, w_aligned)  # step 1
 
         model = ctx.load(ctx.finetuned)
         modules = dict(model.named_modules())
@@ -295,11 +314,8 @@ class SafeLora(PostMethod):
         device = modules[names[0]].weight.device
         projected, similarity = {}, []
         for n in names:
-            delta = deltas[n].to(device)
-            projected[n] = projected_update(delta, v[n].to(device), cfg.projection)
-            similarity.append(
-                torch.nn.functional.cosine_similarity(projected[n].flatten(), delta.flatten(), dim=0).item()
-            )
+            projected[n], s = update_similarity(deltas[n].to(device), v[n].to(device), cfg.projection)
+            similarity.append(s)
 
         # Steps 5 and 6.
         chosen = select_layers(similarity, cfg)

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 
 from ftguard import distributed
-from ftguard.config import LoraConfig, RunConfig, TrainConfig
+from ftguard.config import LoraConfig, RunConfig
 from ftguard.data.collate import CausalLMCollator
 from ftguard.data.example import Example
 from ftguard.data.plan import DataPlan
@@ -28,7 +28,6 @@ from ftguard.methods.base import Method
 from ftguard.methods.context import ModelRef, StageContext
 from ftguard.models import (
     add_lora,
-    auto_uses_bf16,
     load_lora,
     load_model,
     load_tokenizer,
@@ -38,46 +37,10 @@ from ftguard.models import (
 from ftguard.models.adapters import check_target_modules, count_parameters
 from ftguard.pipeline.outputs import StageDir
 from ftguard.schema import to_dict
+from ftguard.training.arguments import training_arguments
 from ftguard.training.trainer import resumable_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def mixed_precision_flags(choice: str) -> dict[str, bool]:
-    cuda = torch.cuda.is_available()
-    if choice == "auto":
-        choice = "bf16" if auto_uses_bf16() else "no"
-    if choice == "fp16" and not cuda:
-        raise ValueError("fp16 mixed precision needs a GPU; use bf16 or no on CPU")
-    # On CPU, bf16 autocast runs through accelerate's CPU path, which transformers enables via use_cpu.
-    return {"bf16": choice == "bf16", "fp16": choice == "fp16", "use_cpu": not cuda}
-
-
-def training_arguments(train: TrainConfig, out: Path, seed: int) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(out),
-        num_train_epochs=train.epochs,
-        max_steps=train.max_steps,
-        learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_ratio,
-        weight_decay=train.weight_decay,
-        per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        max_grad_norm=train.max_grad_norm,
-        optim=train.optim,
-        activation_checkpointing=train.gradient_checkpointing,
-        logging_steps=train.logging_steps,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
-        seed=seed,
-        data_seed=seed,
-        report_to="none",
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        **mixed_precision_flags(train.mixed_precision),
-    )
 
 
 def _lora_for(run: RunConfig, stage: str) -> LoraConfig:
