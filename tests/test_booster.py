@@ -477,3 +477,65 @@ def test_pipeline_runs_booster_alignment_end_to_end(tmp_path):
     assert manifest["method_args"]["harmful_batch_size"] == 4
     logs = [e for e in json.loads((tmp_path / "align" / "train_log.json").read_text()) if "loss" in e]
     assert len(logs) == 3 and all(e["booster_harmful_loss"] > 0 for e in logs)
+
+
+# ----------------------------------------------------------------------- refresh_every (opt-in approximation)
+
+
+def test_refresh_every_k_adds_the_kept_harmful_term_between_refreshes_without_harmful_passes(tmp_path):
+    trainer = _trainer(tmp_path, lam=5.0, alpha=0.1, refresh_every=2)
+    drawn = _spy_harmful(trainer)
+    model = trainer.model
+    w = _weights(model)
+    x0, x1, x2 = _batch(11), _batch(12), _batch(13)
+    trainer.training_step(model, x0)  # step 0 refreshes: Booster's exact gradient
+    ((_, _, h0),) = drawn
+    expected0, parts = _booster_by_hand(model, w, x0, h0, lam=5.0, alpha=0.1)
+    _assert_close(_grads(model), expected0)
+    _, g_probed = _grad(model, parts["probed"], h0)
+    kept = {n: 5.0 * (parts["g_h"][n] - g_probed[n]) for n in w}
+
+    model.zero_grad(set_to_none=True)
+    trainer.state.global_step = 1  # step 1 reuses: g_f(x1) + the kept term, no harmful batch drawn
+    trainer.training_step(model, x1)
+    assert len(drawn) == 1
+    _, g_f1 = _grad(model, w, x1)
+    _assert_close(_grads(model), {n: g_f1[n] + kept[n] for n in w})
+
+    model.zero_grad(set_to_none=True)
+    trainer.state.global_step = 2  # step 2 refreshes again
+    trainer.training_step(model, x2)
+    assert len(drawn) == 2
+    expected2, _ = _booster_by_hand(model, w, x2, drawn[1][2], lam=5.0, alpha=0.1)
+    _assert_close(_grads(model), expected2)
+    assert trainer._recorded["booster_refreshed"] == [1.0, 0.0, 1.0]
+
+
+def test_refresh_every_adds_the_kept_term_once_per_step_under_accumulation_and_survives_a_resume(tmp_path):
+    trainer = _trainer(tmp_path / "a", ga=2, lam=5.0, alpha=0.1, refresh_every=3)
+    model = trainer.model
+    w = _weights(model)
+    trainer.training_step(model, _batch(11))
+    trainer.training_step(model, _batch(12))  # step 0's λ-term is the sum over its two micro-batches
+    values, tensors = trainer.method_state()
+    g_step0 = _grads(model)
+    _, g_f11 = _grad(model, w, _batch(11))
+    _, g_f12 = _grad(model, w, _batch(12))
+    kept = {n: g_step0[n] - (g_f11[n] + g_f12[n]) / 2 for n in w}
+
+    resumed = _trainer(tmp_path / "b", model=model, ga=2, lam=5.0, alpha=0.1, refresh_every=3)
+    resumed.load_method_state(values, tensors)
+    drawn = _spy_harmful(resumed)
+    model.zero_grad(set_to_none=True)
+    resumed.state.global_step = 1
+    resumed.training_step(model, _batch(13))
+    resumed.training_step(model, _batch(14))
+    assert drawn == []
+    _, g_f13 = _grad(model, w, _batch(13))
+    _, g_f14 = _grad(model, w, _batch(14))
+    _assert_close(_grads(model), {n: (g_f13[n] + g_f14[n]) / 2 + kept[n] for n in w})
+
+
+def test_refresh_every_must_be_at_least_one():
+    with pytest.raises(ConfigError, match="refresh_every"):
+        BoosterConfig(refresh_every=0)
