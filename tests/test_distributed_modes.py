@@ -83,6 +83,7 @@ def test_every_method_runs_in_one_process_and_data_parallel_and_names_only_known
         ("sft", "align", ()),
         ("random_vaccine", "align", ()),
         ("vaccine", "align", distributed.SHARDED),
+        ("tvaccine", "align", ("fsdp", *distributed.DEEPSPEED)),
         ("repnoise", "align", distributed.SHARDED),
         ("booster", "align", ("fsdp", *distributed.DEEPSPEED)),
         ("booster_vaccine", "align", ("fsdp", *distributed.DEEPSPEED)),

@@ -30,6 +30,7 @@ CONTRACT: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "sft": ("align", {}, []),
     "vaccine": ("align", {}, []),
     "random_vaccine": ("align", {}, []),
+    "tvaccine": ("align", {"n_layers": 1}, []),  # the tiny model has 2 layers; the default draws 8
     "booster": ("align", {"harmful_batch_size": 2}, SINGLE),
     "booster_vaccine": ("align", {"harmful_batch_size": 2}, SINGLE),
     "repnoise": ("align", {}, []),

@@ -7,6 +7,7 @@ import importlib
 BUILTIN_METHOD_MODULES = (
     "sft",
     "vaccine",
+    "tvaccine",
     "booster",
     "repnoise",
     "filter",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -38,7 +39,7 @@ class VaccineConfig:
         default=2.0, metadata={"help": "perturbation radius ρ: global L2 norm of ε over all perturbed layers"}
     )
     attention_modules: list[str] | None = field(default=None, metadata={"help": _ATTENTION_HELP})
-    # "all" is the paper's method; "topk" a T-Vaccine-style layer subset (docs/methods.md, Vaccine).
+    # "all" is the paper's method; "topk" a deterministic layer-subset ablation (T-Vaccine is `tvaccine`).
     layers: Literal["all", "topk"] = field(
         default="all",
         metadata={
@@ -118,9 +119,9 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
        accumulation over micro-batches works as for SFT.
 
     ``layers: topk`` perturbs only the k layers with the largest ‖g_l‖ of this batch, with ‖ε‖ = ρ over those
-    layers: T-Vaccine's layer selection (Lslland/T-Vaccine) without its freezing of the other layers. It is an
-    option of vaccine rather than a method named t_vaccine because it is not T-Vaccine: a separate name would
-    claim a faithful port. With the default ``layers: all`` the update is exactly Vaccine's, and the stage
+    layers: a deterministic ablation. It is not T-Vaccine's selection (layers drawn in proportion to the
+    harmful data's gradient norms every few steps, the other layers' attention frozen), which is the
+    ``tvaccine`` method. With the default ``layers: all`` the update is exactly Vaccine's, and the stage
     manifest records the option.
 
     Logged: vaccine_grad_norm (G, of the loss as logged, i.e. multiplied back by the accumulation steps),
@@ -129,10 +130,17 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
     """
 
     def attention_gradients(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: Any = None,
+        layers: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Step 1: the loss and g_l = ∂loss/∂(attention output l) for every layer, without weight gradients."""
+        """Step 1: the loss and g_l = ∂loss/∂(attention output l) for every layer (for ``layers`` only, in that
+        order, when given: T-Vaccine's subset), without weight gradients."""
         modules = self.attention_modules(model)
+        if layers is not None:
+            modules = [modules[i] for i in layers]
         # Hooks stay until the gradients are taken: checkpointing recomputes the forward during autograd.grad.
         with self.accelerator.no_sync(model), OutputCapture(modules) as capture:
             loss = self.scaled_loss(model, inputs, num_items_in_batch)
@@ -140,12 +148,28 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
             grads = output_gradients(loss, capture.outputs)
         return loss.detach(), grads
 
+    def layer_sq_norms(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """‖g_l‖² of each layer, in fp32, over the global batch."""
+        # Under data parallelism the batch of a step is the global one: summing the per-layer squared norms over
+        # the ranks gives every rank the ε of one process with that batch (a small all-reduce; no-op alone).
+        return self.accelerator.reduce(torch.stack([g.detach().float().pow(2).sum() for g in grads]), "sum")
+
+    def epsilon(self, grads: list[torch.Tensor], chosen: list[int], norm: torch.Tensor) -> list[torch.Tensor]:
+        """ε_l = ρ·g_l/(norm + 1e-7) in fp32 for each l in ``chosen``, in that order; drops those ``grads[l]``."""
+        scale = self.method_config.rho / (norm + NORM_EPS)
+        # ε in fp32 whatever the activations' dtype: scaling a bf16 gradient by a bf16-rounded ρ/G missed ‖ε‖ = ρ
+        # by up to 0.4% (2⁻⁸), and the hooks add ε in the residual stream's precision, which is fp32 under autocast.
+        # Each gradient is dropped as its ε is made: with bf16 activations ε takes twice their gradients' memory, not 3×.
+        eps = []
+        for i in chosen:
+            eps.append(grads[i].detach().float().mul_(scale))
+            grads[i] = None
+        return eps
+
     def perturbation(self, grads: list[torch.Tensor]) -> tuple[list[int], list[torch.Tensor], torch.Tensor]:
         """Step 2: (indices of the perturbed layers, their ε_l in fp32, G over all layers); consumes ``grads``."""
         cfg = self.method_config
-        # Under data parallelism the batch of a step is the global one: summing the per-layer squared norms over
-        # the ranks gives every rank the ε of one process with that batch (a small all-reduce; no-op alone).
-        sq = self.accelerator.reduce(torch.stack([g.detach().float().pow(2).sum() for g in grads]), "sum")
+        sq = self.layer_sq_norms(grads)
         grad_norm = sq.sum().sqrt()
         if cfg.layers == "topk":
             if cfg.topk > len(grads):
@@ -157,15 +181,7 @@ class VaccineTrainer(_AttentionPerturbationTrainer):
         else:
             chosen = list(range(len(grads)))
             norm = grad_norm
-        scale = cfg.rho / (norm + NORM_EPS)
-        # ε in fp32 whatever the activations' dtype: scaling a bf16 gradient by a bf16-rounded ρ/G missed ‖ε‖ = ρ
-        # by up to 0.4% (2⁻⁸), and the hooks add ε in the residual stream's precision, which is fp32 under autocast.
-        # Each gradient is dropped as its ε is made: with bf16 activations ε takes twice their gradients' memory, not 3×.
-        eps = []
-        for i in chosen:
-            eps.append(grads[i].detach().float().mul_(scale))
-            grads[i] = None
-        return chosen, eps, grad_norm
+        return chosen, self.epsilon(grads, chosen, norm), grad_norm
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
