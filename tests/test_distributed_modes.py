@@ -92,6 +92,7 @@ def test_every_method_runs_in_one_process_and_data_parallel_and_names_only_known
         ("ewc", "finetune", ("fsdp", *distributed.DEEPSPEED)),
         ("kl", "finetune", distributed.SHARDED),
         ("ldifs", "finetune", distributed.SHARDED),
+        ("asft", "finetune", distributed.SHARDED),
         ("vlguard_reg", "finetune", ()),
     ],
 )

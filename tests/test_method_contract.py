@@ -40,6 +40,8 @@ CONTRACT: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "vlguard": ("finetune", {"safety_samples": 4}, []),
     "vlguard_reg": ("finetune", {}, []),
     "ldifs": ("finetune", {}, []),
+    # the contract runs without an align stage: V = 0 and the term is a plain L2 penalty (plumbing only)
+    "asft": ("finetune", {"base_model": "tiny"}, []),
     "kl": ("finetune", {}, []),
     "filter": ("finetune", {"judge": "keyword"}, []),
     "recovery": ("post", {"steps": 1, "warmup_steps": 1, "save_every": 1, "n_harmful": 2, "n_task": 2}, []),

@@ -21,6 +21,7 @@ BUILTIN_METHOD_MODULES = (
     "recovery",
     "one_shot_safety",
     "safemerge",
+    "asft",
 )
 
 
