@@ -93,6 +93,7 @@ def test_every_method_runs_in_one_process_and_data_parallel_and_names_only_known
         ("kl", "finetune", distributed.SHARDED),
         ("ldifs", "finetune", distributed.SHARDED),
         ("asft", "finetune", distributed.SHARDED),
+        ("smart", "finetune", distributed.SHARDED),
         ("vlguard_reg", "finetune", ()),
     ],
 )

@@ -42,6 +42,7 @@ CONTRACT: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     "ldifs": ("finetune", {}, []),
     # the contract runs without an align stage: V = 0 and the term is a plain L2 penalty (plumbing only)
     "asft": ("finetune", {"base_model": "tiny"}, []),
+    "smart": ("finetune", {}, []),
     "kl": ("finetune", {}, []),
     "filter": ("finetune", {"judge": "keyword"}, []),
     "recovery": ("post", {"steps": 1, "warmup_steps": 1, "save_every": 1, "n_harmful": 2, "n_task": 2}, []),

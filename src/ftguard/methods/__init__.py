@@ -22,6 +22,7 @@ BUILTIN_METHOD_MODULES = (
     "one_shot_safety",
     "safemerge",
     "asft",
+    "smart",
 )
 
 
