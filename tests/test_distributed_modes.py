@@ -94,6 +94,7 @@ def test_every_method_runs_in_one_process_and_data_parallel_and_names_only_known
         ("ldifs", "finetune", distributed.SHARDED),
         ("asft", "finetune", distributed.SHARDED),
         ("smart", "finetune", distributed.SHARDED),
+        ("panacea", "finetune", ("fsdp", *distributed.DEEPSPEED)),
         ("vlguard_reg", "finetune", ()),
     ],
 )

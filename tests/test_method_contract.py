@@ -43,6 +43,7 @@ CONTRACT: dict[str, tuple[str, dict[str, Any], list[str]]] = {
     # the contract runs without an align stage: V = 0 and the term is a plain L2 penalty (plumbing only)
     "asft": ("finetune", {"base_model": "tiny"}, []),
     "smart": ("finetune", {}, []),
+    "panacea": ("finetune", {"harmful_batch_size": 2, "harmful_samples": 8}, SINGLE),
     "kl": ("finetune", {}, []),
     "filter": ("finetune", {"judge": "keyword"}, []),
     "recovery": ("post", {"steps": 1, "warmup_steps": 1, "save_every": 1, "n_harmful": 2, "n_task": 2}, []),

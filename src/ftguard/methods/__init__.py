@@ -23,6 +23,7 @@ BUILTIN_METHOD_MODULES = (
     "safemerge",
     "asft",
     "smart",
+    "panacea",
 )
 
 

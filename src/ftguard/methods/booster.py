@@ -85,15 +85,70 @@ class BoosterConfig:
         check(self.refresh_every >= 1, "refresh_every", f"must be ≥ 1, got {self.refresh_every}")
 
 
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
+def trainable_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One L2 norm over all ``tensors``, in float32."""
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
 
 
-class BoosterTrainer(FtguardTrainer):
+class HarmfulGradients:
+    """Mixin for FtguardTrainer subclasses that step the weights along a harmful gradient (Booster, Panacea)."""
+
+    def harmful_grad(
+        self, model: nn.Module, batch: dict[str, Any], params: list[nn.Parameter]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """h on ``batch`` (mean over response tokens) and its gradient, in loss-scaled units, without touching .grad."""
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, batch)
+        scale = self.loss_scale()
+        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, materialize_grads=True)
+        # The probe direction is scale-free; the norm is logged and used for the step in true units.
+        grads = [g / scale for g in grads] if scale != 1.0 else list(grads)
+        return loss.detach(), grads
+
+    def loss_scale(self) -> float:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def mean_over_ranks(
+        self, h: torch.Tensor, grads: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """h and g_h averaged over the data-parallel ranks, in place (unchanged in a single process).
+
+        The mean of the ranks' batch means is the mean over the global batch when the ranks' shares hold as many
+        response tokens (as for the Trainer's own loss when it does not count tokens across devices).
+        """
+        world = self.args.world_size
+        if world <= 1:
+            return h, grads
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        tensors = [h.detach().float().reshape(1).clone(), *grads]
+        i = 0
+        while i < len(tensors):
+            # Flat buckets of one dtype: few collectives for a LoRA, bounded extra memory for a full model.
+            j, size = i, 0
+            while (
+                j < len(tensors)
+                and tensors[j].dtype == tensors[i].dtype
+                and (size == 0 or size + tensors[j].numel() <= REDUCE_BUCKET)
+            ):
+                size += tensors[j].numel()
+                j += 1
+            flat = _flatten_dense_tensors(tensors[i:j])
+            dist.all_reduce(flat)
+            flat.div_(world)
+            for t, reduced in zip(tensors[i:j], _unflatten_dense_tensors(flat, tensors[i:j]), strict=True):
+                t.copy_(reduced)
+            i = j
+        return tensors[0][0].to(h.dtype), grads
+
+
+class BoosterTrainer(HarmfulGradients, FtguardTrainer):
     """Booster's step: f(w) + λ·[h(w) − h(w − α·∇h(w)/‖∇h(w)‖)], first order (straight-through).
 
     Per micro-batch, with the Trainer's alignment batch x and a harmful batch x′ of ``harmful_batch_size``:
@@ -134,7 +189,7 @@ class BoosterTrainer(FtguardTrainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()  # schedule-free optimizers swap weights here: probe the training weights
-        params = _trainable(model)
+        params = trainable_params(model)
         opt_step = self.state.global_step
         if (
             cfg.refresh_every > 1
@@ -146,7 +201,7 @@ class BoosterTrainer(FtguardTrainer):
                 self._reused_step = opt_step
                 with torch.no_grad():
                     for p, term in zip(params, self._kept, strict=True):
-                        term = (term * self._loss_scale()).to(device=p.device, dtype=p.dtype)
+                        term = (term * self.loss_scale()).to(device=p.device, dtype=p.dtype)
                         p.grad = term if p.grad is None else p.grad.add_(term)
             self.record(booster_refreshed=0.0)
             return super().training_step(model, inputs, num_items_in_batch)
@@ -162,9 +217,9 @@ class BoosterTrainer(FtguardTrainer):
         # harmful batch would probe, and DDP's average of the ranks' g_h′ completes the global λ-term.
         with self.accelerator.no_sync(model):
             # 1. g_h = ∇h(w) on x′.
-            h, g_h = self._harmful_grad(model, harmful, params)
-            h, g_h = self._mean_over_ranks(h, g_h)
-            g_norm = _global_norm(g_h)
+            h, g_h = self.harmful_grad(model, harmful, params)
+            h, g_h = self.mean_over_ranks(h, g_h)
+            g_norm = global_norm(g_h)
 
             # 2. Probe at w − α·g_h/(‖g_h‖ + eps), then restore w exactly from a copy (adding the step back is
             #    not bit-exact in floating point).
@@ -174,7 +229,7 @@ class BoosterTrainer(FtguardTrainer):
                 for p, g in zip(params, g_h, strict=True):
                     p.sub_((g.float() * step).to(p.dtype))
             try:
-                h_probed, g_h_probed = self._harmful_grad(model, harmful, params)
+                h_probed, g_h_probed = self.harmful_grad(model, harmful, params)
             finally:
                 with torch.no_grad():
                     for p, s in zip(params, saved, strict=True):
@@ -192,7 +247,7 @@ class BoosterTrainer(FtguardTrainer):
                 for kept, g, g_probed in zip(self._kept, g_h, g_h_probed, strict=True):
                     kept.add_(g - g_probed, alpha=coef)
             for p, g, g_probed in zip(params, g_h, g_h_probed, strict=True):
-                term = (g - g_probed).mul_(coef * self._loss_scale()).to(p.dtype)
+                term = (g - g_probed).mul_(coef * self.loss_scale()).to(p.dtype)
                 if p.grad is None:
                     p.grad = term
                 else:
@@ -227,56 +282,6 @@ class BoosterTrainer(FtguardTrainer):
                 "(changed adapter or topology?): delete the stage's checkpoints folder and rerun the stage"
             )
         self._kept, self._kept_step = [tensors[n] for n in names], int(values["booster_kept_step"])
-
-    def _harmful_grad(
-        self, model: nn.Module, batch: dict[str, Any], params: list[nn.Parameter]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """h on ``batch`` (mean over response tokens) and its gradient, in loss-scaled units, without touching .grad."""
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, batch)
-        scale = self._loss_scale()
-        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, materialize_grads=True)
-        # The probe direction is scale-free; the norm is logged and used for the step in true units.
-        grads = [g / scale for g in grads] if scale != 1.0 else list(grads)
-        return loss.detach(), grads
-
-    def _loss_scale(self) -> float:
-        scaler = getattr(self.accelerator, "scaler", None)
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-
-    def _mean_over_ranks(
-        self, h: torch.Tensor, grads: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """h and g_h averaged over the data-parallel ranks, in place (unchanged in a single process).
-
-        The mean of the ranks' batch means is the mean over the global batch when the ranks' shares hold as many
-        response tokens (as for the Trainer's own loss when it does not count tokens across devices).
-        """
-        world = self.args.world_size
-        if world <= 1:
-            return h, grads
-        import torch.distributed as dist
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        tensors = [h.detach().float().reshape(1).clone(), *grads]
-        i = 0
-        while i < len(tensors):
-            # Flat buckets of one dtype: few collectives for a LoRA, bounded extra memory for a full model.
-            j, size = i, 0
-            while (
-                j < len(tensors)
-                and tensors[j].dtype == tensors[i].dtype
-                and (size == 0 or size + tensors[j].numel() <= REDUCE_BUCKET)
-            ):
-                size += tensors[j].numel()
-                j += 1
-            flat = _flatten_dense_tensors(tensors[i:j])
-            dist.all_reduce(flat)
-            flat.div_(world)
-            for t, reduced in zip(tensors[i:j], _unflatten_dense_tensors(flat, tensors[i:j]), strict=True):
-                t.copy_(reduced)
-            i = j
-        return tensors[0][0].to(h.dtype), grads
 
 
 @register_method
