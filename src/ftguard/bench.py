@@ -206,6 +206,9 @@ def _step(trainer, batch) -> float:
         )
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+    # As the Trainer's loop does: methods on a step schedule (Booster's refresh_every, T-Vaccine's draws) must see
+    # the steps go by, or every timed step would be their first.
+    trainer.state.global_step += 1
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start
