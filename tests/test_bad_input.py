@@ -353,7 +353,7 @@ def test_contradictory_config_is_refused_before_training(run_cli, overrides, fac
 def test_harmful_source_without_answers_is_fine_when_no_harmful_sample_is_needed(tmp_path):
     cfg = load_config(CONFIG, ["data.finetune.harmful.response=prompt", "data.finetune.harmful_ratio=0"])
     plan = build_data_plan(cfg, roles=())
-    assert plan.attack_pool == [] and plan.mix_reports[0.0].n_harmful == 0
+    assert plan.attack_pool == [] and plan.mix_reports[0.0]["n_harmful"] == 0
 
 
 def test_booster_double_topology_ablation_warns(caplog):

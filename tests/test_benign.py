@@ -180,7 +180,7 @@ def test_general_instructions_take_benign_places_of_the_upload_after_the_alignme
     general = {ex.prompt_key for ex in plan.finetune_general}
     for p, report in plan.mix_reports.items():
         mix = plan.mixes[p]
-        assert len(mix) == 64 and report.n_harmful == round(64 * p)
+        assert len(mix) == 64 and report["n_harmful"] == round(64 * p)
         assert sum(ex.prompt_key in general for ex in mix) == 12  # at every ratio
     assert graph.unit("finetune-p0").fingerprint != plain.unit("finetune-p0").fingerprint
     with pytest.raises(

@@ -94,6 +94,21 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attacks(args: argparse.Namespace) -> int:
+    from ftguard.attacks.base import all_attacks
+    from ftguard.schema import field_help
+
+    attacks = all_attacks()
+    width = max(map(len, attacks))
+    for name, attack in attacks.items():
+        print(f"  {name:<{width}}  {attack.summary}  [{attack.paper}]")
+        if args.verbose:
+            for field, help_text in field_help(attack.config_class).items():
+                default = getattr(attack.config_class(), field)
+                print(f"      {field} = {default!r}: {help_text}")
+    return 0
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     import yaml
 
@@ -311,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the registered methods by stage")
     p.add_argument("--verbose", action="store_true", help="show each method's hyperparameters and defaults")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser(
+        "attacks", help="list the registered attacks (data.finetune.attack.name: how the upload is built)"
+    )
+    p.add_argument("--verbose", action="store_true", help="show each attack's arguments and defaults")
+    p.set_defaults(func=cmd_attacks)
 
     p = sub.add_parser("configs", help="list the packaged example configs")
     p.add_argument("--show", metavar="NAME", help="print one packaged config")

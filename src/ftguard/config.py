@@ -170,6 +170,19 @@ class BenignMixConfig:
 
 
 @dataclass
+class AttackSpec:
+    """Which attack builds the user's upload (registered attacks: `ftguard attacks`; docs/attacks.md)."""
+
+    name: str = _help(
+        "the attack: harmful_mix (the papers' p-harmful upload) or another registered one (`ftguard attacks`)",
+        default="harmful_mix",
+    )
+    args: dict[str, Any] = _help(
+        "the attack's own arguments (`ftguard attacks --verbose` lists them)", default_factory=dict
+    )
+
+
+@dataclass
 class FinetuneDataConfig:
     task: str = _help("benign user task: sst2, ag_news, gsm8k", default="sst2")
     n: int = _help(
@@ -190,6 +203,11 @@ class FinetuneDataConfig:
     )
     gsm8k_cot_suffix: bool = _help(
         "append Vaccine's step-by-step suffix to GSM8K questions (Lisa, Booster: none)", default=False
+    )
+    attack: AttackSpec = _help(
+        "how the upload is built from the task, the general instructions and the harmful pool (default: the "
+        "papers' p-harmful mix)",
+        default_factory=AttackSpec,
     )
     harmful_reserve: int | None = _help(
         "when data.alignment and the harmful pool are one file: how many leading records the attack keeps "

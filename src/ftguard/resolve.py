@@ -18,6 +18,7 @@ from ftguard.errors import FtguardError
 from ftguard.schema import ConfigError
 
 if TYPE_CHECKING:
+    from ftguard.attacks.base import Attack
     from ftguard.methods.base import Method
 
 
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 class ResolvedRun:
     config: RunConfig
     methods: dict[str, Method]  # stage → its method, for every stage the config does not set to null
+    attack: Attack | None = (
+        None  # what builds the upload (data.finetune.attack); None = the config's, parsed late
+    )
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -54,6 +58,7 @@ def load_run(name_or_path: str, overrides: list[str] | None = None) -> ResolvedR
 
 def resolve_run(config: RunConfig) -> ResolvedRun:
     """Parse each stage's method args once and check every registered name the run uses."""
+    from ftguard.attacks.base import get_attack
     from ftguard.methods.registry import get_method
 
     methods: dict[str, Method] = {}
@@ -68,7 +73,12 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
         methods[stage] = method_cls.from_args(stage_cfg.args, prefix=f"{stage}.args")
     for stage, method in methods.items():
         method.check_run_config(config, stage)
-    resolved = ResolvedRun(config, methods)
+    spec = config.data.finetune.attack
+    try:
+        attack_cls = get_attack(spec.name)
+    except FtguardError as exc:
+        raise ConfigError(f"'data.finetune.attack.name': {exc}") from None
+    resolved = ResolvedRun(config, methods, attack_cls.from_args(spec.args))
     _check_names(resolved)
     return resolved
 

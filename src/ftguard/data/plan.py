@@ -17,10 +17,11 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftguard.attacks.base import Attack, UploadPools, attack_from_spec
 from ftguard.config import RunConfig, SourceConfig
 from ftguard.data.benign import build_benign_mix, interleave
 from ftguard.data.example import Example
-from ftguard.data.mix import MixReport, build_harmful_mix, check_disjoint, harmful_count
+from ftguard.data.mix import check_disjoint
 from ftguard.data.sources import PROMPT_ONLY, file_sha256, load_examples, source_files
 from ftguard.data.tasks import Task, get_task
 from ftguard.errors import FtguardError
@@ -51,7 +52,7 @@ class DataPlan:
         default_factory=list
     )  # task train examples outside every upload (post stage)
     mixes: dict[float, list[Example]] = field(default_factory=dict)
-    mix_reports: dict[float, MixReport] = field(default_factory=dict)
+    mix_reports: dict[float, dict[str, Any]] = field(default_factory=dict)  # the attack's report per ratio
     sources: dict[str, dict[str, str]] = field(default_factory=dict)
     extra: dict[str, list[Example]] = field(default_factory=dict)  # method-specific sets (load_extra)
     root: str = "bundled"
@@ -124,7 +125,7 @@ class DataPlan:
                 "task_validation": len(self.task_validation),
                 **{name: len(examples) for name, examples in self.extra.items()},
             },
-            "mixes": {f"{p:g}": r.as_dict() for p, r in self.mix_reports.items()},
+            "mixes": {f"{p:g}": report for p, report in self.mix_reports.items()},
             "sources": self.sources,
         }
 
@@ -180,26 +181,28 @@ def _require_answers(examples: list[Example], spec: SourceConfig, key: str, fiel
         )
 
 
-def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
+def build_data_plan(run: RunConfig, roles: Collection[str], attack: Attack | None = None) -> DataPlan:
     """Every data role of ``run``. ``roles`` are those the later stages' methods declare
     (``ResolvedRun.data_roles``): finetune-stage methods such as Lisa or EWC use the alignment data even when the
     run has no align stage, and so do repairs that read the harmful answers of the alignment prompts (recovery,
-    Antidote); with ``align: null`` the base model is the aligned one (a chat model's native alignment)."""
+    Antidote); with ``align: null`` the base model is the aligned one (a chat model's native alignment).
+    ``attack`` builds the upload of each ratio (default: the one ``data.finetune.attack`` names)."""
     data, root = run.data, run.data.root
     task = get_task(data.finetune.task, cot_suffix=data.finetune.gsm8k_cot_suffix)
     plan = DataPlan(task=task, root=root, seed=run.seed)
 
     ft = data.finetune
+    attack = attack if attack is not None else attack_from_spec(ft.attack)
     ratios = ft.ratios if run.finetune is not None else []
-    need_attack = max((harmful_count(ft.n, p) for p in ratios), default=0)
+    need_attack = max((attack.harmful_needed(ft.n, p) for p in ratios), default=0)
     n_general = ft.general.n if ft.general is not None and ratios else 0
-    places = min((ft.n - harmful_count(ft.n, p) for p in ratios), default=0)
+    places = min((attack.benign_needed(ft.n, p) for p in ratios), default=0)
     if n_general > places:
         raise FtguardError(
             f"data.finetune.general.n = {n_general} but the upload has {places} benign places at the largest ratio "
             "(n − round(p·n)): lower it, or raise data.finetune.n"
         )
-    need_benign = max((ft.n - harmful_count(ft.n, p) for p in ratios), default=0) - n_general
+    need_benign = max(max((attack.benign_needed(ft.n, p) for p in ratios), default=0) - n_general, 0)
     if ft.harmful.n is not None and ft.harmful.n < need_attack:
         raise FtguardError(
             f"data.finetune.harmful.n = {ft.harmful.n} but the mix needs {need_attack} harmful samples: raise it or lower harmful_ratio"
@@ -314,10 +317,17 @@ def build_data_plan(run: RunConfig, roles: Collection[str]) -> DataPlan:
     check_disjoint(
         {"task train": task_train, "task validation": plan.task_validation, "task eval": plan.task_eval}
     )
+    pools = UploadPools(
+        benign=plan.finetune_general + task_train, harmful=plan.attack_pool, n=ft.n, n_general=n_general
+    )
     for p in ratios:
-        plan.mixes[p], plan.mix_reports[p] = build_harmful_mix(
-            plan.finetune_general + task_train, plan.attack_pool, n=ft.n, p=p, seed=run.seed
-        )
+        upload = attack.build(pools, p, run.seed)
+        if not upload.examples:
+            raise FtguardError(
+                f"data.finetune.attack '{attack.name}' built an empty upload at p = {p:g}: check its args and "
+                "data.finetune.n"
+            )
+        plan.mixes[p], plan.mix_reports[p] = upload.examples, upload.report
 
     specs = {"alignment": align_spec, "harmful": ft.harmful, "eval_harmful": ev}
     if benign is not None:

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from ftguard import distributed
+from ftguard.attacks.base import Upload
 from ftguard.config import RunConfig, dump_config
+from ftguard.data.example import Example
 from ftguard.errors import FtguardError
 from ftguard.evaluation.judges import get_judge, judge_versions
 from ftguard.evaluation.refusal_detector import get_refusal_detector
 from ftguard.methods.context import ModelRef
 from ftguard.models import load_tokenizer, resolve_model
 from ftguard.pipeline.evaluation import evaluate_point
-from ftguard.pipeline.outputs import StageDir, read_json, write_text_atomic
+from ftguard.pipeline.outputs import StageDir, read_json, write_json_atomic, write_text_atomic
 from ftguard.pipeline.post import post_stage
 from ftguard.pipeline.results import git_revision, library_versions, write_results
 from ftguard.pipeline.stages import train_stage
@@ -198,6 +200,21 @@ class Pipeline:
             )
         return found
 
+    def upload(self, unit: Unit, source: ModelRef, out: StageDir) -> list[Example]:
+        """The fine-tune's rows: the data plan's upload, or, for an attack that reads the model, what it makes
+        of the plan's candidates with the aligned model (its report kept beside the unit, attack.json)."""
+        examples = self.plan.mixes[unit.harmful_ratio]
+        attack = self.resolved.attack
+        if attack is None or not attack.needs_model:
+            return examples
+        report = self.plan.mix_reports[unit.harmful_ratio]
+        upload = attack.adapt(Upload(examples, report), source.model_dir, self.run, self.run.seed)
+        if distributed.is_main():
+            out.path.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out.path / "attack.json", upload.report)
+        self.results["data"]["mixes"][f"{unit.harmful_ratio:g}"] = upload.report
+        return upload.examples
+
     def train(self, unit: Unit, source: ModelRef) -> ModelRef:
         """Make one align, finetune or post unit from ``source`` (skipped when already complete)."""
         out = self._dir(unit)
@@ -208,9 +225,7 @@ class Pipeline:
                 return ModelRef.from_manifest(out.path, out.manifest())
             if unit.kind != "post":
                 examples = (
-                    self.plan.align_examples()
-                    if unit.kind == "align"
-                    else self.plan.mixes[unit.harmful_ratio]
+                    self.plan.align_examples() if unit.kind == "align" else self.upload(unit, source, out)
                 )
                 return train_stage(
                     self.run,

@@ -98,11 +98,16 @@ class Fingerprints:
         )
 
     def finetune(self, p: float) -> str:
+        from ftguard.attacks.base import get_attack
+
+        attack = self._config["data"]["finetune"]["attack"]
         return _hash(
             "finetune",
             self.align(),
             self.run.fingerprint(*STAGE_SECTIONS["finetune"]),
             self._data("finetune", f"mix:{p}", "alignment", "alignment_harmful"),
+            # a data-only attack is all in the upload's digest; one that reads the model is not
+            *([attack] if get_attack(attack["name"]).needs_model else []),
         )
 
     def post(self, p: float) -> str:
@@ -158,7 +163,7 @@ class RunGraph:
 def build_graph(resolved: ResolvedRun) -> RunGraph:
     """Load the run's data (the plan, then each method's own sets) and list its units. Loads no model."""
     run = resolved.config
-    plan = build_data_plan(run, resolved.data_roles)
+    plan = build_data_plan(run, resolved.data_roles, resolved.attack)
     stage_extras: dict[str, list[str]] = {}
     for stage, method in resolved.methods.items():
         before = dict(plan.extra)
