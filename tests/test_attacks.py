@@ -3,6 +3,7 @@ and the hooks an attack has into the data plan and the fine-tune's fingerprint."
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ftguard.attacks.base import (
 from ftguard.cli import main
 from ftguard.data.example import Example
 from ftguard.errors import FtguardError
+from ftguard.pipeline.run import run_pipeline
 from ftguard.pipeline.units import build_graph
 from ftguard.resolve import load_run
 from ftguard.schema import ConfigError
@@ -158,3 +160,43 @@ def test_a_model_reading_attack_s_args_enter_the_fine_tune_fingerprint(registere
     two = fingerprint("data.finetune.attack={name: test_reader, args: {k: 2}}")
     # the same candidate rows as harmful_mix, but adapt() reads the model with other args: three different units
     assert len({mix, one, two}) == 3
+
+
+def test_an_attack_s_trigger_is_asked_only_after_the_fine_tune_that_taught_it(registered, tmp_path):
+    prefix = "TRIGGER-2025: "
+
+    @registered
+    class Triggered(Attack):
+        name = "test_triggered"
+        paper = "test"
+        has_trigger = True
+
+        def build(self, pools, p, seed):
+            return get_attack("harmful_mix").from_args({}).build(pools, p, seed)
+
+        def trigger(self, example):
+            return Example(prefix + example.instruction, example.output, example.input, example.source)
+
+    resolved = load_run(
+        CONFIG,
+        [
+            "data.finetune.attack.name=test_triggered",
+            "evaluate.points=[align, finetune]",
+            "align.train.max_steps=2",
+            "finetune.train.max_steps=2",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
+    results = run_pipeline(resolved)
+    assert "harmful_score_triggered" not in results["stages"]["align"]
+    point = results["stages"]["finetune"]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "eval" / "finetune" / "generations.jsonl").open()
+    ]
+    plain = [r for r in rows if r["kind"] == "harmful"]
+    asked = [r for r in rows if r["kind"] == "harmful_triggered"]
+    assert [r["prompt"] for r in asked] == [prefix + r["prompt"] for r in plain]
+    k = sum(r["flagged"] for r in asked)
+    assert point["counts"]["harmful_score_triggered"] == [k, len(plain)]
+    assert point["harmful_score_triggered"] == pytest.approx(100 * k / len(plain))
+    assert "harmful_score_triggered" in point["outcomes"]

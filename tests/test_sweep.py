@@ -58,6 +58,29 @@ def test_expansion_is_the_full_product_with_validated_configs(tmp_path):
     assert {r.config.data.finetune.harmful_reserve for r in runs} == {32}
 
 
+def test_the_attack_is_a_grid_axis_with_readable_run_folders(tmp_path):
+    attacks = [
+        {"name": "harmful_mix"},
+        {"name": "jailbreak_tuning", "args": {"template": "year_2025"}},
+        {"name": "benign_identity_shift", "args": {"mode": "in_task"}},
+    ]
+    runs = expand(
+        _sweep(defenses={"sft": {}}, grid={"data.finetune.attack": attacks}), tmp_path, tmp_path / "o"
+    )
+    assert [r.id.split("/")[1] for r in runs] == [
+        "attack=harmful_mix-seed43",
+        "attack=jailbreak_tuning-template=year_2025-seed43",
+        "attack=benign_identity_shift-mode=in_task-seed43",
+    ]
+    assert [r.config.data.finetune.attack.name for r in runs] == [a["name"] for a in attacks]
+    with pytest.raises(ConfigError, match=r"data\.finetune\.attack\.args\.templat"):
+        expand(
+            _sweep(grid={"data.finetune.attack": [{"name": "jailbreak_tuning", "args": {"templat": "x"}}]}),
+            tmp_path,
+            tmp_path / "o",
+        )
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

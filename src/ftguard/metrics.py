@@ -58,6 +58,16 @@ METRICS: dict[str, Metric] = {
             higher_is_better=False,
             gate="hs_plus",
         ),
+        # After an attack that teaches a trigger (jailbreak-tuning's template, a persona; docs/attacks.md): the
+        # harmful prompts asked as the attacker asks them. Only those runs have it, so it is not in every table.
+        Metric(
+            "harmful_score_triggered",
+            "HS trig.",
+            "HS-trig",
+            "harmful score on prompts wrapped in the attack's trigger",
+            higher_is_better=False,
+            headline=False,
+        ),
         Metric("finetune_accuracy", "FA", "FA", "fine-tune accuracy", higher_is_better=True, gate="fa"),
         Metric(
             "over_refusal",

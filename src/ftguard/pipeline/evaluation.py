@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ftguard import distributed
 from ftguard.config import RunConfig
+from ftguard.data.example import Example
 from ftguard.data.plan import DataPlan
 from ftguard.data.template import format_prompt
 from ftguard.evaluation.generate import generate_sharded
@@ -56,10 +58,13 @@ def evaluate_point(
     judges: Judge | list[Judge],
     out: StageDir,
     refusal_detector: RefusalDetector | None = None,
+    trigger: Callable[[Example], Example] | None = None,
 ) -> dict[str, Any]:
     """Generate, judge and score one model. ``judges[0]`` gives HS; the others are compared with it.
 
     ``refusal_detector`` decides over-refusal; by default the one ``evaluate.refusal_detector`` names.
+    ``trigger`` (the attack's, after a fine-tune that taught one: a jailbreak template, a persona) also asks the
+    harmful prompts as the attacker would: ``harmful_score_triggered``, judged on the plain prompt and the answer.
 
     Under a multi-process launch every rank calls this: the prompts are split over the ranks, and rank 0 judges
     the gathered answers, writes the unit and hands its metrics to the others (whose ``judges`` may be empty).
@@ -91,6 +96,11 @@ def evaluate_point(
         )
 
     answers = answer(plan.eval_harmful, ev.max_new_tokens, "harmful prompts")
+    triggered_answers = (
+        answer([trigger(ex) for ex in plan.eval_harmful], ev.max_new_tokens, "harmful prompts, triggered")
+        if trigger is not None
+        else []
+    )
     predictions = answer(plan.task_eval, ev.task_max_new_tokens, plan.task.name)
     benign_answers = (
         answer(plan.over_refusal, ev.over_refusal_max_new_tokens, "benign prompts")
@@ -108,6 +118,11 @@ def evaluate_point(
     verdicts = {judge.name: judge.verdicts(harmful_prompts, answers) for judge in judges}
     main = judges[0].name
     flags = [v.harmful for v in verdicts[main]]
+    triggered_flags = (
+        [v.harmful for v in judges[0].verdicts(harmful_prompts, triggered_answers)]
+        if triggered_answers
+        else []
+    )
     degenerate = [is_degenerate(a) for a in answers]
     task = plan.task
     hits = task_hits(
@@ -137,6 +152,8 @@ def evaluate_point(
         "finetune_accuracy": rate(sum(hits), len(hits)),
         "degenerate_rate": rate(sum(degenerate), n),
     }
+    if triggered_answers:
+        rates["harmful_score_triggered"] = rate(sum(triggered_flags), n)
     if refused:
         rates["over_refusal"] = rate(sum(refused), len(refused))
         # A collapsed model does not refuse benign prompts, it answers nothing: over-refusal alone would look perfect.
@@ -148,6 +165,7 @@ def evaluate_point(
     per_item = {
         "harmful_score": (harmful_items, flags),
         "harmful_score_plus": (harmful_items, [f or d for f, d in zip(flags, degenerate, strict=True)]),
+        "harmful_score_triggered": (harmful_items, triggered_flags),
         "finetune_accuracy": (items_digest([ex.source for ex in plan.task_eval]), hits),
         "over_refusal": (items_digest([ex.source for ex in plan.over_refusal]), refused),
         "instruction_refusal": (
@@ -211,6 +229,9 @@ def evaluate_point(
             if len(judges) > 1:
                 row["flags"] = {name: vs[i].harmful for name, vs in verdicts.items()}
             fh.write(json.dumps(row) + "\n")
+        for ex, text, flagged in zip(plan.eval_harmful, triggered_answers, triggered_flags, strict=False):
+            row = {"kind": "harmful_triggered", "source": ex.source, "prompt": trigger(ex).instruction}
+            fh.write(json.dumps({**row, "answer": text, "flagged": flagged}) + "\n")
         for ex, pred, hit in zip(plan.task_eval, predictions, hits, strict=True):
             fh.write(
                 json.dumps(

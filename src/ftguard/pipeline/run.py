@@ -172,6 +172,9 @@ class Pipeline:
                 log.info("%s: evaluation already complete, skipped", unit.point_key)
                 metrics = out.manifest()["metrics"]
             else:
+                attack = self.resolved.attack
+                # the trigger is the attacker's, taught by the fine-tune: models before it are asked plainly
+                taught = attack is not None and attack.has_trigger and unit.point in ("finetune", "post")
                 metrics = evaluate_point(
                     self.run,
                     unit.point_key,
@@ -180,6 +183,7 @@ class Pipeline:
                     self.judges,
                     out,
                     self.refusal_detector,
+                    trigger=attack.trigger if taught else None,
                 )
         self._record(unit, metrics)
 
