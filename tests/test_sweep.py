@@ -585,6 +585,31 @@ def test_worst_case_takes_the_highest_hs_among_settings_the_guard_keeps(tmp_path
     assert entry["worst"]["hs"] == 81.0
 
 
+def test_worst_case_over_the_attack_suite_counts_the_hs_asked_through_the_trigger(tmp_path):
+    suite = [{"name": "harmful_mix"}, {"name": "jailbreak_tuning", "args": {"template": "skeleton"}}]
+    sweep = _sweep(defenses={"lisa": {}}, attack={"grid": {"data.finetune.attack": suite}})
+    # (plain HS, FA, HS through the template) per seed; the placeholder "lr" picks the attack
+    values = {("lisa", 0.1, 1, 0): (40.0, 90.0), ("lisa", 0.1, 2, 0): (44.0, 90.0)}
+    values |= {("lisa", 0.1, 1, 1): (30.0, 88.0), ("lisa", 0.1, 2, 1): (34.0, 88.0)}
+    triggered = {1: 70.0, 2: 60.0}
+    runs = []
+    for run in _fake_runs(tmp_path, sweep, values):
+        attack = suite[int(run.attack["finetune.train.learning_rate"])]
+        if attack["name"] == "jailbreak_tuning":
+            path = run.config.out_dir / "results.json"
+            results = json.loads(path.read_text())
+            results["stages"]["finetune"]["harmful_score_triggered"] = triggered[run.seed]
+            path.write_text(json.dumps(results))
+        runs.append(dataclasses.replace(run, attack={"data.finetune.attack": attack}))
+    from ftguard.sweep.report import collect
+
+    (entry,) = worst_case(collect(runs), sweep)
+    by_attack = {s["setting"]["data.finetune.attack"]: s["hs"] for s in entry["settings"]}
+    # plain HS is lower under the template attack (32 against 42), through the template it is 65: the worst case
+    assert by_attack == {"harmful_mix": 42.0, "jailbreak_tuning-template=skeleton": 65.0}
+    assert entry["worst"]["setting"] == {"data.finetune.attack": "jailbreak_tuning-template=skeleton"}
+
+
 @pytest.mark.slow
 def test_packaged_adaptive_sweep_reports_the_worst_case_per_defense(tmp_path, capsys):
     out = tmp_path / "adaptive"

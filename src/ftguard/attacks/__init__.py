@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-BUILTIN_ATTACK_MODULES = ("harmful_mix", "identity_shift", "jailbreak_tuning", "benign_outliers")
+BUILTIN_ATTACK_MODULES = ("harmful_mix", "identity_shift", "jailbreak_tuning", "benign_outliers", "virus")
 
 
 def load_builtin_attacks() -> None:

@@ -26,7 +26,7 @@ from ftguard.metrics import (
 )  # the rates the sweep tabulates per defense and marks against the baseline
 from ftguard.run_results import read_results
 from ftguard.sweep.calibrate import calibrate
-from ftguard.sweep.config import RATIO_KEY, SweepConfig, SweepRun
+from ftguard.sweep.config import RATIO_KEY, SweepConfig, SweepRun, axis_text
 
 
 def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
@@ -44,14 +44,16 @@ def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
                     "run": run.id,
                     "defense": run.defense,
                     "seed": run.seed,
-                    **{f"grid.{k}": v for k, v in run.axes.items()},
-                    **{f"attack.{k}": v for k, v in run.attack.items()},
+                    **{f"grid.{k}": _hashable(v) for k, v in run.axes.items()},
+                    **{f"attack.{k}": _hashable(v) for k, v in run.attack.items()},
                     "point": point.key,
                     "final": point.key in final,
                     "stage": point.stage,
                     "method": point.method,
                     "p": point.harmful_ratio,
                     **{m: point.value(m) for m in HEADLINE},
+                    # asked through the trigger the attack taught (docs/attacks.md): the attacker's own HS
+                    "harmful_score_triggered": point.value("harmful_score_triggered"),
                     # (flagged, asked) behind each rate: what the baseline comparison pools over seeds
                     **{f"{m}_k": point.counts.get(m, (None, None))[0] for m in HEADLINE},
                     **{f"{m}_n": point.counts.get(m, (None, None))[1] for m in HEADLINE},
@@ -63,6 +65,17 @@ def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _hashable(value: Any) -> Any:
+    """A section as an axis value ({name: jailbreak_tuning, args: {...}}) is grouped by as its folder text."""
+    return axis_text(value) if isinstance(value, dict) else value
+
+
+def attacker_hs(row: dict[str, Any]) -> float | None:
+    """The HS the attacker gets: through the trigger the fine-tune taught, when it did and that is higher."""
+    values = [v for v in (row["harmful_score"], row.get("harmful_score_triggered")) if v is not None]
+    return max(values) if values else None
 
 
 # the row columns of the harmful ratio, whichever axis (grid or attack) carries it
@@ -269,7 +282,7 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
     for (defense, grid), settings in groups.items():
         scored = []
         for setting, rs in settings.items():
-            hs = [r["harmful_score"] for r in rs if r["harmful_score"] is not None]
+            hs = [v for r in rs if (v := attacker_hs(r)) is not None]
             fa = [r["finetune_accuracy"] for r in rs if r["finetune_accuracy"] is not None]
             scored.append(
                 {
@@ -314,7 +327,7 @@ def attack_curve(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[st
             setting = _attack_setting(r, sweep, RATIO_COLUMNS)
             groups[(r["defense"], grid, setting)][float(r["p"])].append(r)
     order = list(sweep.defenses)
-    values = {k: list(v) for k, v in sweep.attack.grid.items()}
+    values = {k: [_hashable(x) for x in v] for k, v in sweep.attack.grid.items()}
 
     def position(key: tuple) -> tuple:
         defense, grid, setting = key

@@ -282,26 +282,26 @@ def _settings(mapping: dict[str, Any], origin: str) -> list[tuple[list[str], Any
     return [(key.split("."), value, f"{origin} '{key}'") for key, value in mapping.items()]
 
 
-def _text(value: Any) -> str:
+def axis_text(value: Any) -> str:
+    """An axis value as text: run folder names and the report's (hashable) columns."""
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, dict):
         # A section as an axis value ({name: jailbreak_tuning, args: {template: skeleton}}): its name first, then
         # its settings, as a folder name without braces or spaces.
-        named = [_text(value["name"])] if "name" in value else []
+        named = [axis_text(value["name"])] if "name" in value else []
         settings = {k: v for k, v in value.items() if k not in ("name", "args")} | dict(
             value.get("args") or {}
         )
-        return "-".join(named + [f"{k}={_text(v)}" for k, v in settings.items()])
-    if isinstance(value, list):
-        return ",".join(_text(v) for v in value)
-    # Hub ids (google/gemma-2-9b) must not nest run folders.
-    return str(value).replace("/", "--").replace(" ", "")
+        return "-".join(named + [f"{k}={axis_text(v)}" for k, v in settings.items()])
+    # Hub ids (google/gemma-2-9b) must not nest run folders. Other values as they always were: archived sweeps
+    # are resumed by their folder names.
+    return str(value).replace("/", "--")
 
 
 def _slug(key: str, value: Any) -> str:
     name = ABBREVIATIONS.get(key, key.split(".")[-1])
-    text = _text(value)
+    text = axis_text(value)
     return f"{name}{text}" if name == "p" else f"{name}={text}"
 
 
