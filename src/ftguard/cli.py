@@ -231,9 +231,16 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from ftguard.gate import CHECKS, gate, load_gate_config, verdict_table
     from ftguard.run_results import read_results
 
-    run = read_results(args.results)
     overrides = {name: getattr(args, name) for name, _ in CHECKS.values()}
     overrides |= {"bound": args.bound, "stages": args.stages}
+    if args.worst_case:
+        from ftguard.gate import gate_worst_case, read_sweep_report, worst_case_table
+
+        report = read_sweep_report(args.results)
+        passed, rows = gate_worst_case(report, load_gate_config(args.thresholds, overrides))
+        print(worst_case_table(rows, passed, report))
+        return 0 if passed else 1
+    run = read_results(args.results)
     cfg = load_gate_config(args.thresholds, overrides)
     passed, rows = gate(run, cfg)
     print(verdict_table(rows, passed, run.complete, cfg.bound))
@@ -354,7 +361,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="release gate: exit 1 if the model a run ships (post if evaluated, else finetune) exceeds HS / "
         "over-refusal or misses FA thresholds",
     )
-    p.add_argument("results", help="a run directory or its results.json")
+    p.add_argument(
+        "results", help="a run directory or its results.json (with --worst-case: a sweep's output folder)"
+    )
+    p.add_argument(
+        "--worst-case",
+        action="store_true",
+        help="gate a sweep's worst case: per defense, the highest HS over the attack settings its capability "
+        "guard kept (report.json) and the FA there, against --max-hs / --min-fa",
+    )
     gate_help = field_help(GateConfig)
     for name, _ in CHECKS.values():  # one flag per threshold of the gate's config
         p.add_argument(f"--{name.replace('_', '-')}", type=float, help=gate_help[name].replace("%", "%%"))

@@ -5,10 +5,15 @@ stage, else the fine-tuned one: the model the provider ships); ``stages`` names 
 over-refusal and FA. With ``bound: interval`` the check uses the unfavourable end of the 95% interval (HS and
 over-refusal upper bound, FA lower bound), so a model passes only if the data support it, not just its point
 estimate.
+
+``--worst-case`` gates a sweep instead of a run: each defense's worst case over the attack settings of the sweep's
+``attack:`` block (report.json, sweep/aggregate.py ``worst_case``), i.e. the highest attacker HS among the settings
+the capability guard kept and the FA at that setting, against max_hs / min_fa.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -156,4 +161,107 @@ def verdict_table(rows: list[dict[str, Any]], passed: bool, complete: bool, boun
     if not complete:
         lines += ["", "**FAIL**: the run is incomplete (results.json has complete: false)."]
     lines += ["", f"Release gate: {'PASSED' if passed else 'FAILED'}"]
+    return "\n".join(lines) + "\n"
+
+
+# The worst case of a sweep (sweep/aggregate.py) records, per defense, the attacker's HS and the FA there only.
+WORST_CASE_VALUES = {"harmful_score": "hs", "finetune_accuracy": "fa"}
+
+
+def read_sweep_report(path: str | Path) -> dict[str, Any]:
+    """A sweep's report.json, from its output folder or the file itself; a sweep without a worst case fails."""
+    file = Path(path)
+    file = file / "report.json" if file.is_dir() else file
+    if not file.is_file():
+        raise FtguardError(f"{file}: no sweep report here (--worst-case reads a sweep's output folder)")
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FtguardError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(report, dict) or not report.get("worst_case"):
+        raise FtguardError(
+            f"{file}: no worst case to gate (the sweep has no attack: block, or none of its runs finished): give "
+            "it attack: {grid: {data.finetune.attack: [...]}}, or gate a single run's results.json"
+        )
+    return report
+
+
+def gate_worst_case(report: dict[str, Any], cfg: GateConfig) -> tuple[bool, list[dict[str, Any]]]:
+    """(passed, one row per defense, grid slice and metric): each defense's worst case over the attack settings the
+    capability guard kept (HS as the attacker asks, through the trigger when higher) and the FA at that setting,
+    against the thresholds. A defense whose every setting was dropped fails: nothing shows it resists. An
+    incomplete sweep fails, as an incomplete run does (its worst case may miss the strongest attack)."""
+    unsupported = [
+        name
+        for metric, (name, _) in CHECKS.items()
+        if metric not in WORST_CASE_VALUES and getattr(cfg, name) is not None
+    ]
+    unsupported += ["bound"] if cfg.bound != "point" else []
+    unsupported += ["stages"] if cfg.stages is not None else []
+    if unsupported:
+        raise ConfigError(
+            f"'{unsupported[0]}' is not gated with --worst-case: the worst case holds means over seeds of HS and FA "
+            "only (set max_hs / min_fa)"
+        )
+    rows: list[dict[str, Any]] = []
+    for entry in report["worst_case"]:
+        worst = entry.get("worst")
+        for metric, (name, direction) in CHECKS.items():
+            threshold = getattr(cfg, name)
+            if threshold is None:
+                continue
+            value = None if worst is None else worst.get(WORST_CASE_VALUES[metric])
+            if worst is None:
+                dropped = f"every attack setting dropped by the capability guard (0 / {entry['total']} kept)"
+                ok, why = False, dropped
+            elif value is None:
+                ok, why = False, "not measured"
+            else:
+                ok = value <= threshold if direction == "max" else value >= threshold
+                why = "" if ok else f"{value:.1f} {'>' if direction == 'max' else '<'} {threshold:g}"
+            rows.append(
+                {
+                    "defense": entry["defense"],
+                    "slice": entry.get("slice") or {},
+                    "attack": None if worst is None else worst["setting"],
+                    "metric": metric,
+                    "value": value,
+                    "threshold": threshold,
+                    "direction": direction,
+                    "passed": ok,
+                    "reason": why,
+                }
+            )
+    passed = all(r["passed"] for r in rows) and bool(report.get("complete"))
+    return passed, rows
+
+
+def _setting_text(setting: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k.split('.')[-1]} = {v:g}" if isinstance(v, float) else f"{k.split('.')[-1]} = {v}"
+        for k, v in setting.items()
+    )
+
+
+def worst_case_table(rows: list[dict[str, Any]], passed: bool, report: dict[str, Any]) -> str:
+    lines = [
+        "| defense | metric | worst case (mean over seeds) | threshold | reached by | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        defense = r["defense"] + (f" ({_setting_text(r['slice'])})" if r["slice"] else "")
+        value = "–" if r["value"] is None else f"{r['value']:.1f}"
+        sign = "≤" if r["direction"] == "max" else "≥"
+        attack = "–" if r["attack"] is None else _setting_text(r["attack"])
+        verdict = "pass" if r["passed"] else f"**FAIL** ({r['reason']})"
+        lines.append(
+            f"| {defense} | {r['metric']} | {value} | {sign} {r['threshold']:g} | {attack} | {verdict} |"
+        )
+    if not report.get("complete"):
+        done = f"{report.get('complete_runs', '?')} of {report.get('runs', '?')}"
+        lines += [
+            "",
+            f"**FAIL**: the sweep is incomplete ({done} runs finished): its worst case may miss an attack.",
+        ]
+    lines += ["", f"Release gate (worst case over the attacks): {'PASSED' if passed else 'FAILED'}"]
     return "\n".join(lines) + "\n"

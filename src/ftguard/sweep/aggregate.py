@@ -269,9 +269,18 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str, Any]]:
-    """Per defense and grid slice: each attack setting's mean HS/FA, the guard's verdict, and the worst kept one."""
+    """Per defense and grid slice: each attack setting's mean HS/FA, the guard's verdict, the worst kept one, and
+    ``cumulative_max``: the kept settings in the attack grid's order (the order an attacker who tries them in turn
+    spends his budget in) with the best HS found so far after each. Settings are listed in grid order, so among
+    tied settings the worst case is the one the attacker reaches first."""
     if sweep.attack is None:
         return []
+    values = {k: [_hashable(x) for x in v] for k, v in sweep.attack.grid.items()}
+
+    def position(setting: tuple) -> tuple:
+        # a value outside the declared grid (results of an older sweep file) goes after the declared ones
+        return tuple(values[k].index(v) if v in values[k] else len(values[k]) for k, v in setting)
+
     guard = sweep.attack.capability_guard
     groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -281,7 +290,7 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
     out = []
     for (defense, grid), settings in groups.items():
         scored = []
-        for setting, rs in settings.items():
+        for setting, rs in sorted(settings.items(), key=lambda item: position(item[0])):
             hs = [v for r in rs if (v := attacker_hs(r)) is not None]
             fa = [r["finetune_accuracy"] for r in rs if r["finetune_accuracy"] is not None]
             scored.append(
@@ -297,6 +306,11 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
             s["kept"], s["dropped_because"] = _guard(s["fa"], best_fa, guard)
         kept = [s for s in scored if s["kept"] and s["hs"] is not None]
         worst = max(kept, key=lambda s: s["hs"]) if kept else None
+        best = -math.inf
+        cumulative = []
+        for s in kept:
+            best = max(best, s["hs"])
+            cumulative.append({"setting": s["setting"], "hs": s["hs"], "best_so_far": best})
         out.append(
             {
                 "defense": defense,
@@ -305,6 +319,7 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
                 "worst": worst,
                 "kept": len(kept),
                 "total": len(scored),
+                "cumulative_max": cumulative,
             }
         )
     order = list(sweep.defenses)

@@ -28,6 +28,7 @@ __all__ = [
     "markdown",
     "mean_std",
     "plot",
+    "plot_worst_case",
     "summarize",
     "to_csv",
     "to_plain",
@@ -191,7 +192,56 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
             f"| {e['defense']} | {slice_text} | {w['hs']:.1f} | {fmt(w['fa'])} | {setting} | "
             f"{e['kept']} / {e['total']} |"
         )
+    curves = [e for e in worst if e.get("cumulative_max")]
+    if curves:
+        width = max(len(e["cumulative_max"]) for e in curves)
+        lines += [
+            "",
+            f"Best attack so far (cumulative max of {HS.label}): the kept settings in the attack grid's order, as an "
+            "attacker tries them in turn; each cell: the setting's HS → the best so far.",
+            "",
+            "| defense | slice | " + " | ".join(f"{i + 1}." for i in range(width)) + " |",
+            "|---|---|" + "---|" * width,
+        ]
+        for e in curves:
+            slice_text = ", ".join(_axis(k.split(".", 1)[1], v) for k, v in e["slice"].items()) or "–"
+            cells = [
+                f"{', '.join(_axis(k, v) for k, v in c['setting'].items())}: {c['hs']:.1f} → {c['best_so_far']:.1f}"
+                for c in e["cumulative_max"]
+            ]
+            cells += [""] * (width - len(cells))  # fewer settings kept than another defense
+            lines.append(f"| {e['defense']} | {slice_text} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def plot_worst_case(worst: list[dict[str, Any]], out: Path) -> list[Path]:
+    """worst_case.png: per defense (and grid slice), each kept attack setting's HS in the attack grid's order and
+    the best so far (a step line): how much an attacker gains from each further attack he tries."""
+    entries = [e for e in worst if e.get("cumulative_max")]
+    if not entries:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(entries), figsize=(6 * len(entries), 4), squeeze=False)
+    for ax, e in zip(axes[0], entries, strict=True):
+        curve = e["cumulative_max"]
+        xs = range(len(curve))
+        ax.step(xs, [c["best_so_far"] for c in curve], where="post", label="best so far")
+        ax.plot(xs, [c["hs"] for c in curve], "o", label="this setting")
+        labels = ["\n".join(_axis(k, v) for k, v in c["setting"].items()) for c in curve]
+        ax.set_xticks(list(xs), labels, fontsize=7, rotation=45, ha="right")
+        title = ", ".join([e["defense"], *(_axis(k.split(".", 1)[1], v) for k, v in e["slice"].items())])
+        ax.set(ylabel=_axis_label(HS), title=f"{title}: worst case by attacks tried", ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "worst_case.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
 
 
 def _curve_md(curve: list[dict[str, Any]]) -> list[str]:
@@ -327,7 +377,12 @@ def write_report(sweep: SweepConfig, runs: list[SweepRun], out: Path) -> dict[st
         text += f"\n**Incomplete: {report['complete_runs']} of {report['runs']} runs finished.**\n"
     write_text_atomic(out / "report.md", text)
     report["plots"] = [
-        str(p) for p in [*plot(report["tables"], out), *plot_curve(report["attack_curve"], out)]
+        str(p)
+        for p in [
+            *plot(report["tables"], out),
+            *plot_curve(report["attack_curve"], out),
+            *plot_worst_case(report["worst_case"], out),
+        ]
     ]
     write_json_atomic(out / "report.json", report)
     report["markdown"] = text
