@@ -13,6 +13,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import ftguard.methods.asft as asft
+from ftguard.config import AdapterConfig
+from ftguard.config import LoraConfig as FtguardLora
 from ftguard.data.collate import CausalLMCollator
 from ftguard.errors import FtguardError
 from ftguard.resolve import load_run
@@ -345,7 +347,7 @@ def test_target_modules_restrict_the_lora_modules_and_unknown_ones_fail():
 def _ctx(model, name: str):
     run = SimpleNamespace(
         model=SimpleNamespace(name=name, dtype="float32", trust_remote_code=False, revision=None),
-        adapter=SimpleNamespace(topology="double", finetune=SimpleNamespace(target_modules=list(TARGETS))),
+        adapter=AdapterConfig(finetune=FtguardLora(target_modules=list(TARGETS))),
     )
     return SimpleNamespace(run=run, model=model, plan=None, stage="finetune")
 

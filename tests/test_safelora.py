@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 import ftguard.methods.safelora  # noqa: F401  (registers "safelora")
+from ftguard.config import AdapterConfig
 from ftguard.errors import FtguardError
 from ftguard.methods.context import ModelRef, PostContext
 from ftguard.methods.safelora import SafeLora, SafeLoraConfig, projected_update
@@ -59,10 +60,17 @@ def models(tmp_path_factory) -> SimpleNamespace:
     )
 
 
-def _ctx(root: Path, topology: str = "double", finetuned: str = "finetuned", adapter: str | None = "adapter"):
+def _ctx(
+    root: Path,
+    topology: str = "double",
+    finetuned: str = "finetuned",
+    adapter: str | None = "adapter",
+    finetune_full: bool = False,
+):
+    adapter_config = AdapterConfig(topology=topology, finetune_full=finetune_full)
+    adapter_config.finetune.target_modules = USER_TARGETS
     run = SimpleNamespace(
-        model=SimpleNamespace(dtype="float32", trust_remote_code=False),
-        adapter=SimpleNamespace(topology=topology, finetune=SimpleNamespace(target_modules=USER_TARGETS)),
+        model=SimpleNamespace(dtype="float32", trust_remote_code=False), adapter=adapter_config
     )
     return PostContext(
         run=run,
@@ -172,7 +180,10 @@ def test_exact_projection_keeps_an_update_inside_the_alignment_subspace(models):
     assert torch.allclose(weights[f"{module}.weight"], expected, atol=1e-5)
 
 
-def test_full_topology_projects_the_merged_difference(models, tmp_path):
+@pytest.mark.parametrize(
+    "topology, finetune_full", [("full", False), ("double", True)], ids=["full", "full-parameter-attacker"]
+)
+def test_full_topology_projects_the_merged_difference(models, tmp_path, topology, finetune_full):
     # A full fine-tune: F = A + a dense change on every weight; SafeLoRA looks at q/v only.
     for name in ("base", "aligned"):
         (tmp_path / name).symlink_to(models.root / name)
@@ -185,7 +196,7 @@ def test_full_topology_projects_the_merged_difference(models, tmp_path):
     tuned = load_file(tmp_path / "full" / "model.safetensors")
 
     model, report = SafeLora(SafeLoraConfig(select_layers_type="number", num_proj_layers=1)).repair(
-        _ctx(tmp_path, topology="full", finetuned="full", adapter=None)
+        _ctx(tmp_path, topology=topology, finetuned="full", adapter=None, finetune_full=finetune_full)
     )
     weights = model.state_dict()
     assert report["update"] == "W_finetuned − W_aligned" and report["layers"] == 6

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 import ftguard.methods.safemerge  # noqa: F401  (registers "safemerge")
+from ftguard.config import AdapterConfig, LoraConfig
 from ftguard.errors import FtguardError
 from ftguard.methods.context import ModelRef, PostContext
 from ftguard.methods.safemerge import SafeMerge, SafeMergeConfig, merged_factors
@@ -77,7 +78,7 @@ def _ctx(models, tmp_path: Path, safety: str = "safety") -> PostContext:
     run = SimpleNamespace(
         seed=43,
         model=SimpleNamespace(dtype="float32", trust_remote_code=False),
-        adapter=SimpleNamespace(topology="double", finetune=SimpleNamespace(target_modules=USER_TARGETS)),
+        adapter=AdapterConfig(finetune=LoraConfig(target_modules=USER_TARGETS)),
     )
     return PostContext(
         run=run,

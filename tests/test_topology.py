@@ -67,6 +67,57 @@ def test_full_fine_tuning_trains_every_weight_and_saves_no_adapter(tmp_path):
     assert any("mlp" in k for k in changed) and any("embed_tokens" in k for k in changed)
 
 
+def test_the_full_parameter_attacker_fine_tunes_every_weight_of_the_lora_aligned_model(tmp_path):
+    from ftguard.pipeline.units import build_graph
+    from ftguard.resolve import load_run
+
+    out = tmp_path / "full-attacker"
+    overrides = [*NO_EVAL, "adapter.finetune_full=true", f"output_dir={out}"]
+    run_pipeline(load_config("quickstart-tiny", overrides))
+    align = json.loads((out / "align" / "COMPLETE.json").read_text())
+    manifest = json.loads((out / "finetune" / "COMPLETE.json").read_text())
+    assert align["trainable_parameters"] < align["total_parameters"] and align["adapter_dir"] == "adapter"
+    assert (
+        manifest["trainable_parameters"] == manifest["total_parameters"] and manifest["adapter_dir"] is None
+    )
+    assert not (out / "finetune" / "adapter").exists()
+    aligned, tuned = _weights(out / "align" / "model"), _weights(out / "finetune" / "model")
+    changed = [k for k in aligned if not torch.equal(aligned[k], tuned[k])]
+    assert any("mlp" in k for k in changed) and any("embed_tokens" in k for k in changed)
+    # the same aligned model as the LoRA attacker's: only the fine-tune's fingerprint differs
+    lora, full = (
+        build_graph(load_run("quickstart-tiny", extra)) for extra in ([], ["adapter.finetune_full=true"])
+    )
+    assert lora.unit("align").fingerprint == full.unit("align").fingerprint
+    assert lora.unit("finetune").fingerprint != full.unit("finetune").fingerprint
+
+
+@pytest.mark.parametrize("topology", ["single", "full"])
+def test_the_full_parameter_attacker_needs_the_double_topology(topology):
+    from ftguard.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"adapter\.finetune_full.*needs topology double"):
+        load_config("quickstart-tiny", [f"adapter.topology={topology}", "adapter.finetune_full=true"])
+
+
+def test_settings_added_later_leave_fingerprints_as_they_were_at_their_neutral_value():
+    from ftguard.config import NEUTRAL_LATER_SETTINGS
+
+    cfg = load_config("quickstart-tiny")
+    data = cfg.to_dict()
+    for path, neutral in NEUTRAL_LATER_SETTINGS.items():
+        *parents, leaf = path
+        section = data
+        for key in parents:
+            section = section[key]
+        assert section.pop(leaf) == neutral  # the default is the neutral value
+    import hashlib
+
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    assert cfg.fingerprint() == hashlib.sha256(blob).hexdigest()[:16]
+    assert load_config("quickstart-tiny", ["adapter.finetune_full=true"]).fingerprint() != cfg.fingerprint()
+
+
 def test_single_stage_commands_compose(tmp_path, capsys):
     out = str(tmp_path / "run")
     sets = ["--set", "align.train.max_steps=3", "--set", "finetune.train.max_steps=3"]

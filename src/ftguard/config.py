@@ -102,6 +102,23 @@ class AdapterConfig:
     finetune: LoraConfig = _help(
         "new LoRA of the fine-tuning stage (double topology)", default_factory=LoraConfig
     )
+    finetune_full: bool = _help(
+        "double topology only: the fine-tune trains every weight of the merged aligned model instead of a new "
+        "LoRA (the full-parameter attacker beside the LoRA one; docs/attacks.md)",
+        default=False,
+    )
+
+    def __post_init__(self) -> None:
+        check(
+            not self.finetune_full or self.topology == "double",
+            "finetune_full",
+            f"needs topology double (a LoRA alignment merged, then a full fine-tune), not {self.topology}: "
+            "topology full already trains every weight in both stages, single continues the alignment LoRA",
+        )
+
+    def trains_full(self, stage: str) -> bool:
+        """Whether ``stage`` trains every weight (topology full, or the full-parameter fine-tune)."""
+        return self.topology == "full" or (stage == "finetune" and self.finetune_full)
 
 
 @dataclass
@@ -167,6 +184,14 @@ class BenignMixConfig:
             "max_chars",
             f"must be ≥ 1 or null, got {self.max_chars}",
         )
+
+
+# Settings added after runs and units were stored, left out of fingerprints while at their neutral value: what was
+# made before they existed (where they were, in effect, at that value) is still found.
+NEUTRAL_LATER_SETTINGS: dict[tuple[str, ...], Any] = {
+    ("adapter", "finetune_full"): False,
+    ("data", "finetune", "attack"): {"name": "harmful_mix", "args": {}},
+}
 
 
 @dataclass
@@ -454,6 +479,13 @@ class RunConfig:
     def fingerprint(self, *sections: str) -> str:
         """Short hash of the given top-level sections (all when none): what a stage's output depends on."""
         data = self.to_dict()
+        for path, neutral in NEUTRAL_LATER_SETTINGS.items():
+            *parents, leaf = path
+            section = data
+            for key in parents:
+                section = section.get(key) or {}
+            if section.get(leaf, None) == neutral:
+                section.pop(leaf)
         picked = {k: data[k] for k in sections} if sections else data
         blob = json.dumps(picked, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

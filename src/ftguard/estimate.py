@@ -63,8 +63,8 @@ def _tokens_of(train: Any, samples: int, max_length: int, gpu: GpuSpec) -> tuple
     return steps, tokens
 
 
-def _flops_per_token(run: RunConfig, train: Any, n_params: float) -> tuple[float, str]:
-    full = run.adapter.topology == "full"
+def _flops_per_token(run: RunConfig, train: Any, n_params: float, stage: str) -> tuple[float, str]:
+    full = run.adapter.trains_full(stage)
     per_token = (6.0 if full else 4.0) * n_params
     what = "full fine-tuning 6N" if full else "LoRA 4N"
     if train.gradient_checkpointing:
@@ -114,7 +114,7 @@ def stage_cost(resolved: ResolvedRun, stage: str, gpu: GpuSpec) -> dict[str, Any
     samples += extra.samples
     notes += extra.notes
     steps, tokens = _tokens_of(cfg.train, samples, run.model.max_length, gpu)
-    per_token, what = _flops_per_token(run, cfg.train, n_params)
+    per_token, what = _flops_per_token(run, cfg.train, n_params, stage)
     factor = method.pass_factor
     flops = tokens * per_token * factor + extra.one_off_tokens * per_token
     rate, precision = _training_rate(cfg.train, run, gpu)

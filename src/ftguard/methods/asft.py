@@ -316,7 +316,7 @@ class Asft(Method):
     def create_trainer(self, ctx: StageContext, **trainer_kwargs: Any) -> AsftTrainer:
         cfg, run = self.config, ctx.run
         targets = cfg.target_modules
-        if targets is None and run.adapter.topology == "full":
+        if targets is None and run.adapter.trains_full("finetune"):
             targets = list(run.adapter.finetune.target_modules)
         modules = list(regularised_modules(ctx.model, None if targets is None else list(targets)))
         # The base is what the pipeline evaluates as its "base" point (run.model.name): a pure function of the

@@ -261,7 +261,7 @@ class SafeLora(PostMethod):
     def _targets(self, ctx: Any) -> list[str] | None:
         if self.config.target_modules is not None:
             return list(self.config.target_modules)
-        if ctx.run.adapter.topology == "full":
+        if ctx.run.adapter.trains_full("finetune"):
             return list(ctx.run.adapter.finetune.target_modules)
         return None  # the adapter's own modules
 
@@ -269,9 +269,11 @@ class SafeLora(PostMethod):
         from ftguard.models import load_lora
 
         cfg, topology = self.config, ctx.run.adapter.topology
+        full = ctx.run.adapter.trains_full("finetune")
         targets = self._targets(ctx)
-        from_adapter = topology == "double"
-        if topology != "full" and not ctx.finetuned.adapter_dir:
+        # a full-parameter fine-tune of the merged aligned model (finetune_full) is read like topology full
+        from_adapter = topology == "double" and not full
+        if not full and not ctx.finetuned.adapter_dir:
             raise FtguardError(
                 f"{ctx.key}: topology {topology} but the fine-tuned model has no adapter folder: "
                 "re-run the finetune stage"

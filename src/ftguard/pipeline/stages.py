@@ -60,7 +60,7 @@ def build_trainable_model(run: RunConfig, stage: str, source: ModelRef) -> tuple
         model = load_model(source.base_dir, **kwargs)
         return load_lora(model, source.adapter_dir, trainable=True), source.base_dir
     model = load_model(source.model_dir, **kwargs)
-    if topology == "full":
+    if run.adapter.trains_full(stage):
         for p in model.parameters():
             p.requires_grad_(True)
         return model, None
@@ -140,7 +140,7 @@ def train_stage(
         log.info("%s: resuming from %s", key, resume)
     result = trainer.train(resume_from_checkpoint=resume)
 
-    is_lora = run.adapter.topology != "full"
+    is_lora = not run.adapter.trains_full(stage)
     if distributed.world_size() > 1:
         if not _save_from_ranks(trainer, out, is_lora, base_dir, run):
             distributed.barrier()  # rank 0 has committed the unit
