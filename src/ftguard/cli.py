@@ -53,11 +53,26 @@ def cmd_run(
     from ftguard.pipeline.run import run_pipeline
 
     resolved = _load(args)
+    repo_id = getattr(args, "push_to_hub", None)
+    if repo_id:
+        from ftguard.model_card import final_model_key, hub_token
+
+        token, final_key = hub_token(), final_model_key(resolved.config)  # fail before training, not after
     results = run_pipeline(
         resolved, overwrite=args.overwrite, train=train, evaluate=evaluate, on_update=_print_table
     )
     state = "complete" if results["complete"] else "incomplete: stages or evaluations remain"
     print(f"results ({state}): {resolved.config.out_dir / 'results.json'}")
+    if repo_id:
+        from ftguard import distributed
+        from ftguard.model_card import push_to_hub
+
+        if not results["complete"]:
+            raise FtguardError(f"the run is incomplete: nothing pushed to {repo_id}")
+        if distributed.is_main():
+            folder = resolved.config.out_dir / final_key / "model"
+            push_to_hub(folder, repo_id, private=not args.hub_public, token=token)
+            print(f"pushed {folder} to {repo_id} ({'public' if args.hub_public else 'private'})")
     return 0
 
 
@@ -135,13 +150,15 @@ def cmd_configs(args: argparse.Namespace) -> int:
     # Paper and modern protocols live in subfolders: sweeps, and the run configs they start from.
     for path in sorted(root.glob("*/*.yaml")):
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        kind = "sweep" if {"defenses", "grid", "attack"} & set(data) else "run"
+        kind = (
+            "sweep" if {"defenses", "grid", "attack"} & set(data) else "policy" if "rules" in data else "run"
+        )
         desc = " ".join(str(data.get("description", "")).split())
         name = path.relative_to(root).with_suffix("").as_posix()
         print(f"{name:<32} [{kind}] {textwrap.shorten(desc, 76)}")
     print(
-        "\nrun one with `ftguard run NAME`, a [sweep] with "
-        "`ftguard sweep NAME`; copy one with `ftguard configs --show NAME > my.yaml`"
+        "\nrun one with `ftguard run NAME`, a [sweep] with `ftguard sweep NAME`, gate by a [policy] with "
+        "`ftguard gate RUN --policy NAME`; copy one with `ftguard configs --show NAME > my.yaml`"
     )
     return 0
 
@@ -233,6 +250,19 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name, _ in CHECKS.values()}
     overrides |= {"bound": args.bound, "stages": args.stages}
+    if args.policy:
+        from ftguard.policy import gate_with_policy
+
+        given = [k for k, v in overrides.items() if v is not None]
+        given += [k for k in ("thresholds", "worst_case") if getattr(args, k)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise FtguardError(
+                f"{flag} does not go with --policy: the policy's rules hold the limits and stages"
+            )
+        return gate_with_policy(args.results, args.policy, args.json)
+    if args.json:
+        raise FtguardError("--json records a --policy verdict: give --policy too")
     if args.worst_case:
         from ftguard.gate import gate_worst_case, read_sweep_report, worst_case_table
 
@@ -293,6 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole pipeline of a config")
     _add_config_args(p)
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="after a complete run, upload its final model folder (with its model card) to this hub repo; "
+        "the token is read from $HF_TOKEN",
+    )
+    p.add_argument(
+        "--hub-public",
+        action="store_true",
+        help="with --push-to-hub: make a new repo public (default private)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -389,6 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--thresholds",
         metavar="YAML",
         help=f"thresholds from a file (keys {keys}); flags override it",
+    )
+    p.add_argument(
+        "--policy",
+        metavar="YAML",
+        help="gate by a release policy instead of thresholds: must_pass / warn rules, absolute or relative to a "
+        "baseline point (a file, or a packaged name: release)",
+    )
+    p.add_argument(
+        "--json", metavar="OUT", help="with --policy: also write the verdict, with the policy's hash"
     )
     p.set_defaults(func=cmd_gate)
 

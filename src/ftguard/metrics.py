@@ -27,6 +27,9 @@ class Metric:
     # In the sweep's tables, verdicts and the gate. False for a metric only some protocols measure, so that the
     # tables of runs without it stay as they were.
     headline: bool = True
+    # False for a metric only some runs measure (the triggered HS of an attack that teaches a trigger): every
+    # evaluation point writes the others.
+    always: bool = True
 
     @property
     def arrow(self) -> str:
@@ -67,6 +70,7 @@ METRICS: dict[str, Metric] = {
             "harmful score on prompts wrapped in the attack's trigger",
             higher_is_better=False,
             headline=False,
+            always=False,
         ),
         Metric("finetune_accuracy", "FA", "FA", "fine-tune accuracy", higher_is_better=True, gate="fa"),
         Metric(

@@ -22,6 +22,7 @@ from ftguard.errors import FtguardError
 from ftguard.evaluation.judges import get_judge, judge_versions
 from ftguard.evaluation.refusal_detector import get_refusal_detector
 from ftguard.methods.context import ModelRef
+from ftguard.model_card import write_model_card
 from ftguard.models import load_tokenizer, resolve_model
 from ftguard.pipeline.evaluation import evaluate_point
 from ftguard.pipeline.outputs import StageDir, read_json, write_json_atomic, write_text_atomic
@@ -186,6 +187,9 @@ class Pipeline:
                     trigger=attack.trigger if taught else None,
                 )
         self._record(unit, metrics)
+        # the base model's folder (the model cache, a user's folder) is not the run's to write into
+        if unit.point != "base" and distributed.is_main():
+            write_model_card(ref.model_dir, self.results, unit.point_key)
 
     def _existing(self, unit: Unit) -> ModelRef | None:
         out = self._dir(unit)
