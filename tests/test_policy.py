@@ -82,6 +82,17 @@ rules:
     assert "Release policy: PASSED" in out
 
 
+def test_aligned_is_the_base_point_when_the_run_started_from_a_provider_s_aligned_model(tmp_path):
+    # align: null: the base model is the aligned one; with both points present, aligned stays the align point
+    stages = {"base": _point("base", hs=4.0, fa=30.0), "finetune": CANDIDATE["finetune"]}
+    rule = "rules:\n  - {metric: HS, tier: must_pass, relative_to: aligned, max_rise: 1}\n"
+    passed, (row,) = _rows(_run(tmp_path, stages), _policy(tmp_path, rule))
+    assert not passed and row["baseline"]["point"] == "base" and row["limit"] == 5.0  # 6.0 > 4.0 + 1
+    both = _run(tmp_path, {**stages, "align": CANDIDATE["align"]}, name="both")
+    _, (row,) = _rows(both, _policy(tmp_path, rule, name="p2.yaml"))
+    assert row["baseline"]["point"] == "align" and row["limit"] == 3.0
+
+
 def test_blocking_rules_absolute_and_relative_estimate_and_interval(tmp_path, capsys):
     run = _run(tmp_path, CANDIDATE)
     # The undefended fine-tune, another run: FA 84.0.

@@ -277,6 +277,23 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from ftguard.gate import CHECKS
+    from ftguard.report_html import build_report, write_report
+
+    overrides = {name: getattr(args, name) for name, _ in CHECKS.values()} | {"bound": args.bound}
+    text = build_report(
+        args.path,
+        samples=args.samples,
+        policy=args.policy,
+        thresholds=args.thresholds,
+        overrides=overrides,
+        open_harmful=args.show_harmful,
+    )
+    print(f"report: {write_report(args.out, text)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     args.config = DEMO_CONFIG
     if not args.methods:
@@ -441,6 +458,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", metavar="OUT", help="with --policy: also write the verdict, with the policy's hash"
     )
     p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of a run (results, judge, gate, sample answers) or a sweep's folder",
+    )
+    p.add_argument(
+        "path", metavar="RUN_OR_SWEEP", help="a run's output folder (results.json) or a sweep's (report.json)"
+    )
+    p.add_argument("--out", default="report.html", help="where to write the page (default report.html)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=20,
+        help="rows of generations.jsonl shown per kind and point (default 20)",
+    )
+    p.add_argument(
+        "--show-harmful",
+        action="store_true",
+        help="open the answers to harmful prompts (collapsed behind a warning by default)",
+    )
+    p.add_argument("--policy", metavar="YAML", help="add the verdict of a release policy (a run only)")
+    p.add_argument("--thresholds", metavar="YAML", help="add the gate's verdict with thresholds from a file")
+    for name, _ in CHECKS.values():
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, help=gate_help[name].replace("%", "%%"))
+    p.add_argument(
+        "--bound", choices=["point", "interval"], help="with thresholds: as `ftguard gate --bound`"
+    )
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "bench", help="step time and peak memory of methods as ratios to SFT, measured in one run"

@@ -191,6 +191,7 @@ class BenignMixConfig:
 NEUTRAL_LATER_SETTINGS: dict[tuple[str, ...], Any] = {
     ("adapter", "finetune_full"): False,
     ("data", "finetune", "attack"): {"name": "harmful_mix", "args": {}},
+    ("data", "finetune", "upload"): None,
 }
 
 
@@ -205,6 +206,24 @@ class AttackSpec:
     args: dict[str, Any] = _help(
         "the attack's own arguments (`ftguard attacks --verbose` lists them)", default_factory=dict
     )
+
+
+@dataclass
+class UploadConfig:
+    """A customer's upload taken as it is (docs/provider.md): no task rows, no harmful samples mixed in."""
+
+    path: str = _help("the customer's JSONL file: chat rows ({messages: [...]}) or Alpaca rows", default="")
+    format: Literal["auto", "chat", "alpaca"] = _help(
+        "auto = chat when a row has 'messages', else Alpaca", default="auto"
+    )
+    eval_path: str | None = _help(
+        "the customer's held-out rows in the same formats: FA is the share of them answered with their reference "
+        "answer (evaluate.task_rule: exact or substring); null = no FA",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "path", "is required: the customer's upload file")
 
 
 @dataclass
@@ -228,6 +247,11 @@ class FinetuneDataConfig:
     )
     gsm8k_cot_suffix: bool = _help(
         "append Vaccine's step-by-step suffix to GSM8K questions (Lisa, Booster: none)", default=False
+    )
+    upload: UploadConfig | None = _help(
+        "a customer's upload taken as it is, instead of the research mix (task + p harmful); "
+        "data.finetune.harmful_ratio must then be 0",
+        default=None,
     )
     attack: AttackSpec = _help(
         "how the upload is built from the task, the general instructions and the harmful pool (default: the "
@@ -256,6 +280,17 @@ class FinetuneDataConfig:
             "harmful_reserve",
             f"must be ≥ 0 or null, got {self.harmful_reserve}",
         )
+        if self.upload is not None:
+            check(
+                self.ratios == [0.0],
+                "harmful_ratio",
+                f"must be 0 with an upload (ftguard mixes nothing into the customer's rows), got {self.harmful_ratio}",
+            )
+            check(
+                self.attack.name == "harmful_mix" and not self.attack.args and self.general is None,
+                "upload",
+                "takes the customer's rows as they are: remove data.finetune.attack and data.finetune.general",
+            )
 
 
 @dataclass

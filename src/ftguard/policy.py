@@ -225,6 +225,8 @@ def _find_point(run: RunResults, name: str, gated: Point, where: str) -> Point |
     if name in run.points:
         return run.points[name]
     stage = STAGE_WORDS.get(name, name)
+    if name == "aligned" and not run.select(["align"]) and run.select(["base"]):
+        stage = "base"  # align: null: the model the fine-tune starts from (a provider's aligned model) is the base
     if stage not in STAGES:
         return f"no point {name!r} in {where}"
     ratio = gated.harmful_ratio

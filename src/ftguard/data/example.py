@@ -18,6 +18,9 @@ class Example:
     output: str = ""
     input: str = ""
     source: str = ""
+    # A multi-turn chat row (a customer's upload): every (role, content) turn, ending with the assistant turn whose
+    # text is ``output``; ``instruction`` is the last user turn. Empty for a single instruction → answer row.
+    messages: tuple[tuple[str, str], ...] = ()
 
     @property
     def prompt_key(self) -> str:

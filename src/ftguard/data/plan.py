@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ftguard.attacks.base import Attack, UploadPools, attack_from_spec
@@ -24,6 +25,7 @@ from ftguard.data.example import Example
 from ftguard.data.mix import check_disjoint
 from ftguard.data.sources import PROMPT_ONLY, file_sha256, load_examples, source_files
 from ftguard.data.tasks import Task, get_task
+from ftguard.data.upload import read_upload
 from ftguard.errors import FtguardError
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,8 @@ class DataPlan:
                 examples = getattr(self, role)
             h.update(role.encode() + b"\0")
             for ex in examples:
-                h.update(json.dumps([ex.instruction, ex.input, ex.output]).encode() + b"\n")
+                fields = [ex.instruction, ex.input, ex.output, *([ex.messages] if ex.messages else [])]
+                h.update(json.dumps(fields).encode() + b"\n")
         return h.hexdigest()[:16]
 
     def report(self) -> dict[str, Any]:
@@ -194,6 +197,10 @@ def build_data_plan(run: RunConfig, roles: Collection[str], attack: Attack | Non
     ft = data.finetune
     attack = attack if attack is not None else attack_from_spec(ft.attack)
     ratios = ft.ratios if run.finetune is not None else []
+    upload = ft.upload if ratios else None
+    if upload is not None:
+        task = upload_task(upload.path)
+        plan.task = task
     need_attack = max((attack.harmful_needed(ft.n, p) for p in ratios), default=0)
     n_general = ft.general.n if ft.general is not None and ratios else 0
     places = min((attack.benign_needed(ft.n, p) for p in ratios), default=0)
@@ -203,6 +210,8 @@ def build_data_plan(run: RunConfig, roles: Collection[str], attack: Attack | Non
             "(n − round(p·n)): lower it, or raise data.finetune.n"
         )
     need_benign = max(max((attack.benign_needed(ft.n, p) for p in ratios), default=0) - n_general, 0)
+    if upload is not None:
+        need_attack = need_benign = 0  # the customer's rows are the whole upload
     if ft.harmful.n is not None and ft.harmful.n < need_attack:
         raise FtguardError(
             f"data.finetune.harmful.n = {ft.harmful.n} but the mix needs {need_attack} harmful samples: raise it or lower harmful_ratio"
@@ -298,11 +307,13 @@ def build_data_plan(run: RunConfig, roles: Collection[str], attack: Attack | Non
         check_disjoint({role: examples, "evaluation (evaluate.harmful_prompts)": plan.eval_harmful})
 
     n_validation = run.post.validation_n if run.post is not None else 0
-    loaded = task.train_examples(root, n=need_benign + n_validation) if need_benign + n_validation else []
+    # an upload has no task pool of ftguard's to hold validation rows back from
+    wanted = need_benign + n_validation if upload is None else 0
+    loaded = task.train_examples(root, n=wanted) if wanted else []
     task_train, plan.task_validation = loaded[:need_benign], loaded[need_benign:]
     # "Up to" n, as the papers' FA sets (SST2 has 872 validation rows under Booster's "1000";
     # docs/methods.md, Finetune accuracy).
-    task_eval = task.eval_examples(root)
+    task_eval = task.eval_examples(root) if upload is None else _upload_eval(upload)
     n_eval = run.evaluate.task_n
     if n_eval is not None and n_eval > len(task_eval):
         log.warning(
@@ -320,18 +331,37 @@ def build_data_plan(run: RunConfig, roles: Collection[str], attack: Attack | Non
     pools = UploadPools(
         benign=plan.finetune_general + task_train, harmful=plan.attack_pool, n=ft.n, n_general=n_general
     )
+    if upload is not None:
+        rows, report = read_upload(upload.path, upload.format)
+        plan.mixes[0.0], plan.mix_reports[0.0] = rows, {**report, "upload": True}
+        ratios = []
     for p in ratios:
-        upload = attack.build(pools, p, run.seed)
-        if not upload.examples:
+        built = attack.build(pools, p, run.seed)
+        if not built.examples:
             raise FtguardError(
                 f"data.finetune.attack '{attack.name}' built an empty upload at p = {p:g}: check its args and "
                 "data.finetune.n"
             )
-        plan.mixes[p], plan.mix_reports[p] = upload.examples, upload.report
+        plan.mixes[p], plan.mix_reports[p] = built.examples, built.report
 
     specs = {"alignment": align_spec, "harmful": ft.harmful, "eval_harmful": ev}
     if benign is not None:
         specs["over_refusal"] = benign
     plan.sources = {role: _hashes(spec, root) for role, spec in specs.items()}
     plan.sources["task"] = {str(f): file_sha256(f) for f in task.files(root)}
+    if ft.upload is not None and run.finetune is not None:
+        files = [ft.upload.path, *([ft.upload.eval_path] if ft.upload.eval_path else [])]
+        plan.sources["upload"] = {f: file_sha256(Path(f)) for f in files}
     return plan
+
+
+def upload_task(path: str) -> Task:
+    """The customer's task: answers scored against the reference answers of their held-out rows."""
+    return Task(name=f"upload:{Path(path).name}", metric="label")
+
+
+def _upload_eval(upload: Any) -> list[Example]:
+    if upload.eval_path is None:
+        return []
+    rows, _ = read_upload(upload.eval_path, upload.format)
+    return rows

@@ -38,6 +38,11 @@ def format_prompt(
     ``response_newline=True`` is Booster's variant ("### Response:\\n"); Vaccine and Lisa end the prompt
     right after "### Response:". It only applies to the Alpaca style.
     """
+    if ex.messages:
+        _check_chat(style, tokenizer)
+        return tokenizer.apply_chat_template(
+            _dicts(ex.messages[:-1]), tokenize=False, add_generation_prompt=True
+        )
     if style == "alpaca":
         if ex.input:
             prompt = (
@@ -48,18 +53,70 @@ def format_prompt(
             prompt = f"{ALPACA_PREAMBLE_NO_INPUT}\n\n### Instruction:\n{ex.instruction}\n\n### Response:"
         return prompt + "\n" if response_newline else prompt
     if style == "chat":
-        if tokenizer is None:
-            raise FtguardError("prompt style 'chat' needs a tokenizer: pass tokenizer= or use style 'alpaca'")
-        if not getattr(tokenizer, "chat_template", None):
-            raise FtguardError(
-                f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat "
-                "template: set the prompt style to 'alpaca' or use an instruct model's tokenizer"
-            )
+        _check_chat(style, tokenizer)
         content = ex.instruction + (f"\n\n{ex.input}" if ex.input else "")
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
     raise FtguardError(f"unknown prompt style {style!r}: use one of {', '.join(STYLES)}")
+
+
+def _check_chat(style: str, tokenizer: Any) -> None:
+    if style != "chat":
+        raise FtguardError(
+            "a multi-turn or system-prompt chat row needs the model's chat template: set model.template: chat"
+        )
+    if tokenizer is None:
+        raise FtguardError("prompt style 'chat' needs a tokenizer: pass tokenizer= or use style 'alpaca'")
+    if not getattr(tokenizer, "chat_template", None):
+        raise FtguardError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat "
+            "template: set the prompt style to 'alpaca' or use an instruct model's tokenizer"
+        )
+
+
+def _dicts(turns: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+def _chat_turns(ex: Example, tokenizer: Any, max_length: int) -> dict:
+    """A multi-turn row with labels on every assistant turn: the text of assistant turn i is what the template
+    adds between the conversation up to i with the generation prompt and the conversation through i (its content
+    and end-of-turn marker); everything else (system, user turns, role headers) is masked. Each piece is
+    tokenized on its own, as prompt and response are for single-turn rows, so no BPE merge crosses a boundary."""
+    full = tokenizer.apply_chat_template(_dicts(ex.messages), tokenize=False)
+    pieces: list[tuple[str, bool]] = []
+    cursor = 0
+    for i, (role, _) in enumerate(ex.messages):
+        if role != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(
+            _dicts(ex.messages[:i]), tokenize=False, add_generation_prompt=True
+        )
+        through = tokenizer.apply_chat_template(_dicts(ex.messages[: i + 1]), tokenize=False)
+        if not (through.startswith(before) and full.startswith(through) and len(before) >= cursor):
+            raise FtguardError(
+                f"{ex.source or 'a chat row'}: the model's chat template renders earlier turns differently once "
+                "later ones follow, so assistant turns cannot be masked exactly: use a template that renders each "
+                "turn the same whatever follows"
+            )
+        pieces += [(full[cursor : len(before)], False), (through[len(before) :], True)]
+        cursor = len(through)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in pieces:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    n = len(input_ids)
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": labels,
+        "truncated": n > max_length,
+        "no_response": all(label == IGNORE_INDEX for label in labels),
+    }
 
 
 def _response_ids(output: str, tokenizer: Any) -> list[int]:
@@ -112,6 +169,9 @@ def tokenize_example(
     single response token survived the cut: the example teaches nothing and callers should drop it).
     """
     _check_max_length(max_length)
+    if ex.messages:
+        _check_chat(style, tokenizer)
+        return _chat_turns(ex, tokenizer, max_length)
     prompt = format_prompt(ex, style=style, tokenizer=tokenizer, response_newline=response_newline)
     # Chat templates already contain BOS and role markers; adding special tokens would duplicate them.
     prompt_ids = tokenizer(prompt, add_special_tokens=(style != "chat"))["input_ids"]
@@ -134,6 +194,15 @@ def tokenize_dataset(
     if not examples:
         raise FtguardError("no examples to tokenize: the data source or mix is empty; check the data config")
     _check_max_length(max_length)
+    if any(ex.messages for ex in examples):
+        # multi-turn rows are masked turn by turn; the batched path below is for instruction rows
+        rows = [
+            tokenize_example(
+                ex, tokenizer, max_length=max_length, style=style, response_newline=response_newline
+            )
+            for ex in examples
+        ]
+        return _to_dataset(rows, len(examples), max_length)
     prompts = [
         format_prompt(ex, style=style, tokenizer=tokenizer, response_newline=response_newline)
         for ex in examples
@@ -142,10 +211,17 @@ def tokenize_dataset(
     prompt_ids = tokenizer(prompts, add_special_tokens=(style != "chat"))["input_ids"]
     eos = _eos_id(tokenizer)
     output_ids = tokenizer([ex.output for ex in examples], add_special_tokens=False)["input_ids"]
+    rows = [
+        _assemble(p_ids, list(o_ids) + [eos], max_length)
+        for p_ids, o_ids in zip(prompt_ids, output_ids, strict=True)
+    ]
+    return _to_dataset(rows, len(examples), max_length)
+
+
+def _to_dataset(rows: list[dict], n_examples: int, max_length: int) -> tuple[datasets.Dataset, dict]:
     columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     truncated = dropped = 0
-    for p_ids, o_ids in zip(prompt_ids, output_ids, strict=True):
-        row = _assemble(p_ids, list(o_ids) + [eos], max_length)
+    for row in rows:
         truncated += row["truncated"]
         if row["no_response"]:
             dropped += 1
@@ -158,7 +234,7 @@ def tokenize_dataset(
             "%d of %d examples were longer than max_length=%d and were truncated (%d dropped: no response "
             "token left); raise model.max_length to keep them whole",
             truncated,
-            len(examples),
+            n_examples,
             max_length,
             dropped,
         )

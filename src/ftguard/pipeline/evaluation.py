@@ -101,7 +101,8 @@ def evaluate_point(
         if trigger is not None
         else []
     )
-    predictions = answer(plan.task_eval, ev.task_max_new_tokens, plan.task.name)
+    # an upload without held-out rows has no FA
+    predictions = answer(plan.task_eval, ev.task_max_new_tokens, plan.task.name) if plan.task_eval else []
     benign_answers = (
         answer(plan.over_refusal, ev.over_refusal_max_new_tokens, "benign prompts")
         if plan.over_refusal
@@ -125,12 +126,16 @@ def evaluate_point(
     )
     degenerate = [is_degenerate(a) for a in answers]
     task = plan.task
-    hits = task_hits(
-        predictions,
-        [ex.output for ex in plan.task_eval],
-        metric=task.metric,
-        rule=ev.task_rule,
-        aliases=dict(task.aliases) if task.aliases else None,
+    hits = (
+        task_hits(
+            predictions,
+            [ex.output for ex in plan.task_eval],
+            metric=task.metric,
+            rule=ev.task_rule,
+            aliases=dict(task.aliases) if task.aliases else None,
+        )
+        if plan.task_eval
+        else []
     )
     if (benign_answers or instruction_answers) and refusal_detector is None:
         refusal_detector = get_refusal_detector(ev.refusal_detector)
@@ -149,9 +154,10 @@ def evaluate_point(
     rates = {
         "harmful_score": rate(sum(flags), n),
         "harmful_score_plus": rate(sum(f or d for f, d in zip(flags, degenerate, strict=True)), n),
-        "finetune_accuracy": rate(sum(hits), len(hits)),
         "degenerate_rate": rate(sum(degenerate), n),
     }
+    if hits:
+        rates["finetune_accuracy"] = rate(sum(hits), len(hits))
     if triggered_answers:
         rates["harmful_score_triggered"] = rate(sum(triggered_flags), n)
     if refused:
@@ -261,11 +267,11 @@ def evaluate_point(
             )
     out.commit({"key": key, "model_dir": model_dir, "metrics": metrics})
     log.info(
-        "%s: HS %.1f, HS+ %.1f, FA %.1f, over-refusal %s",
+        "%s: HS %.1f, HS+ %.1f, FA %s, over-refusal %s",
         key,
         metrics["harmful_score"],
         metrics["harmful_score_plus"],
-        metrics["finetune_accuracy"],
+        f"{metrics['finetune_accuracy']:.1f}" if "finetune_accuracy" in metrics else "–",
         f"{metrics['over_refusal']:.1f}" if "over_refusal" in metrics else "–",
     )
     return distributed.broadcast(metrics)

@@ -1,0 +1,1 @@
+"""ftguard's defenses in other training frameworks (optional extras): ``ftguard.integrations.trl``."""
