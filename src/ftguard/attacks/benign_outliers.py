@@ -213,7 +213,7 @@ class BenignOutliers(Attack):
 
         mc = run.model
         tokenizer = load_tokenizer(model_dir, trust_remote_code=mc.trust_remote_code)
-        model = self._model(model_dir, run)
+        model = gradient_model(self.config.params, model_dir, run)
         model.eval()  # as from_pretrained leaves it in rank.py: no dropout, a deterministic score
         params = [p for p in model.parameters() if p.requires_grad]
         device = next(model.parameters()).device
@@ -253,25 +253,28 @@ class BenignOutliers(Attack):
             return self_inf
         return math.log(self_inf + 1.0) + math.log(answer_tokens + 1.0)
 
-    def _model(self, model_dir: str, run: RunConfig) -> Any:
-        mc = run.model
-        if self.config.params == "all":
-            from ftguard.models import load_model
 
-            model = load_model(model_dir, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code)
-            for p in model.parameters():
-                p.requires_grad_(True)
-            return model
-        if run.adapter.topology == "single":
-            raise FtguardError(
-                f"{KEY}.params = trainable needs adapter.topology full or double: the single topology continues "
-                "the alignment's adapter, which the attack does not see (use params: all)"
-            )
-        from transformers import set_seed
+def gradient_model(params: str, model_dir: str, run: RunConfig) -> Any:
+    """The attacked model with the parameters an attacker's gradient is taken on: every weight (``all``) or the
+    fresh LoRA the fine-tune will train (``trainable``); shared by the attacks that read gradients."""
+    mc = run.model
+    if params == "all":
+        from ftguard.models import load_model
 
-        from ftguard.methods.context import ModelRef
-        from ftguard.pipeline.stages import build_trainable_model
-
-        set_seed(run.seed)  # the LoRA the fine-tune starts from (train_stage seeds the same way)
-        model, _ = build_trainable_model(run, "finetune", ModelRef(model_dir=model_dir))
+        model = load_model(model_dir, dtype=mc.dtype, trust_remote_code=mc.trust_remote_code)
+        for p in model.parameters():
+            p.requires_grad_(True)
         return model
+    if run.adapter.topology == "single":
+        raise FtguardError(
+            f"{KEY}.params = trainable needs adapter.topology full or double: the single topology continues "
+            "the alignment's adapter, which the attack does not see (use params: all)"
+        )
+    from transformers import set_seed
+
+    from ftguard.methods.context import ModelRef
+    from ftguard.pipeline.stages import build_trainable_model
+
+    set_seed(run.seed)  # the LoRA the fine-tune starts from (train_stage seeds the same way)
+    model, _ = build_trainable_model(run, "finetune", ModelRef(model_dir=model_dir))
+    return model

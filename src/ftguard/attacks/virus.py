@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ftguard.attacks.base import Attack, Upload, UploadPools, register_attack
-from ftguard.attacks.benign_outliers import BenignOutliers
+from ftguard.attacks.benign_outliers import gradient_model
 from ftguard.data.example import Example
 from ftguard.data.mix import build_harmful_mix
 from ftguard.schema import ConfigError, check
@@ -147,9 +147,7 @@ class Virus(Attack):
         examples = list(upload.examples)
         per_row, flags_before, flags_after = [], [], []
         if chosen:
-            victim = _Victim(
-                BenignOutliers._model(self, model_dir, run), model_dir, run
-            )  # same loader and checks
+            victim = _Victim(gradient_model(cfg.params, model_dir, run), model_dir, run)
         for k, i in enumerate(rows):
             ex = examples[i]
             if i not in chosen:
