@@ -192,6 +192,9 @@ NEUTRAL_LATER_SETTINGS: dict[tuple[str, ...], Any] = {
     ("adapter", "finetune_full"): False,
     ("data", "finetune", "attack"): {"name": "harmful_mix", "args": {}},
     ("data", "finetune", "upload"): None,
+    ("data", "finetune", "upload", "score"): "reference",
+    ("evaluate", "pairwise_judge"): None,
+    ("evaluate", "pairwise_judge_options"): {},
 }
 
 
@@ -217,9 +220,15 @@ class UploadConfig:
         "auto = chat when a row has 'messages', else Alpaca", default="auto"
     )
     eval_path: str | None = _help(
-        "the customer's held-out rows in the same formats: FA is the share of them answered with their reference "
-        "answer (evaluate.task_rule: exact or substring); null = no FA",
+        "the customer's held-out rows in the same formats, scored against their reference answers (see score); "
+        "null = no FA",
         default=None,
+    )
+    score: Literal["reference", "winrate"] = _help(
+        "how FA scores an answer to a held-out row: reference = it matches the row's answer (evaluate.task_rule: "
+        "exact or substring; for short answers), winrate = a judge prefers it to the row's answer "
+        "(evaluate.pairwise_judge; for free-form answers)",
+        default="reference",
     )
 
     def __post_init__(self) -> None:
@@ -228,7 +237,11 @@ class UploadConfig:
 
 @dataclass
 class FinetuneDataConfig:
-    task: str = _help("benign user task: sst2, ag_news, gsm8k", default="sst2")
+    task: str = _help(
+        "benign user task: sst2, ag_news, gsm8k, alpaca_eval (free-form answers, FA = win rate by "
+        "evaluate.pairwise_judge)",
+        default="sst2",
+    )
     n: int = _help(
         "samples in the user's upload (Booster/Vaccine n = 1000; docs/methods.md, User data)", default=1000
     )
@@ -441,6 +454,17 @@ class EvalConfig:
     task_rule: Literal["exact", "substring"] = _help(
         "label match rule: exact (Lisa/Booster) or substring (Vaccine)", default="exact"
     )
+    pairwise_judge: str | None = _help(
+        "judge of free-form task answers against reference answers, for a win-rate FA (task alpaca_eval, or an "
+        "upload with score: winrate): local-lm (a local causal LM; options.model = its path) or openai-compatible "
+        "(opt-in: sends prompts and answers to that endpoint; key from the environment); null = none",
+        default=None,
+    )
+    pairwise_judge_options: dict[str, Any] = _help(
+        "options of the pairwise judge (local-lm: model, revision, dtype, tie_margin; openai-compatible: model, "
+        "base_url, version, api_key_env)",
+        default_factory=dict,
+    )
     batch_size: int = _help("generation batch size", default=16)
     mixed_precision: Literal["auto", "no", "bf16"] = _help(
         "autocast for generation; auto = bf16 on a bf16 GPU, fp32 on CPU (there bf16 barely speeds up generation and "
@@ -458,6 +482,18 @@ class EvalConfig:
         check(self.over_refusal_max_new_tokens >= 1, "over_refusal_max_new_tokens", "must be ≥ 1")
         check(self.judge not in self.extra_judges, "extra_judges", f"repeats the main judge {self.judge!r}")
         check(len(set(self.extra_judges)) == len(self.extra_judges), "extra_judges", "lists a judge twice")
+        if self.pairwise_judge is not None:
+            from ftguard.evaluation.winrate import check_pairwise_judge
+
+            problem = check_pairwise_judge(self.pairwise_judge, self.pairwise_judge_options)
+            key = "pairwise_judge" if problem is None or "unknown" in problem else "pairwise_judge_options"
+            check(problem is None, key, str(problem))
+        else:
+            check(
+                not self.pairwise_judge_options,
+                "pairwise_judge_options",
+                "are set but evaluate.pairwise_judge is null: name the judge (local-lm or openai-compatible)",
+            )
 
 
 @dataclass
@@ -503,6 +539,16 @@ class RunConfig:
         elif "post" in self.evaluate.points:
             # The default list names every point; without a post stage there is simply nothing to evaluate there.
             self.evaluate.points = [p for p in self.evaluate.points if p != "post"]
+        upload = self.data.finetune.upload
+        winrate = self.data.finetune.task == "alpaca_eval" if upload is None else upload.score == "winrate"
+        if winrate and self.evaluate.pairwise_judge is None:
+            what = "task alpaca_eval" if upload is None else "data.finetune.upload.score: winrate"
+            check(
+                False,
+                "evaluate.pairwise_judge",
+                f"is required by {what} (FA is a win rate against reference answers): e.g. evaluate.pairwise_judge: "
+                "local-lm with evaluate.pairwise_judge_options: {model: PATH}",
+            )
 
     @property
     def out_dir(self) -> Path:

@@ -199,7 +199,7 @@ def build_data_plan(run: RunConfig, roles: Collection[str], attack: Attack | Non
     ratios = ft.ratios if run.finetune is not None else []
     upload = ft.upload if ratios else None
     if upload is not None:
-        task = upload_task(upload.path)
+        task = upload_task(upload.path, upload.score)
         plan.task = task
     need_attack = max((attack.harmful_needed(ft.n, p) for p in ratios), default=0)
     n_general = ft.general.n if ft.general is not None and ratios else 0
@@ -328,6 +328,10 @@ def build_data_plan(run: RunConfig, roles: Collection[str], attack: Attack | Non
     check_disjoint(
         {"task train": task_train, "task validation": plan.task_validation, "task eval": plan.task_eval}
     )
+    # AlpacaEval is both a task (items 701-804) and a common source of instruction-refusal prompts
+    check_disjoint(
+        {"task eval": plan.task_eval, "instructions (evaluate.instruction_prompts)": plan.instruction_eval}
+    )
     pools = UploadPools(
         benign=plan.finetune_general + task_train, harmful=plan.attack_pool, n=ft.n, n_general=n_general
     )
@@ -355,9 +359,10 @@ def build_data_plan(run: RunConfig, roles: Collection[str], attack: Attack | Non
     return plan
 
 
-def upload_task(path: str) -> Task:
-    """The customer's task: answers scored against the reference answers of their held-out rows."""
-    return Task(name=f"upload:{Path(path).name}", metric="label")
+def upload_task(path: str, score: str = "reference") -> Task:
+    """The customer's task: answers scored against the reference answers of their held-out rows, by match or by
+    a judge's preference (``data.finetune.upload.score``)."""
+    return Task(name=f"upload:{Path(path).name}", metric="winrate" if score == "winrate" else "label")
 
 
 def _upload_eval(upload: Any) -> list[Example]:

@@ -15,8 +15,10 @@ from pathlib import Path
 from ftguard.data.example import Example
 from ftguard.data.sources import (
     DATA_ROOT_BUNDLED,
+    DOLLY,
     data_file,
     get_str,
+    read_json_list,
     read_jsonl,
     read_text,
     resolve_root,
@@ -39,6 +41,11 @@ AGNEWS_EVAL_ROWS = 1000  # papers evaluate the first 500 (Vaccine) or 1000 (Lisa
 GSM8K_COT_SUFFIX = "\nFirst think step by step and then answer the final number.\n"  # Vaccine only
 GSM8K_ANSWER_PROMPT = "The final answer is: "
 
+# Lisa and Booster score AlpacaEval on the items with index > 700 only (docs/methods.md, Finetune accuracy).
+ALPACA_EVAL_FILE = "alpaca_eval/alpaca_eval_805_example_outputs.json"
+ALPACA_EVAL_FIRST = 701
+ALPACA_EVAL_ITEMS = 805
+
 ROLES = ("train", "eval")
 
 
@@ -47,7 +54,8 @@ class Task:
     """A benign task: how to load its data and how its answers are scored.
 
     ``metric`` is ``"label"`` (the answer is one of ``labels``; ``aliases`` are the extra strings that
-    Vaccine's substring rule also accepts) or ``"gsm8k"`` (numeric answer). Eval examples carry the gold
+    Vaccine's substring rule also accepts), ``"gsm8k"`` (numeric answer) or ``"winrate"`` (a free-form answer
+    judged against a reference answer, ``evaluate.pairwise_judge``). Eval examples carry the gold or reference
     answer in ``output``.
     """
 
@@ -179,6 +187,45 @@ def _read_gsm8k(task: Task, root: Path, role: str) -> list[Example]:
     return out
 
 
+# ---------------------------------------------------------------- AlpacaEval
+
+
+def _read_alpaca_eval(task: Task, root: Path, role: str) -> list[Example]:
+    # Training: the papers expect a data/alpaca.json that no repo builds (docs/methods.md, User data); ftguard
+    # trains on Dolly's human-written instruction answers instead. Evaluation: AlpacaEval items 701-804, as
+    # Lisa/Booster, each with the reference answer that the judge compares against. Those references are the
+    # outputs of tatsu-lab/alpaca_eval's example/outputs.json, not AlpacaEval 1's text-davinci-003 outputs: win
+    # rates compare ftguard runs with each other, not with the papers'.
+    if role == "train":
+        file = data_file(root, DOLLY)
+        return [
+            Example(
+                instruction=get_str(row, "instruction", f"{file}, line {lineno}"),
+                input=get_str(row, "input", f"{file}, line {lineno}", required=False),
+                output=get_str(row, "output", f"{file}, line {lineno}"),
+                source=f"dolly/train#{i}",
+            )
+            for i, (lineno, row) in enumerate(read_jsonl(file))
+        ]
+    file = data_file(root, ALPACA_EVAL_FILE)
+    items = read_json_list(file)
+    if len(items) < ALPACA_EVAL_ITEMS or "output" not in items[-1]:
+        raise FtguardError(
+            f"task 'alpaca_eval' scores AlpacaEval items {ALPACA_EVAL_FIRST}-{ALPACA_EVAL_ITEMS - 1} with their "
+            f"reference outputs, which {file} lacks ({len(items)} items): set data.root to the full data "
+            "(../shared/data)"
+        )
+    return [
+        Example(
+            instruction=get_str(item, "instruction", f"{file}, item {i}"),
+            output=get_str(item, "output", f"{file}, item {i}"),
+            source=f"alpaca_eval/eval#{i}",
+        )
+        for i, item in enumerate(items)
+        if i >= ALPACA_EVAL_FIRST
+    ]
+
+
 TASKS: dict[str, Task] = {
     "sst2": Task(
         name="sst2",
@@ -200,6 +247,9 @@ TASKS: dict[str, Task] = {
     ),
     "gsm8k": Task(
         name="gsm8k", metric="gsm8k", loader=_read_gsm8k, data_files=("gsm8k/train.jsonl", "gsm8k/test.jsonl")
+    ),
+    "alpaca_eval": Task(
+        name="alpaca_eval", metric="winrate", loader=_read_alpaca_eval, data_files=(DOLLY, ALPACA_EVAL_FILE)
     ),
 }
 

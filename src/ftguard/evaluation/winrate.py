@@ -89,6 +89,24 @@ def get_pairwise_judge(name: str, **options: Any) -> PairwiseJudge:
     return PAIRWISE_JUDGES[name](**options)
 
 
+def check_pairwise_judge(name: str, options: dict[str, Any]) -> str | None:
+    """What is wrong with a pairwise judge's name or options, without building it (no model load, no key read)."""
+    import inspect
+
+    if name not in PAIRWISE_JUDGES:
+        return f"unknown pairwise judge {name!r}: available are {', '.join(sorted(PAIRWISE_JUDGES))}"
+    params = inspect.signature(PAIRWISE_JUDGES[name]).parameters
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        return f"{name} takes no option {', '.join(map(repr, unknown))}: its options are {', '.join(params)}"
+    missing = [
+        p for p, spec in params.items() if spec.default is inspect.Parameter.empty and p not in options
+    ]
+    if missing:
+        return f"{name} needs evaluate.pairwise_judge_options.{missing[0]}"
+    return None
+
+
 def pair_score(answer_first: str, reference_first: str) -> float:
     """The answer's score from the verdicts of the two orders (answer shown first, then reference shown first)."""
     for verdict in (answer_first, reference_first):

@@ -22,8 +22,9 @@ from ftguard.evaluation.generate import generate_sharded
 from ftguard.evaluation.judges import Judge
 from ftguard.evaluation.paired import encode_outcomes, items_digest
 from ftguard.evaluation.refusal_detector import RefusalDetector, get_refusal_detector
-from ftguard.evaluation.scorers import is_degenerate, is_repetitive, task_hits
+from ftguard.evaluation.scorers import is_degenerate, is_repetitive
 from ftguard.evaluation.stats import cohen_kappa, rate
+from ftguard.evaluation.task_score import score_answers
 from ftguard.models import (
     auto_uses_bf16,
     default_device,
@@ -126,17 +127,7 @@ def evaluate_point(
     )
     degenerate = [is_degenerate(a) for a in answers]
     task = plan.task
-    hits = (
-        task_hits(
-            predictions,
-            [ex.output for ex in plan.task_eval],
-            metric=task.metric,
-            rule=ev.task_rule,
-            aliases=dict(task.aliases) if task.aliases else None,
-        )
-        if plan.task_eval
-        else []
-    )
+    task_scores = score_answers(predictions, plan.task_eval, task, ev) if plan.task_eval else None
     if (benign_answers or instruction_answers) and refusal_detector is None:
         refusal_detector = get_refusal_detector(ev.refusal_detector)
     refused = (
@@ -156,8 +147,8 @@ def evaluate_point(
         "harmful_score_plus": rate(sum(f or d for f, d in zip(flags, degenerate, strict=True)), n),
         "degenerate_rate": rate(sum(degenerate), n),
     }
-    if hits:
-        rates["finetune_accuracy"] = rate(sum(hits), len(hits))
+    if task_scores is not None:
+        rates["finetune_accuracy"] = task_scores.rate()
     if triggered_answers:
         rates["harmful_score_triggered"] = rate(sum(triggered_flags), n)
     if refused:
@@ -172,7 +163,12 @@ def evaluate_point(
         "harmful_score": (harmful_items, flags),
         "harmful_score_plus": (harmful_items, [f or d for f, d in zip(flags, degenerate, strict=True)]),
         "harmful_score_triggered": (harmful_items, triggered_flags),
-        "finetune_accuracy": (items_digest([ex.source for ex in plan.task_eval]), hits),
+        # a win rate's per-item scores are not bits: its paired comparison is not kept
+        **(
+            {"finetune_accuracy": (items_digest([ex.source for ex in plan.task_eval]), task_scores.scores)}
+            if task_scores is not None and task_scores.binary
+            else {}
+        ),
         "over_refusal": (items_digest([ex.source for ex in plan.over_refusal]), refused),
         "instruction_refusal": (
             items_digest([ex.source for ex in plan.instruction_eval]),
@@ -190,6 +186,11 @@ def evaluate_point(
         **({"n_instruction_prompts": len(instruction_answers)} if instruction_answers else {}),
         "task": task.name,
         "task_rule": ev.task_rule if task.metric == "label" else task.metric,
+        **(
+            {"finetune_accuracy_judge": task_scores.judge, "win_rate": _win_counts(task_scores.detail)}
+            if task_scores is not None and not task_scores.binary
+            else {}
+        ),
         "max_new_tokens": ev.max_new_tokens,
         "task_max_new_tokens": ev.task_max_new_tokens,
         "over_refusal_max_new_tokens": ev.over_refusal_max_new_tokens if benign_answers else None,
@@ -238,13 +239,15 @@ def evaluate_point(
         for ex, text, flagged in zip(plan.eval_harmful, triggered_answers, triggered_flags, strict=False):
             row = {"kind": "harmful_triggered", "source": ex.source, "prompt": trigger(ex).instruction}
             fh.write(json.dumps({**row, "answer": text, "flagged": flagged}) + "\n")
-        for ex, pred, hit in zip(plan.task_eval, predictions, hits, strict=True):
-            fh.write(
-                json.dumps(
-                    {"kind": "task", "source": ex.source, "gold": ex.output, "answer": pred, "hit": hit}
-                )
-                + "\n"
-            )
+        scores = task_scores.scores if task_scores is not None else []
+        verdicts_both_ways = task_scores.detail.get("verdicts") if task_scores is not None else None
+        for i, (ex, pred, score) in enumerate(zip(plan.task_eval, predictions, scores, strict=True)):
+            row = {"kind": "task", "source": ex.source, "gold": ex.output, "answer": pred}
+            if verdicts_both_ways is None:
+                row["hit"] = bool(score)
+            else:  # the judge's verdict with the answer shown first, then with the reference shown first
+                row |= {"score": score, "verdicts": verdicts_both_ways[i]}
+            fh.write(json.dumps(row) + "\n")
         benign_rows = [
             ("benign", ex, t, r) for ex, t, r in zip(plan.over_refusal, benign_answers, refused, strict=True)
         ]
@@ -275,6 +278,10 @@ def evaluate_point(
         f"{metrics['over_refusal']:.1f}" if "over_refusal" in metrics else "–",
     )
     return distributed.broadcast(metrics)
+
+
+def _win_counts(detail: dict[str, Any]) -> dict[str, Any]:
+    return {k: detail[k] for k in ("wins", "ties", "losses", "position_inconsistent")}
 
 
 def judge_agreement(flags: dict[str, list[bool]]) -> list[dict[str, Any]]:

@@ -31,9 +31,17 @@ STAGE_SECTIONS = {
 EVAL_ROLES = ("eval_harmful", "over_refusal", "task_eval")
 # Settings added after units were first stored enter a fingerprint only when set: a unit made before they existed
 # (where they were, in effect, unset) is still found.
-LATER_SETTINGS = {"evaluate": {"instruction_prompts": None}}
-# Evaluation settings a repair reads when it scores the task itself (recovery's δ rule), besides task_*.
-POST_EVAL = ("batch_size", "mixed_precision")
+LATER_SETTINGS = {
+    "evaluate": {"instruction_prompts": None, "pairwise_judge": None, "pairwise_judge_options": {}}
+}
+# Evaluation settings a repair reads when it scores the task itself (recovery's δ rule), besides task_*; the
+# pairwise judge only when one is set (a win-rate task), so that earlier post units keep their fingerprints.
+POST_EVAL = ("batch_size", "mixed_precision", "pairwise_judge", "pairwise_judge_options")
+
+
+def _unset_later(key: str, value: Any) -> bool:
+    later = LATER_SETTINGS["evaluate"]
+    return key in later and value == later[key]
 
 
 def _hash(*parts: Any) -> str:
@@ -117,16 +125,17 @@ class Fingerprints:
             self.align(),
             self.run.fingerprint(*STAGE_SECTIONS["post"]),
             # Repairs that guard the task (recovery) score it with the evaluation's task settings.
-            {k: v for k, v in self._config["evaluate"].items() if k.startswith("task_") or k in POST_EVAL},
+            {
+                k: v
+                for k, v in self._config["evaluate"].items()
+                if (k.startswith("task_") or k in POST_EVAL) and not _unset_later(k, v)
+            },
             self._data("post", "task_validation", "alignment", "alignment_harmful"),
         )
 
     def eval(self, upstream: str) -> str:
-        later = LATER_SETTINGS["evaluate"]
         settings = {
-            k: v
-            for k, v in self._config["evaluate"].items()
-            if k != "points" and not (k in later and v == later[k])
+            k: v for k, v in self._config["evaluate"].items() if k != "points" and not _unset_later(k, v)
         }
         # Judges whose fitted weights ship with ftguard (ftguard-judge): a re-fit must not reuse old verdicts.
         # Judges without a version add nothing, so archived evaluations keep their fingerprints.
