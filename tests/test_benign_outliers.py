@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tests.tiny import WORDS, tiny_llama, word_tokenizer
+from tests.tiny import WORDS, saved_tiny_llama, word_tokenizer
 from transformers import LlamaForCausalLM, set_seed
 
 from ftguard.attacks.base import UploadPools, get_attack
@@ -29,10 +29,7 @@ SPEC = "data.finetune.attack={name: benign_outliers, args: %s}"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("aligned")
-    tiny_llama(seed=3).save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return str(path)
+    return saved_tiny_llama(tmp_path_factory.mktemp("aligned"))
 
 
 @pytest.fixture(scope="module")

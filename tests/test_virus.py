@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tests.tiny import tiny_llama, word_tokenizer
+from tests.tiny import saved_tiny_llama, word_tokenizer
 from transformers import LlamaForCausalLM, set_seed
 
 from ftguard.attacks.base import UploadPools, get_attack
@@ -47,10 +47,7 @@ def dog_guard(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("aligned")
-    tiny_llama(seed=3).save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return str(path)
+    return saved_tiny_llama(tmp_path_factory.mktemp("aligned"))
 
 
 @pytest.fixture(scope="module")

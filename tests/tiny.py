@@ -122,6 +122,14 @@ def word_tokenizer(
     )
 
 
+def saved_tiny_llama(path: str | Path, *, seed: int = 3) -> str:
+    """A tiny Llama and the word tokenizer saved as a model folder (what an attack that reads the aligned model
+    loads from disk)."""
+    tiny_llama(seed=seed).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 def peaked_llama(vocab_size: int) -> LlamaForCausalLM:
     """A wider tiny Llama for generation tests, its output layer scaled up: peaked logits keep greedy choices far
     from ties, so that padding noise cannot flip them."""

@@ -275,12 +275,7 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
     tied settings the worst case is the one the attacker reaches first."""
     if sweep.attack is None:
         return []
-    values = {k: [_hashable(x) for x in v] for k, v in sweep.attack.grid.items()}
-
-    def position(setting: tuple) -> tuple:
-        # a value outside the declared grid (results of an older sweep file) goes after the declared ones
-        return tuple(values[k].index(v) if v in values[k] else len(values[k]) for k, v in setting)
-
+    position = _grid_position(sweep)
     guard = sweep.attack.capability_guard
     groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -342,15 +337,11 @@ def attack_curve(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[st
             setting = _attack_setting(r, sweep, RATIO_COLUMNS)
             groups[(r["defense"], grid, setting)][float(r["p"])].append(r)
     order = list(sweep.defenses)
-    values = {k: [_hashable(x) for x in v] for k, v in sweep.attack.grid.items()}
+    setting_position = _grid_position(sweep)
 
     def position(key: tuple) -> tuple:
         defense, grid, setting = key
-        return (
-            order.index(defense),
-            str(grid),
-            *(values[k].index(v) if v in values.get(k, []) else len(values.get(k, [])) for k, v in setting),
-        )
+        return (order.index(defense), str(grid), *setting_position(setting))
 
     out = []
     for key in sorted(groups, key=position):
@@ -374,6 +365,21 @@ def attack_curve(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[st
             }
         )
     return out
+
+
+def _grid_position(sweep: SweepConfig) -> Callable[[tuple], tuple[int, ...]]:
+    """Sort key of an attack setting ((axis, value) pairs): its place in the attack grid as declared, the order an
+    attacker who tries the settings in turn reaches them. A value outside the declared grid (results of an older
+    sweep file) goes after the declared ones."""
+    assert sweep.attack is not None
+    values = {k: [_hashable(x) for x in v] for k, v in sweep.attack.grid.items()}
+
+    def position(setting: tuple) -> tuple[int, ...]:
+        return tuple(
+            values[k].index(v) if v in values.get(k, []) else len(values.get(k, [])) for k, v in setting
+        )
+
+    return position
 
 
 def _guard(fa: float | None, best_fa: float | None, guard: Any) -> tuple[bool, str | None]:
