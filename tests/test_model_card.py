@@ -150,3 +150,33 @@ def test_push_to_hub_without_a_token_fails_in_one_line_before_training(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "HF_TOKEN" in err
     assert not hub_calls
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_run_gates_reports_and_pushes_only_what_the_policy_lets_through(
+    run_dir, hub_calls, monkeypatch, tmp_path, capsys, blocked
+):
+    # HS ≤ 100 always holds; the tiny config measures no instruction refusal, and a must-pass rule on a missing
+    # metric fails closed.
+    metric = "instruction_refusal" if blocked else "harmful_score"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"rules:\n  - metric: {metric}\n    tier: must_pass\n    max: 100\n")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    report = tmp_path / "page.html"
+    argv = ["run", "quickstart-tiny", *(f"--set={o}" for o in SMALL), "--output-dir", str(run_dir)]
+    argv += ["--policy", str(policy), "--report", str(report), "--push-to-hub", "someone/tiny-guarded"]
+    assert cli.main(argv) == (1 if blocked else 0)
+    verdict = json.loads((run_dir / "verdict.json").read_text())
+    assert verdict["passed"] is (not blocked)
+    assert ("upload_folder" in hub_calls) is (not blocked)
+    assert "blocked" in capsys.readouterr().out if blocked else True
+    page = report.read_text()
+    assert "<html" in page.lower() and ('<p class="fail">' in page) is blocked
+
+
+def test_a_bad_policy_fails_before_training(tmp_path, capsys):
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("rules:\n  - metric: HS\n    tier: must_pass\n    maximum: 5\n")
+    out = tmp_path / "never"
+    assert cli.main(["run", "quickstart-tiny", "--output-dir", str(out), "--policy", str(bad)]) != 0
+    assert "maximum" in capsys.readouterr().err and not out.exists()

@@ -181,6 +181,11 @@ def test_a_chat_upload_runs_to_a_gate_verdict(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] and results["data"]["mixes"]["0"]["multi_turn"] == 4
     assert results["stages"]["finetune"]["counts"]["finetune_accuracy"][1] == 8
+    # the customer's rows carry no harmful label: the screen names the rows it dropped instead of counting harm
+    screen = json.loads((out / "finetune" / "COMPLETE.json").read_text())["method_data"]["filter"]
+    assert "uploaded_harmful" not in screen and screen["uploaded"] == 8
+    assert len(screen["removed_rows"]) == screen["removed"] == 8 - screen["kept"]
+    assert all(source.startswith("chat.jsonl#") for source in screen["removed_rows"])
     assert cli.main(["gate", str(out), "--max-hs", "100", "--min-fa", "0"]) == 0
     fa = results["stages"]["finetune"]["finetune_accuracy"]
     assert cli.main(["gate", str(out), "--min-fa", "100"]) == (0 if fa == 100 else 1)

@@ -54,6 +54,11 @@ def cmd_run(
 
     resolved = _load(args)
     repo_id = getattr(args, "push_to_hub", None)
+    policy, report = getattr(args, "policy", None), getattr(args, "report", None)
+    if policy:
+        from ftguard.policy import load_policy
+
+        load_policy(policy)  # a bad policy fails before training, not after
     if repo_id:
         from ftguard.model_card import final_model_key, hub_token
 
@@ -61,19 +66,36 @@ def cmd_run(
     results = run_pipeline(
         resolved, overwrite=args.overwrite, train=train, evaluate=evaluate, on_update=_print_table
     )
+    out = resolved.config.out_dir
     state = "complete" if results["complete"] else "incomplete: stages or evaluations remain"
-    print(f"results ({state}): {resolved.config.out_dir / 'results.json'}")
+    print(f"results ({state}): {out / 'results.json'}")
+    if (policy or report or repo_id) and not results["complete"]:
+        raise FtguardError(
+            "the run is incomplete: no verdict, report or upload (run the same command again to finish it)"
+        )
+    from ftguard import distributed
+
+    if not distributed.is_main():
+        return 0
+    code = 0
+    if policy:
+        from ftguard.policy import gate_with_policy
+
+        code = gate_with_policy(str(out), policy, str(out / "verdict.json"))
+    if report:
+        from ftguard.report_html import build_report, write_report
+
+        print(f"report: {write_report(report, build_report(str(out), policy=policy))}")
     if repo_id:
-        from ftguard import distributed
         from ftguard.model_card import push_to_hub
 
-        if not results["complete"]:
-            raise FtguardError(f"the run is incomplete: nothing pushed to {repo_id}")
-        if distributed.is_main():
-            folder = resolved.config.out_dir / final_key / "model"
-            push_to_hub(folder, repo_id, private=not args.hub_public, token=token)
-            print(f"pushed {folder} to {repo_id} ({'public' if args.hub_public else 'private'})")
-    return 0
+        if code != 0:
+            print(f"not pushed to {repo_id}: the release policy blocked the model")
+            return code
+        folder = out / final_key / "model"
+        push_to_hub(folder, repo_id, private=not args.hub_public, token=token)
+        print(f"pushed {folder} to {repo_id} ({'public' if args.hub_public else 'private'})")
+    return code
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -350,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--hub-public",
         action="store_true",
         help="with --push-to-hub: make a new repo public (default private)",
+    )
+    p.add_argument(
+        "--policy",
+        metavar="YAML",
+        help="after a complete run, gate it by this release policy as `ftguard gate --policy` (verdict.json in the "
+        "run folder; exit 1 when blocked, and --push-to-hub then uploads nothing)",
+    )
+    p.add_argument(
+        "--report", metavar="HTML", help="after a complete run, write its HTML report (with the verdict) here"
     )
     p.set_defaults(func=cmd_run)
 

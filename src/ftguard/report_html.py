@@ -229,6 +229,9 @@ def _verdict(row: Mapping[str, Any]) -> str:
         words += [f"score {row['score']:.2f}"] if isinstance(row.get("score"), int | float) else []
         return ", ".join(words)
     if kind == "task":
+        if "score" in row:  # a win rate: the judge's verdicts with the answer shown first, then second
+            outcome = {1.0: "win", 0.0: "loss"}.get(row["score"], "tie (½)")
+            return f"{outcome}; judge: {' / '.join(row.get('verdicts') or [])}"
         return "correct" if row.get("hit") else "wrong"
     return "refused" if row.get("refused") else "answered"
 

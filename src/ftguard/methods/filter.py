@@ -164,18 +164,23 @@ class ModerationFilter(Method):
                 f"the {self.config.judge} filter flagged all {len(examples)} uploaded samples: nothing left to train on"
             )
         removed = [h for h, flagged in zip(is_harmful, flags, strict=True) if flagged]
-        report = {
-            "filter": {
-                "judge": self.judge.describe(),
-                "uploaded": len(examples),
+        counts: dict[str, Any] = {
+            "judge": self.judge.describe(),
+            "uploaded": len(examples),
+            "removed": len(removed),
+            "kept": len(kept),
+        }
+        if any(mix.get("upload") for mix in plan.mix_reports.values()):
+            # A customer's rows carry no harmful/benign label: which rows went is what the provider can check.
+            counts["removed_rows"] = [e.source for e, flagged in zip(examples, flags, strict=True) if flagged]
+        else:
+            counts |= {
                 "uploaded_harmful": sum(is_harmful),
-                "removed": len(removed),
                 "removed_harmful": sum(removed),
                 "removed_benign": len(removed) - sum(removed),
-                "kept": len(kept),
                 "kept_harmful": sum(is_harmful) - sum(removed),
             }
-        }
+        report = {"filter": counts}
         kept, inner_report = self.inner.train_examples(kept, plan)
         return kept, {**report, **inner_report}
 
