@@ -109,8 +109,11 @@ def test_settings_added_later_leave_fingerprints_as_they_were_at_their_neutral_v
         *parents, leaf = path
         section = data
         for key in parents:
-            section = section[key]
-        assert section.pop(leaf) == neutral  # the default is the neutral value
+            section = section.get(key)
+            if section is None:  # a setting inside a section that is null by default (upload.score)
+                break
+        else:
+            assert section.pop(leaf) == neutral  # the default is the neutral value
     import hashlib
 
     blob = json.dumps(data, sort_keys=True, default=str).encode()

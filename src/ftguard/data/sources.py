@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,6 +405,33 @@ def _lookup(source: str, split: str | None, response: str | None) -> tuple[_Sour
     return spec, split, response
 
 
+_ROWS_CACHE: OrderedDict[tuple, tuple[tuple, list[Example]]] = OrderedDict()
+_ROWS_CACHE_SIZE = 32
+
+
+def cached_rows(key: tuple, files: list[Path], load: Callable[[], list[Example]]) -> list[Example]:
+    """``load()``'s rows, parsed once per process while ``files`` keep their size and modification time.
+
+    A sweep builds the data plan of every run before it starts (90 runs read SST-2's 67k rows 180 times); the rows
+    are immutable, so each caller gets its own list of the same Examples. Sources without files (the hub) are not
+    cached.
+    """
+    if not files:
+        return load()
+    state = tuple(
+        (str(f), *((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else (None, None))) for f in files
+    )
+    hit = _ROWS_CACHE.get(key)
+    if hit is not None and hit[0] == state:
+        _ROWS_CACHE.move_to_end(key)
+        return list(hit[1])
+    rows = load()
+    _ROWS_CACHE[key] = (state, rows)
+    if len(_ROWS_CACHE) > _ROWS_CACHE_SIZE:
+        _ROWS_CACHE.popitem(last=False)
+    return list(rows)
+
+
 def check_source(source: str, split: str | None, response: str | None) -> None:
     """Fail when ``source`` is not registered or has no such split or response; reads no file."""
     _lookup(source, split, response)
@@ -424,7 +452,13 @@ def load_examples(
     """
     spec, name, response = _lookup(source, split, response)
     root_path = resolve_root(root) if spec.needs_root else None
-    rows = spec.load(root_path, name, response, Path(path).expanduser() if path is not None else None)
+    file_path = Path(path).expanduser() if path is not None else None
+    files = [Path(f) if root_path is None else root_path / f for f in spec.files(name, path)]
+    rows = cached_rows(
+        ("source", source, name, response, str(root_path), str(file_path)),
+        files,
+        lambda: spec.load(root_path, name, response, file_path),
+    )
     _, rows_slice = parse_split(split) if split is not None else (name, None)
     if rows_slice is None:
         return rows

@@ -16,6 +16,7 @@ from ftguard.data.example import Example
 from ftguard.data.sources import (
     DATA_ROOT_BUNDLED,
     DOLLY,
+    cached_rows,
     data_file,
     get_str,
     read_json_list,
@@ -85,7 +86,13 @@ class Task:
         if n is not None and (not isinstance(n, int) or n < 0):
             raise FtguardError(f"task {self.name!r}: n must be a non-negative integer, got {n!r}")
         assert self.loader is not None, f"task {self.name} has no loader"
-        rows = self.loader(self, resolve_root(root), role)
+        base = resolve_root(root)
+        loader = self.loader
+        rows = cached_rows(
+            ("task", self.name, self.cot_suffix, str(base), role),
+            self.files(base),
+            lambda: loader(self, base, role),
+        )
         if n is None:
             return rows
         if n > len(rows):
