@@ -33,8 +33,11 @@ demo: install
 	$(BIN)/ftguard demo
 
 # FTGUARD_PRECISION=fp32|bf16 forces what `auto` precision resolves to (default: the hardware decides).
+# Two workers (pytest-xdist), a test file each at a time: most tests are tiny models on one thread, so the two
+# cores of a CI machine both work; TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
