@@ -44,6 +44,7 @@ test-fast: install
 
 # The Axolotl plug-in against Axolotl's own plug-in code (`make test` skips those three tests without it).
 test-axolotl: install
+	rm -rf $(AXOLOTL_DIR)  # pip --target skips what is there: a changed pin would not be installed
 	$(BIN)/python -m pip install -q --no-deps --target $(AXOLOTL_DIR) $(AXOLOTL_INTERFACE)
 	PYTHONPATH=$(AXOLOTL_DIR) $(BIN)/python -m pytest -q tests/test_axolotl_plugin.py
 

@@ -23,9 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 class LongerAnswerJudge:
     """Stand-in judge: prefers the longer output, a tie on equal length (so its verdicts can be recomputed)."""
 
-    def __init__(self, bias: str = "none"):
-        self.bias = bias
-
     def prefer(self, prompt, first, second):
         if len(first) == len(second):
             return "tie"
@@ -91,6 +88,28 @@ def test_a_win_rate_task_needs_a_pairwise_judge_named_before_any_work():
         )
     with pytest.raises(ConfigError, match=r"unknown pairwise judge 'gpt4'"):
         load_run("quickstart-tiny", ["evaluate.pairwise_judge=gpt4"])
+    # a local judge must be named: a default model would judge silently with a random one
+    with pytest.raises(ConfigError, match=r"local-lm needs evaluate.pairwise_judge_options.model"):
+        load_run("quickstart-tiny", ["evaluate.pairwise_judge=local-lm"])
+    with pytest.raises(ConfigError, match=r"are set but evaluate.pairwise_judge is null"):
+        load_run("quickstart-tiny", ["evaluate.pairwise_judge_options={model: x}"])
+
+
+def test_scoring_by_match_or_by_win_rate_are_different_evaluations(tmp_path, longer_judge):
+    upload = tmp_path / "u.jsonl"
+    upload.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi!"}) + "\n")
+    keys = []
+    for score in ("reference", "winrate"):
+        resolved = load_run(
+            "quickstart-tiny",
+            [
+                f"data.finetune.upload={{path: {upload}, eval_path: {upload}, score: {score}}}",
+                "data.finetune.harmful_ratio=0",
+                "evaluate.pairwise_judge=test-longer",
+            ],
+        )
+        keys.append({u.key: u.fingerprint for u in build_graph(resolved).units if u.key.startswith("eval")})
+    assert keys[0] and keys[0].keys() == keys[1].keys() and all(keys[0][k] != keys[1][k] for k in keys[0])
 
 
 def test_the_instruction_refusal_prompts_must_not_be_the_task_items(data_root, longer_judge):
@@ -152,9 +171,11 @@ def test_an_upload_scored_by_win_rate(tmp_path, longer_judge):
     upload = tmp_path / "u.jsonl"
     upload.write_text("".join(json.dumps(r) + "\n" for r in rows))
     held_out = tmp_path / "e.jsonl"
+    # references of 1 to 1000 characters: the 6-token answers beat the short ones and lose to the long ones
     held_out.write_text(
         "".join(
-            json.dumps({"instruction": f"Describe thing {i}.", "output": "x" * i}) + "\n" for i in range(1, 5)
+            json.dumps({"instruction": f"Describe thing {i}.", "output": "x" * 10**i}) + "\n"
+            for i in range(4)
         )
     )
     resolved = load_run(
@@ -180,6 +201,8 @@ def test_an_upload_scored_by_win_rate(tmp_path, longer_judge):
         if json.loads(line)["kind"] == "task"
     ]
     expected = [_score(r["answer"], r["gold"]) for r in task_rows]
-    assert len(expected) == 4
+    assert len(expected) == 4 and 0.0 in expected, "some references are longer than any 6-token answer"
+    assert [r["score"] for r in task_rows] == expected
     assert point["finetune_accuracy"] == pytest.approx(100 * sum(expected) / 4)
-    assert point["task_rule"] == "winrate"
+    assert point["task_rule"] == "winrate" and point["finetune_accuracy_judge"]["name"] == "test-longer"
+    assert point["win_rate"]["losses"] == expected.count(0.0) and "finetune_accuracy" not in point["outcomes"]

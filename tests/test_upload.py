@@ -159,8 +159,16 @@ def test_a_provider_run_from_the_aligned_model_on_the_upload_alone(tmp_path):
     assert sorted(r["gold"] for r in rows if r["kind"] == "task") == sorted(r["output"] for r in held_out)
 
 
-def test_a_chat_upload_runs_to_a_gate_verdict(tmp_path):
+def test_a_chat_upload_runs_to_a_gate_verdict(tmp_path, monkeypatch):
     from ftguard import cli
+    from ftguard.methods.filter import ModerationFilter
+
+    # The screen's judge stands in at its boundary: it flags the French answers, so the report has rows to name.
+    monkeypatch.setattr(
+        ModerationFilter,
+        "flags",
+        lambda self, examples: ["Bonjour" in e.output or "De rien" in e.output for e in examples],
+    )
 
     upload = _write(tmp_path / "chat.jsonl", CHAT * 4)
     out = tmp_path / "run"
@@ -184,8 +192,8 @@ def test_a_chat_upload_runs_to_a_gate_verdict(tmp_path):
     # the customer's rows carry no harmful label: the screen names the rows it dropped instead of counting harm
     screen = json.loads((out / "finetune" / "COMPLETE.json").read_text())["method_data"]["filter"]
     assert "uploaded_harmful" not in screen and screen["uploaded"] == 8
-    assert len(screen["removed_rows"]) == screen["removed"] == 8 - screen["kept"]
-    assert all(source.startswith("chat.jsonl#") for source in screen["removed_rows"])
+    assert screen["removed_rows"] == ["chat.jsonl#2", "chat.jsonl#4", "chat.jsonl#6", "chat.jsonl#8"]
+    assert (screen["removed"], screen["kept"]) == (4, 4)
     assert cli.main(["gate", str(out), "--max-hs", "100", "--min-fa", "0"]) == 0
     fa = results["stages"]["finetune"]["finetune_accuracy"]
     assert cli.main(["gate", str(out), "--min-fa", "100"]) == (0 if fa == 100 else 1)

@@ -59,6 +59,8 @@ def cmd_run(
         from ftguard.policy import load_policy
 
         load_policy(policy)  # a bad policy fails before training, not after
+        # an earlier verdict must not stand for this run if it stops incomplete
+        (resolved.config.out_dir / "verdict.json").unlink(missing_ok=True)
     if repo_id:
         from ftguard.model_card import final_model_key, hub_token
 

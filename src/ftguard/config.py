@@ -539,7 +539,8 @@ class RunConfig:
         elif "post" in self.evaluate.points:
             # The default list names every point; without a post stage there is simply nothing to evaluate there.
             self.evaluate.points = [p for p in self.evaluate.points if p != "post"]
-        upload = self.data.finetune.upload
+        # without a finetune stage the plan reads no upload: FA is the task's
+        upload = self.data.finetune.upload if self.finetune is not None else None
         winrate = self.data.finetune.task == "alpaca_eval" if upload is None else upload.score == "winrate"
         if winrate and self.evaluate.pairwise_judge is None:
             what = "task alpaca_eval" if upload is None else "data.finetune.upload.score: winrate"

@@ -98,10 +98,15 @@ def _eval_results(results: dict[str, Any], entry: dict[str, Any]) -> list[Any]:
             args["refusal_detector"] = detector
         else:
             args["rule"] = entry.get("task_rule")
+            if entry.get("finetune_accuracy_judge"):  # a win rate: the judge is part of the number
+                args["judge"] = entry["finetune_accuracy_judge"]
+        win_rate = kind == "task" and entry.get("task_rule") == "winrate"
         out.append(
             EvalResult(
                 task_type="text-generation",
-                task_name=TASK_NAMES[kind],
+                task_name="Fine-tuning task win rate against reference answers"
+                if win_rate
+                else TASK_NAMES[kind],
                 dataset_type=str(spec.get("source")),
                 dataset_name=f"{spec.get('source')} ({spec.get('split')}, n={spec.get('n') or 'all'})",
                 dataset_split=spec.get("split"),

@@ -328,6 +328,12 @@ def build_data_plan(run: RunConfig, roles: Collection[str], attack: Attack | Non
     check_disjoint(
         {"task train": task_train, "task validation": plan.task_validation, "task eval": plan.task_eval}
     )
+    # a task drawn from a general source (alpaca_eval trains on Dolly) must not repeat the other benign roles' rows
+    for role, examples in (
+        ("benign alignment (data.alignment_benign)", plan.alignment_benign),
+        ("general instructions (data.finetune.general)", plan.finetune_general),
+    ):
+        check_disjoint({role: examples, "task train": task_train + plan.task_validation})
     # AlpacaEval is both a task (items 701-804) and a common source of instruction-refusal prompts
     check_disjoint(
         {"task eval": plan.task_eval, "instructions (evaluate.instruction_prompts)": plan.instruction_eval}

@@ -453,7 +453,7 @@ def load_examples(
     spec, name, response = _lookup(source, split, response)
     root_path = resolve_root(root) if spec.needs_root else None
     file_path = Path(path).expanduser() if path is not None else None
-    files = [Path(f) if root_path is None else root_path / f for f in spec.files(name, path)]
+    files = [Path(f) if root_path is None else root_path / f for f in spec.files(name, file_path)]
     rows = cached_rows(
         ("source", source, name, response, str(root_path), str(file_path)),
         files,

@@ -89,7 +89,7 @@ class Task:
         base = resolve_root(root)
         loader = self.loader
         rows = cached_rows(
-            ("task", self.name, self.cot_suffix, str(base), role),
+            ("task", self, id(loader), str(base), role),
             self.files(base),
             lambda: loader(self, base, role),
         )

@@ -72,6 +72,8 @@ def score_answers(predictions: list[str], examples: list[Example], task: Any, ev
         if not examples:
             raise FtguardError("win rate of an empty evaluation set: evaluate at least one example")
         judge = pairwise_judge(evaluate)
+        if hasattr(judge, "reset"):  # the judge lives for the process: record this evaluation's calls only
+            judge.reset()
         result = win_rate([judge_prompt(ex) for ex in examples], predictions, golds, judge)
         detail = {k: result[k] for k in ("wins", "ties", "losses", "position_inconsistent", "verdicts")}
         return TaskScores(result["scores"], binary=False, judge=result["judge"], detail=detail)

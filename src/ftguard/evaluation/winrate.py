@@ -175,7 +175,7 @@ class LocalLMJudge:
 
     def __init__(
         self,
-        model: str = "tiny",
+        model: str,
         *,
         revision: str | None = None,
         dtype: str = "float32",
@@ -291,6 +291,10 @@ class OpenAICompatibleJudge:
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleJudge(model={self.model!r}, url={self.url!r})"
+
+    def reset(self) -> None:
+        """Start the served-model, fingerprint and unparsed records afresh (one evaluation's worth each)."""
+        self.served_models, self.fingerprints, self.unparsed = set(), set(), 0
 
     def _complete(self, user: str) -> str:
         body = {

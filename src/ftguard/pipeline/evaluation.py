@@ -24,7 +24,7 @@ from ftguard.evaluation.paired import encode_outcomes, items_digest
 from ftguard.evaluation.refusal_detector import RefusalDetector, get_refusal_detector
 from ftguard.evaluation.scorers import is_degenerate, is_repetitive
 from ftguard.evaluation.stats import cohen_kappa, rate
-from ftguard.evaluation.task_score import score_answers
+from ftguard.evaluation.task_score import judge_prompt, score_answers
 from ftguard.models import (
     auto_uses_bf16,
     default_device,
@@ -246,7 +246,7 @@ def evaluate_point(
             if verdicts_both_ways is None:
                 row["hit"] = bool(score)
             else:  # the judge's verdict with the answer shown first, then with the reference shown first
-                row |= {"score": score, "verdicts": verdicts_both_ways[i]}
+                row |= {"prompt": judge_prompt(ex), "score": score, "verdicts": verdicts_both_ways[i]}
             fh.write(json.dumps(row) + "\n")
         benign_rows = [
             ("benign", ex, t, r) for ex, t, r in zip(plan.over_refusal, benign_answers, refused, strict=True)

@@ -93,6 +93,12 @@ class Pipeline:
             ]
             if ev.over_refusal_prompts is not None or ev.instruction_prompts is not None:
                 self.refusal_detector = get_refusal_detector(ev.refusal_detector)
+            if self.plan.task.metric == "winrate":
+                from ftguard.evaluation.task_score import pairwise_judge
+
+                pairwise_judge(
+                    ev
+                )  # a missing key or model fails now, not after training (built once, cached)
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "config.yaml", dump_config(run))
         self.results = {

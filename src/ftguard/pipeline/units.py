@@ -145,6 +145,9 @@ class Fingerprints:
         )
         if versions:
             settings["judge_versions"] = versions
+        # the same answers scored by match and by a judge's preference are two different evaluations
+        if getattr(getattr(self.plan, "task", None), "metric", "label") == "winrate":
+            settings["task_metric"] = "winrate"
         roles = (
             *EVAL_ROLES,
             *(("instruction_eval",) if getattr(self.plan, "instruction_eval", None) else ()),
