@@ -108,9 +108,11 @@ def test_settings_added_later_leave_fingerprints_as_they_were_at_their_neutral_v
     for path, neutral in NEUTRAL_LATER_SETTINGS.items():
         *parents, leaf = path
         section = data
+        fresh = cfg.to_dict()  # an earlier path may have popped this one's parent (upload, then upload.score)
         for key in parents:
-            section = section.get(key)
-            if section is None:  # a setting inside a section that is null by default (upload.score)
+            assert key in fresh, f"{path}: no section {key!r}"  # a misspelt path would hide the setting
+            fresh, section = fresh[key], section.get(key) if section is not None else None
+            if fresh is None:  # a setting inside a section that is null by default (upload.score)
                 break
         else:
             assert section.pop(leaf) == neutral  # the default is the neutral value
