@@ -87,11 +87,16 @@ def test_compare_marks_differences_within_noise_of_the_first_run(tmp_path):
         {"run": "a", "key": "finetune", "judge": "keyword", **_entry("finetune", 10, 40, 5)},
         {"run": "b", "key": "finetune", "judge": "keyword", **_entry("finetune", 14, 62, 5)},
     ]
+    for row in rows:
+        row["task_rule"] = "exact"
     marks = noise_marks(rows)
     assert marks[(1, "harmful_score")] is True  # 10/64 vs 14/64
     assert marks[(1, "finetune_accuracy")] is False  # 40/64 vs 62/64
     table = markdown(rows)
-    assert "≈" in table and "within noise" in table
+    assert "≈" in table and "within noise" in table and "FA is scored differently" not in table
+    # the same FA column from a label match and from a judge's win rate: said, not compared silently
+    rows[1] |= {"task_rule": "winrate", "finetune_accuracy_judge": {"name": "local-lm", "model": "judge-1b"}}
+    assert "FA is scored differently (exact, winrate by local-lm judge-1b)" in markdown(rows)
 
 
 @pytest.mark.parametrize("bad", [["--bound", "loose"]])

@@ -77,7 +77,20 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             "",
             f"Warning: the runs use different judges ({', '.join(sorted(judges))}); their HS are not comparable.",
         ]
+    # FA by label match and FA as a judge's win rate (or by two judges) are different measurements
+    scorings = {_fa_scoring(row) for row in rows if row.get("finetune_accuracy") is not None}
+    if len(scorings) > 1:
+        lines += [
+            "",
+            f"Warning: FA is scored differently ({', '.join(sorted(scorings))}); their FA are not comparable.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _fa_scoring(row: dict[str, Any]) -> str:
+    rule = str(row.get("task_rule") or "?")
+    judge = row.get("finetune_accuracy_judge")
+    return f"{rule} by {judge.get('name')} {judge.get('model') or ''}".strip() if judge else rule
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
