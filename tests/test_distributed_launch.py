@@ -88,10 +88,18 @@ def test_ftguard_run_under_torchrun_matches_one_process_with_the_same_global_bat
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "ftguard.cli", "run", "quickstart-tiny", "--output-dir", str(one), *sets])
     batch4 = ["--set", "align.train.batch_size=4", "--set", "finetune.train.batch_size=4"]
+    # after the run, the ranks leave the group and rank 0 alone gates and writes the page
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules:\n  - metric: HS\n    tier: must_pass\n    max: 100\n")
+    after = ["--policy", str(policy), "--report", str(two / "report.html")]
     done = _run(
-        _torchrun("-m", "ftguard.cli", "run", "quickstart-tiny", "--output-dir", str(two), *sets, *batch4)
+        _torchrun(
+            "-m", "ftguard.cli", "run", "quickstart-tiny", "--output-dir", str(two), *sets, *batch4, *after
+        )
     )
     assert done.stdout.count("| finetune | sft |") == 1, "one rank reports the table"
+    assert done.stdout.count("Release policy: PASSED") == 1 and (two / "report.html").is_file()
+    assert json.loads((two / "verdict.json").read_text())["passed"] is True
 
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert r1["complete"] and r2["complete"] and set(r2["stages"]) == {"align", "finetune"}

@@ -77,6 +77,10 @@ def cmd_run(
         )
     from ftguard import distributed
 
+    if policy or report or repo_id:
+        # Gating, the page and an upload read files and need no other rank: leave the group now, or the others
+        # would wait at its closing barrier for a long upload, past gloo's timeout.
+        distributed.shutdown()
     if not distributed.is_main():
         return 0
     code = 0
