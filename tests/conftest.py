@@ -48,11 +48,13 @@ def one_thread():
 
 
 def _registries() -> dict[str, dict[str, type]]:
-    from ftguard.evaluation.judges import JUDGES
-    from ftguard.methods.registry import _METHODS, all_methods
+    import ftguard.attacks.base  # noqa: F401  (each module below makes its registry)
+    import ftguard.evaluation.judges  # noqa: F401
+    import ftguard.evaluation.winrate  # noqa: F401
+    import ftguard.methods.registry  # noqa: F401
+    from ftguard.registry import all_registries
 
-    all_methods()  # imports the built-in methods, which register themselves
-    return {"method": dict(_METHODS), "judge": dict(JUDGES)}
+    return {registry.kind: registry.loaded() for registry in all_registries()}
 
 
 @pytest.fixture(scope="session")
@@ -67,11 +69,11 @@ def _builtin_registries() -> dict[str, dict[str, type]]:
 
 @pytest.fixture(autouse=True, scope="module")
 def _registries_unchanged(request, _builtin_registries):
-    """After each module, the method and judge registries hold exactly the built-in classes.
+    """After each module, the registries (methods, attacks, judges, pairwise judges) hold exactly the built-ins.
 
     A stand-in method or judge would otherwise stay registered for every later module, and tests that go through
     all methods or judges would depend on the order the modules run in. Register one for a test with
-    ``monkeypatch.setitem`` on ``ftguard.methods.registry._METHODS`` or ``ftguard.evaluation.judges.JUDGES`` (for a
+    ``monkeypatch.setitem`` on the registry (e.g. ``ftguard.methods.registry._METHODS``, ``ftguard.evaluation.judges.JUDGES``; for a
     module, in a module-scoped fixture under ``pytest.MonkeyPatch.context()``), which removes it afterwards.
     """
     yield
@@ -88,15 +90,12 @@ def _registries_unchanged(request, _builtin_registries):
         ]
     if changes:
         # Put the built-in state back, so that only this module fails.
-        from ftguard.evaluation.judges import JUDGES
-        from ftguard.methods.registry import _METHODS
+        from ftguard.registry import all_registries
 
-        for registry, builtin in (
-            (_METHODS, _builtin_registries["method"]),
-            (JUDGES, _builtin_registries["judge"]),
-        ):
-            registry.clear()
-            registry.update(builtin)
+        for registry in all_registries():
+            if registry.kind in _builtin_registries:
+                registry.clear()
+                registry.update(_builtin_registries[registry.kind])
         pytest.fail(
             f"the registries changed during {request.module.__name__} (or when a test module was imported): "
             + "; ".join(changes),

@@ -22,7 +22,7 @@ CONFIG = "quickstart-tiny"
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["evaluate.judge=minlm"], r"evaluate\.judge: unknown judge 'minlm': did you mean 'minilm'"),
+        (["evaluate.judge=minlm"], r"evaluate\.judge: unknown judge 'minlm'; did you mean 'minilm'"),
         (
             ["evaluate.judge_options={threshold: 0.5, colour: red}"],
             r"evaluate\.judge: judge 'keyword' has no",

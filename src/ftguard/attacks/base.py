@@ -9,13 +9,12 @@ upload of every ratio before any training, so a wrong argument or a pool too sma
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ftguard.data.example import Example
 from ftguard.data.mix import harmful_count
-from ftguard.errors import FtguardError
+from ftguard.registry import Registry
 from ftguard.schema import from_dict
 
 if TYPE_CHECKING:
@@ -100,36 +99,26 @@ class Attack:
         return {"name": self.name, "args": to_dict(self.config)}
 
 
-_ATTACKS: dict[str, type[Attack]] = {}
+def _load_builtin_attacks() -> None:
+    from ftguard.attacks import load_builtin_attacks
+
+    load_builtin_attacks()
+
+
+_ATTACKS: Registry[type[Attack]] = Registry("attack", _load_builtin_attacks)
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:
     """Class decorator: add ``cls`` under ``cls.name`` (lower-case, unique)."""
-    name = cls.name
-    if not name or name != name.lower() or " " in name:
-        raise ValueError(f"attack name {name!r} must be a non-empty lower-case word")
-    if name in _ATTACKS and _ATTACKS[name] is not cls:
-        raise ValueError(
-            f"attack {name!r} is registered twice ({_ATTACKS[name].__module__}, {cls.__module__})"
-        )
-    _ATTACKS[name] = cls
-    return cls
+    return _ATTACKS.register(cls.name, cls)
 
 
 def all_attacks() -> dict[str, type[Attack]]:
-    from ftguard.attacks import load_builtin_attacks
-
-    load_builtin_attacks()
-    return dict(sorted(_ATTACKS.items()))
+    return _ATTACKS.loaded()
 
 
 def get_attack(name: str) -> type[Attack]:
-    attacks = all_attacks()
-    if name not in attacks:
-        close = difflib.get_close_matches(name, list(attacks), n=2)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise FtguardError(f"unknown attack '{name}'{hint} (available: {', '.join(attacks)})")
-    return attacks[name]
+    return _ATTACKS.require(name)
 
 
 def attack_from_spec(spec: Any) -> Attack:

@@ -8,12 +8,10 @@ docs/judges.md.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from typing import Any, Protocol
 
-from ftguard.errors import FtguardError
 from ftguard.evaluation.refusal import REFUSAL_PATTERNS, is_refusal
+from ftguard.registry import Registry
 
 DEFAULT_DETECTOR = "ftguard"
 
@@ -54,19 +52,11 @@ class LearnedDetector:
         return {"name": self.name, **self.classifier.describe()}
 
 
-DETECTORS = {"rules": RulesDetector, "ftguard": LearnedDetector}
+DETECTORS: Registry[type] = Registry("refusal detector")
+DETECTORS.register(RulesDetector.name, RulesDetector)
+DETECTORS.register(LearnedDetector.name, LearnedDetector)
 
 
 def get_refusal_detector(name: str = DEFAULT_DETECTOR, **options: Any) -> RefusalDetector:
-    if name not in DETECTORS:
-        close = difflib.get_close_matches(name, DETECTORS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise FtguardError(f"unknown refusal detector {name!r}: {hint}available are {', '.join(DETECTORS)}")
-    accepted = [p for p in inspect.signature(DETECTORS[name].__init__).parameters if p != "self"]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        valid = ", ".join(accepted) or "none"
-        raise FtguardError(
-            f"refusal detector {name!r} has no option(s) {', '.join(unknown)}: valid options are {valid}"
-        )
+    DETECTORS.check_options(name, options)
     return DETECTORS[name](**options)

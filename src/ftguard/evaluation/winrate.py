@@ -38,6 +38,7 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from ftguard.errors import FtguardError
 from ftguard.evaluation.stats import wilson_interval
+from ftguard.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +68,20 @@ class PairwiseJudge(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-PAIRWISE_JUDGES: dict[str, Callable[..., PairwiseJudge]] = {}
+# Built in below, in this module: no loader needed.
+PAIRWISE_JUDGES: Registry[Callable[..., PairwiseJudge]] = Registry("pairwise judge")
 T = TypeVar("T", bound=Callable[..., PairwiseJudge])
 
 
 def register_pairwise_judge(name: str) -> Callable[[T], T]:
     def decorate(cls: T) -> T:
-        if name in PAIRWISE_JUDGES:
-            raise ValueError(f"pairwise judge {name!r} is already registered")
-        PAIRWISE_JUDGES[name] = cls
-        return cls
+        return PAIRWISE_JUDGES.register(name, cls)
 
     return decorate
 
 
 def get_pairwise_judge(name: str, **options: Any) -> PairwiseJudge:
-    if name not in PAIRWISE_JUDGES:
-        raise FtguardError(
-            f"unknown pairwise judge {name!r}: available are {', '.join(sorted(PAIRWISE_JUDGES))}"
-        )
-    return PAIRWISE_JUDGES[name](**options)
+    return PAIRWISE_JUDGES.require(name)(**options)
 
 
 def check_pairwise_judge(name: str, options: dict[str, Any]) -> str | None:
@@ -94,7 +89,7 @@ def check_pairwise_judge(name: str, options: dict[str, Any]) -> str | None:
     import inspect
 
     if name not in PAIRWISE_JUDGES:
-        return f"unknown pairwise judge {name!r}: available are {', '.join(sorted(PAIRWISE_JUDGES))}"
+        return PAIRWISE_JUDGES.unknown(name)
     params = inspect.signature(PAIRWISE_JUDGES[name]).parameters
     unknown = sorted(set(options) - set(params))
     if unknown:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,6 +9,7 @@ from typing import Any, TypeVar
 
 from ftguard.errors import FtguardError
 from ftguard.evaluation.scorers import is_degenerate
+from ftguard.registry import Registry
 from ftguard.schema import ConfigError
 
 
@@ -75,7 +74,11 @@ class Judge(ABC):
         return {"name": self.name}
 
 
-JUDGES: dict[str, type[Judge]] = {}
+def _load_builtin_judges() -> None:
+    import ftguard.evaluation.judges  # noqa: F401  (the package imports every built-in judge)
+
+
+JUDGES: Registry[type[Judge]] = Registry("judge", _load_builtin_judges)
 
 J = TypeVar("J", bound=type[Judge])
 
@@ -91,38 +94,20 @@ def register_judge(name: str) -> Callable[[J], J]:
         raise ValueError(f"judge names are lower-case with hyphens: {name!r}")
 
     def decorate(cls: J) -> J:
-        if key in JUDGES:
-            raise ValueError(f"judge {key!r} is already registered by {JUDGES[key].__qualname__}")
         cls.name = key
-        JUDGES[key] = cls
-        return cls
+        return JUDGES.register(key, cls)
 
     return decorate
 
 
 def available_judges() -> list[str]:
-    return sorted(JUDGES)
+    return list(JUDGES.loaded())
 
 
 def _judge_class(name: str, options: dict[str, Any]) -> type[Judge]:
     key = _normalise(name)
-    if key not in JUDGES:
-        close = difflib.get_close_matches(key, JUDGES, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise FtguardError(
-            f"unknown judge {name!r}: {hint}available judges are {', '.join(available_judges())}"
-        )
-    cls = JUDGES[key]
-    accepted = [
-        p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        valid = ", ".join(accepted) or "none"
-        raise FtguardError(f"judge {key!r} has no option(s) {', '.join(unknown)}: valid options are {valid}")
-    return cls
+    JUDGES.check_options(key, options)
+    return JUDGES[key]
 
 
 def check_judge(name: str, options: dict[str, Any], key: str) -> None:
