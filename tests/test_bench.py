@@ -17,6 +17,7 @@ def test_report_has_ratios_to_sft_measured_in_the_same_run(tmp_path):
     report = run_bench(spec, tmp_path, memory=True)
     sft = report["methods"]["sft"]
     assert sft["time_ratio"] == 1.0 and sft["memory_ratio"] == 1.0 and sft["steps"] == 2
+    assert len(sft["step_times_s"]) == 2 and min(sft["step_times_s"]) > 0
     assert sft["peak_memory_bytes"] > 0
     assert "| sft |" in markdown(report)
 

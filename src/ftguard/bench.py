@@ -238,6 +238,9 @@ def measure_time(spec: BenchSpec, out_dir: Path) -> dict[str, dict[str, Any]]:
             "step_time_s": statistics.mean(ts),
             "step_time_stdev_s": statistics.stdev(ts) if len(ts) > 1 else 0.0,
             "steps": len(ts),
+            # The mean is the amortised cost a schedule (refresh_every) pays; the steps themselves show whether
+            # one of them was slowed by something else on the machine.
+            "step_times_s": [round(t, 4) for t in ts],
         }
         for m, ts in times.items()
     }
