@@ -4,7 +4,8 @@
         --attack runs/sweeps/testbed-attack-calibration \\
         --calibration runs/sweeps/testbed-defense-calibration \\
         --align-calibration runs/sweeps/testbed-align-calibration \\
-        --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong > docs/RESULTS.md
+        --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong \\
+        --uncalibrated runs/sweeps/testbed-study-uncalibrated > docs/RESULTS.md
 
 Each section is the named sweep's own report (its report.md, rebuilt from the finished runs by
 `ftguard sweep <name> --output-dir DIR --report`), framed with what a reader needs around it: which prompts,
@@ -31,6 +32,7 @@ SWEEPS = {
     "align_calibration": "testbed-align-calibration",
     "study": "testbed-study",
     "strong": "testbed-study-strong",
+    "uncalibrated": "testbed-study-uncalibrated",
 }
 
 HEADER = """# CPU results: the testbed (SmolLM2-135M-Instruct)
@@ -49,10 +51,13 @@ ftguard sweep sweeps/testbed-align-calibration --output-dir runs/sweeps/testbed-
 ftguard sweep sweeps/testbed-study --output-dir runs/sweeps/testbed-study
 ftguard sweep sweeps/testbed-study-strong --output-dir runs/sweeps/testbed-study-strong \\
     --units-dir runs/sweeps/testbed-study/units
+ftguard sweep sweeps/testbed-study-uncalibrated --output-dir runs/sweeps/testbed-study-uncalibrated \\
+    --units-dir runs/sweeps/testbed-study/units
 python scripts/make_testbed_md.py --attack runs/sweeps/testbed-attack-calibration \\
     --calibration runs/sweeps/testbed-defense-calibration \\
     --align-calibration runs/sweeps/testbed-align-calibration \\
-    --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong > docs/RESULTS.md
+    --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong \\
+    --uncalibrated runs/sweeps/testbed-study-uncalibrated > docs/RESULTS.md
 ```
 
 Every finished run's config and results (no weights) are archived under `docs/results/<sweep name>/`; copying
@@ -213,8 +218,12 @@ def main() -> None:
 
     out += power(args.calibration)
     out += ["## 4. The study: every defense against SFT on the test prompts", ""]
-    for key, attack_name in (("study", "the calibrated attack"), ("strong", "the strong attack (lr 5e-4)")):
-        report = study if key == "study" else _report(args.strong)
+    for key, attack_name in (
+        ("study", "the calibrated attack"),
+        ("strong", "the strong attack (lr 5e-4)"),
+        ("uncalibrated", "the calibrated attack, defenses at their papers' defaults (not calibrated here)"),
+    ):
+        report = study if key == "study" else _report(getattr(args, key))
         if not report:
             out += [f"Under {attack_name} (`sweeps/{SWEEPS[key]}`): pending.", ""]
             continue

@@ -25,5 +25,6 @@ def test_missing_sweeps_are_pending_and_a_report_section_is_framed(tmp_path, mon
     assert "1 of 2 runs finished (**incomplete**" in text
     assert "Adaptive attack" not in text and "**Incomplete:" not in text  # only the named section
     assert "(`sweeps/testbed-study`): pending." in text
+    assert "(`sweeps/testbed-study-uncalibrated`): pending." in text
     assert "Pending: the calibration sweep has not run." in text
     assert "Pending: the study has not run yet" in text

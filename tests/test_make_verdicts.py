@@ -1,0 +1,109 @@
+"""scripts/make_verdicts.py: the ledger's testbed verdicts follow the rule of its docstring."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from script_module import load_script
+
+verdicts = load_script("make_verdicts")
+
+
+def cell(diff, low, high, seeds=5, detectable=4.0):
+    return {"0.1": {"diff": diff, "interval": [low, high], "seeds": seeds, "detectable": detectable}}
+
+
+def cells(hs=(-8, -12, -4), hs_plus=(-8, -12, -4), fa=-1.0, over=1.0, ir=1.0, seeds=5):
+    return {
+        "harmful_score": cell(*hs, seeds=seeds, detectable=5.5),
+        "harmful_score_plus": cell(*hs_plus, seeds=seeds),
+        "finetune_accuracy": cell(fa, fa - 2, fa + 2, seeds=seeds),
+        "over_refusal": cell(over, over - 2, over + 2, seeds=seeds),
+        "instruction_refusal": cell(ir, ir - 2, ir + 2, seeds=seeds),
+    }
+
+
+def run_rows(defense, stage_methods, align_hs):
+    rows = []
+    for seed, hs in zip((44, 45), align_hs, strict=True):
+        for stage, method in stage_methods.items():
+            point_hs = hs if stage == "align" else 50.0
+            rows.append(
+                {
+                    "defense": defense,
+                    "seed": seed,
+                    "point": stage,
+                    "stage": stage,
+                    "method": method,
+                    "harmful_score": point_hs,
+                }
+            )
+    return rows
+
+
+@pytest.fixture
+def study(tmp_path):
+    paired = {
+        "sft-p0": {"harmful_score": {"0": {"diff": -4, "interval": [-8, 0], "seeds": 5, "detectable": 5}}},
+        "selective": cells(),
+        "hs_plus_stays": cells(hs_plus=(-3, -7, 1)),
+        "costs_the_task": cells(fa=-3.5),
+        "refuses": cells(over=6.0),
+        "nothing": cells(hs=(-2, -6, 2)),
+        "safer_start": cells(),
+        "few_seeds": cells(seeds=2),
+    }
+    rows = run_rows("sft", {"align": "sft", "finetune": "sft"}, (30.0, 32.0))
+    for name in paired:
+        if name == "safer_start":
+            rows += run_rows(name, {"align": "vaccine", "finetune": "sft"}, (20.0, 22.0))
+        elif name == "refuses":
+            rows += run_rows(name, {"align": "sft", "finetune": "sft", "post": "antidote"}, (30.0, 32.0))
+        else:
+            rows += run_rows(name, {"align": "sft", "finetune": "lisa"}, (30.0, 32.0))
+    report = {
+        "name": "testbed-study",
+        "runs": 65,
+        "complete_runs": 65,
+        "judges": ["ftguard-judge"],
+        "tables": [{"slice": {}, "paired": paired}],
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    (tmp_path / "runs.json").write_text(json.dumps(rows))
+    return tmp_path
+
+
+def test_each_branch_of_the_rule(study):
+    text = verdicts.render(study, None, None)
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "sft-p0" not in lines  # a control at another p is not a defense
+    assert lines["selective"].endswith("| reproduced qualitatively |")
+    assert "| `lisa` (finetune) | -8.0 [-12.0, -4.0] |" in lines["selective"]
+    assert lines["hs_plus_stays"].endswith("not reproduced as a selective defense (HS+ does not fall) |")
+    assert lines["costs_the_task"].endswith("not reproduced as a selective defense (FA -3.5) |")
+    assert "`antidote` (post)" in lines["refuses"]
+    assert lines["refuses"].endswith("not reproduced as a selective defense (OR +6.0) |")
+    assert lines["nothing"].endswith("not reproduced (detects ≥ 5.5 points) |")
+    # the vaccine-aligned model starts 10 points below SFT's (21 against 31): its fall may be the start alone
+    assert "`vaccine` (align)" in lines["safer_start"]
+    assert lines["safer_start"].endswith(
+        "reproduced qualitatively; pre-attack HS not matched (-10.0 vs SFT) |"
+    )
+    assert lines["few_seeds"].endswith("reproduced qualitatively; provisional (2 of 5 seeds) |")
+    assert "Strong attack (lr 5e-4 × 64 steps), calibrated defenses\n\nPending: not run yet." in text
+
+
+def test_the_table_is_written_between_the_markers_only(study, tmp_path, monkeypatch):
+    page = tmp_path / "REPRODUCTION.md"
+    page.write_text(f"intro\n{verdicts.START}\nold table\n{verdicts.END}\noutro\n")
+    monkeypatch.setattr(sys, "argv", ["make_verdicts.py", "--study", str(study), "--write", str(page)])
+    verdicts.main()
+    text = page.read_text()
+    assert text.startswith(f"intro\n{verdicts.START}\n") and text.endswith(f"{verdicts.END}\noutro\n")
+    assert "old table" not in text and "| selective |" in text
+    page.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no <!-- testbed-verdicts:start -->"):
+        verdicts.main()
