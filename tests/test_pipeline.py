@@ -93,6 +93,14 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
         outcomes["harmful_score"]["items"] == results["stages"]["align"]["outcomes"]["harmful_score"]["items"]
     )
     assert (out / "config.yaml").exists() and results["config"]["model"]["name"] == "tiny"
+    # what each trained unit was made in, from its manifest: a study resumed on a CPU that resolves `auto`
+    # precision differently shows it in results.json, not only in the unit folders (which are not archived)
+    for key in ("align", "finetune"):
+        manifest = json.loads((out / key / "COMPLETE.json").read_text())
+        assert manifest["precision"].startswith("float32") and manifest["steps"] > 0
+        assert results["trained"][key] == {
+            k: manifest[k] for k in ("method", "precision", "steps", "train_runtime_s")
+        }
     # weights as safetensors only; checkpoints cleaned up once complete
     assert list((out / "align" / "model").glob("*.safetensors")) and not list(out.rglob("*.bin"))
     assert not (out / "align" / "checkpoints").exists()
@@ -113,7 +121,8 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
     finally:
         FtguardTrainer.train = orig
     assert calls == []
-    assert json.loads((out / "results.json").read_text())["stages"] == results["stages"]
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["stages"] == results["stages"] and rerun["trained"] == results["trained"]
 
     # compare writes a table and a plot
     assert cli.main(["compare", str(out), "--out", str(tmp_path / "c.png")]) == 0

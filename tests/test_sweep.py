@@ -827,3 +827,36 @@ def test_a_finished_run_is_redone_when_its_judge_was_refit_since(tmp_path):
     keyword = run_judged_by("keyword")
     finish(keyword)
     assert is_done(keyword)
+
+
+def test_the_report_says_which_precision_the_runs_were_trained_in_and_flags_a_mix(tmp_path):
+    from ftguard.sweep.aggregate import aggregate
+    from ftguard.sweep.report import markdown
+
+    sweep = _sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.0]}, seeds=[1, 2, 3])
+    runs = _fake_runs(tmp_path, sweep, {("sft", 0.0, s, None): (10.0, 90.0) for s in (1, 2, 3)})
+
+    def trained_in(run, *precisions):
+        results = run.config.out_dir / "results.json"
+        data = json.loads(results.read_text())
+        data["trained"] = {f"unit{i}": {"precision": p} for i, p in enumerate(precisions)}
+        results.write_text(json.dumps(data))
+
+    def report_text():
+        _, report = aggregate(sweep, runs)
+        return report["train_precisions"], markdown(
+            sweep, report["tables"], [], "keyword", train_precisions=report["train_precisions"]
+        )
+
+    # the third run was written before results.json recorded it: not evidence of a mix
+    trained_in(runs[0], "float32 + bfloat16 autocast", "float32 + bfloat16 autocast")
+    trained_in(runs[1], "float32 + bfloat16 autocast")
+    counts, text = report_text()
+    assert counts == {"float32 + bfloat16 autocast": 2, "not recorded": 1}
+    assert "Trained in: float32 + bfloat16 autocast (2 runs); not recorded (1 run)." in text
+    assert "Mixed training precision" not in text
+    # resumed on a CPU without native bf16: its unit trained in fp32 beside the bf16-autocast aligned model
+    trained_in(runs[2], "float32", "float32 + bfloat16 autocast")
+    counts, text = report_text()
+    assert counts == {"float32 + bfloat16 autocast": 2, "float32 and float32 + bfloat16 autocast": 1}
+    assert "**Mixed training precision** (float32 + bfloat16 autocast (2 runs);" in text

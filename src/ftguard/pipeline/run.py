@@ -170,6 +170,14 @@ class Pipeline:
         if self.on_update and distributed.is_main():
             self.on_update(self.results)
 
+    def _record_training(self, unit: Unit) -> None:
+        """What the unit behind a point was trained in: a study resumed on another machine (bf16-native or not,
+        docs/evaluation-precision.md) reuses units by config, so results.json says which precision each came from."""
+        manifest = self._dir(unit).manifest()
+        self.results.setdefault("trained", {})[unit.key] = {
+            key: manifest.get(key) for key in ("method", "precision", "steps", "train_runtime_s")
+        }
+
     # ------------------------------------------------------------------ units
 
     def evaluate(self, unit: Unit, ref: ModelRef) -> None:
@@ -291,6 +299,8 @@ class Pipeline:
                 models[unit.fingerprint] = self.train(unit, source)
             else:
                 models[unit.fingerprint] = self._existing(unit)
+            if unit.kind != "eval" and models.get(unit.fingerprint) is not None:
+                self._record_training(unit)
         trained_all = all(self._existing(u) for u in graph.units if u.kind != "eval")
         expected = {u.point_key for u in graph.units if u.kind == "eval"}
         self.results["complete"] = trained_all and expected <= set(self.results["stages"])

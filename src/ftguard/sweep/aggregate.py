@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -59,12 +59,26 @@ def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
                     **{f"{m}_n": point.counts.get(m, (None, None))[1] for m in HEADLINE},
                     "degenerate_rate": point.value("degenerate_rate"),
                     "judge": point.judge,
+                    "train_precision": train_precision(results.data),
                     "complete": results.complete,
                     # per-item outcomes (paired effects); aggregate() leaves them out of runs.json / runs.csv
                     "outcomes": point.entry.get("outcomes"),
                 }
             )
     return rows
+
+
+def train_precision(results: dict[str, Any]) -> str | None:
+    """The precision(s) the run's trained units were made in (results.json ``trained``; None for runs written
+    before it was recorded)."""
+    found = {t.get("precision") for t in (results.get("trained") or {}).values()} - {None}
+    return " and ".join(sorted(found)) or None
+
+
+def precisions(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """{training precision: runs}, runs that did not record it under "not recorded"."""
+    by_run = {r["run"]: r.get("train_precision") or "not recorded" for r in rows}
+    return dict(sorted(Counter(by_run.values()).items()))
 
 
 def _hashable(value: Any) -> Any:
@@ -402,6 +416,7 @@ def aggregate(sweep: SweepConfig, runs: list[SweepRun]) -> tuple[list[dict[str, 
         "complete_runs": finished,
         "complete": finished == len(runs),
         "judges": sorted({r["judge"] for r in rows if r["judge"]}),
+        "train_precisions": precisions(rows),
         "tables": summarize(rows, sweep),
         "worst_case": worst_case(rows, sweep),
         "attack_curve": attack_curve(rows, sweep),

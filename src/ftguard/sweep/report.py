@@ -51,6 +51,22 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
+def _precision_lines(train_precisions: dict[str, int]) -> list[str]:
+    """Which precision the runs were trained in; a warning when a table mixes two (a sweep resumed on a CPU
+    with native bf16 and on one without: docs/evaluation-precision.md)."""
+    if not train_precisions:
+        return []
+    text = "; ".join(f"{name} ({n} run{'s' * (n != 1)})" for name, n in train_precisions.items())
+    line = f"Trained in: {text}."
+    if len(set(train_precisions) - {"not recorded"}) > 1:
+        line = (
+            f"**Mixed training precision** ({text}): these runs were trained on machines that resolve `auto` "
+            "precision differently; pin `mixed_precision` or set $FTGUARD_PRECISION before reading the tables "
+            "as one experiment."
+        )
+    return [line, ""]
+
+
 def _marked(values: list[float], versus: dict[str, Any] | None) -> str:
     text = _cell(values)
     return text if versus is None or not values else f"{text} {versus['mark']}"
@@ -63,6 +79,7 @@ def markdown(
     judge: str,
     curve: list[dict[str, Any]] | None = None,
     calibration: list[dict[str, Any]] | None = None,
+    train_precisions: dict[str, int] | None = None,
 ) -> str:
     lines = [f"# Sweep `{sweep.name}`", ""]
     if sweep.description:
@@ -75,6 +92,7 @@ def markdown(
         "",
         *(validation_line(name) for name in judge.split(", ") if name != "?"),
         "",
+        *_precision_lines(train_precisions or {}),
     ]
     if sweep.baseline:
         lines += [
@@ -372,6 +390,7 @@ def write_report(sweep: SweepConfig, runs: list[SweepRun], out: Path) -> dict[st
         ", ".join(report["judges"]) or "?",
         report["attack_curve"],
         report["calibration"],
+        report["train_precisions"],
     )
     if not report["complete"]:
         text += f"\n**Incomplete: {report['complete_runs']} of {report['runs']} runs finished.**\n"
