@@ -1,7 +1,7 @@
-"""Write docs/RESULTS.md from the output of `ftguard sweep sweeps/cpu-smollm2`.
+"""Write docs/RESULTS-strong-protocol.md (the old CPU protocol's page) from the output of `ftguard sweep sweeps/cpu-smollm2`.
 
     ftguard sweep sweeps/cpu-smollm2 --output-dir runs/sweeps/cpu-smollm2     # ~7 h on 2 cores as 2 shards, resumable
-    python scripts/make_results_md.py runs/sweeps/cpu-smollm2 > docs/RESULTS.md
+    python scripts/make_results_md.py runs/sweeps/cpu-smollm2 > docs/RESULTS-strong-protocol.md
     python scripts/archive_sweep.py runs/sweeps/cpu-smollm2 docs/results/cpu-smollm2   # the raw runs, no weights
 
 With the attack-strength probe (`sweeps/cpu-smollm2-attack`, run with --units-dir pointing at the main sweep's
@@ -22,7 +22,11 @@ from ftguard.metrics import METRICS as VOCABULARY
 from ftguard.sweep.aggregate import mean_std
 from ftguard.sweep.config import ABBREVIATIONS
 
-HEADER = """# CPU results: ten defense configurations on SmolLM2-135M-Instruct
+HEADER = """# CPU results, the old protocol: ten defense configurations on SmolLM2-135M-Instruct
+
+The first CPU study, kept as it was. Its protocol cannot tell defenses apart (refusal-only alignment, an attack
+that saturates SFT, 64 prompts × 3 seeds; docs/testbed.md says why); docs/RESULTS.md is the calibrated testbed
+that replaces it.
 
 Regenerate (2 CPU cores, resumable: run the same command again after an interruption):
 
@@ -31,7 +35,7 @@ ftguard sweep sweeps/cpu-smollm2 --output-dir runs/sweeps/cpu-smollm2
 # the attack-strength probe at the end; it reuses the aligned models above (6 new fine-tunes):
 ftguard sweep sweeps/cpu-smollm2-attack --output-dir runs/sweeps/cpu-smollm2-attack \\
     --units-dir runs/sweeps/cpu-smollm2/units
-python scripts/make_results_md.py runs/sweeps/cpu-smollm2 runs/sweeps/cpu-smollm2-attack > docs/RESULTS.md
+python scripts/make_results_md.py runs/sweeps/cpu-smollm2 runs/sweeps/cpu-smollm2-attack > docs/RESULTS-strong-protocol.md
 ```
 
 Two processes of one thread each share the work (about 1.3× the throughput of one two-thread process here):
@@ -257,6 +261,6 @@ def _hs_against_sft(table: dict) -> str:
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
         sys.exit(
-            "usage: python scripts/make_results_md.py SWEEP_OUTPUT_DIR [PROBE_OUTPUT_DIR] > docs/RESULTS.md"
+            "usage: python scripts/make_results_md.py SWEEP_OUTPUT_DIR [PROBE_OUTPUT_DIR] > docs/RESULTS-strong-protocol.md"
         )
     main(*sys.argv[1:])

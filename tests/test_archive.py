@@ -1,10 +1,12 @@
-"""The archived CPU sweeps and the page written from them agree: docs/RESULTS.md regenerates byte for byte from
-docs/results/ with today's readers (one results vocabulary, ftguard.metrics and ftguard.run_results)."""
+"""The archived CPU sweeps and the pages written from them agree: docs/RESULTS.md (the testbed) and
+docs/RESULTS-strong-protocol.md (the old protocol) regenerate byte for byte from docs/results/ with today's readers
+(one results vocabulary, ftguard.metrics and ftguard.run_results)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from pathlib import Path
 
 from script_module import load_script
@@ -12,11 +14,25 @@ from script_module import load_script
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_results_md_regenerates_byte_identical_from_the_archive():
+def test_the_old_protocol_page_regenerates_byte_identical_from_the_archive():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         load_script("make_results_md").main(
             str(ROOT / "docs" / "results" / "cpu-smollm2"),
             str(ROOT / "docs" / "results" / "cpu-smollm2-attack"),
         )
+    assert out.getvalue() == (ROOT / "docs" / "RESULTS-strong-protocol.md").read_text(encoding="utf-8")
+
+
+def test_the_testbed_page_regenerates_byte_identical_from_the_archive(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the script imports its sibling scripts
+    page = load_script("make_testbed_md")
+    archive = ROOT / "docs" / "results"
+    argv = ["make_testbed_md.py"]
+    for key, sweep in page.SWEEPS.items():
+        argv += [f"--{key.replace('_', '-')}", str(archive / sweep)]
+    monkeypatch.setattr(sys, "argv", argv)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        page.main()
     assert out.getvalue() == (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
