@@ -36,3 +36,13 @@ def test_the_testbed_page_regenerates_byte_identical_from_the_archive(monkeypatc
     with contextlib.redirect_stdout(out):
         page.main()
     assert out.getvalue() == (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+
+
+def test_the_ledger_verdicts_regenerate_from_the_archive():
+    verdicts = load_script("make_verdicts")
+    archive = ROOT / "docs" / "results"
+    body = verdicts.render(
+        archive / "testbed-study", archive / "testbed-study-strong", archive / "testbed-study-uncalibrated"
+    )
+    page = (ROOT / "docs" / "REPRODUCTION.md").read_text(encoding="utf-8")
+    assert verdicts.replace_between_markers(page, body) == page
