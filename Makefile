@@ -17,7 +17,7 @@ AXOLOTL_DIR := .axolotl-interface
 AXOLOTL_INTERFACE := axolotl==0.19.0 addict==2.4.0 art==6.5 backoff==2.2.1 colorama==0.4.6 distro==1.9.0 \
 	fire==0.7.1 httpcore==1.0.9 httpx==0.29.0 posthog==6.7.11 six==1.17.0 termcolor==3.3.0
 
-.PHONY: install demo test test-fast test-axolotl lint format lock clean
+.PHONY: install demo test test-fast test-axolotl lint format lock clean results-pages
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,19 @@ test-axolotl: install
 	rm -rf $(AXOLOTL_DIR)  # pip --target skips what is there: a changed pin would not be installed
 	$(BIN)/python -m pip install -q --no-deps --target $(AXOLOTL_DIR) $(AXOLOTL_INTERFACE)
 	PYTHONPATH=$(AXOLOTL_DIR) $(BIN)/python -m pytest -q tests/test_axolotl_plugin.py
+
+# The CPU results pages from the sweeps archived in docs/results/ (after `scripts/archive_sweep.py`); the tests
+# check that the committed pages are what this writes.
+TESTBED = docs/results/testbed
+results-pages: install
+	$(BIN)/python scripts/make_testbed_md.py --attack $(TESTBED)-attack-calibration \
+		--calibration $(TESTBED)-defense-calibration --align-calibration $(TESTBED)-align-calibration \
+		--study $(TESTBED)-study --strong $(TESTBED)-study-strong \
+		--uncalibrated $(TESTBED)-study-uncalibrated > docs/RESULTS.md
+	$(BIN)/python scripts/make_verdicts.py --study $(TESTBED)-study --strong $(TESTBED)-study-strong \
+		--uncalibrated $(TESTBED)-study-uncalibrated --write docs/REPRODUCTION.md
+	$(BIN)/python scripts/make_results_md.py docs/results/cpu-smollm2 docs/results/cpu-smollm2-attack \
+		> docs/RESULTS-strong-protocol.md
 
 lint: install
 	$(BIN)/ruff check src tests scripts
