@@ -17,7 +17,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ftguard.evaluation.paired import decode_outcomes, detectable_before_the_run
+from ftguard.evaluation.paired import decode_entry, detectable_before_the_run
 from ftguard.metrics import HEADLINE, METRICS
 from ftguard.sweep.aggregate import collect
 from ftguard.sweep.config import expand, load_sweep
@@ -41,7 +41,7 @@ def pilot_pairs(
             a = (row.get("outcomes") or {}).get(metric)
             b = (base.get("outcomes") or {}).get(metric)
             if a and b and a["items"] == b["items"]:
-                pairs[defense][metric].append((decode_outcomes(a["bits"]), decode_outcomes(b["bits"])))
+                pairs[defense][metric].append((decode_entry(a), decode_entry(b)))
     return pairs
 
 

@@ -162,8 +162,10 @@ def test_alpaca_eval_fine_tune_reports_the_judges_win_rate(tmp_path, data_root, 
         "position_inconsistent": 0,
     }
     assert point["finetune_accuracy_judge"]["name"] == "test-longer"
-    # item outcomes are kept as bits for paired comparisons; half-wins are not bits
-    assert "finetune_accuracy" not in point["outcomes"] and "harmful_score" in point["outcomes"]
+    # each item's score is kept for paired comparisons, in half points (a tie is ½)
+    fa = point["outcomes"]["finetune_accuracy"]
+    assert fa["scale"] == 2 and fa["bits"] == "".join(str(int(2 * s)) for s in scores)
+    assert "scale" not in point["outcomes"]["harmful_score"]
 
 
 def test_an_upload_scored_by_win_rate(tmp_path, longer_judge):
@@ -205,4 +207,5 @@ def test_an_upload_scored_by_win_rate(tmp_path, longer_judge):
     assert [r["score"] for r in task_rows] == expected
     assert point["finetune_accuracy"] == pytest.approx(100 * sum(expected) / 4)
     assert point["task_rule"] == "winrate" and point["finetune_accuracy_judge"]["name"] == "test-longer"
-    assert point["win_rate"]["losses"] == expected.count(0.0) and "finetune_accuracy" not in point["outcomes"]
+    assert point["win_rate"]["losses"] == expected.count(0.0)
+    assert point["outcomes"]["finetune_accuracy"]["bits"] == "".join(str(int(2 * s)) for s in expected)

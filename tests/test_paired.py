@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ftguard.evaluation.paired import (
+    decode_entry,
     decode_outcomes,
     encode_outcomes,
     identical_share,
@@ -115,6 +116,13 @@ def test_outcome_strings_round_trip_and_reject_other_characters():
     with pytest.raises(ValueError, match="only 0 and 1"):
         decode_outcomes("10x1")
     assert items_digest(["a#0", "a#1"]) != items_digest(["a#1", "a#0"])
+    # a win rate's items: loss, tie, win in half points
+    assert encode_outcomes([0.0, 0.5, 1.0], scale=2) == "012"
+    assert decode_entry({"items": "x", "bits": "012", "scale": 2}) == [0.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match="not a multiple of 1/2"):
+        encode_outcomes([0.25], scale=2)
+    with pytest.raises(ValueError, match="only the digits 0 to 2"):
+        decode_outcomes("013", scale=2)
 
 
 def test_the_paired_bootstrap_equals_resampling_seeds_then_items_by_hand():

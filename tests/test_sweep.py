@@ -860,3 +860,18 @@ def test_the_report_says_which_precision_the_runs_were_trained_in_and_flags_a_mi
     counts, text = report_text()
     assert counts == {"float32 + bfloat16 autocast": 2, "float32 and float32 + bfloat16 autocast": 1}
     assert "**Mixed training precision** (float32 + bfloat16 autocast (2 runs);" in text
+
+
+def test_win_rate_outcomes_pair_in_half_points_and_not_with_a_match_score():
+    from ftguard.evaluation.paired import paired_bootstrap
+    from ftguard.sweep.aggregate import _paired_outcomes
+
+    def point(bits, scale=None):
+        entry = {"items": "abc", "bits": bits} | ({"scale": scale} if scale else {})
+        return {"outcomes": {"finetune_accuracy": entry}}
+
+    treated, control = _paired_outcomes(point("2120", 2), point("1010", 2), "finetune_accuracy")
+    assert treated == [1.0, 0.5, 1.0, 0.0] and control == [0.5, 0.0, 0.5, 0.0]
+    # wins count 1, ties ½: (2.5 − 1.0) / 4 items = +37.5 points
+    assert paired_bootstrap([treated], [control])["diff"] == pytest.approx(37.5)
+    assert _paired_outcomes(point("1010"), point("2120", 2), "finetune_accuracy") is None

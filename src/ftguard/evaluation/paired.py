@@ -61,16 +61,33 @@ def identical_share(before: Sequence[str], after: Sequence[str]) -> float:
 _DETECTABLE_SE = 1.959964 + 0.841621
 
 
-def encode_outcomes(outcomes: Sequence[bool]) -> str:
-    """Per-item binary outcomes as a '0'/'1' string: results.json keeps them (no prompt text) so that two runs on
-    the same prompts can be compared item by item after their answers are gone."""
-    return "".join("1" if x else "0" for x in outcomes)
+def encode_outcomes(outcomes: Sequence[float], scale: int = 1) -> str:
+    """Per-item outcomes as a digit string: results.json keeps them (no prompt text) so that two runs on the same
+    prompts can be compared item by item after their answers are gone. Binary outcomes are '0'/'1'; a score in
+    steps of 1/``scale`` (a win rate, where a tie counts ½: scale 2) is the digit score × scale."""
+    if not 1 <= scale <= 9:
+        raise ValueError(f"an outcome scale is 1 to 9 steps, got {scale}")
+    digits = []
+    for value in outcomes:
+        steps = float(value) * scale
+        if not 0 <= round(steps) <= scale or abs(round(steps) - steps) > 1e-9:
+            raise ValueError(f"outcome {value!r} is not a multiple of 1/{scale} in [0, 1]")
+        digits.append(str(round(steps)))
+    return "".join(digits)
 
 
-def decode_outcomes(bits: str) -> list[bool]:
-    if set(bits) - {"0", "1"}:
-        raise ValueError(f"outcome string must hold only 0 and 1, got {bits[:20]!r}…")
-    return [c == "1" for c in bits]
+def decode_outcomes(bits: str, scale: int = 1) -> list[float]:
+    """The outcomes of ``encode_outcomes`` in [0, 1] (0.0 and 1.0 for binary ones)."""
+    allowed = "0123456789"[: scale + 1]
+    if set(bits) - set(allowed):
+        what = "only 0 and 1" if scale == 1 else f"only the digits 0 to {scale}"
+        raise ValueError(f"outcome string must hold {what}, got {bits[:20]!r}…")
+    return [int(c) / scale for c in bits]
+
+
+def decode_entry(entry: dict[str, Any]) -> list[float]:
+    """The outcomes of one results.json ``outcomes`` entry ({"items", "bits"[, "scale"]})."""
+    return decode_outcomes(entry["bits"], int(entry.get("scale", 1)))
 
 
 def items_digest(sources: Sequence[str]) -> str:

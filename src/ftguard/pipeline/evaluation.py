@@ -163,10 +163,9 @@ def evaluate_point(
         "harmful_score": (harmful_items, flags),
         "harmful_score_plus": (harmful_items, [f or d for f, d in zip(flags, degenerate, strict=True)]),
         "harmful_score_triggered": (harmful_items, triggered_flags),
-        # a win rate's per-item scores are not bits: its paired comparison is not kept
         **(
             {"finetune_accuracy": (items_digest([ex.source for ex in plan.task_eval]), task_scores.scores)}
-            if task_scores is not None and task_scores.binary
+            if task_scores is not None
             else {}
         ),
         "over_refusal": (items_digest([ex.source for ex in plan.over_refusal]), refused),
@@ -175,6 +174,8 @@ def evaluate_point(
             instructions_refused,
         ),
     }
+    # a win rate's items score 0, ½ or 1: their outcomes are kept in half points
+    scales = {"finetune_accuracy": 2} if task_scores is not None and not task_scores.binary else {}
     metrics |= {
         "intervals": {name: r["ci95"] for name, r in rates.items()},
         "counts": {name: [r["k"], r["n"]] for name, r in rates.items()},
@@ -201,7 +202,7 @@ def evaluate_point(
         "eval_batch_size": ev.batch_size,
         # each item's outcome (no text), so that runs on the same prompts can be compared item by item (paired)
         "outcomes": {
-            name: {"items": items, "bits": encode_outcomes(values)}
+            name: _outcome_entry(items, values, scales.get(name, 1))
             for name, (items, values) in per_item.items()
             if name in rates
         },
@@ -278,6 +279,11 @@ def evaluate_point(
         f"{metrics['over_refusal']:.1f}" if "over_refusal" in metrics else "–",
     )
     return distributed.broadcast(metrics)
+
+
+def _outcome_entry(items: str, values: list, scale: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {"items": items, "bits": encode_outcomes(values, scale)}
+    return entry if scale == 1 else entry | {"scale": scale}
 
 
 def _win_counts(detail: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from ftguard.evaluation.paired import decode_outcomes, paired_bootstrap
+from ftguard.evaluation.paired import decode_entry, paired_bootstrap
 from ftguard.evaluation.stats import difference_interval
 from ftguard.metrics import (
     HEADLINE,
@@ -232,7 +232,7 @@ def _pooled(by_p: dict, base: dict, metric: str, ratios: list[float]) -> dict[st
 
 def _paired(by_p: dict, base: dict, metric: str, ratios: list[float]) -> dict[str, Any]:
     cells: dict[str, Any] = {}
-    arms: dict[float, dict[int, tuple[list[bool], list[bool]]]] = {}
+    arms: dict[float, dict[int, tuple[list[float], list[float]]]] = {}
     for p in ratios:
         arms[p] = {
             seed: pair
@@ -257,15 +257,17 @@ def _paired(by_p: dict, base: dict, metric: str, ratios: list[float]) -> dict[st
 
 def _paired_outcomes(
     treated: dict[str, Any], control: dict[str, Any], metric: str
-) -> tuple[list[bool], list[bool]] | None:
+) -> tuple[list[float], list[float]] | None:
     a = (treated.get("outcomes") or {}).get(metric)
     b = (control.get("outcomes") or {}).get(metric)
     if not a or not b or a["items"] != b["items"] or len(a["bits"]) != len(b["bits"]) or not a["bits"]:
         return None
-    return decode_outcomes(a["bits"]), decode_outcomes(b["bits"])
+    if a.get("scale", 1) != b.get("scale", 1):
+        return None  # one metric scored two ways (a win rate and a match) does not pair
+    return decode_entry(a), decode_entry(b)
 
 
-def _bootstrap(pairs: list[tuple[list[bool], list[bool]]]) -> dict[str, Any]:
+def _bootstrap(pairs: list[tuple[list[float], list[float]]]) -> dict[str, Any]:
     return paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs])
 
 
