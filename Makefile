@@ -51,15 +51,18 @@ test-axolotl: install
 # The CPU results pages from the sweeps archived in docs/results/ (after `scripts/archive_sweep.py`); the tests
 # check that the committed pages are what this writes.
 TESTBED = docs/results/testbed
+# Each page is written beside and moved into place, so that a failing script leaves the committed page as it was.
 results-pages: install
 	$(BIN)/python scripts/make_testbed_md.py --attack $(TESTBED)-attack-calibration \
 		--calibration $(TESTBED)-defense-calibration --align-calibration $(TESTBED)-align-calibration \
 		--study $(TESTBED)-study --strong $(TESTBED)-study-strong \
-		--uncalibrated $(TESTBED)-study-uncalibrated > docs/RESULTS.md
+		--uncalibrated $(TESTBED)-study-uncalibrated > docs/RESULTS.md.new
+	mv docs/RESULTS.md.new docs/RESULTS.md
 	$(BIN)/python scripts/make_verdicts.py --study $(TESTBED)-study --strong $(TESTBED)-study-strong \
 		--uncalibrated $(TESTBED)-study-uncalibrated --write docs/REPRODUCTION.md
 	$(BIN)/python scripts/make_results_md.py docs/results/cpu-smollm2 docs/results/cpu-smollm2-attack \
-		> docs/RESULTS-strong-protocol.md
+		> docs/RESULTS-strong-protocol.md.new
+	mv docs/RESULTS-strong-protocol.md.new docs/RESULTS-strong-protocol.md
 
 lint: install
 	$(BIN)/ruff check src tests scripts

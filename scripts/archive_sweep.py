@@ -4,7 +4,7 @@
 
 Each complete run keeps its config.yaml, results.json and results.md (a few KB: metrics, intervals, counts, the
 judge, versions and git revision; no generations, no weights), plus the sweep's own files (sweep.yaml,
-sweep.json, report.*, runs.*, plots). It is the raw record behind docs/RESULTS.md, and it resumes a sweep on
+sweep.json, report.*, runs.*, plots). It is the raw record behind the results pages (docs/RESULTS*.md), and it resumes a sweep on
 another machine: copy it back (`cp -rn docs/results/cpu-smollm2/. runs/sweeps/cpu-smollm2/`) and the runs it holds
 are skipped as complete (their configs are compared, less the output folder), so only the missing runs train.
 """

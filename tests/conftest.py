@@ -47,18 +47,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _registries() -> dict[str, dict[str, type]]:
+def _registries() -> dict[int, dict[str, type]]:
     import ftguard.attacks.base  # noqa: F401  (each module below makes its registry)
     import ftguard.evaluation.judges  # noqa: F401
     import ftguard.evaluation.winrate  # noqa: F401
     import ftguard.methods.registry  # noqa: F401
     from ftguard.registry import all_registries
 
-    return {registry.kind: registry.loaded() for registry in all_registries()}
+    # by identity: a test may make a registry of its own (tests/test_registry.py), of any kind name
+    return {id(registry): registry.loaded() for registry in all_registries()}
 
 
 @pytest.fixture(scope="session")
-def _builtin_registries() -> dict[str, dict[str, type]]:
+def _builtin_registries() -> dict[int, dict[str, type]]:
     # A class that a test module registered when it was imported is already here: it is not built in (its module
     # is the test's), so the first check reports it.
     return {
@@ -77,12 +78,16 @@ def _registries_unchanged(request, _builtin_registries):
     module, in a module-scoped fixture under ``pytest.MonkeyPatch.context()``), which removes it afterwards.
     """
     yield
+    from ftguard.registry import all_registries
+
     now = _registries()
+    kinds = {id(registry): registry.kind for registry in all_registries()}
     changes = []
-    for kind, builtin in _builtin_registries.items():
-        added = sorted(set(now[kind]) - set(builtin))
-        removed = sorted(set(builtin) - set(now[kind]))
-        replaced = sorted(n for n in set(builtin) & set(now[kind]) if now[kind][n] is not builtin[n])
+    for key, builtin in _builtin_registries.items():
+        kind = kinds[key]
+        added = sorted(set(now[key]) - set(builtin))
+        removed = sorted(set(builtin) - set(now[key]))
+        replaced = sorted(n for n in set(builtin) & set(now[key]) if now[key][n] is not builtin[n])
         changes += [
             f"{kind} {what}: {names}"
             for what, names in (("added", added), ("removed", removed), ("replaced", replaced))
@@ -90,12 +95,10 @@ def _registries_unchanged(request, _builtin_registries):
         ]
     if changes:
         # Put the built-in state back, so that only this module fails.
-        from ftguard.registry import all_registries
-
         for registry in all_registries():
-            if registry.kind in _builtin_registries:
+            if id(registry) in _builtin_registries:
                 registry.clear()
-                registry.update(_builtin_registries[registry.kind])
+                registry.update(_builtin_registries[id(registry)])
         pytest.fail(
             f"the registries changed during {request.module.__name__} (or when a test module was imported): "
             + "; ".join(changes),

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import yaml
 
 from script_module import load_script
 
@@ -64,6 +65,11 @@ def study(tmp_path):
             rows += run_rows(name, {"align": "sft", "finetune": "sft", "post": "antidote"}, (30.0, 32.0))
         else:
             rows += run_rows(name, {"align": "sft", "finetune": "lisa"}, (30.0, 32.0))
+    # EWC-like: a fine-tuning defense that aligns again (single LoRA), 9 points above SFT's start
+    paired["own_alignment"] = cells()
+    rows += run_rows("own_alignment", {"align": "sft", "finetune": "ewc"}, (40.0, 40.0))
+    paired["guard_missing"] = {k: v for k, v in cells().items() if k != "instruction_refusal"}
+    rows += run_rows("guard_missing", {"align": "sft", "finetune": "kl"}, (30.0, 32.0))
     report = {
         "name": "testbed-study",
         "runs": 65,
@@ -71,6 +77,19 @@ def study(tmp_path):
         "judges": ["ftguard-judge"],
         "tables": [{"slice": {}, "paired": paired}],
     }
+    defenses = {name: {"finetune.method": "lisa"} for name in paired}
+    defenses |= {
+        "sft": {},
+        "sft-p0": {"data.finetune.harmful_ratio": 0.0},
+        "not_run": {"post": {"method": "safelora", "args": {"num_proj_layers": 13}}},
+    }
+    sweep = {
+        "name": "testbed-study",
+        "set": {"data.finetune.harmful_ratio": 0.1},
+        "baseline": "sft",
+        "defenses": defenses,
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     (tmp_path / "report.json").write_text(json.dumps(report))
     (tmp_path / "runs.json").write_text(json.dumps(rows))
     return tmp_path
@@ -90,8 +109,13 @@ def test_each_branch_of_the_rule(study):
     # the vaccine-aligned model starts 10 points below SFT's (21 against 31): its fall may be the start alone
     assert "`vaccine` (align)" in lines["safer_start"]
     assert lines["safer_start"].endswith(
-        "reproduced qualitatively; pre-attack HS not matched (-10.0 vs SFT) |"
+        "no verdict: the start is not matched (pre-attack HS -10.0 vs SFT); unmatched reading: reproduced "
+        "qualitatively |"
     )
+    assert "no verdict: the start is not matched (pre-attack HS +9.0 vs SFT)" in lines["own_alignment"]
+    assert lines["guard_missing"].endswith("pending (IR not paired: the guards cannot be read) |")
+    # a defense of the sweep file with no run yet is listed, by its declared stage; a control at p = 0 is not
+    assert lines["not_run"] == "| not_run | `safelora` (post) | – | – | – | – | – | pending |"
     assert lines["few_seeds"].endswith("reproduced qualitatively; provisional (2 of 5 seeds) |")
     assert "Strong attack (lr 5e-4 × 64 steps), calibrated defenses\n\nPending: not run yet." in text
 

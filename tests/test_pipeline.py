@@ -99,7 +99,10 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
         manifest = json.loads((out / key / "COMPLETE.json").read_text())
         assert manifest["precision"].startswith("float32") and manifest["steps"] > 0
         assert results["trained"][key] == {
-            k: manifest[k] for k in ("method", "precision", "steps", "train_runtime_s")
+            "method": manifest["method"],
+            "precision": manifest["precision"],
+            "steps": manifest["steps"],
+            "runtime_s": manifest["train_runtime_s"],
         }
     # weights as safetensors only; checkpoints cleaned up once complete
     assert list((out / "align" / "model").glob("*.safetensors")) and not list(out.rglob("*.bin"))

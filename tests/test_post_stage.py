@@ -92,6 +92,14 @@ def test_run_with_a_post_stage_repairs_each_finetune_and_evaluates_it(tmp_path):
     assert seen["validation"] == 8 and seen["work"] and seen["p"] == 0.5
     manifest = json.loads((tmp_path / "post-p0.5" / "COMPLETE.json").read_text())
     assert manifest["report"] == {"scaled": 0.5} and not (tmp_path / "post-p0.5" / "work").exists()
+    # a repair that does not train says nothing of its precision: the weights' dtype stands for it
+    assert manifest["precision"] == "float32"
+    assert results["trained"]["post-p0.5"] == {
+        "method": "test_shrink_head",
+        "precision": "float32",
+        "steps": None,
+        "runtime_s": manifest["runtime_s"],
+    }
     from safetensors.torch import load_file
 
     tuned = load_file(next((tmp_path / "finetune-p0.5" / "model").glob("*.safetensors")))

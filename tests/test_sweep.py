@@ -860,6 +860,11 @@ def test_the_report_says_which_precision_the_runs_were_trained_in_and_flags_a_mi
     counts, text = report_text()
     assert counts == {"float32 + bfloat16 autocast": 2, "float32 and float32 + bfloat16 autocast": 1}
     assert "**Mixed training precision** (float32 + bfloat16 autocast (2 runs);" in text
+    # every run mixing within itself (aligned on one CPU, fine-tuned on another) is flagged too
+    for run in runs:
+        trained_in(run, "float32", "float32 + bfloat16 autocast")
+    counts, text = report_text()
+    assert counts == {"float32 and float32 + bfloat16 autocast": 3} and "**Mixed training precision**" in text
 
 
 def test_win_rate_outcomes_pair_in_half_points_and_not_with_a_match_score():

@@ -16,7 +16,7 @@ from typing import Any
 class Metric:
     key: str  # as written in results.json (and in its "intervals" and "counts")
     label: str  # table columns and headings
-    abbrev: str  # where space is short: RESULTS.md's verdict lines and narrow tables
+    abbrev: str  # where space is short: the results pages' verdict lines and narrow tables
     title: str  # in words: help texts and plot axes
     # None: a diagnostic read beside the others (a low HS with many degenerate answers is collapse, not safety,
     # docs/judges.md), never a goal of its own, so reports print no arrow and the gate has no threshold for it.

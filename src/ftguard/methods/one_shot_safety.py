@@ -64,6 +64,7 @@ from ftguard.errors import FtguardError
 from ftguard.methods.base import PostMethod
 from ftguard.methods.context import PostContext
 from ftguard.methods.registry import register_method
+from ftguard.models import precision_label
 from ftguard.schema import check
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,14 @@ class OneShotSafety(PostMethod):
             report |= selection
         report["example"] = {k: getattr(example, k) for k in ("instruction", "input", "output")}
         losses = patch(model, tokenize([example]), cfg, tok, ctx.work_dir / "trainer", ctx.run.seed)
-        report |= {"steps": cfg.steps, "losses": losses}
+        from ftguard.training.arguments import mixed_precision_flags
+
+        autocast = torch.bfloat16 if mixed_precision_flags(cfg.mixed_precision).get("bf16") else None
+        report |= {
+            "steps": cfg.steps,
+            "losses": losses,
+            "precision": precision_label(next(model.parameters()).dtype, autocast),
+        }
         for p in model.parameters():
             p.requires_grad_(False)
         log.info("%s: patched with %r (%d steps)", ctx.key, example.instruction[:60], cfg.steps)

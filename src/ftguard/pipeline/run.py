@@ -175,7 +175,10 @@ class Pipeline:
         docs/evaluation-precision.md) reuses units by config, so results.json says which precision each came from."""
         manifest = self._dir(unit).manifest()
         self.results.setdefault("trained", {})[unit.key] = {
-            key: manifest.get(key) for key in ("method", "precision", "steps", "train_runtime_s")
+            "method": manifest.get("method"),
+            "precision": manifest.get("precision"),
+            "steps": manifest.get("steps"),
+            "runtime_s": manifest.get("train_runtime_s", manifest.get("runtime_s")),
         }
 
     # ------------------------------------------------------------------ units

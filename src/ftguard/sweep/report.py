@@ -52,19 +52,20 @@ def _cell(values: list[float]) -> str:
 
 
 def _precision_lines(train_precisions: dict[str, int]) -> list[str]:
-    """Which precision the runs were trained in; a warning when a table mixes two (a sweep resumed on a CPU
-    with native bf16 and on one without: docs/evaluation-precision.md)."""
+    """Which precision the runs were trained in; a warning when units of one table, or of one run, were trained in
+    different precisions (a sweep resumed on a CPU that resolves `auto` differently: docs/evaluation-precision.md)."""
     if not train_precisions:
         return []
     text = "; ".join(f"{name} ({n} run{'s' * (n != 1)})" for name, n in train_precisions.items())
-    line = f"Trained in: {text}."
-    if len(set(train_precisions) - {"not recorded"}) > 1:
-        line = (
-            f"**Mixed training precision** ({text}): these runs were trained on machines that resolve `auto` "
-            "precision differently; pin `mixed_precision` or set $FTGUARD_PRECISION before reading the tables "
-            "as one experiment."
-        )
-    return [line, ""]
+    recorded = set(train_precisions) - {"not recorded"}
+    if len(recorded) > 1 or any(" and " in name for name in recorded):
+        return [
+            f"**Mixed training precision** ({text}): these units were not all trained in one precision (a sweep "
+            "resumed on a CPU that resolves `auto` differently, or a defense that pins its own `mixed_precision`); "
+            "read the tables as one experiment only if that was meant.",
+            "",
+        ]
+    return [f"Trained in: {text}.", ""]
 
 
 def _marked(values: list[float], versus: dict[str, Any] | None) -> str:

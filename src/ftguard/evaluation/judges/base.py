@@ -106,6 +106,8 @@ def available_judges() -> list[str]:
 
 def _judge_class(name: str, options: dict[str, Any]) -> type[Judge]:
     key = _normalise(name)
+    if key not in JUDGES.loaded():
+        raise FtguardError(JUDGES.unknown(name))  # as the user wrote it
     JUDGES.check_options(key, options)
     return JUDGES[key]
 
