@@ -527,6 +527,10 @@ def test_a_split_slice_takes_rows_of_the_whole_split_and_keeps_their_indices():
     assert head == whole[:10] and tail == whole[10:] and len(head) + len(tail) == len(whole)
     assert tail[0].source == "xstest/safe#10"  # not #0: a validation and a test slice stay distinguishable
     assert load_examples("xstest", split="safe[5:7]") == whole[5:7]
+    # every other row: two interleaved slices of a file ordered by prompt type hold the same mix of types
+    even, odd = load_examples("xstest", split="safe[0::2]"), load_examples("xstest", split="safe[1::2]")
+    assert even == whole[0::2] and odd == whole[1::2] and odd[0].source == "xstest/safe#1"
+    assert not {e.source for e in even} & {e.source for e in odd} and len(even) + len(odd) == len(whole)
 
 
 @pytest.mark.parametrize(
@@ -534,6 +538,8 @@ def test_a_split_slice_takes_rows_of_the_whole_split_and_keeps_their_indices():
     [
         ("safe[3]", r"must be a name or a name with a row slice"),
         ("safe[7:7]", r"selects no rows"),
+        ("safe[::0]", r"step must be at least 1"),
+        ("safe[1:2:3:4]", r"must be a name or a name with a row slice"),
         ("safe[100000:]", r"starts after its last row \(250 rows\)"),
         ("nope[:5]", r"has no split 'nope'"),
     ],

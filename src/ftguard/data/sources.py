@@ -371,22 +371,28 @@ SOURCES: dict[str, _Source] = {
 }
 
 
-_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+_SLICE = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<start>\d*):(?P<stop>\d*)(?::(?P<step>\d+))?\]$")
 
 
 def parse_split(split: str) -> tuple[str, slice | None]:
-    """``"test[100:300]"`` → ``("test", slice(100, 300))``; a plain split name has no slice."""
+    """``"test[100:300]"`` → ``("test", slice(100, 300))``; a plain split name has no slice.
+
+    A step draws every k-th row: files ordered by kind (XSTest by prompt type, AlpacaEval by dataset) give a
+    validation and a test slice of the same mix with ``[0::2]`` and ``[1::2]``, where ``[:100]`` and ``[100:]``
+    would hold different kinds."""
     if "[" not in split:
         return split, None
     match = _SLICE.match(split)
     if match is None:
         raise FtguardError(
-            f"split {split!r} must be a name or a name with a row slice, such as 'test[100:300]'"
+            f"split {split!r} must be a name or a name with a row slice, such as 'test[100:300]' or 'test[1::2]'"
         )
-    start, stop = (int(match[k]) if match[k] else None for k in ("start", "stop"))
+    start, stop, step = (int(match[k]) if match[k] else None for k in ("start", "stop", "step"))
     if start is not None and stop is not None and stop <= start:
         raise FtguardError(f"split {split!r} selects no rows: the slice's end must be after its start")
-    return match["name"], slice(start, stop)
+    if step == 0:
+        raise FtguardError(f"split {split!r}: a slice's step must be at least 1")
+    return match["name"], slice(start, stop, step)
 
 
 def _lookup(source: str, split: str | None, response: str | None) -> tuple[_Source, str, str]:
