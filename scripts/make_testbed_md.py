@@ -68,6 +68,11 @@ papers' beaver-dam-7b: no HS here is comparable with a paper's. Its held-out and
 docs/judges.md; every run's results.json names the heads' hash. Over-refusal (OR) and instruction refusal (IR)
 use ftguard's refusal detector.
 
+**Prompts.** Settings were chosen on validation slices (the first 100 BeaverTails test prompts, XSTest safe prompts
+and AlpacaEval items) and the study reports on disjoint test slices (the rows after those). XSTest and AlpacaEval
+are ordered by kind, so their two slices hold different prompt types: validation and test over-refusal and
+instruction refusal are not the same quantity (docs/testbed.md, protocol decisions). Compare rates within a slice.
+
 **The old protocol** (refusal-only alignment, SST2-only upload, lr 5e-4 attack, 64 prompts, 3 seeds) is kept as it
 was in docs/RESULTS-strong-protocol.md; docs/testbed.md says why it could not tell defenses apart.
 """
