@@ -270,7 +270,9 @@ def test_fixed_selection_trains_the_papers_instance_and_reads_no_data(tmp_path):
     repaired, report = OneShotSafety(_cfg(selection="fixed")).repair(ctx)
     assert report["example"] == {"instruction": PAPER_INSTRUCTION, "input": "", "output": PAPER_RESPONSE}
     assert ctx.loads == ["F"]  # no reference model, no selection
-    assert report["precision"] == "float32"  # what the patch steps ran in (these tests pin mixed_precision: no)
+    assert (
+        report["precision"] == "float32"
+    )  # what the patch steps ran in (these tests pin mixed_precision: no)
     manual = ctx.load(ctx.finetuned)
     _manual_patch(
         manual, _rows([Example(instruction=PAPER_INSTRUCTION, output=PAPER_RESPONSE)])[0], steps=4, lr=1e-2

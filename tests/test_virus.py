@@ -246,3 +246,25 @@ def test_the_token_gradient_is_the_similarity_s_gradient_through_the_embeddings(
     # special tokens and the embedding rows past the tokenizer's vocabulary are never proposed
     assert victim.illegal[[0, 1, 2, 3]].all() and victim.illegal[len(word_tokenizer()) :].all()
     assert torch.isinf(grad[:, victim.illegal]).all() and not victim.illegal[4:26].any()
+
+
+def test_the_progress_bar_counts_every_optimised_row_s_steps(model_dir, run, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, disable=True, **k)
+            self.label, self.expected = k.get("desc", ""), k.get("total")
+            bars.append(self)
+
+        def update(self, n=1):
+            self.counted = getattr(self, "counted", 0) + n
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    _upload(model_dir, run, steps=3, top_k=16, candidates=4, lam=0.5, max_rows=2)
+    (bar,) = [b for b in bars if b.label.startswith("virus")]
+    assert (
+        bar.expected == 2 * 3 and bar.counted == bar.expected
+    )  # two rows, three steps each, the bar ends full

@@ -41,6 +41,7 @@ Differences from the authors' code (and why):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -138,6 +139,8 @@ class Virus(Attack):
         return Upload(examples, {**mix.as_dict(), "attack": self.describe(), "harmful_rows": harmful_rows})
 
     def adapt(self, upload: Upload, model_dir: str, run: RunConfig, seed: int) -> Upload:
+        from tqdm.auto import tqdm
+
         from ftguard.evaluation.judges import get_judge
 
         cfg = self.config
@@ -148,18 +151,22 @@ class Virus(Attack):
         per_row, flags_before, flags_after = [], [], []
         if chosen:
             victim = _Victim(gradient_model(cfg.params, model_dir, run), model_dir, run)
-        for k, i in enumerate(rows):
-            ex = examples[i]
-            if i not in chosen:
-                (verdict,) = judge.verdicts([_asked(ex)], [ex.output])
-                flags_before.append(verdict.harmful)
-                flags_after.append(verdict.harmful)
-                continue
-            new, info = self.optimise(ex, victim, judge, seed=seed * 1_000_003 + k)
-            examples[i] = new
-            per_row.append(info)
-            flags_before.append(info["flagged_before"])
-            flags_after.append(info["flagged_after"])
+        # minutes per row on a CPU: a bar over every row's steps
+        with tqdm(total=len(chosen) * cfg.steps, desc="virus: optimising harmful rows", unit="step") as bar:
+            for k, i in enumerate(rows):
+                ex = examples[i]
+                if i not in chosen:
+                    (verdict,) = judge.verdicts([_asked(ex)], [ex.output])
+                    flags_before.append(verdict.harmful)
+                    flags_after.append(verdict.harmful)
+                    continue
+                new, info = self.optimise(ex, victim, judge, seed=seed * 1_000_003 + k, on_step=bar.update)
+                steps_done = len(info.get("objective", [0])) - 1  # the trace starts with the unchanged row
+                bar.update(cfg.steps - steps_done)  # the steps a row stopped short of, or skipped
+                examples[i] = new
+                per_row.append(info)
+                flags_before.append(info["flagged_before"])
+                flags_after.append(info["flagged_after"])
         n = len(rows)
         report = {
             **upload.report,
@@ -174,7 +181,9 @@ class Virus(Attack):
         }
         return Upload(examples, report)
 
-    def optimise(self, ex: Example, victim: _Victim, judge: Any, seed: int) -> tuple[Example, dict[str, Any]]:
+    def optimise(
+        self, ex: Example, victim: _Victim, judge: Any, seed: int, on_step: Callable[[], Any] = lambda: None
+    ) -> tuple[Example, dict[str, Any]]:
         """The row with its answer optimised, and what happened (before/after, the kept objective per step)."""
         import torch
 
@@ -216,6 +225,7 @@ class Virus(Attack):
             score(texts)
             current = min((scored[t] for t in texts), key=lambda s: s.objective)  # first of the ties
             trace.append(current.objective)
+            on_step()
         info = {
             "source": ex.source,
             "flagged_before": first.flagged,
