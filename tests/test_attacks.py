@@ -200,3 +200,56 @@ def test_an_attack_s_trigger_is_asked_only_after_the_fine_tune_that_taught_it(re
     assert point["counts"]["harmful_score_triggered"] == [k, len(plain)]
     assert point["harmful_score_triggered"] == pytest.approx(100 * k / len(plain))
     assert "harmful_score_triggered" in point["outcomes"]
+
+
+def test_a_model_reading_attack_adapts_once_per_aligned_model_whatever_the_defense(registered, tmp_path):
+    from ftguard.pipeline.run import Pipeline
+
+    calls = []
+
+    @dataclass
+    class Args:
+        tag: str = "a"
+
+    @registered
+    class Rewriter(Attack):
+        name = "test_rewriter"
+        paper = "test"
+        config_class = Args
+        needs_model = True
+
+        def build(self, pools, p, seed):
+            return get_attack("harmful_mix").from_args({}).build(pools, p, seed)
+
+        def adapt(self, upload, model_dir, run, seed):
+            calls.append(run.finetune.method)
+            rows = [
+                Example(ex.instruction, f"{ex.output} [{self.config.tag}]", ex.input, ex.source)
+                for ex in upload.examples
+            ]
+            return Upload(rows, {**upload.report, "rewritten": len(rows)})
+
+    def run(method, tag="a"):
+        resolved = load_run(
+            CONFIG,
+            [
+                f"data.finetune.attack={{name: test_rewriter, args: {{tag: {tag}}}}}",
+                f"finetune.method={method}",
+                "evaluate.points=[]",
+                "align.train.max_steps=2",
+                "finetune.train.max_steps=2",
+                f"output_dir={tmp_path / method / tag}",
+            ],
+        )
+        Pipeline(resolved, store=tmp_path / "units").run_all(evaluate=False)
+
+    run("sft")
+    run("lisa")  # another defense, the same aligned model: the upload is read, not made again
+    assert calls == ["sft"]
+    (cached,) = [m.parent for m in (tmp_path / "units" / "upload").glob("*/COMPLETE.json")]
+    rows = [json.loads(line) for line in (cached / "upload.jsonl").read_text().splitlines()]
+    assert rows and all(r["output"].endswith(" [a]") for r in rows)
+    reports = [json.loads(p.read_text()) for p in (tmp_path / "units" / "finetune").glob("*/attack.json")]
+    assert len(reports) == 2 and reports[0] == reports[1] and reports[0]["rewritten"] == len(rows)
+    run("sft", tag="b")  # other attack args: another upload
+    assert calls == ["sft", "sft"] and len(list((tmp_path / "units" / "upload").glob("*/COMPLETE.json"))) == 2

@@ -8,6 +8,9 @@ from its last checkpoint. results.json is rewritten after each unit and says ``"
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -233,12 +236,50 @@ class Pipeline:
         if attack is None or not attack.needs_model:
             return examples
         report = self.plan.mix_reports[unit.harmful_ratio]
-        upload = attack.adapt(Upload(examples, report), source.model_dir, self.run, self.run.seed)
+        upload = self._adapted_upload(unit, source, Upload(examples, report))
         if distributed.is_main():
             out.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out.path / "attack.json", upload.report)
         self.results["data"]["mixes"][f"{unit.harmful_ratio:g}"] = upload.report
         return upload.examples
+
+    def _adapted_upload(self, unit: Unit, source: ModelRef, candidates: Upload) -> Upload:
+        """``attack.adapt`` of the candidates, made once per aligned model and kept beside the units: every
+        defense fine-tuned from the same aligned model receives the same upload (the attacker does not see the
+        defense), and Virus takes tens of minutes per upload on a CPU. Keyed by what adapt reads: the attack and
+        its args, the aligned model, the candidate rows, the seed, and the model and adapter settings (the fresh
+        LoRA an attacker's gradient is taken on)."""
+        attack = self.resolved.attack
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    attack.describe(),
+                    unit.upstream,
+                    self.plan.digest(f"mix:{unit.harmful_ratio}"),
+                    self.run.seed,
+                    self.run.to_dict()["model"],
+                    self.run.to_dict()["adapter"],
+                ],
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()[:16]
+        root = self.store if self.store is not None else self.out
+        cache = StageDir(root / "upload" / key, key, overwrite=self.overwrite)
+        with cache.lock():
+            if cache.is_complete():
+                rows = [json.loads(line) for line in (cache.path / "upload.jsonl").read_text().splitlines()]
+                examples = [Example(**{**row, "messages": tuple(map(tuple, row["messages"]))}) for row in rows]
+                return Upload(examples, cache.manifest()["report"])
+            upload = attack.adapt(candidates, source.model_dir, self.run, self.run.seed)
+            # whichever rank holds the lock first makes it (the others then read it): the file lock, not rank 0
+            staging = cache.begin()
+            write_text_atomic(
+                staging / "upload.jsonl",
+                "".join(json.dumps(dataclasses.asdict(ex)) + "\n" for ex in upload.examples),
+            )
+            cache.commit({"attack": attack.describe(), "report": upload.report})
+            return upload
 
     def train(self, unit: Unit, source: ModelRef) -> ModelRef:
         """Make one align, finetune or post unit from ``source`` (skipped when already complete)."""
