@@ -11,5 +11,12 @@ def launch_failure(stderr: str, limit: int = 3000) -> str:
     lines = stderr.splitlines()
     start = next((i for i, line in enumerate(lines) if "Traceback" in line), None)
     kept = lines[start:] if start is not None else [ln for ln in lines if not any(n in ln for n in _NOISE)]
-    text = "\n".join(kept)
+    # A rank killed by a C++ exception (gloo's timeouts) prints no Python traceback, only these, before the
+    # launcher's own traceback
+    aborts = [
+        ln
+        for ln in (lines[:start] if start is not None else [])
+        if any(m in ln for m in ("terminate called", "what()", "gloo"))
+    ]
+    text = "\n".join([*aborts, *kept])
     return text[:limit] + ("\n…" if len(text) > limit else "")
