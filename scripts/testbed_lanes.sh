@@ -42,7 +42,7 @@ lane() {  # lane END_EPOCH SWEEP...: run each sweep until it is complete or the 
 archive() {
   for sweep in "${LANE_A[@]}" "${LANE_B[@]}"; do
     [ -d "$OUT/$sweep/runs" ] || continue
-    "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" --report >/dev/null
+    "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" --report >/dev/null || true  # 1: incomplete
     cp "src/ftguard/configs/sweeps/$sweep.yaml" "$OUT/$sweep/sweep.yaml"
     "$PYTHON" scripts/archive_sweep.py "$OUT/$sweep" "docs/results/$sweep"
   done
