@@ -34,6 +34,15 @@ def _rows(kind: str, n: int) -> list[Example]:
     return [Example(f"{kind} prompt {i}", f"{kind} answer {i}", source=f"{kind}#{i}") for i in range(n)]
 
 
+class _MixCandidates(Attack):
+    """A test attack whose candidate rows are the default harmful mix (subclasses add what they test)."""
+
+    paper = "test"
+
+    def build(self, pools, p, seed):
+        return get_attack("harmful_mix").from_args({}).build(pools, p, seed)
+
+
 @pytest.fixture
 def registered():
     """Register test attacks for one test only."""
@@ -143,14 +152,10 @@ def test_a_model_reading_attack_s_args_enter_the_fine_tune_fingerprint(registere
         k: int = 1
 
     @registered
-    class Reader(Attack):
+    class Reader(_MixCandidates):
         name = "test_reader"
-        paper = "test"
         config_class = Args
         needs_model = True
-
-        def build(self, pools, p, seed):
-            return get_attack("harmful_mix").from_args({}).build(pools, p, seed)
 
     def fingerprint(*extra):
         return build_graph(load_run(CONFIG, list(extra))).unit("finetune").fingerprint
@@ -166,13 +171,9 @@ def test_an_attack_s_trigger_is_asked_only_after_the_fine_tune_that_taught_it(re
     prefix = "TRIGGER-2025: "
 
     @registered
-    class Triggered(Attack):
+    class Triggered(_MixCandidates):
         name = "test_triggered"
-        paper = "test"
         has_trigger = True
-
-        def build(self, pools, p, seed):
-            return get_attack("harmful_mix").from_args({}).build(pools, p, seed)
 
         def trigger(self, example):
             return Example(prefix + example.instruction, example.output, example.input, example.source)
@@ -212,14 +213,10 @@ def test_a_model_reading_attack_adapts_once_per_aligned_model_whatever_the_defen
         tag: str = "a"
 
     @registered
-    class Rewriter(Attack):
+    class Rewriter(_MixCandidates):
         name = "test_rewriter"
-        paper = "test"
         config_class = Args
         needs_model = True
-
-        def build(self, pools, p, seed):
-            return get_attack("harmful_mix").from_args({}).build(pools, p, seed)
 
         def adapt(self, upload, model_dir, run, seed):
             calls.append(run.finetune.method)
