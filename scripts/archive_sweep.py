@@ -18,7 +18,7 @@ from pathlib import Path
 
 RUN_FILES = ("config.yaml", "results.json", "results.md")
 SWEEP_FILES = ("sweep.yaml", "sweep.json", "report.md", "report.json", "runs.csv", "runs.json")
-PLOTS = ("hs_vs_p.png", "hs_vs_fa.png", "attack_curve.png")
+PLOTS = ("hs_vs_p.png", "hs_vs_fa.png", "attack_curve.png", "worst_case.png")
 
 
 def archive(src: Path, dest: Path) -> int:

@@ -5,7 +5,8 @@
         --calibration runs/sweeps/testbed-defense-calibration \\
         --align-calibration runs/sweeps/testbed-align-calibration \\
         --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong \\
-        --uncalibrated runs/sweeps/testbed-study-uncalibrated > docs/RESULTS.md
+        --uncalibrated runs/sweeps/testbed-study-uncalibrated \\
+        --attack-suite runs/sweeps/cpu-attack-suite > docs/RESULTS.md
 
 Each section is the named sweep's own report (its report.md, rebuilt from the finished runs by
 `ftguard sweep <name> --output-dir DIR --report`), framed with what a reader needs around it: which prompts,
@@ -33,6 +34,9 @@ SWEEPS = {
     "study": "testbed-study",
     "strong": "testbed-study-strong",
     "uncalibrated": "testbed-study-uncalibrated",
+    "attack_suite": "cpu-attack-suite",
+    # the suite's SFT and filter cells under Virus at one seed, run ahead of the suite (same configs)
+    "virus_probe": "cpu-attack-suite-virus-probe",
 }
 
 HEADER = """# CPU results: the testbed (SmolLM2-135M-Instruct)
@@ -57,7 +61,8 @@ python scripts/make_testbed_md.py --attack runs/sweeps/testbed-attack-calibratio
     --calibration runs/sweeps/testbed-defense-calibration \\
     --align-calibration runs/sweeps/testbed-align-calibration \\
     --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong \\
-    --uncalibrated runs/sweeps/testbed-study-uncalibrated > docs/RESULTS.md
+    --uncalibrated runs/sweeps/testbed-study-uncalibrated \\
+    --attack-suite runs/sweeps/cpu-attack-suite > docs/RESULTS.md
 ```
 
 Every finished run's config and results (no weights) are archived under `docs/results/<sweep name>/`; copying
@@ -167,6 +172,109 @@ def power(pilot: Path | None) -> list[str]:
     return lines
 
 
+def _final_hs(results: dict) -> float | None:
+    for key in ("post", "finetune"):
+        stage = next((v for k, v in results["stages"].items() if k.startswith(key)), None)
+        if stage:
+            return stage["harmful_score"]
+    return None
+
+
+def virus_against_the_filter(folder: Path) -> list[str]:
+    """Per defense, the plain mix beside Virus (its rows rewritten to pass ftguard-judge, the filter's judge): the
+    judge's flag rate on the upload's harmful rows before and after Virus, the harmful rows the filter let
+    through, and the HS after the attack; means over seeds."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for path in sorted(folder.glob("runs/*/*/results.json")):
+        results = json.loads(path.read_text())
+        if not results.get("complete"):
+            continue
+        attack = (results["config"]["data"]["finetune"].get("attack") or {}).get("name", "harmful_mix")
+        if attack not in ("harmful_mix", "virus"):
+            continue
+        mix = next(iter(results["data"].get("mixes", {}).values()), {})
+        filtered = next(
+            (
+                t["report"]["filter"]
+                for t in results.get("trained", {}).values()
+                if "filter" in t.get("report", {})
+            ),
+            None,
+        )
+        cells.setdefault((path.parts[-3], attack), []).append(
+            {
+                "before": mix.get("flag_rate_before"),
+                "after": mix.get("flag_rate_after"),
+                "through": None
+                if filtered is None
+                else (filtered["kept_harmful"], filtered["uploaded_harmful"]),
+                "hs": _final_hs(results),
+            }
+        )
+    if not any(attack == "virus" for _, attack in cells):
+        return []
+
+    def mean(values: list, fmt: str) -> str:
+        values = [v for v in values if v is not None]
+        return format(sum(values) / len(values), fmt) if values else "–"
+
+    lines = [
+        "| defense | upload | flagged by the judge, before → after Virus (%) | harmful rows the filter let through | "
+        "HS | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (defense, attack), runs in sorted(cells.items(), key=lambda kv: (kv[0][0] != "sft", kv[0])):
+        flags = (
+            f"{mean([100 * r['before'] for r in runs if r['before'] is not None], '.1f')} → "
+            f"{mean([100 * r['after'] for r in runs if r['after'] is not None], '.1f')}"
+            if attack == "virus"
+            else "–"
+        )
+        through = [r["through"] for r in runs if r["through"]]
+        let = f"{sum(k for k, _ in through)} of {sum(n for _, n in through)}" if through else "no filter"
+        if defense == "filter" and not through:
+            let = "not recorded (run before results.json kept the filter's report)"
+        lines.append(
+            f"| {defense} | {attack} | {flags} | {let} | {mean([r['hs'] for r in runs], '.1f')} | {len(runs)} |"
+        )
+    return [*lines, ""]
+
+
+def attack_suite(suite: Path | None, probe: Path | None) -> list[str]:
+    lines = ["## 5. The attacker's side: worst case over the attack suite", ""]
+    report = _report(suite)
+    if report:
+        worst = section(report[0], "Adaptive attack")
+        lines += [
+            f"`sweeps/{SWEEPS['attack_suite']}` on the test prompts ({status(report[1])}): each defense at its "
+            "calibrated setting under every registered attack at p = 0.1 (docs/attacks.md). The worst case is the "
+            "highest HS (through the trigger for the attacks that teach one) among the attacks that keep FA "
+            "within 10 points of the defense's best. `ftguard gate SWEEP_DIR --worst-case` gates on it.",
+            "",
+            worst.replace("## Adaptive attack", "### Adaptive attack", 1)
+            if worst
+            else "No worst case yet.\n",
+        ]
+        if (suite / "worst_case.png").is_file():
+            lines += [f"![worst case by attacks tried](results/{SWEEPS['attack_suite']}/worst_case.png)", ""]
+    else:
+        lines += [f"`sweeps/{SWEEPS['attack_suite']}`: pending (it runs after the study).", ""]
+    source = suite if report else probe
+    table = virus_against_the_filter(source) if source else []
+    if table:
+        where = "" if report else f" (from `{SWEEPS['virus_probe']}`, the suite's cells run ahead of it)"
+        lines += [
+            f"### Virus against the moderation filter{where}",
+            "",
+            "Virus (Huang et al. 2025) rewrites the upload's harmful answers to pass the filter's judge "
+            "(ftguard-judge) while keeping their gradient close to the original rows'; at this CPU's budget it "
+            "rewrites 8 rows with 10 steps of 16 candidates (the authors: every row, 50 × 128).",
+            "",
+            *table,
+        ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -233,6 +341,7 @@ def main() -> None:
             out += [f"Under {attack_name} (`sweeps/{SWEEPS[key]}`): pending.", ""]
             continue
         out += [f"### Under {attack_name} ({status(report[1])})", "", _tables(report[0])]
+    out += attack_suite(args.attack_suite, args.virus_probe)
     print("\n".join(out).rstrip() + "\n")
 
 

@@ -142,3 +142,5 @@ def test_pipeline_with_filter_records_the_report_in_the_stage_manifest(tmp_path)
     assert report["uploaded"] == 20 and report["uploaded_harmful"] == 10
     assert report["removed_harmful"] >= 8, "the keyword judge catches nearly all BeaverTails harmful answers"
     assert report["removed_benign"] == 0, "one-word SST2 labels are never flagged"
+    # and in results.json, which is archived where the unit folders are not
+    assert results["trained"]["finetune"]["report"] == manifest["method_data"]

@@ -28,3 +28,48 @@ def test_missing_sweeps_are_pending_and_a_report_section_is_framed(tmp_path, mon
     assert "(`sweeps/testbed-study-uncalibrated`): pending." in text
     assert "Pending: the calibration sweep has not run." in text
     assert "Pending: the study has not run yet" in text
+
+
+def _run(folder, defense, attack, seed, hs, flags=None, through=None):
+    run = folder / "runs" / defense / f"attack={attack}-seed{seed}"
+    run.mkdir(parents=True)
+    mix = {} if flags is None else {"flag_rate_before": flags[0], "flag_rate_after": flags[1]}
+    trained = {"align": {"method": "sft"}, "finetune": {"method": defense}}
+    if through is not None:
+        trained["finetune"]["report"] = {
+            "filter": {"kept_harmful": through[0], "uploaded_harmful": through[1]}
+        }
+    results = {
+        "complete": True,
+        "config": {"data": {"finetune": {"attack": {"name": attack}}}},
+        "data": {"mixes": {"0.1": mix}},
+        "trained": trained,
+        "stages": {"align": {"harmful_score": 5.0}, "finetune-p0.1": {"harmful_score": hs}},
+    }
+    (run / "results.json").write_text(json.dumps(results))
+
+
+def test_virus_against_the_filter_reads_flag_rates_and_what_the_filter_let_through(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    _run(tmp_path, "sft", "virus", 44, 50.0, flags=(0.8, 0.6))
+    _run(tmp_path, "sft", "virus", 45, 54.0, flags=(0.9, 0.7))
+    _run(tmp_path, "filter", "harmful_mix", 44, 40.0, through=(5, 26))
+    _run(tmp_path, "filter", "virus", 44, 47.0, flags=(0.8, 0.5), through=(13, 26))
+    _run(tmp_path, "lisa", "jailbreak_tuning", 44, 90.0)  # neither the mix nor Virus: not in this table
+    rows = page.virus_against_the_filter(tmp_path)
+    assert "| sft | virus | 85.0 → 65.0 | no filter | 52.0 | 2 |" in rows
+    assert "| filter | harmful_mix | – | 5 of 26 | 40.0 | 1 |" in rows
+    assert "| filter | virus | 80.0 → 50.0 | 13 of 26 | 47.0 | 1 |" in rows
+    assert not any("lisa" in row for row in rows)
+    # the section falls back on the probe while the suite has not run, and says so
+    text = "\n".join(page.attack_suite(None, tmp_path))
+    assert "`sweeps/cpu-attack-suite`: pending" in text and "from `cpu-attack-suite-virus-probe`" in text
+
+
+def test_no_virus_run_no_virus_table(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    _run(tmp_path, "sft", "harmful_mix", 44, 50.0)
+    assert page.virus_against_the_filter(tmp_path) == []
+    assert "Virus against" not in "\n".join(page.attack_suite(None, tmp_path))

@@ -56,6 +56,10 @@ def study(tmp_path):
         "nothing": cells(hs=(-2, -6, 2)),
         "safer_start": cells(),
         "few_seeds": cells(seeds=2),
+        "left_as_sft": {
+            metric: cell(0.0, 0.0, 0.0, detectable=0.0)
+            for metric in ("harmful_score", "harmful_score_plus", "finetune_accuracy", "over_refusal")
+        },
     }
     rows = run_rows("sft", {"align": "sft", "finetune": "sft"}, (30.0, 32.0))
     for name in paired:
@@ -106,6 +110,10 @@ def test_each_branch_of_the_rule(study):
     assert "`antidote` (post)" in lines["refuses"]
     assert lines["refuses"].endswith("not reproduced as a selective defense (OR +6.0) |")
     assert lines["nothing"].endswith("not reproduced (detects ≥ 5.5 points) |")
+    # no discordant prompt on any rate: no variance, so no "detects ≥ 0.0 points"
+    assert lines["left_as_sft"].endswith(
+        "not reproduced (every paired outcome equals SFT's: the model was left as SFT's) |"
+    )
     # the vaccine-aligned model starts 10 points below SFT's (21 against 31): its fall may be the start alone
     assert "`vaccine` (align)" in lines["safer_start"]
     assert lines["safer_start"].endswith(

@@ -99,6 +99,7 @@ def test_run_with_a_post_stage_repairs_each_finetune_and_evaluates_it(tmp_path):
         "precision": "float32",
         "steps": None,
         "runtime_s": manifest["runtime_s"],
+        "report": {"scaled": 0.5},
     }
     from safetensors.torch import load_file
 

@@ -175,14 +175,20 @@ class Pipeline:
 
     def _record_training(self, unit: Unit) -> None:
         """What the unit behind a point was trained in: a study resumed on another machine (bf16-native or not,
-        docs/evaluation-precision.md) reuses units by config, so results.json says which precision each came from."""
+        docs/evaluation-precision.md) reuses units by config, so results.json says which precision each came from.
+        The method's own report goes with it (what the filter removed, what a repair chose): units are not
+        archived, results.json is."""
         manifest = self._dir(unit).manifest()
-        self.results.setdefault("trained", {})[unit.key] = {
+        record = {
             "method": manifest.get("method"),
             "precision": manifest.get("precision"),
             "steps": manifest.get("steps"),
             "runtime_s": manifest.get("train_runtime_s", manifest.get("runtime_s")),
         }
+        report = manifest.get("method_data") or manifest.get("report")
+        if report:
+            record["report"] = report
+        self.results.setdefault("trained", {})[unit.key] = record
 
     # ------------------------------------------------------------------ units
 
@@ -269,7 +275,9 @@ class Pipeline:
         with cache.lock():
             if cache.is_complete():
                 rows = [json.loads(line) for line in (cache.path / "upload.jsonl").read_text().splitlines()]
-                examples = [Example(**{**row, "messages": tuple(map(tuple, row["messages"]))}) for row in rows]
+                examples = [
+                    Example(**{**row, "messages": tuple(map(tuple, row["messages"]))}) for row in rows
+                ]
                 return Upload(examples, cache.manifest()["report"])
             upload = attack.adapt(candidates, source.model_dir, self.run, self.run.seed)
             # whichever rank holds the lock first makes it (the others then read it): the file lock, not rank 0
