@@ -164,10 +164,12 @@ def declared_stage(spec: dict[str, object]) -> tuple[str, str]:
     return "finetune", "sft"
 
 
-def table(folder: Path, title: str) -> list[str]:
+def readings(folder: Path) -> tuple[dict, str, list[dict]] | None:
+    """(report, baseline, one entry per defense of the sweep file read at p = 0.1: its name, method, stage, paired
+    cells and verdict), or None when the sweep has no report yet."""
     report_path, runs_path = folder / "report.json", folder / "runs.json"
     if not (report_path.is_file() and runs_path.is_file()):
-        return [f"### {title}", "", f"Pending: no report in {folder.name}.", ""]
+        return None
     report = json.loads(report_path.read_text())
     rows = json.loads(runs_path.read_text())
     tables = [t for t in report["tables"] if t.get("paired")]
@@ -178,6 +180,30 @@ def table(folder: Path, title: str) -> list[str]:
     paired = tables[0]["paired"] if tables else {}
     baseline, defenses = declared(folder, paired)
     sft_start = pre_attack_hs(rows, baseline)
+    entries = []
+    for defense, spec in defenses.items():
+        cells = {metric: by_p.get(P) for metric, by_p in paired.get(defense, {}).items()}
+        ran = any(r["defense"] == defense for r in rows)
+        stage, method = stage_and_method(rows, defense) if ran else declared_stage(spec)
+        start = pre_attack_hs(rows, defense)
+        gap = None if start is None or sft_start is None else start - sft_start
+        entries.append(
+            {
+                "defense": defense,
+                "method": method,
+                "stage": stage,
+                "cells": cells,
+                "verdict": verdict(cells, stage, gap),
+            }
+        )
+    return report, baseline, entries
+
+
+def table(folder: Path, title: str) -> list[str]:
+    read = readings(folder)
+    if read is None:
+        return [f"### {title}", "", f"Pending: no report in {folder.name}.", ""]
+    report, baseline, entries = read
     lines = [
         f"### {title}",
         "",
@@ -187,16 +213,11 @@ def table(folder: Path, title: str) -> list[str]:
         "| defense | method (stage) | " + " | ".join(abbrev for _, abbrev in METRICS) + " | verdict |",
         "|---|---|" + "---|" * len(METRICS) + "---|",
     ]
-    for defense, spec in defenses.items():
-        cells = {metric: by_p.get(P) for metric, by_p in paired.get(defense, {}).items()}
-        ran = any(r["defense"] == defense for r in rows)
-        stage, method = stage_and_method(rows, defense) if ran else declared_stage(spec)
-        start = pre_attack_hs(rows, defense)
-        gap = None if start is None or sft_start is None else start - sft_start
+    for e in entries:
         lines.append(
-            f"| {defense} | `{method}` ({stage}) | "
-            + " | ".join(_cell(cells.get(metric)) for metric, _ in METRICS)
-            + f" | {verdict(cells, stage, gap)} |"
+            f"| {e['defense']} | `{e['method']}` ({e['stage']}) | "
+            + " | ".join(_cell(e["cells"].get(metric)) for metric, _ in METRICS)
+            + f" | {e['verdict']} |"
         )
     return [*lines, ""]
 
@@ -214,6 +235,109 @@ def render(study: Path | None, strong: Path | None, uncalibrated: Path | None) -
     ):
         out += table(folder, title) if folder else [f"### {title}", "", "Pending: not run yet.", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+SETTINGS = ("calibrated attack", "strong attack", "papers' defaults")
+LEDGER_START, LEDGER_END = "<!-- ledger:start -->", "<!-- ledger:end -->"
+
+
+def baseline_reading(folder: Path, baseline: str) -> str | None:
+    """The baseline's HS before the attack and after it at every ratio the sweep runs it at (means over seeds)."""
+    rows = json.loads((folder / "runs.json").read_text())
+    ours = [r for r in rows if r["defense"] == baseline or r["defense"].startswith(f"{baseline}-p")]
+    before = pre_attack_hs(rows, baseline)
+    after: dict[float, list[float]] = {}
+    for r in ours:
+        if r["final"] and r["p"] is not None and r["harmful_score"] is not None:
+            after.setdefault(float(r["p"]), []).append(r["harmful_score"])
+    if before is None or not after:
+        return None
+    ratios = sorted(after)
+    seeds = len(after.get(float(P), []))
+    return (
+        f"HS {before:.1f} before the attack; after it, at p = {' / '.join(f'{p:g}' for p in ratios)}: "
+        + " / ".join(f"{sum(v) / len(v):.1f}" for v in (after[p] for p in ratios))
+        + f" ({seeds} of {SEEDS} seeds)"
+    )
+
+
+def ledger_cells(folders: tuple[Path | None, Path | None, Path | None]) -> dict[str, tuple[str, str]]:
+    """{method: (the study's cell, the verdict's cell)} for the ledger, from the three testbed sweeps: the paired
+    HS, FA, OR and IR differences against SFT at p = 0.1 and the computed verdict, per sweep the method is in;
+    for SFT, the baseline's HS before and after the attack."""
+    found: dict[str, tuple[list[str], list[str]]] = {}
+    for folder, setting in zip(folders, SETTINGS, strict=True):
+        read = readings(folder) if folder else None
+        if read and setting != SETTINGS[2] and (base := baseline_reading(folder, read[1])):
+            study, verdicts = found.setdefault("sft", ([], []))
+            study.append(f"{setting}: {base}")
+            verdicts.append(f"{setting}: the baseline")
+        for e in read[2] if read else []:
+            if e["method"] == "sft":
+                continue  # controls at other ratios
+            hs = e["cells"].get("harmful_score")
+            numbers = (
+                ", ".join(
+                    f"{abbrev} {_cell(e['cells'].get(metric))}"
+                    if metric == "harmful_score"
+                    else f"{abbrev} {e['cells'][metric]['diff']:+.1f}"
+                    for metric, abbrev in METRICS
+                    if e["cells"].get(metric) and abbrev != "HS+"
+                )
+                + f" ({hs['seeds']} of {SEEDS} seeds)"
+                if hs
+                else "not run yet"
+            )
+            label = setting if e["defense"] == e["method"] else f"{setting} (`{e['defense']}`)"
+            study, verdicts = found.setdefault(e["method"], ([], []))
+            study.append(f"{label}: {numbers}")
+            verdicts.append(f"{label}: {e['verdict']}")
+    return {method: ("; ".join(study), "; ".join(v)) for method, (study, v) in found.items()}
+
+
+SWEEP_FILES = Path(__file__).resolve().parents[1] / "src" / "ftguard" / "configs" / "sweeps"
+STUDY_SWEEPS = ("testbed-study", "testbed-study-strong", "testbed-study-uncalibrated")
+CALIBRATION_SWEEP = "testbed-align-calibration"
+
+
+def planned(sweeps: Path = SWEEP_FILES) -> dict[str, str]:
+    """{method: what the ledger says of it before it has a result}: declared in a study sweep (not run yet), in
+    the alignment-stage calibration (joins the study once calibrated), or neither."""
+    out: dict[str, str] = {}
+    for name in (*STUDY_SWEEPS, CALIBRATION_SWEEP):
+        path = sweeps / f"{name}.yaml"
+        if not path.is_file():
+            continue
+        specs = yaml.safe_load(path.read_text()).get("defenses") or {}
+        for spec in specs.values():
+            _, method = declared_stage(_overrides(spec))
+            if method != "sft" and method not in out:
+                out[method] = (
+                    f"joins the study once calibrated (`sweeps/{name}`)"
+                    if name == CALIBRATION_SWEEP
+                    else f"in `sweeps/{name}`, not run yet"
+                )
+    return out
+
+
+def fill_ledger(page: str, cells: dict[str, tuple[str, str]], plans: dict[str, str] | None = None) -> str:
+    """The page with the ledger table's last two columns (the testbed's study and verdict) rewritten per method
+    row, between the ledger markers; a method without a result reads what is planned for it (``planned``)."""
+    plans = planned() if plans is None else plans
+    if LEDGER_START not in page or LEDGER_END not in page:
+        raise SystemExit(f"the page has no {LEDGER_START} … {LEDGER_END} markers around the ledger")
+    head, rest = page.split(LEDGER_START, 1)
+    body, tail = rest.split(LEDGER_END, 1)
+    lines = []
+    for line in body.split("\n"):
+        match = re.match(r"\| `([a-z_0-9]+)` ", line)
+        if match:
+            parts = line.split(" | ")
+            method = match.group(1)
+            study, verdict_text = cells.get(method) or (plans.get(method, "not in the testbed"), "pending")
+            line = " | ".join([*parts[:-2], study, verdict_text]) + " |"
+        lines.append(line)
+    return head + LEDGER_START + "\n".join(lines) + LEDGER_END + tail
 
 
 def replace_between_markers(page: str, body: str) -> str:
@@ -236,7 +360,8 @@ def main() -> None:
     if args.write is None:
         print(body, end="")
         return
-    args.write.write_text(replace_between_markers(args.write.read_text(), body))
+    cells = ledger_cells((args.study, args.strong, args.uncalibrated))
+    args.write.write_text(fill_ledger(replace_between_markers(args.write.read_text(), body), cells))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def cells(hs=(-8, -12, -4), hs_plus=(-8, -12, -4), fa=-1.0, over=1.0, ir=1.0, se
     }
 
 
-def run_rows(defense, stage_methods, align_hs):
+def run_rows(defense, stage_methods, align_hs, p=0.1):
     rows = []
     for seed, hs in zip((44, 45), align_hs, strict=True):
         for stage, method in stage_methods.items():
@@ -40,6 +40,8 @@ def run_rows(defense, stage_methods, align_hs):
                     "stage": stage,
                     "method": method,
                     "harmful_score": point_hs,
+                    "p": None if stage == "align" else p,
+                    "final": stage == list(stage_methods)[-1],
                 }
             )
     return rows
@@ -67,6 +69,8 @@ def study(tmp_path):
             rows += run_rows(name, {"align": "vaccine", "finetune": "sft"}, (20.0, 22.0))
         elif name == "refuses":
             rows += run_rows(name, {"align": "sft", "finetune": "sft", "post": "antidote"}, (30.0, 32.0))
+        elif name == "sft-p0":
+            rows += run_rows(name, {"align": "sft", "finetune": "sft"}, (30.0, 32.0), p=0.0)
         else:
             rows += run_rows(name, {"align": "sft", "finetune": "lisa"}, (30.0, 32.0))
     # EWC-like: a fine-tuning defense that aligns again (single LoRA), 9 points above SFT's start
@@ -130,12 +134,52 @@ def test_each_branch_of_the_rule(study):
 
 def test_the_table_is_written_between_the_markers_only(study, tmp_path, monkeypatch):
     page = tmp_path / "REPRODUCTION.md"
-    page.write_text(f"intro\n{verdicts.START}\nold table\n{verdicts.END}\noutro\n")
+    ledger = f"{verdicts.LEDGER_START}\n| method | claim | study | verdict |\n{verdicts.LEDGER_END}\n"
+    page.write_text(f"intro\n{ledger}{verdicts.START}\nold table\n{verdicts.END}\noutro\n")
     monkeypatch.setattr(sys, "argv", ["make_verdicts.py", "--study", str(study), "--write", str(page)])
     verdicts.main()
     text = page.read_text()
-    assert text.startswith(f"intro\n{verdicts.START}\n") and text.endswith(f"{verdicts.END}\noutro\n")
+    assert text.startswith(f"intro\n{ledger}{verdicts.START}\n") and text.endswith(f"{verdicts.END}\noutro\n")
     assert "old table" not in text and "| selective |" in text
-    page.write_text("no markers\n")
+    page.write_text(f"{ledger}no verdict markers\n")
     with pytest.raises(SystemExit, match="no <!-- testbed-verdicts:start -->"):
         verdicts.main()
+    page.write_text(f"{verdicts.START}\n{verdicts.END}\nno ledger markers\n")
+    with pytest.raises(SystemExit, match="no <!-- ledger:start -->"):
+        verdicts.main()
+
+
+def test_the_ledger_rows_take_the_study_and_the_verdict_of_their_method(study, tmp_path):
+    rows = [
+        "| `lisa` (finetune) | a claim | a preset | old | calibration | – | – |",
+        "| `ldifs` (finetune) | a claim | a preset | old | calibration | – | – |",
+        "| `booster` (align) | a claim | a preset | old | calibration | – | – |",
+        "| `sft` (align, finetune): the baseline | the attack | a preset | old | calibration | – | – |",
+        "| `safelora` (post) | a claim | a preset | old | calibration | – | – |",
+    ]
+    page = "\n".join(["before", verdicts.LEDGER_START, "| header |", *rows, verdicts.LEDGER_END, "after"])
+    cells = verdicts.ledger_cells((study, None, None))
+    plans = {"ldifs": "in `sweeps/x`, not run yet", "safelora": "never read: it has a row of the study"}
+    filled = verdicts.fill_ledger(page, cells, plans).splitlines()
+    # several of the fixture's defenses run `lisa`: each is named beside its own numbers and verdict
+    study_cell, verdict_cell = filled[3].split(" | ")[-2:]
+    assert (
+        "calibrated attack (`selective`): HS -8.0 [-12.0, -4.0], FA -1.0, OR +1.0, IR +1.0 (5 of"
+        in study_cell
+    )
+    assert "calibrated attack (`nothing`): HS -2.0 [-6.0, +2.0]" in study_cell
+    assert "calibrated attack (`selective`): reproduced qualitatively" in verdict_cell
+    assert "calibrated attack (`nothing`): not reproduced (detects ≥ 5.5 points)" in verdict_cell
+    assert filled[4].endswith("| calibration | in `sweeps/x`, not run yet | pending |")
+    assert filled[5].endswith("| calibration | not in the testbed | pending |")
+    # SFT: its HS before the attack (mean of 30 and 32) and after it (50 at every seed of the fixture)
+    assert filled[6].endswith(
+        "| calibration | calibrated attack: HS 31.0 before the attack; after it, at p = 0 / 0.1: 50.0 / 50.0 (2 of 5 "
+        "seeds) "
+        "| calibrated attack: the baseline |"
+    )
+    # declared in the study's sweep file, no run yet
+    assert filled[7].endswith(
+        "| calibrated attack (`not_run`): not run yet | calibrated attack (`not_run`): pending |"
+    )
+    assert filled[0] == "before" and filled[-1] == "after" and filled[2] == "| header |"
