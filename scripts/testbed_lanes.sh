@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The CPU testbed's sweeps (docs/testbed.md) in session-sized pieces: two lanes of one thread each, each lane
-# running its sweeps in order, resumed from the archive in docs/results/, for at most HOURS.
+# running its sweeps in order, resumed from the archive in docs/results/, for HOURS.
 #
-#   scripts/testbed_lanes.sh run HOURS      # resume both lanes; returns when both stop
+#   scripts/testbed_lanes.sh run HOURS      # resume both lanes; after HOURS, stop what still runs; returns then
 #   scripts/testbed_lanes.sh archive        # archive every lane sweep's finished runs, rewrite the results pages
+#
+# At HOURS the run in progress is stopped, not waited for: a stage resumes from its last checkpoint (every 16
+# steps in the testbed's configs) and an evaluation starts again, so a stop costs minutes. Waiting instead for a
+# run to fit (`ftguard sweep --stop-after`, judged by the longest run so far) left a lane idle for up to an hour
+# at the end of each session.
 #
 # A lane moves on to its next sweep only when the current one is complete, so the order below is the order in
 # which the study's tables fill: lane A calibrates the alignment-stage defenses (which then join the study), then
@@ -33,8 +38,8 @@ lane() {  # lane END_EPOCH SWEEP...: run each sweep until it is complete or the 
     complete "$sweep" && continue
     local left=$((end - $(date +%s)))
     if [ "$left" -le 600 ]; then return 0; fi
-    OMP_NUM_THREADS=1 "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" --units-dir "$UNITS" \
-      --stop-after "$("$PYTHON" -c "print(round($left / 3600, 2))")" >>"$OUT/$sweep/lane.log" 2>&1 || true
+    OMP_NUM_THREADS=1 timeout "$left" "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" \
+      --units-dir "$UNITS" >>"$OUT/$sweep/lane.log" 2>&1 || true
     complete "$sweep" || return 0  # stopped for time: the next sweep waits for this one
   done
 }
