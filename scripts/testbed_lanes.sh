@@ -17,35 +17,40 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-LANE_A=(testbed-align-calibration testbed-gemma3-defenses)
+# A lane item is a sweep, or SWEEP:A,B for some of its defenses first (`ftguard sweep --defenses`). Lane A: the
+# alignment calibration's paper values and likeliest matches, then Gemma-3 (item 7, the papers' settings, not
+# waiting on the calibration), then the calibration's other settings.
+LANE_A=(
+  testbed-align-calibration:booster-lam5-s128-refresh4,vaccine-rho2-s128,booster-lam1-s128,tvaccine-rho3-s128,repnoise-alpha0.1-s128
+  testbed-gemma3-defenses
+  testbed-align-calibration
+)
 LANE_B=(testbed-study testbed-study-strong testbed-study-uncalibrated cpu-attack-suite)
 OUT=${OUT:-runs/sweeps}
 UNITS=${UNITS:-runs/units}
 FTGUARD=${FTGUARD:-.venv/bin/ftguard}
 PYTHON=${PYTHON:-.venv/bin/python}
 
-complete() {  # is sweep $1's every run finished in $OUT/$1?
-  "$FTGUARD" sweep "sweeps/$1" --output-dir "$OUT/$1" --report --json 2>/dev/null \
-    | "$PYTHON" -c 'import json, sys; sys.exit(0 if json.load(sys.stdin)["complete"] else 1)'
-}
-
-lane() {  # lane END_EPOCH SWEEP...: run each sweep until it is complete or the time is up
+lane() {  # lane END_EPOCH ITEM...: run each item until it is complete or the time is up
   local end=$1
   shift
-  for sweep in "$@"; do
+  for item in "$@"; do
+    local sweep=${item%%:*} only=()
+    if [[ $item == *:* ]]; then only=(--defenses "${item#*:}"); fi
     mkdir -p "$OUT/$sweep"
     if [ -d "docs/results/$sweep" ]; then cp -rn "docs/results/$sweep/." "$OUT/$sweep/"; fi
-    complete "$sweep" && continue
     local left=$((end - $(date +%s)))
     if [ "$left" -le 600 ]; then return 0; fi
+    # exit 0: the item is complete (an item already complete only rewrites its report); else stopped for time
+    # (124) or a run failed: the lane's later items wait for this one
     OMP_NUM_THREADS=1 timeout "$left" "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" \
-      --units-dir "$UNITS" >>"$OUT/$sweep/lane.log" 2>&1 || true
-    complete "$sweep" || return 0  # stopped for time: the next sweep waits for this one
+      --units-dir "$UNITS" "${only[@]}" >>"$OUT/$sweep/lane.log" 2>&1 || return 0
   done
 }
 
 archive() {
-  for sweep in "${LANE_A[@]}" "${LANE_B[@]}"; do
+  local sweep
+  for sweep in $(printf '%s\n' "${LANE_A[@]%%:*}" "${LANE_B[@]}" | awk '!seen[$0]++'); do
     [ -d "$OUT/$sweep/runs" ] || continue
     "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" --report >/dev/null || true  # 1: incomplete
     cp "src/ftguard/configs/sweeps/$sweep.yaml" "$OUT/$sweep/sweep.yaml"

@@ -372,6 +372,42 @@ def test_stop_after_starts_no_run_that_would_end_past_the_budget_and_the_same_co
     assert "stopped by" not in capsys.readouterr().out
 
 
+def test_defenses_runs_only_the_named_rows_and_says_when_they_are_done(tmp_path, monkeypatch, capsys):
+    import ftguard.pipeline.run as run_mod
+    import ftguard.sweep.runner as runner
+
+    path = tmp_path / "sweep.yaml"
+    spec = {
+        "name": "sel",
+        **TINY,
+        "seeds": [5],
+        "defenses": {"sft": {}, "kl": {"finetune.method": "kl"}, "lisa": {"finetune.method": "lisa"}},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    done, calls = set(), []
+
+    class FakePipeline:
+        def __init__(self, run, *, overwrite, store, wait_for_units):
+            self.method = run.config.finetune.method
+
+        def run_all(self):
+            calls.append(self.method)
+            done.add(self.method)
+            return {"complete": True}
+
+    monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
+    monkeypatch.setattr(runner, "is_done", lambda run: run.config.finetune.method in done)
+    out = str(tmp_path / "out")
+    # the selection in the sweep's order, whatever the order given; the sweep is not complete, the selection is
+    assert cli.main(["sweep", str(path), "--output-dir", out, "--defenses", "lisa,kl"]) == 0
+    assert calls == ["kl", "lisa"]
+    cli.main(["sweep", str(path), "--output-dir", out])  # the rest (rc 1: the fakes write no results)
+    assert calls == ["kl", "lisa", "sft"]
+    capsys.readouterr()
+    assert cli.main(["sweep", str(path), "--output-dir", out, "--defenses", "kl,ewc"]) == 2
+    assert "--defenses: ewc not in sweep sel (its defenses: kl, lisa, sft)" in capsys.readouterr().err
+
+
 def test_stop_after_must_be_a_positive_number_of_hours(tmp_path, capsys):
     path = _sweep_file(tmp_path, "n", [0.0])
     for bad in ("0", "-2", "soon"):

@@ -31,6 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="start no run that would end past HOURS from now (judged by the longest run so far); the same "
         "command resumes: for sweeps longer than a working session",
     )
+    p.add_argument(
+        "--defenses",
+        type=_names,
+        metavar="A,B",
+        help="run only these defenses (comma-separated; the report covers every finished run): the rows wanted "
+        "first of a sweep longer than the time at hand",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace units of a different config")
     p.add_argument("--json", action="store_true", help="print the plan or report as JSON")
     p.set_defaults(func=cmd_sweep)
@@ -46,6 +53,13 @@ def _hours(text: str) -> float:
     return hours
 
 
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"--defenses takes comma-separated defense names, got {text!r}")
+    return names
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ftguard.sweep.config import expand, load_sweep
     from ftguard.sweep.runner import parse_shard, run_sweep, sweep_dir
@@ -55,8 +69,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     if args.dry_run:
         from ftguard.sweep.plan import describe, dry_run
+        from ftguard.sweep.runner import select_defenses
 
-        plan = dry_run(sweep, expand(sweep, folder, out))
+        plan = dry_run(sweep, select_defenses(sweep, expand(sweep, folder, out), args.defenses))
         print(json.dumps(plan, indent=2, default=str) if args.json else describe(plan))
         return 0
     if args.report:
@@ -73,6 +88,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             shard=shard,
             fail_fast=args.fail_fast,
             stop_after_h=args.stop_after,
+            defenses=args.defenses,
         )
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2, default=str))
@@ -86,4 +102,4 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if report.get("failed"):
         print(f"ftguard: {len(report['failed'])} run(s) failed: {', '.join(report['failed'])}")
         return 1
-    return 0 if report["complete"] or shard else 1
+    return 0 if report["complete"] or shard or (args.defenses and report.get("selected_complete")) else 1

@@ -102,9 +102,13 @@ def run_sweep(
     fail_fast: bool = False,
     shard: tuple[int, int] | None = None,
     stop_after_h: float | None = None,
+    defenses: list[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the sweep (or this process's shard of it); returns the aggregate report of every finished run.
+
+    ``defenses``: run only these defenses' runs (the report still covers every finished run of the sweep, and
+    ``selected_complete`` says whether the selection is done): a long sweep's most wanted rows first.
 
     ``stop_after_h``: start no run that would end past this many hours from the start, judged by the longest run
     this process has finished (before the first, any run starts). A sweep longer than a working session then
@@ -129,8 +133,9 @@ def run_sweep(
     # probe reusing the aligned models of the main table trains only its new fine-tunes).
     store = Path(units_dir) if units_dir else out / "units"
     runs = expand(sweep, folder, out)
-    preflight(runs)
-    mine = [r for i, r in enumerate(runs) if shard is None or i % shard[1] == shard[0]]
+    selected = select_defenses(sweep, runs, defenses)
+    preflight(selected)
+    mine = [r for i, r in enumerate(selected) if shard is None or i % shard[1] == shard[0]]
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "sweep.yaml", _dump(sweep))
     entries: dict[str, Any] = {}  # this process's entries of sweep.json: runs it found done or finished
@@ -139,7 +144,7 @@ def run_sweep(
     # A shard does its own runs first, then helps with the others' (in sweep order, seed outermost): the unit
     # locks keep two shards off the same unit, and a shard that ran out of its own work does not sit idle.
     own = {r.id for r in mine}
-    others = [r for r in runs if shard is not None and r.id not in own]
+    others = [r for r in selected if shard is not None and r.id not in own]
     todo = [*mine, *others]
     busy: set[str] = set()  # runs that found a unit another shard is making, since a run last finished
     longest = 0.0  # the longest run this process finished: what the next one is assumed to take
@@ -206,7 +211,21 @@ def run_sweep(
     report["wall_time_s"] = round(time.monotonic() - start, 1)
     report["failed"] = failures
     report["not_started"] = stopped
+    report["selected_complete"] = all(is_done(r) for r in selected)
     return report
+
+
+def select_defenses(sweep: SweepConfig, runs: list[SweepRun], defenses: list[str] | None) -> list[SweepRun]:
+    """The runs of ``defenses`` (all runs without a selection); an unknown name fails before any work."""
+    if not defenses:
+        return runs
+    known = list(sweep.defenses)
+    unknown = [d for d in defenses if d not in known]
+    if unknown:
+        raise FtguardError(
+            f"--defenses: {', '.join(unknown)} not in sweep {sweep.name} (its defenses: {', '.join(known)})"
+        )
+    return [r for r in runs if r.defense in defenses]
 
 
 def _entry(run: SweepRun, status: str, wall: float | None) -> dict[str, Any]:
