@@ -5,8 +5,8 @@
 
 Each argument is a run folder (holding results.json) or a defense's folder of a sweep (holding one run folder per
 seed). A sweep report pairs every defense against its baseline only; this pairs any two, e.g. a variant against
-the setting it amortises. Runs pair by seed (the folder name's trailing ``seedN``) and rates by their
-per-prompt outcomes: the two-level paired bootstrap of ``ftguard.evaluation.paired`` over the same seeds and
+the setting it amortises. Runs pair by folder name (attack setting and seed, as a sweep names them) and rates
+by their per-prompt outcomes: the two-level paired bootstrap of ``ftguard.evaluation.paired`` over the same seeds and
 prompts. Outcomes over different prompts refuse to pair.
 """
 
@@ -23,42 +23,53 @@ from ftguard.metrics import METRICS
 
 
 def _runs(folder: Path) -> dict[str, dict]:
-    """{seed label: results} of a run folder or of a defense's folder of seed runs (complete runs only)."""
-    paths = (
-        [folder / "results.json"]
-        if (folder / "results.json").is_file()
-        else sorted(folder.glob("*/results.json"))
-    )
+    """{run label: results} of a run folder or of a defense's folder of runs (complete runs only). A sweep names
+    a run folder by its attack setting and seed (``attack=virus-…-seed44``, or ``seed44``): runs pair when their
+    folder names are equal."""
+    if (folder / "results.json").is_file():
+        paths = [folder / "results.json"]
+    else:
+        paths = sorted(folder.glob("*/results.json"))
     runs = {}
     for path in paths:
         results = json.loads(path.read_text())
         if results.get("complete"):
-            match = re.search(r"seed(\d+)$", path.parent.name)
-            runs[match.group(1) if match else str(results.get("seed"))] = results
+            label = f"seed{results.get('seed')}" if path.parent == folder else path.parent.name
+            runs[label] = results
     if not runs:
         raise SystemExit(f"{folder}: no complete run (a run folder with results.json, or a folder of them)")
     return runs
 
 
-def _point(results: dict, point: str) -> dict | None:
-    """The stage entry of ``point`` (``finetune`` matches ``finetune-p0.1``: one ratio per run)."""
-    return next((v for k, v in results["stages"].items() if k == point or k.startswith(f"{point}-")), None)
+def _point(results: dict, point: str, p: float | None) -> dict | None:
+    """The stage entry of ``point``: ``align``, or ``finetune-p0.1`` / ``post-p0.1`` at ratio ``p`` (the run's
+    only ratio when ``p`` is not given; several without it is an error)."""
+    stages = results["stages"]
+    if point in stages:
+        return stages[point]
+    keys = [k for k in stages if re.fullmatch(rf"{point}-p[0-9.e+-]+", k)]
+    if p is not None:
+        keys = [k for k in keys if float(k.split("-p", 1)[1]) == p]
+    if len(keys) > 1:
+        raise SystemExit(f"{point}: the runs hold {', '.join(keys)}: choose one ratio with --p")
+    return stages[keys[0]] if keys else None
 
 
-def compare(treated: Path, control: Path, points: list[str]) -> list[str]:
+def compare(treated: Path, control: Path, points: list[str], p: float | None = None) -> list[str]:
     a, b = _runs(treated), _runs(control)
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        raise SystemExit(f"no seed in common: {treated.name} has {sorted(a)}, {control.name} has {sorted(b)}")
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise SystemExit(f"no run in common: {treated.name} has {sorted(a)}, {control.name} has {sorted(b)}")
+    ratio = "" if p is None else f" at p = {p:g}"
     lines = [
-        f"`{treated.name}` − `{control.name}`, paired over seeds {', '.join(seeds)} and the same prompts, in points "
-        "[95% interval of the two-level bootstrap]; ↓/↑ when the interval excludes 0.",
+        f"`{treated.name}` − `{control.name}`{ratio}, paired over {', '.join(common)} and the same prompts, in "
+        "points [95% interval of the two-level bootstrap]; ↓/↑ when the interval excludes 0.",
         "",
         "| point | rate | treated | control | difference | detectable |",
         "|---|---|---|---|---|---|",
     ]
     for point in points:
-        stages = [(_point(a[s], point), _point(b[s], point)) for s in seeds]
+        stages = [(_point(a[run], point, p), _point(b[run], point, p)) for run in common]
         if any(x is None or y is None for x, y in stages):
             continue
         for metric in METRICS.values():
@@ -89,9 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("treated", type=Path)
     parser.add_argument("control", type=Path)
-    parser.add_argument("--points", nargs="+", default=["align", "finetune", "post"])
+    points = ["align", "finetune", "post"]
+    parser.add_argument("--points", nargs="+", choices=points, default=points)
+    parser.add_argument(
+        "--p", type=float, help="the harmful ratio to read (needed when the runs hold several)"
+    )
     args = parser.parse_args(argv)
-    sys.stdout.write("\n".join(compare(args.treated, args.control, args.points)) + "\n")
+    sys.stdout.write("\n".join(compare(args.treated, args.control, args.points, args.p)) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
         --align-calibration runs/sweeps/testbed-align-calibration \\
         --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong \\
         --uncalibrated runs/sweeps/testbed-study-uncalibrated \\
-        --attack-suite runs/sweeps/cpu-attack-suite > docs/RESULTS.md
+        --attack-suite runs/sweeps/cpu-attack-suite \\
+        --virus-probe docs/results/cpu-attack-suite-virus-probe > docs/RESULTS.md
 
 Each section is the named sweep's own report (its report.md, rebuilt from the finished runs by
 `ftguard sweep <name> --output-dir DIR --report`), framed with what a reader needs around it: which prompts,
@@ -62,7 +63,8 @@ python scripts/make_testbed_md.py --attack runs/sweeps/testbed-attack-calibratio
     --align-calibration runs/sweeps/testbed-align-calibration \\
     --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong \\
     --uncalibrated runs/sweeps/testbed-study-uncalibrated \\
-    --attack-suite runs/sweeps/cpu-attack-suite > docs/RESULTS.md
+    --attack-suite runs/sweeps/cpu-attack-suite \\
+    --virus-probe docs/results/cpu-attack-suite-virus-probe > docs/RESULTS.md
 ```
 
 Every finished run's config and results (no weights) are archived under `docs/results/<sweep name>/`; copying
@@ -172,43 +174,47 @@ def power(pilot: Path | None) -> list[str]:
     return lines
 
 
+SUITE_P = "0.1"  # the attack suite's ratio (sweeps/cpu-attack-suite)
+
+
+def _at_suite_p(mapping: dict, name: str) -> dict | None:
+    """``mapping[name]`` for a run of one ratio, else ``mapping[f"{name}-p0.1"]``: the suite's ratio."""
+    return mapping.get(name) or mapping.get(f"{name}-p{SUITE_P}")
+
+
 def _final_hs(results: dict) -> float | None:
-    for key in ("post", "finetune"):
-        stage = next((v for k, v in results["stages"].items() if k.startswith(key)), None)
-        if stage:
-            return stage["harmful_score"]
-    return None
+    stage = _at_suite_p(results["stages"], "post") or _at_suite_p(results["stages"], "finetune")
+    return stage.get("harmful_score") if stage else None
 
 
 def virus_against_the_filter(folder: Path) -> list[str]:
     """Per defense, the plain mix beside Virus (its rows rewritten to pass ftguard-judge, the filter's judge): the
     judge's flag rate on the upload's harmful rows before and after Virus, the harmful rows the filter let
-    through, and the HS after the attack; means over seeds."""
+    through, and the HS after the attack, at p = 0.1; means over seeds."""
     cells: dict[tuple[str, str], list[dict]] = {}
     for path in sorted(folder.glob("runs/*/*/results.json")):
         results = json.loads(path.read_text())
         if not results.get("complete"):
             continue
-        attack = (results["config"]["data"]["finetune"].get("attack") or {}).get("name", "harmful_mix")
-        if attack not in ("harmful_mix", "virus"):
+        attack = results["config"]["data"]["finetune"].get("attack") or {}
+        name = attack.get("name", "harmful_mix")
+        if name not in ("harmful_mix", "virus"):
             continue
-        mix = next(iter(results["data"].get("mixes", {}).values()), {})
-        filtered = next(
-            (
-                t["report"]["filter"]
-                for t in results.get("trained", {}).values()
-                if "filter" in t.get("report", {})
-            ),
-            None,
-        )
-        cells.setdefault((path.parts[-3], attack), []).append(
+        mixes = results["data"].get("mixes", {})
+        mix = mixes.get(SUITE_P) or (next(iter(mixes.values())) if len(mixes) == 1 else {})
+        trained = _at_suite_p(results.get("trained", {}), "finetune") or {}
+        filtered = (trained.get("report") or {}).get("filter") or {}
+        through = None
+        if "kept_harmful" in filtered and "uploaded_harmful" in filtered:
+            through = (filtered["kept_harmful"], filtered["uploaded_harmful"])
+        cells.setdefault((path.parts[-3], name), []).append(
             {
                 "before": mix.get("flag_rate_before"),
                 "after": mix.get("flag_rate_after"),
-                "through": None
-                if filtered is None
-                else (filtered["kept_harmful"], filtered["uploaded_harmful"]),
+                "through": through,
+                "filtered": bool(filtered),
                 "hs": _final_hs(results),
+                "args": (mix.get("attack") or {}).get("args") or attack.get("args") or {},  # resolved first
             }
         )
     if not any(attack == "virus" for _, attack in cells):
@@ -232,12 +238,21 @@ def virus_against_the_filter(folder: Path) -> list[str]:
         )
         through = [r["through"] for r in runs if r["through"]]
         let = f"{sum(k for k, _ in through)} of {sum(n for _, n in through)}" if through else "no filter"
-        if defense == "filter" and not through:
-            let = "not recorded (run before results.json kept the filter's report)"
+        if not through and (defense == "filter" or any(r["filtered"] for r in runs)):
+            let = "not recorded (run before results.json kept the filter's report, or a customer's upload)"
         lines.append(
             f"| {defense} | {attack} | {flags} | {let} | {mean([r['hs'] for r in runs], '.1f')} | {len(runs)} |"
         )
-    return [*lines, ""]
+    budgets = sorted(
+        {
+            f"{'every' if a.get('max_rows') is None else a['max_rows']} rows, {a.get('steps', '?')} steps of "
+            f"{a.get('candidates', '?')} candidates"
+            for (_, attack), runs in cells.items()
+            if attack == "virus"
+            for a in (r["args"] for r in runs)
+        }
+    )
+    return [*lines, "", f"Virus's budget here: {'; '.join(budgets)} (the authors: every row, 50 × 128).", ""]
 
 
 def attack_suite(suite: Path | None, probe: Path | None) -> list[str]:
@@ -267,8 +282,7 @@ def attack_suite(suite: Path | None, probe: Path | None) -> list[str]:
             f"### Virus against the moderation filter{where}",
             "",
             "Virus (Huang et al. 2025) rewrites the upload's harmful answers to pass the filter's judge "
-            "(ftguard-judge) while keeping their gradient close to the original rows'; at this CPU's budget it "
-            "rewrites 8 rows with 10 steps of 16 candidates (the authors: every row, 50 × 128).",
+            "(ftguard-judge) while keeping their gradient close to the original rows'.",
             "",
             *table,
         ]

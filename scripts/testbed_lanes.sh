@@ -5,8 +5,8 @@
 #   scripts/testbed_lanes.sh run HOURS      # resume both lanes; after HOURS, stop what still runs; returns then
 #   scripts/testbed_lanes.sh archive        # archive every lane sweep's finished runs, rewrite the results pages
 #
-# At HOURS the run in progress is stopped, not waited for: a stage resumes from its last checkpoint (every 16
-# steps in the testbed's configs) and an evaluation starts again, so a stop costs minutes. Waiting instead for a
+# At HOURS the run in progress is stopped, not waited for: a training stage resumes from its last checkpoint
+# (every 16 steps in the testbed's configs); an evaluation, a post-stage repair or a Virus upload starts again. Waiting instead for a
 # run to fit (`ftguard sweep --stop-after`, judged by the longest run so far) left a lane idle for up to an hour
 # at the end of each session.
 #
@@ -41,10 +41,16 @@ lane() {  # lane END_EPOCH ITEM...: run each item until it is complete or the ti
     if [ -d "docs/results/$sweep" ]; then cp -rn "docs/results/$sweep/." "$OUT/$sweep/"; fi
     local left=$((end - $(date +%s)))
     if [ "$left" -le 600 ]; then return 0; fi
-    # exit 0: the item is complete (an item already complete only rewrites its report); else stopped for time
-    # (124) or a run failed: the lane's later items wait for this one
-    OMP_NUM_THREADS=1 timeout "$left" "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" \
-      --units-dir "$UNITS" "${only[@]}" >>"$OUT/$sweep/lane.log" 2>&1 || return 0
+    # exit 0: the item is complete (an item already complete only rewrites its report); 124: stopped for time;
+    # else a run failed or the item is wrong (said at once: the lane would sit idle for the rest of the session).
+    # The lane's later items wait for this one.
+    local rc=0
+    OMP_NUM_THREADS=1 timeout -k 60 "$left" "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" \
+      --units-dir "$UNITS" "${only[@]}" >>"$OUT/$sweep/lane.log" 2>&1 || rc=$?
+    if [ "$rc" -ne 0 ]; then
+      [ "$rc" -eq 124 ] || echo "lane: $item exited $rc, its later items wait; see $OUT/$sweep/lane.log" >&2
+      return 0
+    fi
   done
 }
 
@@ -63,6 +69,9 @@ case "${1:-}" in
   run)
     hours=${2:?usage: scripts/testbed_lanes.sh run HOURS}
     end=$(($(date +%s) + $("$PYTHON" -c "print(int(float('$hours') * 3600))")))
+    # `timeout` runs each sweep in a process group of its own: stopping this script must stop them too
+    trap 'pkill -TERM -P "$$" 2>/dev/null; pkill -TERM -f "ftguard sweep sweeps/.* --output-dir $OUT/" 2>/dev/null' \
+      INT TERM
     lane "$end" "${LANE_A[@]}" &
     lane "$end" "${LANE_B[@]}" &
     wait

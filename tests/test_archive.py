@@ -41,7 +41,11 @@ def test_the_testbed_page_regenerates_byte_identical_from_the_archive(monkeypatc
 def test_the_ledger_verdicts_regenerate_from_the_archive():
     verdicts = load_script("make_verdicts")
     archive = ROOT / "docs" / "results"
-    folders = (archive / "testbed-study", archive / "testbed-study-strong", archive / "testbed-study-uncalibrated")
+    folders = (
+        archive / "testbed-study",
+        archive / "testbed-study-strong",
+        archive / "testbed-study-uncalibrated",
+    )
     body = verdicts.render(*folders)
     page = (ROOT / "docs" / "REPRODUCTION.md").read_text(encoding="utf-8")
     assert verdicts.replace_between_markers(page, body) == page

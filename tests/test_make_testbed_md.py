@@ -34,6 +34,8 @@ def _run(folder, defense, attack, seed, hs, flags=None, through=None):
     run = folder / "runs" / defense / f"attack={attack}-seed{seed}"
     run.mkdir(parents=True)
     mix = {} if flags is None else {"flag_rate_before": flags[0], "flag_rate_after": flags[1]}
+    if attack == "virus":  # the resolved args, as the mix report records them
+        mix["attack"] = {"name": "virus", "args": {"steps": 10, "candidates": 16, "max_rows": 8}}
     trained = {"align": {"method": "sft"}, "finetune": {"method": defense}}
     if through is not None:
         trained["finetune"]["report"] = {
@@ -62,6 +64,9 @@ def test_virus_against_the_filter_reads_flag_rates_and_what_the_filter_let_throu
     assert "| filter | harmful_mix | – | 5 of 26 | 40.0 | 1 |" in rows
     assert "| filter | virus | 80.0 → 50.0 | 13 of 26 | 47.0 | 1 |" in rows
     assert not any("lisa" in row for row in rows)
+    assert (
+        "Virus's budget here: 8 rows, 10 steps of 16 candidates (the authors: every row, 50 × 128)." in rows
+    )
     # the section falls back on the probe while the suite has not run, and says so
     text = "\n".join(page.attack_suite(None, tmp_path))
     assert "`sweeps/cpu-attack-suite`: pending" in text and "from `cpu-attack-suite-virus-probe`" in text

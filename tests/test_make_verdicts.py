@@ -115,9 +115,7 @@ def test_each_branch_of_the_rule(study):
     assert lines["refuses"].endswith("not reproduced as a selective defense (OR +6.0) |")
     assert lines["nothing"].endswith("not reproduced (detects ≥ 5.5 points) |")
     # no discordant prompt on any rate: no variance, so no "detects ≥ 0.0 points"
-    assert lines["left_as_sft"].endswith(
-        "not reproduced (every paired outcome equals SFT's: the model was left as SFT's) |"
-    )
+    assert lines["left_as_sft"].endswith("not reproduced (every paired outcome equals SFT's) |")
     # the vaccine-aligned model starts 10 points below SFT's (21 against 31): its fall may be the start alone
     assert "`vaccine` (align)" in lines["safer_start"]
     assert lines["safer_start"].endswith(
