@@ -1,0 +1,135 @@
+"""The testbed's compute: run time spent per sweep and an estimate of what is left, from the archive.
+
+    python scripts/testbed_compute.py [docs/results] [--sweeps testbed-study cpu-attack-suite ...]
+
+Spent is the sum of the archived runs' wall times (results.json ``wall_time_s``: one thread each; two lanes run
+at once, so the machine's wall time is about half). Left is, per run not archived yet, the mean wall time of the
+same defense's archived runs in that sweep, else of that defense's runs in the other testbed sweeps (the study,
+the strong attack and the attack suite name their defenses alike), else of every archived SmolLM2 run; a sweep
+on another model with no run yet is "unknown". A crude estimate: a run that reuses units (an aligned model, an
+upload) costs less than this says, one that trains its own alignment more (the alignment calibration's Vaccine
+and Booster rows take 1–1.5 h each, against a mean of about 25 minutes). The runs a sweep will make come from its packaged file (the expansion `ftguard sweep` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+SWEEPS = (
+    "hh-align-search",
+    "hh-align-search-2",
+    "hh-align-search-3",
+    "hh-align-search-4",
+    "testbed-attack-calibration",
+    "testbed-defense-calibration",
+    "cpu-attack-suite-virus-probe",
+    "testbed-align-calibration",
+    "testbed-gemma3-defenses",
+    "testbed-study",
+    "testbed-study-strong",
+    "testbed-study-uncalibrated",
+    "cpu-attack-suite",
+)
+
+
+def archived(folder: Path) -> dict[str, float]:
+    """{run id (defense/run folder): wall time in seconds} of the complete runs archived in ``folder``."""
+    out = {}
+    for path in sorted(folder.glob("runs/*/*/results.json")):
+        results = json.loads(path.read_text())
+        if results.get("complete") and results.get("wall_time_s") is not None:
+            out[f"{path.parts[-3]}/{path.parts[-2]}"] = float(results["wall_time_s"])
+    return out
+
+
+def planned(name: str, archive: Path) -> list[str]:
+    """The run ids ``ftguard sweep`` makes for sweep ``name``: the packaged file, else the one archived with it."""
+    from ftguard.errors import FtguardError
+    from ftguard.sweep.config import expand, load_sweep
+
+    try:
+        sweep, folder = load_sweep(f"sweeps/{name}")
+    except FtguardError:
+        if not (archive / "sweep.yaml").is_file():
+            raise SystemExit(
+                f"{name}: neither a packaged sweep nor archived with its sweep.yaml in {archive}"
+            ) from None
+        sweep, folder = load_sweep(str(archive / "sweep.yaml"))
+    return [run.id for run in expand(sweep, folder, Path("/nonexistent"))]
+
+
+# Searches closed with runs left unrun (docs/testbed.md, step 1: grid 3 stopped and replaced by grid 4).
+CLOSED = ("hh-align-search", "hh-align-search-3")
+# Sweeps on another model: the SmolLM2 runs say nothing of their cost (a Gemma-3-270M step costs about 5× one).
+OTHER_MODEL = ("testbed-gemma3-defenses",)
+
+
+def _by_defense(done: dict[str, float]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for run_id, wall in done.items():
+        out.setdefault(run_id.split("/", 1)[0], []).append(wall)
+    return out
+
+
+def estimate(
+    done: dict[str, float], runs: list[str], elsewhere: dict[str, list[float]], fallback: float
+) -> float:
+    """Seconds left for ``runs`` not in ``done``: per defense, its mean here, else elsewhere, else the mean of
+    this sweep's runs, else ``fallback``."""
+    here = _by_defense(done)
+    sweep_mean = [statistics.fmean(done.values())] if done else [fallback]
+    return sum(
+        statistics.fmean(here.get(d) or elsewhere.get(d) or sweep_mean)
+        for d in (run_id.split("/", 1)[0] for run_id in runs if run_id not in done)
+    )
+
+
+def table(root: Path, names: tuple[str, ...] = SWEEPS) -> list[str]:
+    done = {name: archived(root / name) for name in names}
+    smollm = [w for name in names if name not in OTHER_MODEL for w in done[name].values()]
+    fallback = statistics.fmean(smollm) if smollm else 0.0
+    lines = [
+        "| sweep | runs archived | run time spent (h) | estimated left (h) |",
+        "|---|---|---|---|",
+    ]
+    total_spent = total_left = 0.0
+    unknown = []
+    for name in names:
+        runs = planned(name, root / name)
+        spent = sum(done[name].values()) / 3600
+        total_spent += spent
+        kept = sum(run_id in done[name] for run_id in runs)
+        if name in CLOSED:
+            lines.append(f"| {name} | {kept} of {len(runs)} | {spent:.1f} | closed |")
+            continue
+        if name in OTHER_MODEL and not done[name]:
+            unknown.append(name)
+            lines.append(
+                f"| {name} | {kept} of {len(runs)} | {spent:.1f} | unknown (no run of this model yet) |"
+            )
+            continue
+        others = {k: w for n in names if n != name and n not in OTHER_MODEL for k, w in done[n].items()}
+        elsewhere = {} if name in OTHER_MODEL else _by_defense(others)
+        left = estimate(done[name], runs, elsewhere, fallback) / 3600
+        total_left += left
+        lines.append(f"| {name} | {kept} of {len(runs)} | {spent:.1f} | {left:.1f} |")
+    rest = f" + {', '.join(unknown)}" if unknown else ""
+    lines.append(f"| all | | {total_spent:.1f} | {total_left:.1f}{rest} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("root", nargs="?", type=Path, default=Path("docs/results"))
+    parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS))
+    args = parser.parse_args(argv)
+    print("\n".join(table(args.root, tuple(args.sweeps))))
+
+
+if __name__ == "__main__":
+    main()
