@@ -65,6 +65,8 @@ def planned(name: str, archive: Path) -> list[str]:
 CLOSED = ("hh-align-search", "hh-align-search-3")
 # Sweeps on another model: the SmolLM2 runs say nothing of their cost (a Gemma-3-270M step costs about 5× one).
 OTHER_MODEL = ("testbed-gemma3-defenses",)
+# scripts/testbed_lanes.sh runs two sweeps at once, one thread each, on the 2-core machine.
+LANES = 2
 
 
 def _by_defense(done: dict[str, float]) -> dict[str, list[float]]:
@@ -88,6 +90,11 @@ def estimate(
 
 
 def table(root: Path, names: tuple[str, ...] = SWEEPS) -> list[str]:
+    return _rows(root, names)[0]
+
+
+def _rows(root: Path, names: tuple[str, ...]) -> tuple[list[str], float, float, list[str]]:
+    """The table's lines, the single-thread hours spent and left, and the sweeps whose cost is unknown."""
     done = {name: archived(root / name) for name in names}
     smollm = [w for name in names if name not in OTHER_MODEL for w in done[name].values()]
     fallback = statistics.fmean(smollm) if smollm else 0.0
@@ -118,7 +125,17 @@ def table(root: Path, names: tuple[str, ...] = SWEEPS) -> list[str]:
         lines.append(f"| {name} | {kept} of {len(runs)} | {spent:.1f} | {left:.1f} |")
     rest = f" + {', '.join(unknown)}" if unknown else ""
     lines.append(f"| all | | {total_spent:.1f} | {total_left:.1f}{rest} |")
-    return lines
+    return lines, total_spent, total_left, unknown
+
+
+def machine_hours(spent: float, left: float, unknown: list[str], lanes: int = LANES) -> str:
+    """The totals as hours of the machine, whose lanes each run one single-thread sweep at once (the issue's
+    budget is in those hours: 24 h of the 2-core machine)."""
+    rest = f" + {', '.join(unknown)}" if unknown else ""
+    return (
+        f"On the machine ({lanes} lanes at once): spent {spent / lanes:.1f} h, left {left / lanes:.1f} h{rest}, "
+        f"together {(spent + left) / lanes:.1f} h{rest}."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", nargs="?", type=Path, default=Path("docs/results"))
     parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS))
     args = parser.parse_args(argv)
-    print("\n".join(table(args.root, tuple(args.sweeps))))
+    lines, spent, left, unknown = _rows(args.root, tuple(args.sweeps))
+    print("\n".join([*lines, "", machine_hours(spent, left, unknown)]))
 
 
 if __name__ == "__main__":

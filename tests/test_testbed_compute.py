@@ -39,3 +39,8 @@ def test_a_defense_seen_nowhere_costs_this_sweep_s_mean(tmp_path):
     defenses = {"sft": {}, "kl": {"finetune.method": "kl"}}
     _archive(tmp_path, "one", defenses, [1], {"sft/seed1": 3600.0})
     assert "| one | 1 of 2 | 1.0 | 1.0 |" in compute.table(tmp_path, ("one",))
+
+
+def test_machine_hours_divide_single_thread_hours_by_the_lanes_that_run_at_once():
+    line = compute.machine_hours(23.0, 51.0, ["gemma"], lanes=2)
+    assert line == "On the machine (2 lanes at once): spent 11.5 h, left 25.5 h + gemma, together 37.0 h + gemma."
