@@ -13,6 +13,9 @@
 # A lane moves on to its next sweep only when the current one is complete, so the order below is the order in
 # which the study's tables fill: lane A calibrates the alignment-stage defenses (which then join the study), then
 # looks at a second model; lane B runs the study, the strong attack, the uncalibrated defenses, the attack suite.
+# A lane that has finished its own items helps with the other's (lane B holds most of the compute): both take the
+# same sweep's runs in order as `--shard 0/1`, which skips a run whose unit the other lane is making instead of
+# waiting for it, so two lanes on one sweep make different runs.
 # OUT (default runs/sweeps) and UNITS (default runs/units, shared by every sweep) can be set in the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +34,9 @@ UNITS=${UNITS:-runs/units}
 FTGUARD=${FTGUARD:-.venv/bin/ftguard}
 PYTHON=${PYTHON:-.venv/bin/python}
 
-lane() {  # lane END_EPOCH ITEM...: run each item until it is complete or the time is up
-  local end=$1
-  shift
+lane() {  # lane NAME END_EPOCH ITEM...: run each item until it is complete or the time is up
+  local name=$1 end=$2
+  shift 2
   for item in "$@"; do
     local sweep=${item%%:*} only=()
     if [[ $item == *:* ]]; then only=(--defenses "${item#*:}"); fi
@@ -46,9 +49,9 @@ lane() {  # lane END_EPOCH ITEM...: run each item until it is complete or the ti
     # The lane's later items wait for this one.
     local rc=0
     OMP_NUM_THREADS=1 timeout -k 60 "$left" "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" \
-      --units-dir "$UNITS" "${only[@]}" >>"$OUT/$sweep/lane.log" 2>&1 || rc=$?
+      --units-dir "$UNITS" --shard 0/1 "${only[@]}" >>"$OUT/$sweep/lane-$name.log" 2>&1 || rc=$?
     if [ "$rc" -ne 0 ]; then
-      [ "$rc" -eq 124 ] || echo "lane: $item exited $rc, its later items wait; see $OUT/$sweep/lane.log" >&2
+      [ "$rc" -eq 124 ] || echo "lane: $item exited $rc, its later items wait; see $OUT/$sweep/lane-$name.log" >&2
       return 0
     fi
   done
@@ -72,8 +75,8 @@ case "${1:-}" in
     # `timeout` runs each sweep in a process group of its own: stopping this script must stop them too
     trap 'pkill -TERM -P "$$" 2>/dev/null; pkill -TERM -f "ftguard sweep sweeps/.* --output-dir $OUT/" 2>/dev/null' \
       INT TERM
-    lane "$end" "${LANE_A[@]}" &
-    lane "$end" "${LANE_B[@]}" &
+    lane A "$end" "${LANE_A[@]}" "${LANE_B[@]}" &
+    lane B "$end" "${LANE_B[@]}" "${LANE_A[@]}" &
     wait
     ;;
   archive) archive ;;
