@@ -22,9 +22,11 @@ cd "$(dirname "$0")/.."
 
 # A lane item is a sweep, or SWEEP:A,B for some of its defenses first (`ftguard sweep --defenses`). Lane A: the
 # alignment calibration's paper values and likeliest matches, then Gemma-3 (item 7, the papers' settings, not
-# waiting on the calibration), then the calibration's other settings.
+# waiting on the calibration), then the calibration's other settings. RepNoise's α 1 was moved up on 2026-12-05:
+# α 0.1 passed the start rule (pre-attack HS 35 against SFT's 30), and its group's choice, which decides whether
+# RepNoise joins the study, waits on this one run.
 LANE_A=(
-  testbed-align-calibration:booster-lam5-s128-refresh4,vaccine-rho2-s128,booster-lam1-s128,tvaccine-rho3-s128,repnoise-alpha0.1-s128
+  testbed-align-calibration:booster-lam5-s128-refresh4,vaccine-rho2-s128,booster-lam1-s128,tvaccine-rho3-s128,repnoise-alpha0.1-s128,repnoise-alpha1-s128
   testbed-gemma3-defenses
   testbed-align-calibration
 )
