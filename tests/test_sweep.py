@@ -903,6 +903,27 @@ def test_the_report_says_which_precision_the_runs_were_trained_in_and_flags_a_mi
     assert counts == {"float32 and float32 + bfloat16 autocast": 3} and "**Mixed training precision**" in text
 
 
+def test_a_post_stage_repair_that_does_not_train_is_no_training_precision(tmp_path):
+    from ftguard.sweep.aggregate import aggregate
+
+    sweep = _sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.0]}, seeds=[1, 2])
+    runs = _fake_runs(tmp_path, sweep, {("sft", 0.0, s, None): (10.0, 90.0) for s in (1, 2)})
+    bf16 = "float32 + bfloat16 autocast"
+
+    def trained(run, post):
+        results = run.config.out_dir / "results.json"
+        data = json.loads(results.read_text())
+        data["trained"] = {"align": {"precision": bf16}, "finetune": {"precision": bf16}, "post": post}
+        results.write_text(json.dumps(data))
+
+    # Antidote's pruning on the float32 weights beside bf16-autocast training: one precision, not a mix
+    trained(runs[0], {"method": "antidote", "precision": "float32", "report": {"dense_ratio": 0.1}})
+    # one-shot safety trains, and its report says in what: that counts
+    trained(runs[1], {"method": "one_shot_safety", "precision": "float32", "report": {"precision": "float32"}})
+    _, report = aggregate(sweep, runs)
+    assert report["train_precisions"] == {bf16: 1, f"float32 and {bf16}": 1}
+
+
 def test_win_rate_outcomes_pair_in_half_points_and_not_with_a_match_score():
     from ftguard.evaluation.paired import paired_bootstrap
     from ftguard.sweep.aggregate import _paired_outcomes

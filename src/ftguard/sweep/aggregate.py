@@ -70,8 +70,14 @@ def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
 
 def train_precision(results: dict[str, Any]) -> str | None:
     """The precision(s) the run's trained units were made in (results.json ``trained``; None for runs written
-    before it was recorded)."""
-    found = {t.get("precision") for t in (results.get("trained") or {}).values()} - {None}
+    before it was recorded). A post-stage repair that only does weight arithmetic (Antidote, SafeLoRA, Recovery)
+    records the dtype it computed in, not a training precision: counting its float32 beside a bf16-autocast
+    fine-tune flagged every such run as mixed. A repair that trains says so in its report (one-shot safety)."""
+    found = {
+        t.get("precision")
+        for key, t in (results.get("trained") or {}).items()
+        if key != "post" or "precision" in (t.get("report") or {})
+    } - {None}
     return " and ".join(sorted(found)) or None
 
 
