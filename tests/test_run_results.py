@@ -130,6 +130,21 @@ def test_final_point_is_the_last_evaluated_stage_per_ratio():
     assert parse_results({"stages": {}}).final_points() == []
 
 
+def test_a_run_cut_off_before_its_shipped_stage_has_no_final_point():
+    config = {"align": {"method": "sft"}, "finetune": {"method": "sft"}, "post": {"method": "safelora"}}
+    stages = {"align": _entry("align", None), "finetune": _entry("finetune", 0.1)}
+    # stopped between the fine-tune's evaluation and the repair: its fine-tune is not SafeLoRA's result
+    cut = parse_results({"complete": False, "config": config, "stages": stages})
+    assert cut.final_points() == []
+    # once the repair is scored, it is final even before the run says complete
+    repaired = {**stages, "post": _entry("post", 0.1)}
+    running = parse_results({"complete": False, "config": config, "stages": repaired})
+    assert [p.key for p in running.final_points()] == ["post"]
+    # a finished run that did not evaluate its repair keeps the last evaluated model (the gate refuses it)
+    done = parse_results({"complete": True, "config": config, "stages": stages})
+    assert [p.key for p in done.final_points()] == ["finetune"]
+
+
 def test_missing_or_malformed_results_fail_with_one_line_saying_what_to_do(tmp_path):
     with pytest.raises(FtguardError, match="results.json not found: give a run's output directory"):
         read_results(tmp_path)

@@ -57,8 +57,14 @@ class RunResults:
 
     def final_points(self) -> list[Point]:
         """The model the run ends with, per harmful ratio: post if evaluated, else finetune (else align, else base,
-        for a run that fine-tunes nothing) — what a provider would serve, and what the papers' tables score."""
+        for a run that fine-tunes nothing) — what a provider would serve, and what the papers' tables score.
+
+        A run stopped before the stage its config ships has no final point: a repair cut off after the fine-tune
+        had been scored as the repair (a sweep archived mid-run counted SafeLoRA's unrepaired model as SafeLoRA)."""
         tuned = self.select(("finetune", "post"))
+        shipped = None if self.complete else self.last_trained_stage()
+        if shipped is not None and not any(p.stage == shipped for p in self.points.values()):
+            return []
         if tuned:
             last: dict[float | None, Point] = {}
             for p in tuned:
