@@ -919,7 +919,9 @@ def test_a_post_stage_repair_that_does_not_train_is_no_training_precision(tmp_pa
     # Antidote's pruning on the float32 weights beside bf16-autocast training: one precision, not a mix
     trained(runs[0], {"method": "antidote", "precision": "float32", "report": {"dense_ratio": 0.1}})
     # one-shot safety trains, and its report says in what: that counts
-    trained(runs[1], {"method": "one_shot_safety", "precision": "float32", "report": {"precision": "float32"}})
+    trained(
+        runs[1], {"method": "one_shot_safety", "precision": "float32", "report": {"precision": "float32"}}
+    )
     _, report = aggregate(sweep, runs)
     assert report["train_precisions"] == {bf16: 1, f"float32 and {bf16}": 1}
 

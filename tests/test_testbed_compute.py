@@ -43,4 +43,7 @@ def test_a_defense_seen_nowhere_costs_this_sweep_s_mean(tmp_path):
 
 def test_machine_hours_divide_single_thread_hours_by_the_lanes_that_run_at_once():
     line = compute.machine_hours(23.0, 51.0, ["gemma"], lanes=2)
-    assert line == "On the machine (2 lanes at once): spent 11.5 h, left 25.5 h + gemma, together 37.0 h + gemma."
+    assert (
+        line
+        == "On the machine (2 lanes at once): spent 11.5 h, left 25.5 h + gemma, together 37.0 h + gemma."
+    )
