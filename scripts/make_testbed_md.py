@@ -7,7 +7,8 @@
         --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong \\
         --uncalibrated runs/sweeps/testbed-study-uncalibrated \\
         --attack-suite runs/sweeps/cpu-attack-suite \\
-        --virus-probe docs/results/cpu-attack-suite-virus-probe > docs/RESULTS.md
+        --virus-probe docs/results/cpu-attack-suite-virus-probe \\
+        --gemma runs/sweeps/testbed-gemma3-defenses > docs/RESULTS.md
 
 Each section is the named sweep's own report (its report.md, rebuilt from the finished runs by
 `ftguard sweep <name> --output-dir DIR --report`), framed with what a reader needs around it: which prompts,
@@ -38,6 +39,8 @@ SWEEPS = {
     "attack_suite": "cpu-attack-suite",
     # the suite's SFT and filter cells under Virus at one seed, run ahead of the suite (same configs)
     "virus_probe": "cpu-attack-suite-virus-probe",
+    # item 7: the same protocol on a second, base model
+    "gemma": "testbed-gemma3-defenses",
 }
 
 HEADER = """# CPU results: the testbed (SmolLM2-135M-Instruct)
@@ -64,7 +67,8 @@ python scripts/make_testbed_md.py --attack runs/sweeps/testbed-attack-calibratio
     --study runs/sweeps/testbed-study --strong runs/sweeps/testbed-study-strong \\
     --uncalibrated runs/sweeps/testbed-study-uncalibrated \\
     --attack-suite runs/sweeps/cpu-attack-suite \\
-    --virus-probe docs/results/cpu-attack-suite-virus-probe > docs/RESULTS.md
+    --virus-probe docs/results/cpu-attack-suite-virus-probe \\
+    --gemma runs/sweeps/testbed-gemma3-defenses > docs/RESULTS.md
 ```
 
 Every finished run's config and results (no weights) are archived under `docs/results/<sweep name>/`; copying
@@ -289,6 +293,26 @@ def attack_suite(suite: Path | None, probe: Path | None) -> list[str]:
     return lines
 
 
+def second_model(folder: Path | None) -> list[str]:
+    """Item 7 of docs/testbed.md: the testbed's protocol on Gemma-3-270M, a base model, beside SmolLM2."""
+    lines = ["## 6. A second model: Gemma-3-270M (base)", ""]
+    report = _report(folder)
+    if not report:
+        return [*lines, f"`sweeps/{SWEEPS['gemma']}`: pending.", ""]
+    rows = json.loads((folder / "runs.json").read_text())
+    return [
+        *lines,
+        f"`sweeps/{SWEEPS['gemma']}`, {status(report[1])}. The same alignment data, upload and calibrated attack "
+        "on Gemma-3-270M, the base model (dequantised from its 4-bit GGUF; Gemma terms), SFT and the papers' "
+        "settings of Vaccine, Booster and Lisa, one seed, on the **validation** prompts (100 each): a look at "
+        "whether the direction of the effects changes with the model, not a table to rank defenses by. Compare "
+        "with SmolLM2's validation numbers in docs/testbed.md (item 7), not with sections 1–4.",
+        "",
+        before_attack(rows),
+        _tables(report[0]),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -356,6 +380,7 @@ def main() -> None:
             continue
         out += [f"### Under {attack_name} ({status(report[1])})", "", _tables(report[0])]
     out += attack_suite(args.attack_suite, args.virus_probe)
+    out += second_model(args.gemma)
     print("\n".join(out).rstrip() + "\n")
 
 

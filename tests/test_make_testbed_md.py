@@ -78,3 +78,21 @@ def test_no_virus_run_no_virus_table(tmp_path, monkeypatch):
     _run(tmp_path, "sft", "harmful_mix", 44, 50.0)
     assert page.virus_against_the_filter(tmp_path) == []
     assert "Virus against" not in "\n".join(page.attack_suite(None, tmp_path))
+
+
+def test_second_model_section_shows_the_start_and_the_tables_and_says_which_prompts(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    assert "`sweeps/testbed-gemma3-defenses`: pending." in "\n".join(page.second_model(None))
+    (tmp_path / "report.md").write_text(
+        "# Sweep `testbed-gemma3-defenses`\n\nintro\n\n**HS**\n\n| defense | p = 0 |\n|---|---|\n| sft | 25.0 |\n\n"
+        "**Incomplete: 2 of 8 runs finished.**\n"
+    )
+    (tmp_path / "report.json").write_text(json.dumps({"complete_runs": 2, "runs": 8}))
+    align = {"point": "align", "method": "sft", "seed": 43, "harmful_score": 14.0, "over_refusal": 82.0}
+    attacked = {**align, "point": "finetune", "harmful_score": 37.0}
+    (tmp_path / "runs.json").write_text(json.dumps([align, attacked, {**align}]))
+    text = "\n".join(page.second_model(tmp_path))
+    assert "2 of 8 runs finished (**incomplete**" in text and "**validation** prompts" in text
+    assert "| sft | 14.0 ± 0.0 | 82.0 ± 0.0 | 1 |" in text  # the aligned model once, not the attacked one
+    assert "| sft | 25.0 |" in text and "**Incomplete:" not in text
