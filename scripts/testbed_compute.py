@@ -9,6 +9,8 @@ the strong attack and the attack suite name their defenses alike), else of every
 on another model with no run yet is "unknown". A crude estimate: a run that reuses units (an aligned model, an
 upload) costs less than this says, one that trains its own alignment more (the alignment calibration's Vaccine
 and Booster rows take 1–1.5 h each, against a mean of about 25 minutes). The runs a sweep will make come from its packaged file (the expansion `ftguard sweep` runs).
+A run that another sweep's archive holds under the same config costs nothing: the lanes copy it
+(`ftguard sweep --reuse`), and a copy's time is counted in the sweep that made it, not again.
 """
 
 from __future__ import annotations
@@ -35,18 +37,35 @@ SWEEPS = (
 )
 
 
-def archived(folder: Path) -> dict[str, float]:
-    """{run id (defense/run folder): wall time in seconds} of the complete runs archived in ``folder``."""
-    out = {}
+def archived(folder: Path) -> dict[str, float | None]:
+    """{run id (defense/run folder): wall time in seconds} of the complete runs archived in ``folder``; None for
+    a run copied from another sweep (``ftguard sweep --reuse``), whose time that sweep counts."""
+    out: dict[str, float | None] = {}
     for path in sorted(folder.glob("runs/*/*/results.json")):
         results = json.loads(path.read_text())
-        if results.get("complete") and results.get("wall_time_s") is not None:
-            out[f"{path.parts[-3]}/{path.parts[-2]}"] = float(results["wall_time_s"])
+        run_id = f"{path.parts[-3]}/{path.parts[-2]}"
+        if results.get("complete") and results.get("reused_from"):
+            out[run_id] = None
+        elif results.get("complete") and results.get("wall_time_s") is not None:
+            out[run_id] = float(results["wall_time_s"])
     return out
 
 
-def planned(name: str, archive: Path) -> list[str]:
-    """The run ids ``ftguard sweep`` makes for sweep ``name``: the packaged file, else the one archived with it."""
+def _walls(done: dict[str, float | None]) -> dict[str, float]:
+    return {k: w for k, w in done.items() if w is not None}
+
+
+def reusable(runs: list, others: list[Path]) -> set[str]:
+    """Ids of ``runs`` that another sweep's archive has finished under the same config: `ftguard sweep --reuse`
+    (scripts/testbed_lanes.sh passes the lanes' archives) copies them instead of making them."""
+    from ftguard.sweep.reuse import config_key, finished_runs
+
+    found = finished_runs([o for o in others if (o / "runs").is_dir()])
+    return {run.id for run in runs if config_key(run.config) in found}
+
+
+def planned(name: str, archive: Path) -> list:
+    """The runs ``ftguard sweep`` makes for sweep ``name``: the packaged file, else the one archived with it."""
     from ftguard.errors import FtguardError
     from ftguard.sweep.config import expand, load_sweep
 
@@ -58,7 +77,7 @@ def planned(name: str, archive: Path) -> list[str]:
                 f"{name}: neither a packaged sweep nor archived with its sweep.yaml in {archive}"
             ) from None
         sweep, folder = load_sweep(str(archive / "sweep.yaml"))
-    return [run.id for run in expand(sweep, folder, Path("/nonexistent"))]
+    return expand(sweep, folder, Path("/nonexistent"))
 
 
 # Searches closed with runs left unrun (docs/testbed.md, step 1: grid 3 stopped and replaced by grid 4).
@@ -69,20 +88,21 @@ OTHER_MODEL = ("testbed-gemma3-defenses",)
 LANES = 2
 
 
-def _by_defense(done: dict[str, float]) -> dict[str, list[float]]:
+def _by_defense(done: dict[str, float | None]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
-    for run_id, wall in done.items():
+    for run_id, wall in _walls(done).items():
         out.setdefault(run_id.split("/", 1)[0], []).append(wall)
     return out
 
 
 def estimate(
-    done: dict[str, float], runs: list[str], elsewhere: dict[str, list[float]], fallback: float
+    done: dict[str, float | None], runs: list[str], elsewhere: dict[str, list[float]], fallback: float
 ) -> float:
     """Seconds left for ``runs`` not in ``done``: per defense, its mean here, else elsewhere, else the mean of
     this sweep's runs, else ``fallback``."""
     here = _by_defense(done)
-    sweep_mean = [statistics.fmean(done.values())] if done else [fallback]
+    walls = list(_walls(done).values())
+    sweep_mean = [statistics.fmean(walls)] if walls else [fallback]
     return sum(
         statistics.fmean(here.get(d) or elsewhere.get(d) or sweep_mean)
         for d in (run_id.split("/", 1)[0] for run_id in runs if run_id not in done)
@@ -96,35 +116,37 @@ def table(root: Path, names: tuple[str, ...] = SWEEPS) -> list[str]:
 def _rows(root: Path, names: tuple[str, ...]) -> tuple[list[str], float, float, list[str]]:
     """The table's lines, the single-thread hours spent and left, and the sweeps whose cost is unknown."""
     done = {name: archived(root / name) for name in names}
-    smollm = [w for name in names if name not in OTHER_MODEL for w in done[name].values()]
+    smollm = [w for name in names if name not in OTHER_MODEL for w in _walls(done[name]).values()]
     fallback = statistics.fmean(smollm) if smollm else 0.0
     lines = [
-        "| sweep | runs archived | run time spent (h) | estimated left (h) |",
-        "|---|---|---|---|",
+        "| sweep | runs archived | run time spent (h) | to copy from another sweep | estimated left (h) |",
+        "|---|---|---|---|---|",
     ]
     total_spent = total_left = 0.0
     unknown = []
     for name in names:
         runs = planned(name, root / name)
-        spent = sum(done[name].values()) / 3600
+        ids = [run.id for run in runs]
+        spent = sum(_walls(done[name]).values()) / 3600
         total_spent += spent
-        kept = sum(run_id in done[name] for run_id in runs)
+        kept = sum(run_id in done[name] for run_id in ids)
+        todo = [run for run in runs if run.id not in done[name]]
+        copies = reusable(todo, [root / n for n in names if n != name])
+        head = f"| {name} | {kept} of {len(ids)} | {spent:.1f} | {len(copies)} |"
         if name in CLOSED:
-            lines.append(f"| {name} | {kept} of {len(runs)} | {spent:.1f} | closed |")
+            lines.append(f"{head} closed |")
             continue
         if name in OTHER_MODEL and not done[name]:
             unknown.append(name)
-            lines.append(
-                f"| {name} | {kept} of {len(runs)} | {spent:.1f} | unknown (no run of this model yet) |"
-            )
+            lines.append(f"{head} unknown (no run of this model yet) |")
             continue
         others = {k: w for n in names if n != name and n not in OTHER_MODEL for k, w in done[n].items()}
         elsewhere = {} if name in OTHER_MODEL else _by_defense(others)
-        left = estimate(done[name], runs, elsewhere, fallback) / 3600
+        left = estimate(done[name], [i for i in ids if i not in copies], elsewhere, fallback) / 3600
         total_left += left
-        lines.append(f"| {name} | {kept} of {len(runs)} | {spent:.1f} | {left:.1f} |")
+        lines.append(f"{head} {left:.1f} |")
     rest = f" + {', '.join(unknown)}" if unknown else ""
-    lines.append(f"| all | | {total_spent:.1f} | {total_left:.1f}{rest} |")
+    lines.append(f"| all | | {total_spent:.1f} | | {total_left:.1f}{rest} |")
     return lines, total_spent, total_left, unknown
 
 

@@ -51,9 +51,18 @@ lane() {  # lane NAME END_EPOCH ITEM...: run each item until it is complete or t
     # exit 0: the item is complete (an item already complete only rewrites its report); 124: stopped for time;
     # else a run failed or the item is wrong (said at once: the lane would sit idle for the rest of the session).
     # The lane's later items wait for this one.
+    # Sweeps overlap (the attack suite's harmful_mix cells are the study's runs, the uncalibrated table's SFT is
+    # the study's): a run another lane sweep has finished under the same config is copied, not made again.
+    local reuse=() other folder
+    for other in $(sweeps); do
+      [ "$other" != "$sweep" ] || continue
+      for folder in "$OUT/$other" "docs/results/$other"; do
+        if [ -d "$folder/runs" ]; then reuse+=(--reuse "$folder"); fi
+      done
+    done
     local rc=0
     OMP_NUM_THREADS=1 timeout -k 60 "$left" "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" \
-      --units-dir "$UNITS" --shard 0/1 "${only[@]}" >>"$OUT/$sweep/lane-$name.log" 2>&1 || rc=$?
+      --units-dir "$UNITS" --shard 0/1 "${only[@]}" "${reuse[@]}" >>"$OUT/$sweep/lane-$name.log" 2>&1 || rc=$?
     if [ "$rc" -ne 0 ]; then
       [ "$rc" -eq 124 ] || echo "lane: $item exited $rc, its later items wait; see $OUT/$sweep/lane-$name.log" >&2
       return 0
@@ -61,9 +70,13 @@ lane() {  # lane NAME END_EPOCH ITEM...: run each item until it is complete or t
   done
 }
 
+sweeps() {  # every lane sweep once
+  printf '%s\n' "${LANE_A[@]%%:*}" "${LANE_B[@]}" | awk '!seen[$0]++'
+}
+
 archive() {
   local sweep
-  for sweep in $(printf '%s\n' "${LANE_A[@]%%:*}" "${LANE_B[@]}" | awk '!seen[$0]++'); do
+  for sweep in $(sweeps); do
     [ -d "$OUT/$sweep/runs" ] || continue
     "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" --report >/dev/null || true  # 1: incomplete
     cp "src/ftguard/configs/sweeps/$sweep.yaml" "$OUT/$sweep/sweep.yaml"

@@ -939,3 +939,66 @@ def test_win_rate_outcomes_pair_in_half_points_and_not_with_a_match_score():
     # wins count 1, ties ½: (2.5 − 1.0) / 4 items = +37.5 points
     assert paired_bootstrap([treated], [control])["diff"] == pytest.approx(37.5)
     assert _paired_outcomes(point("1010"), point("2120", 2), "finetune_accuracy") is None
+
+
+def test_reuse_copies_another_sweeps_finished_run_of_the_same_config_and_makes_only_the_rest(
+    tmp_path, monkeypatch, capsys
+):
+    from ftguard.evaluation.judges import judge_versions
+    from ftguard.sweep.config import load_sweep
+    from ftguard.sweep.runner import is_done
+
+    # The other sweep (another name, so other run names and folders) finished p = 0.5 and p = 0.75; its p = 0.75
+    # was judged by a judge refit since.
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    other_sweep, folder = load_sweep(str(_sweep_file(tmp_path / "a", "study", [0.5, 0.75])))
+    other = tmp_path / "study-archive"
+    sources = {}
+    for run in expand(other_sweep, folder, other):
+        sources[run.config.data.finetune.harmful_ratio] = str(run.config.out_dir)
+        ev = run.config.evaluate
+        versions = judge_versions(ev.judge, ev.judge_options, ev.extra_judges)
+        if run.config.data.finetune.harmful_ratio == 0.75:
+            versions = {**versions, ev.judge: "a refit since"}
+        run.config.out_dir.mkdir(parents=True)
+        (run.config.out_dir / "results.json").write_text(
+            json.dumps(
+                {
+                    "complete": True,
+                    "name": run.config.name,
+                    "config_hash": run.config.fingerprint(),
+                    "config": run.config.to_dict(),
+                    "judge_versions": versions,
+                    "wall_time_s": 600.0,
+                    "stages": {"finetune-p0.5": {"harmful_score": 42.0}},
+                }
+            )
+        )
+
+    calls = []
+    _fake_pipeline(monkeypatch, lambda p, wait: calls.append(p) or {"complete": False})
+    path = _sweep_file(tmp_path / "b", "suite", [0.25, 0.5, 0.75])
+    out = tmp_path / "out"
+    cli.main(["sweep", str(path), "--output-dir", str(out), "--reuse", str(other)])
+    assert calls == [0.25, 0.75]  # 0.5 copied; 0.75's judge differs, 0.25 was never made there
+
+    suite, folder = load_sweep(str(path))
+    copied = next(r for r in expand(suite, folder, out) if r.config.data.finetune.harmful_ratio == 0.5)
+    results = json.loads((copied.config.out_dir / "results.json").read_text())
+    assert results["name"] == copied.config.name != results["reused_from"]["run"]
+    assert results["reused_from"]["dir"] == sources[0.5]
+    assert results["stages"] == {"finetune-p0.5": {"harmful_score": 42.0}} and results["wall_time_s"] == 600.0
+    assert (copied.config.out_dir / "config.yaml").is_file() and is_done(copied)
+    entry = json.loads((out / "sweep.json").read_text())["runs"][copied.id]
+    assert entry["status"] == "complete" and entry["reused_from"] == results["reused_from"]["dir"]
+
+    # a copy is not a source: reusing the suite from another sweep would hide where the numbers were made
+    third = tmp_path / "third"
+    calls.clear()
+    cli.main(["sweep", str(path), "--output-dir", str(third), "--reuse", str(out)])
+    assert calls == [0.25, 0.5, 0.75]
+
+    assert cli.main(["sweep", str(path), "--output-dir", str(out), "--reuse", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--reuse" in err and "no runs/ folder there" in err

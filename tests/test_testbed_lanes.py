@@ -78,3 +78,12 @@ def test_a_failed_sweep_holds_its_lane_s_later_items(tmp_path):
     # lane B stops at its first item; lane A, done with its own, reaches it too and stops there as well
     assert _lane_calls(out, "B") == [failing]
     assert _lane_calls(out, "A") == sorted({_sweep(i) for i in lane_a} | {failing})
+
+
+def test_each_sweep_reuses_the_other_lane_sweeps_finished_runs(tmp_path):
+    out = _run(tmp_path)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    suite = next(c for c in calls if c.split()[1] == "sweeps/cpu-attack-suite")
+    # the study's archive is in the repository (docs/results), and the lanes copied it into OUT
+    assert f"--reuse {out}/testbed-study " in suite + " " and "--reuse docs/results/testbed-study" in suite
+    assert "--reuse docs/results/cpu-attack-suite" not in suite  # never itself

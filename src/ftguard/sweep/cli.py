@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="A,B",
         help="run only these defenses (comma-separated; the report covers every finished run): the rows wanted "
         "first of a sweep longer than the time at hand",
+    )
+    p.add_argument(
+        "--reuse",
+        action="append",
+        type=Path,
+        metavar="DIR",
+        help="another sweep's output folder or archive (repeatable): a run of the same config finished there is "
+        "copied, not made again (its results say where from)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace units of a different config")
     p.add_argument("--json", action="store_true", help="print the plan or report as JSON")
@@ -89,6 +98,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             fail_fast=args.fail_fast,
             stop_after_h=args.stop_after,
             defenses=args.defenses,
+            reuse=args.reuse,
         )
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2, default=str))

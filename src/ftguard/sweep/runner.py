@@ -103,6 +103,7 @@ def run_sweep(
     shard: tuple[int, int] | None = None,
     stop_after_h: float | None = None,
     defenses: list[str] | None = None,
+    reuse: list[Path] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the sweep (or this process's shard of it); returns the aggregate report of every finished run.
@@ -113,6 +114,9 @@ def run_sweep(
     ``stop_after_h``: start no run that would end past this many hours from the start, judged by the longest run
     this process has finished (before the first, any run starts). A sweep longer than a working session then
     stops with finished runs only; the same command resumes it.
+
+    ``reuse``: other sweeps' output folders or archives; a run not done here whose config one of them finished
+    (ftguard.sweep.reuse) is copied from there instead of made.
     """
     from tqdm.auto import tqdm
 
@@ -153,6 +157,9 @@ def run_sweep(
     for run in [r for r in todo if is_done(r)]:
         entries[run.id] = _entry(run, "complete", None)
         todo.remove(run)
+    if reuse:
+        entries.update(_reuse(todo, reuse))
+        todo = [r for r in todo if r.id not in entries]
     with tqdm(
         total=len(todo) + len(entries),
         initial=len(entries),
@@ -213,6 +220,19 @@ def run_sweep(
     report["not_started"] = stopped
     report["selected_complete"] = all(is_done(r) for r in selected)
     return report
+
+
+def _reuse(todo: list[SweepRun], folders: list[Path]) -> dict[str, Any]:
+    from ftguard.sweep.reuse import config_key, finished_runs, reuse_into
+
+    found = finished_runs(folders)
+    entries = {}
+    for run in todo:
+        source = found.get(config_key(run.config))
+        if source is not None and reuse_into(run.config, source) is not None:
+            log.info("sweep run %s: reused from %s (same config)", run.id, source)
+            entries[run.id] = {**_entry(run, "complete", None), "reused_from": str(source)}
+    return entries
 
 
 def select_defenses(sweep: SweepConfig, runs: list[SweepRun], defenses: list[str] | None) -> list[SweepRun]:
