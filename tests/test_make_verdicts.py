@@ -58,6 +58,8 @@ def study(tmp_path):
         "nothing": cells(hs=(-2, -6, 2)),
         "safer_start": cells(),
         "few_seeds": cells(seeds=2),
+        "by_chance": cells(),
+        "holds_up": cells(),
         "left_as_sft": {
             metric: cell(0.0, 0.0, 0.0, detectable=0.0)
             for metric in ("harmful_score", "harmful_score_plus", "finetune_accuracy", "over_refusal")
@@ -73,6 +75,8 @@ def study(tmp_path):
             rows += run_rows(name, {"align": "sft", "finetune": "sft"}, (30.0, 32.0), p=0.0)
         else:
             rows += run_rows(name, {"align": "sft", "finetune": "lisa"}, (30.0, 32.0))
+    paired["by_chance"]["harmful_score"]["0.1"]["p_holm"] = 0.2
+    paired["holds_up"]["harmful_score"]["0.1"]["p_holm"] = 0.01
     # EWC-like: a fine-tuning defense that aligns again (single LoRA), 9 points above SFT's start
     paired["own_alignment"] = cells()
     rows += run_rows("own_alignment", {"align": "sft", "finetune": "ewc"}, (40.0, 40.0))
@@ -127,6 +131,14 @@ def test_each_branch_of_the_rule(study):
     # a defense of the sweep file with no run yet is listed, by its declared stage; a control at p = 0 is not
     assert lines["not_run"] == "| not_run | `safelora` (post) | – | – | – | – | – | pending |"
     assert lines["few_seeds"].endswith("reproduced qualitatively; provisional (2 of 5 seeds) |")
+    # the rule's verdict stands; beside it, whether the fall holds up when a dozen defenses are read at once
+    assert lines["by_chance"].endswith(
+        "reproduced qualitatively; the HS fall does not survive Holm's correction over the study's defenses |"
+    )
+    assert lines["holds_up"].endswith(
+        "reproduced qualitatively; the HS fall survives Holm's correction over the study's defenses |"
+    )
+    assert "Holm" not in lines["nothing"]  # no fall, nothing to correct
     assert "Strong attack (lr 5e-4 × 64 steps), calibrated defenses\n\nPending: not run yet." in text
 
 

@@ -198,3 +198,28 @@ def test_the_planned_detectable_difference_refuses_impossible_pilots():
         detectable_before_the_run(0.1, 0.2, 100, 1)  # a difference larger than the share of differing items
     with pytest.raises(ValueError, match="one item"):
         detectable_before_the_run(0.1, 0.0, 0, 1)
+
+
+def test_the_bootstrap_p_value_is_twice_the_replicates_beyond_zero():
+    rng = np.random.default_rng(5)
+    treated, control = rng.random((3, 30)) < 0.35, rng.random((3, 30)) < 0.5
+    got = paired_bootstrap(treated, control, n_boot=400, seed=2)
+    draws = np.random.default_rng(2)
+    seed_draws, item_draws = draws.integers(0, 3, size=(400, 3)), draws.integers(0, 30, size=(400, 30))
+    d = treated.astype(float) - control.astype(float)
+    reps = np.array([d[s][:, i].mean() for s, i in zip(seed_draws, item_draws, strict=True)])
+    assert got["p"] == pytest.approx(min(1.0, 2 * min((reps <= 0).mean(), (reps >= 0).mean())))
+    # the interval excludes 0 exactly when few replicates cross it
+    assert (got["mark"] != "≈") == (got["p"] < 0.05) or abs(got["p"] - 0.05) < 0.01
+    arm = rng.random((2, 10)) < 0.5
+    assert paired_bootstrap(arm, arm.copy(), n_boot=50)["p"] == 1.0  # nothing moved: no evidence at all
+
+
+def test_holm_multiplies_the_kth_smallest_by_the_hypotheses_left_and_keeps_the_order():
+    from ftguard.evaluation.paired import holm
+
+    got = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    # sorted a 0.01, c 0.03, b 0.04, d 0.5 → ×4, ×3, ×2, ×1 = 0.04, 0.09, 0.08 → 0.09 (monotone), 0.5
+    assert got == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+    assert holm({"x": 0.6, "y": 0.7}) == pytest.approx({"x": 1.0, "y": 1.0})
+    assert holm({}) == {}

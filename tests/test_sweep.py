@@ -575,7 +575,9 @@ def test_paired_effects_resample_the_same_prompts_and_seeds_of_both_arms(tmp_pat
     expected = paired_bootstrap(
         [as_bool[("a", 1)], as_bool[("a", 2)]], [as_bool[("sft", 1)], as_bool[("sft", 2)]]
     )
-    assert cell == expected and cell["diff"] == pytest.approx(100 * (5 - 11) / 20) and cell["seeds"] == 2
+    assert {k: v for k, v in cell.items() if k != "p_holm"} == expected
+    assert cell["diff"] == pytest.approx(100 * (5 - 11) / 20) and cell["seeds"] == 2
+    assert cell["p_holm"] == expected["p"]  # a family of one defense: nothing to correct for
     assert "finetune_accuracy" not in table["paired"]["a"] or not table["paired"]["a"]["finetune_accuracy"]
     assert all("outcomes" not in row for row in rows)  # runs.json / runs.csv stay small
     text = markdown(sweep, [table], [], "keyword")
@@ -1002,3 +1004,47 @@ def test_reuse_copies_another_sweeps_finished_run_of_the_same_config_and_makes_o
     assert cli.main(["sweep", str(path), "--output-dir", str(out), "--reuse", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "--reuse" in err and "no runs/ folder there" in err
+
+
+def test_paired_effects_carry_holm_over_the_defenses_of_a_column_and_mark_only_those_that_survive(tmp_path):
+    from ftguard.evaluation.paired import holm
+    from ftguard.sweep.aggregate import aggregate
+    from ftguard.sweep.report import markdown
+
+    # Against the same SFT, on 40 prompts × 3 seeds: "strong" halves HS, "weak" removes a few harmful answers,
+    # "null" is SFT's outcomes with one flip.
+    sft = "1" * 20 + "0" * 20
+    arms = {
+        "sft": sft,
+        "strong": "1" * 8 + "0" * 32,
+        "weak": "1" * 16 + "0" * 24,
+        "null": "0" + "1" * 19 + "0" * 20,
+    }
+    sweep = _sweep(
+        defenses={d: {} for d in arms},
+        grid={"data.finetune.harmful_ratio": [0.1]},
+        seeds=[1, 2, 3],
+        baseline="sft",
+    )
+    runs = _fake_runs(
+        tmp_path, sweep, {(d, 0.1, seed, None): (50.0, 90.0) for d in arms for seed in (1, 2, 3)}
+    )
+    for run in runs:
+        path = run.config.out_dir / "results.json"
+        results = json.loads(path.read_text())
+        results["stages"]["finetune"]["outcomes"] = {
+            "harmful_score": {"items": "same", "bits": arms[run.defense]}
+        }
+        path.write_text(json.dumps(results))
+    _, report = aggregate(sweep, runs)
+    (table,) = report["tables"]
+    cells = {d: table["paired"][d]["harmful_score"]["0.1"] for d in ("strong", "weak", "null")}
+    assert {d: c["p_holm"] for d, c in cells.items()} == pytest.approx(
+        holm({d: c["p"] for d, c in cells.items()})
+    )
+    assert cells["strong"]["p_holm"] < 0.05 < cells["null"]["p_holm"]
+    text = markdown(sweep, [table], [], "keyword")
+    rows = {ln.split(" | ")[0][2:]: ln for ln in text.splitlines() if ln.startswith("| ") and "[" in ln}
+    assert "↓†" in rows["strong"] and "†" not in rows["null"]
+    # weak: the mark follows its own Holm value, whichever way it falls
+    assert ("↓†" in rows["weak"]) == (cells["weak"]["mark"] == "↓" and cells["weak"]["p_holm"] < 0.05)

@@ -104,8 +104,10 @@ def paired_bootstrap(treated: Any, control: Any, *, n_boot: int = 4000, seed: in
     prompts, and keeps their pairing (which makes it far narrower than two independent intervals).
 
     Returns the observed difference in points (treated − control), the 95% percentile interval, the bootstrap
-    standard error, and ``detectable``: the difference this design finds with 80% power at a two-sided 5% level
-    (2.8 standard errors, normal approximation). A true effect below it is more likely missed than found.
+    standard error, ``detectable``: the difference this design finds with 80% power at a two-sided 5% level
+    (2.8 standard errors, normal approximation; a true effect below it is more likely missed than found), and
+    ``p``: the two-sided bootstrap p-value, twice the share of replicates on the far side of 0 (the level at
+    which the percentile interval would just reach 0), which ``holm`` corrects across defenses.
     """
     a, b = np.asarray(treated, dtype=float), np.asarray(control, dtype=float)
     if a.shape != b.shape or a.ndim != 2 or a.size == 0:
@@ -125,6 +127,7 @@ def paired_bootstrap(treated: Any, control: Any, *, n_boot: int = 4000, seed: in
     replicates = 100.0 * np.einsum("rs,si,ri->r", seed_counts, diff, item_counts) / (n_seeds * n_items)
     lower, upper = np.percentile(replicates, [2.5, 97.5])
     se = float(replicates.std(ddof=1))
+    p = min(1.0, 2.0 * min(float((replicates <= 0).mean()), float((replicates >= 0).mean())))
     return {
         "diff": 100.0 * float(diff.mean()),
         "interval": [float(lower), float(upper)],
@@ -133,7 +136,21 @@ def paired_bootstrap(treated: Any, control: Any, *, n_boot: int = 4000, seed: in
         "seeds": n_seeds,
         "items": n_items,
         "mark": "↓" if upper < 0 else "↑" if lower > 0 else "≈",
+        "p": p,
     }
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of a family of p-values (Holm 1979): the k-th smallest is multiplied by the
+    number of hypotheses not yet rejected (m − k + 1), and the adjusted values are made non-decreasing in that
+    order. An adjusted value below α rejects with a family-wise error of at most α, under any dependence between
+    the tests: a dozen defenses read against one SFT share its outcomes."""
+    order = sorted(p_values, key=p_values.__getitem__)
+    m, running, out = len(order), 0.0, {}
+    for k, name in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p_values[name]))
+        out[name] = running
+    return out
 
 
 def detectable_before_the_run(

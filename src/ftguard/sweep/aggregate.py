@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from ftguard.evaluation.paired import decode_entry, paired_bootstrap
+from ftguard.evaluation.paired import decode_entry, holm, paired_bootstrap
 from ftguard.evaluation.stats import difference_interval
 from ftguard.metrics import (
     HEADLINE,
@@ -191,10 +191,20 @@ def paired_versus_baseline(
     """Each defense against the baseline on the same prompts and seeds, per metric and p (and "avg" over the
     ratios, where every ratio's items count as items): the two-level paired bootstrap of
     ``evaluation.paired.paired_bootstrap``, with the difference the design can detect. Only seeds whose both runs
-    recorded per-item outcomes over the same items enter; a cell without such a seed is left out."""
-    return _each_against_baseline(
+    recorded per-item outcomes over the same items enter; a cell without such a seed is left out.
+
+    Each cell also gets ``p_holm``: its bootstrap p-value after Holm's correction over the defenses of its
+    column (one metric at one p), since a dozen defenses read at 95% against one baseline would show about one
+    null effect in twenty by chance."""
+    paired = _each_against_baseline(
         defenses, baseline, lambda by_p, base, metric: _paired(by_p, base, metric, ratios)
     )
+    columns = {(metric, col) for cells in paired.values() for metric in cells for col in cells[metric]}
+    for metric, col in columns:
+        family = {d: cells[metric][col] for d, cells in paired.items() if col in cells.get(metric, {})}
+        for defense, adjusted in holm({d: cell["p"] for d, cell in family.items()}).items():
+            family[defense]["p_holm"] = adjusted
+    return paired
 
 
 def _each_against_baseline(

@@ -137,7 +137,9 @@ def _paired_md(sweep: SweepConfig, table: dict[str, Any]) -> list[str]:
     lines = [
         f"**Paired effects against `{sweep.baseline}`** (same prompts, same seeds): difference in points "
         "[95% interval] of a bootstrap over seeds and prompts; in brackets after the interval, the smallest "
-        "difference this design detects with 80% power. ↓ / ↑: the interval excludes 0.",
+        "difference this design detects with 80% power. ↓ / ↑: the interval excludes 0; ↓† / ↑†: it still does "
+        "after Holm's correction over the column's defenses (family-wise error 5%: each interval alone is read "
+        "at 95%, and among a dozen defenses one null effect in twenty would show by chance).",
         "",
     ]
     for metric in HEADLINE:
@@ -162,7 +164,8 @@ def _paired_cell(cell: dict[str, Any] | None) -> str:
     if not cell:
         return "–"
     lo, hi = cell["interval"]
-    return f"{cell['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] {cell['mark']} ({cell['detectable']:.1f})"
+    mark = cell["mark"] + ("†" if cell["mark"] != "≈" and cell.get("p_holm", 1.0) < 0.05 else "")
+    return f"{cell['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] {mark} ({cell['detectable']:.1f})"
 
 
 def _reference_md(sweep: SweepConfig) -> list[str]:
