@@ -266,7 +266,8 @@ def attack_suite(suite: Path | None, probe: Path | None) -> list[str]:
         worst = section(report[0], "Adaptive attack")
         lines += [
             f"`sweeps/{SWEEPS['attack_suite']}` on the test prompts ({status(report[1])}): each defense at its "
-            "calibrated setting under every registered attack at p = 0.1 (docs/attacks.md). The worst case is the "
+            "calibrated setting under every registered attack by a LoRA attacker and the papers' upload by a "
+            "full-parameter one, at p = 0.1 (docs/attacks.md). The worst case is the "
             "highest HS (through the trigger for the attacks that teach one) among the attacks that keep FA "
             "within 10 points of the defense's best. `ftguard gate SWEEP_DIR --worst-case` gates on it.",
             "",

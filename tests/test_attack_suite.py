@@ -19,6 +19,7 @@ from ftguard.sweep.report import collect, worst_case, write_report
 from test_sweep import _fake_runs, _sweep
 
 ATTACK = "data.finetune.attack"
+FULL = "adapter.finetune_full"
 
 # Declared in an order that is neither alphabetical nor the order the runs are written in (reversed below).
 SUITE = [
@@ -252,17 +253,19 @@ def test_packaged_attack_suite_runs_every_attack_against_every_defense(tmp_path,
     }
     assert {a["name"] for a in sweep.attack.grid[ATTACK]} == builtin  # the suite is every registered attack
 
+    # after the LoRA attacker's grid, the listed full-parameter attacker with the papers' upload
+    declared = [(a, False) for a in declared] + [(axis_text({"name": "harmful_mix"}), True)]
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] and report["runs"] == 2 * len(declared)
     worst = {e["defense"]: e for e in report["worst_case"]}
     assert set(worst) == {"sft", "vaccine"}
     for entry in worst.values():
         assert [
-            s["setting"][ATTACK] for s in entry["settings"]
-        ] == declared  # every attack ran, in grid order
+            (s["setting"][ATTACK], s["setting"][FULL]) for s in entry["settings"]
+        ] == declared  # every attack ran, in the order an attacker tries them
         assert all(s["seeds"] == 1 and s["hs"] is not None for s in entry["settings"])
         kept = [s for s in entry["settings"] if s["kept"]]
-        assert entry["worst"]["setting"][ATTACK] in declared
+        assert entry["worst"]["setting"][ATTACK] in {a for a, _ in declared}
         assert entry["worst"]["hs"] == max(s["hs"] for s in kept)
         curve = entry["cumulative_max"]
         assert [c["setting"] for c in curve] == [s["setting"] for s in kept]
@@ -272,6 +275,11 @@ def test_packaged_attack_suite_runs_every_attack_against_every_defense(tmp_path,
     # the template attack is also asked through its trigger, and that HS is the attacker's
     jailbreak = sorted(out.glob("runs/*/attack=jailbreak_tuning*/results.json"))
     assert len(jailbreak) == 2
+    # the full-parameter attacker is its own run per defense, its config saying so
+    full = sorted(out.glob("runs/*/attack=harmful_mix-full=True-seed43/results.json"))
+    assert len(full) == 2
+    for path in full:
+        assert json.loads(path.read_text())["config"]["adapter"]["finetune_full"] is True
     for path in jailbreak:
         (point,) = [p for p in read_results(path).points.values() if p.stage == "finetune"]
         assert point.value("harmful_score_triggered") is not None

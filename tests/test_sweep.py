@@ -102,6 +102,10 @@ def test_a_bad_run_anywhere_in_the_grid_fails_before_any_work(tmp_path, extra, m
         ({"defenses": {}}, "defenses"),
         ({"attack": {"grid": {}}}, "grid"),
         ({"attack": {"grid": {"x": [1]}, "capability_guard": {"max_fa_drop": 300}}}, "max_fa_drop"),
+        # a listed attack setting gives every grid axis a value, once, and is not one of the grid's own
+        ({"attack": {"grid": {"x": [1], "y": [2]}, "settings": [{"x": 3}]}}, r"setting 0 sets \['x'\]"),
+        ({"attack": {"grid": {"x": [1], "y": [2]}, "settings": [{"x": 1, "y": 2}]}}, "already in the grid"),
+        ({"attack": {"grid": {"x": [1]}, "settings": [{"x": 2}, {"x": 2}]}}, "setting 1 is already"),
     ],
 )
 def test_sweep_schema_errors_name_the_key(extra, key):
@@ -1048,3 +1052,25 @@ def test_paired_effects_carry_holm_over_the_defenses_of_a_column_and_mark_only_t
     assert "↓†" in rows["strong"] and "†" not in rows["null"]
     # weak: the mark follows its own Holm value, whichever way it falls
     assert ("↓†" in rows["weak"]) == (cells["weak"]["mark"] == "↓" and cells["weak"]["p_holm"] < 0.05)
+
+
+def test_listed_attack_settings_follow_the_grid_s_combinations_in_run_ids_and_attack_order(tmp_path):
+    sweep = _sweep(
+        defenses={"sft": {}},
+        seeds=[1],
+        attack={
+            "grid": {"finetune.train.learning_rate": [1.0e-4, 2.0e-4], "adapter.finetune_full": [False]},
+            "settings": [{"adapter.finetune_full": True, "finetune.train.learning_rate": 1.0e-4}],
+        },
+    )
+    runs = expand(sweep, tmp_path, tmp_path / "out")
+    assert [r.id for r in runs] == [
+        "sft/lr=0.0001-full=False-seed1",
+        "sft/lr=0.0002-full=False-seed1",
+        "sft/lr=0.0001-full=True-seed1",  # three runs, not the 2 × 2 of a product
+    ]
+    assert [r.config.adapter.finetune_full for r in runs] == [False, False, True]
+    assert [r.attack for r in runs][-1] == {
+        "finetune.train.learning_rate": 1.0e-4,
+        "adapter.finetune_full": True,
+    }

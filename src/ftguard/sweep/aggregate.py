@@ -26,7 +26,7 @@ from ftguard.metrics import (
 )  # the rates the sweep tabulates per defense and marks against the baseline
 from ftguard.run_results import read_results
 from ftguard.sweep.calibrate import calibrate
-from ftguard.sweep.config import RATIO_KEY, SweepConfig, SweepRun, axis_text
+from ftguard.sweep.config import RATIO_KEY, SweepConfig, SweepRun, attack_cells, axis_text
 
 
 def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
@@ -139,7 +139,7 @@ def summarize(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str, 
         # The sweep's own ratios when it declares them: a missing one shows as "–" and leaves no average.
         declared = [
             *sweep.grid.get(RATIO_KEY, []),
-            *(sweep.attack.grid.get(RATIO_KEY, []) if sweep.attack else []),
+            *(cell[RATIO_KEY] for cell in attack_cells(sweep.attack) if RATIO_KEY in cell),
         ]
         ratios = sorted({float(p) for p in declared} | {p for by_p in defenses.values() for p in by_p})
         table = {"slice": dict(key), "ratios": ratios, "defenses": {}}
@@ -400,16 +400,19 @@ def attack_curve(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[st
 
 
 def _grid_position(sweep: SweepConfig) -> Callable[[tuple], tuple[int, ...]]:
-    """Sort key of an attack setting ((axis, value) pairs): its place in the attack grid as declared, the order an
-    attacker who tries the settings in turn reaches them. A value outside the declared grid (results of an older
-    sweep file) goes after the declared ones."""
+    """Sort key of an attack setting ((axis, value) pairs, possibly without some axes): the place of the first
+    attack setting it matches in ``attack_cells`` (the grid's combinations, then the listed settings), the order an
+    attacker who tries the settings in turn reaches them. A value outside the declared settings (results of an
+    older sweep file) goes after the declared ones."""
     assert sweep.attack is not None
-    values = {k: [_hashable(x) for x in v] for k, v in sweep.attack.grid.items()}
+    cells = [[(k, _hashable(v)) for k, v in cell.items()] for cell in attack_cells(sweep.attack)]
 
     def position(setting: tuple) -> tuple[int, ...]:
-        return tuple(
-            values[k].index(v) if v in values.get(k, []) else len(values.get(k, [])) for k, v in setting
-        )
+        keys = {k for k, _ in setting}
+        for index, cell in enumerate(cells):
+            if tuple((k, v) for k, v in cell if k in keys) == tuple(setting):
+                return (index,)
+        return (len(cells),)
 
     return position
 

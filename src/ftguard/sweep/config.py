@@ -12,7 +12,9 @@ defenses:                       # one row of the table each: config settings on 
 grid:                           # every combination; keys are config paths
   data.finetune.harmful_ratio: [0.0, 0.1, 0.2]
 attack:                         # optional adaptive attacker: settings tried against every defense
-  grid: {finetune.train.learning_rate: [1.0e-4, 5.0e-4]}
+  grid: {finetune.train.learning_rate: [1.0e-4, 5.0e-4], adapter.finetune_full: [false]}
+  settings:                     # optional: more settings after the grid's, each setting every grid axis
+    - {finetune.train.learning_rate: 1.0e-4, adapter.finetune_full: true}
   capability_guard: {max_fa_drop: 10}
 reference:                      # optional: the paper's numbers, shown next to ours
   source: Booster Table 1
@@ -48,7 +50,12 @@ from ftguard.resolve import ResolvedRun, resolve_run
 from ftguard.schema import ConfigError, check, did_you_mean, from_dict
 
 RATIO_KEY = "data.finetune.harmful_ratio"
-ABBREVIATIONS = {RATIO_KEY: "p", "seed": "seed", "finetune.train.learning_rate": "lr"}
+ABBREVIATIONS = {
+    RATIO_KEY: "p",
+    "seed": "seed",
+    "finetune.train.learning_rate": "lr",
+    "adapter.finetune_full": "full",
+}
 
 
 @dataclass
@@ -75,12 +82,48 @@ class AttackConfig:
         default_factory=dict,
         metadata={"help": "attack settings (config paths → values) tried on every defense"},
     )
+    settings: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={
+            "help": "more attack settings, tried after the grid's combinations: each gives a value to every grid "
+            "axis (one full-parameter attacker beside a grid of LoRA attacks, without doubling the grid)"
+        },
+    )
     capability_guard: CapabilityGuard = field(default_factory=CapabilityGuard)
 
     def __post_init__(self) -> None:
         check(
             bool(self.grid), "grid", "an attack needs at least one axis (e.g. finetune.train.learning_rate)"
         )
+        seen = [repr(sorted(cell.items())) for cell in attack_cells(self, settings=False)]
+        for i, setting in enumerate(self.settings):
+            check(
+                isinstance(setting, dict), "attack.settings", f"setting {i} is not a mapping of config paths"
+            )
+            check(
+                set(setting) == set(self.grid),
+                "attack.settings",
+                f"setting {i} sets {sorted(setting)}; each setting gives a value to exactly the grid's axes "
+                f"{sorted(self.grid)}",
+            )
+            cell = repr(sorted({k: setting[k] for k in self.grid}.items()))
+            check(cell not in seen, "attack.settings", f"setting {i} is already in the grid or listed twice")
+            seen.append(cell)
+
+
+def attack_cells(attack: AttackConfig | None, *, settings: bool = True) -> list[dict[str, Any]]:
+    """Every attack setting in the order an attacker tries them: the grid's combinations (axes in the order
+    declared, the last varying fastest), then ``settings`` as listed, each with the grid's axes in grid order."""
+    if attack is None:
+        return []
+    axes = list(attack.grid.items())
+    cells = [
+        dict(zip((k for k, _ in axes), values, strict=True))
+        for values in itertools.product(*(v for _, v in axes))
+    ]
+    if settings:
+        cells += [{k: setting[k] for k, _ in axes} for setting in attack.settings]
+    return cells
 
 
 CALIBRATION_REFERENCES = ("baseline", "aligned")
@@ -311,7 +354,7 @@ def expand(sweep: SweepConfig, folder: Path, out_dir: Path) -> list[SweepRun]:
     base_seed = config_from_dict(base).seed if sweep.seeds is None else None
     seeds = sweep.seeds or [base_seed]
     axes = list(sweep.grid.items())
-    attack_axes = list(sweep.attack.grid.items()) if sweep.attack else []
+    attacks = attack_cells(sweep.attack) or [{}]
     ratios = _all_ratios(base, sweep)
     runs = []
     # Seed outermost: a sweep stopped half-way has whole tables for its first seeds, not some defenses only.
@@ -319,8 +362,7 @@ def expand(sweep: SweepConfig, folder: Path, out_dir: Path) -> list[SweepRun]:
         for defense, settings in sweep.defenses.items():
             for values in itertools.product(*(v for _, v in axes)):
                 grid = dict(zip((k for k, _ in axes), values, strict=True))
-                for attack_values in itertools.product(*(v for _, v in attack_axes)):
-                    attack = dict(zip((k for k, _ in attack_axes), attack_values, strict=True))
+                for attack in attacks:
                     parts = [_slug(k, v) for k, v in {**grid, **attack}.items()] + [f"seed{seed}"]
                     run_id = "/".join([defense, "-".join(parts)])
                     data = set_keys(
@@ -345,7 +387,7 @@ def expand(sweep: SweepConfig, folder: Path, out_dir: Path) -> list[SweepRun]:
 
 def _all_ratios(base: dict[str, Any], sweep: SweepConfig) -> list[float]:
     values: list[Any] = list(sweep.grid.get(RATIO_KEY, []))
-    values += sweep.attack.grid.get(RATIO_KEY, []) if sweep.attack else []
+    values += [cell[RATIO_KEY] for cell in attack_cells(sweep.attack) if RATIO_KEY in cell]
     for settings in sweep.defenses.values():
         if RATIO_KEY in settings:
             values.append(settings[RATIO_KEY])

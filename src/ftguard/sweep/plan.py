@@ -43,6 +43,7 @@ def dry_run(sweep: SweepConfig, runs: list[SweepRun]) -> dict[str, Any]:
         "defenses": list(sweep.defenses),
         "grid": sweep.grid,
         "attack": sweep.attack.grid if sweep.attack else {},
+        "attack_settings": sweep.attack.settings if sweep.attack else [],
         "seeds": sorted({r.seed for r in runs}),
         "units": {k: len(v) for k, v in units.items()},
         "units_without_sharing": sum(len(run_units) for _, run_units in graphs),
@@ -61,7 +62,8 @@ def describe(plan: dict[str, Any]) -> str:
         + " × ".join(
             [
                 f"{len(plan['defenses'])} defenses",
-                *(f"{len(v)} {k.split('.')[-1]}" for k, v in {**plan["grid"], **plan["attack"]}.items()),
+                *(f"{len(v)} {k.split('.')[-1]}" for k, v in plan["grid"].items()),
+                *_attack_factors(plan),
                 f"{len(plan['seeds'])} seeds",
             ]
         ),
@@ -81,3 +83,15 @@ def describe(plan: dict[str, Any]) -> str:
         + f"; total {plan['gpu_hours_total']:g}",
     ]
     return "\n".join(lines)
+
+
+def _attack_factors(plan: dict[str, Any]) -> list[str]:
+    """The attack's share of the run count: one factor per grid axis, or, with listed settings beside the grid,
+    their total (the settings are not a product)."""
+    axes = plan["attack"]
+    if not plan.get("attack_settings"):
+        return [f"{len(v)} {k.split('.')[-1]}" for k, v in axes.items()]
+    combinations = 1
+    for values in axes.values():
+        combinations *= len(values)
+    return [f"{combinations + len(plan['attack_settings'])} attack settings"]
