@@ -1074,3 +1074,6 @@ def test_listed_attack_settings_follow_the_grid_s_combinations_in_run_ids_and_at
         "finetune.train.learning_rate": 1.0e-4,
         "adapter.finetune_full": True,
     }
+    from ftguard.sweep.plan import describe, dry_run
+
+    assert "3 runs = 1 defenses × 3 attack settings × 1 seeds" in describe(dry_run(sweep, runs))
