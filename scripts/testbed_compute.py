@@ -58,10 +58,9 @@ def _walls(done: dict[str, float | None]) -> dict[str, float]:
 def reusable(runs: list, others: list[Path]) -> set[str]:
     """Ids of ``runs`` that another sweep's archive has finished under the same config: `ftguard sweep --reuse`
     (scripts/testbed_lanes.sh passes the lanes' archives) copies them instead of making them."""
-    from ftguard.sweep.reuse import config_key, finished_runs
+    from ftguard.sweep.reuse import sources
 
-    found = finished_runs([o for o in others if (o / "runs").is_dir()])
-    return {run.id for run in runs if config_key(run.config) in found}
+    return set(sources(runs, [o for o in others if (o / "runs").is_dir()]))
 
 
 def planned(name: str, archive: Path) -> list:

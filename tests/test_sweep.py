@@ -999,6 +999,10 @@ def test_reuse_copies_another_sweeps_finished_run_of_the_same_config_and_makes_o
     entry = json.loads((out / "sweep.json").read_text())["runs"][copied.id]
     assert entry["status"] == "complete" and entry["reused_from"] == results["reused_from"]["dir"]
 
+    # the dry run says which runs --reuse would copy, and counts no unit for them
+    cli.main(["sweep", str(path), "--output-dir", str(tmp_path / "dry"), "--reuse", str(other), "--dry-run"])
+    assert "1 run(s) copied from --reuse folders" in capsys.readouterr().out
+
     # a copy is not a source: reusing the suite from another sweep would hide where the numbers were made
     third = tmp_path / "third"
     calls.clear()

@@ -80,7 +80,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from ftguard.sweep.plan import describe, dry_run
         from ftguard.sweep.runner import select_defenses
 
-        plan = dry_run(sweep, select_defenses(sweep, expand(sweep, folder, out), args.defenses))
+        runs = select_defenses(sweep, expand(sweep, folder, out), args.defenses)
+        reused: frozenset[str] = frozenset()
+        if args.reuse:
+            from ftguard.sweep.reuse import sources
+
+            reused = frozenset(sources(runs, args.reuse))
+        plan = dry_run(sweep, runs, reused)
         print(json.dumps(plan, indent=2, default=str) if args.json else describe(plan))
         return 0
     if args.report:

@@ -17,14 +17,15 @@ from ftguard.sweep.config import SweepConfig, SweepRun
 KINDS = ("align", "finetune", "post", "eval")
 
 
-def dry_run(sweep: SweepConfig, runs: list[SweepRun]) -> dict[str, Any]:
+def dry_run(sweep: SweepConfig, runs: list[SweepRun], reused: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``reused``: ids of runs that `--reuse` would copy from another sweep; they make no unit."""
     from ftguard.cost import gpu_spec
     from ftguard.estimate import eval_cost, stage_cost
 
     gpu = gpu_spec(sweep.gpu)
     graphs: list[tuple[SweepRun, list[Unit]]] = []
     missing: str | None = None
-    for run in runs:
+    for run in (r for r in runs if r.id not in reused):
         run_units, why = estimate_graph(run.resolved)
         graphs.append((run, run_units))
         missing = missing or why
@@ -40,6 +41,7 @@ def dry_run(sweep: SweepConfig, runs: list[SweepRun]) -> dict[str, Any]:
     return {
         "name": sweep.name,
         "runs": len(runs),
+        "reused": len(reused),
         "defenses": list(sweep.defenses),
         "grid": sweep.grid,
         "attack": sweep.attack.grid if sweep.attack else {},
@@ -68,6 +70,13 @@ def describe(plan: dict[str, Any]) -> str:
             ]
         ),
         f"  defenses: {', '.join(plan['defenses'])}",
+        *(
+            [
+                f"  {plan['reused']} run(s) copied from --reuse folders (same config finished there): no unit made"
+            ]
+            if plan.get("reused")
+            else []
+        ),
         "  units to train/evaluate (shared across runs): "
         + ", ".join(f"{k} {v}" for k, v in units.items())
         + f" (about {plan['units_without_sharing']} without sharing)",

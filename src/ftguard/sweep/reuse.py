@@ -57,13 +57,30 @@ def finished_runs(folders: Iterable[Path]) -> dict[str, Path]:
     return found
 
 
-def reuse_into(config: RunConfig, source: Path) -> dict[str, Any] | None:
-    """Copy the finished run in ``source`` into ``config``'s folder as this run when it was judged as this run
-    would be; returns the new results, or None (nothing written) when the judges differ."""
-    results = read_json(source / "results.json")
+def sources(runs: Iterable[Any], folders: Iterable[Path]) -> dict[str, Path]:
+    """{run id: the finished run folder it can be copied from} for the ``runs`` (SweepRuns) that ``folders`` hold
+    under the same config, judged by the judges (same versions) this run would use."""
+    found = finished_runs(folders)
+    out = {}
+    for run in runs:
+        source = found.get(config_key(run.config))
+        if source is not None and _judged_alike(run.config, read_json(source / "results.json")):
+            out[run.id] = source
+    return out
+
+
+def _judged_alike(config: RunConfig, results: dict[str, Any]) -> bool:
     ev = config.evaluate
-    if results.get("judge_versions", {}) != judge_versions(ev.judge, ev.judge_options, ev.extra_judges):
-        return None  # a judge refit since: the run must be evaluated again, here
+    # a judge refit since: the run must be evaluated again, here
+    return results.get("judge_versions", {}) == judge_versions(ev.judge, ev.judge_options, ev.extra_judges)
+
+
+def reuse_into(config: RunConfig, source: Path) -> dict[str, Any]:
+    """Copy the finished run in ``source`` (one that ``sources`` found) into ``config``'s folder as this run;
+    returns the new results."""
+    results = read_json(source / "results.json")
+    if not _judged_alike(config, results):
+        raise FtguardError(f"--reuse {source}: judged by other judge versions than {config.name} would be")
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
     # generations and manifests where the source kept them (an archive does not)

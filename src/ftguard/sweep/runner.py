@@ -223,15 +223,14 @@ def run_sweep(
 
 
 def _reuse(todo: list[SweepRun], folders: list[Path]) -> dict[str, Any]:
-    from ftguard.sweep.reuse import config_key, finished_runs, reuse_into
+    from ftguard.sweep.reuse import reuse_into, sources
 
-    found = finished_runs(folders)
     entries = {}
-    for run in todo:
-        source = found.get(config_key(run.config))
-        if source is not None and reuse_into(run.config, source) is not None:
-            log.info("sweep run %s: reused from %s (same config)", run.id, source)
-            entries[run.id] = {**_entry(run, "complete", None), "reused_from": str(source)}
+    by_id = {run.id: run for run in todo}
+    for run_id, source in sources(todo, folders).items():
+        reuse_into(by_id[run_id].config, source)
+        log.info("sweep run %s: reused from %s (same config)", run_id, source)
+        entries[run_id] = {**_entry(by_id[run_id], "complete", None), "reused_from": str(source)}
     return entries
 
 
