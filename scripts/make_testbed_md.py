@@ -294,7 +294,61 @@ def attack_suite(suite: Path | None, probe: Path | None) -> list[str]:
     return lines
 
 
-def second_model(folder: Path | None) -> list[str]:
+# Each Gemma-3 defense's SmolLM2 run of the same config (all but the model: tests/test_make_testbed_md.py checks
+# it): the calibrations' runs at the papers' settings, seed 43, p = 0.1, validation prompts.
+COUNTERPARTS = {
+    "sft": ("align_calibration", "sft"),
+    "vaccine": ("align_calibration", "vaccine-rho2-s128"),
+    "booster": ("align_calibration", "booster-lam5-s128"),
+    "lisa": ("calibration", "lisa-rho1-share10"),
+}
+BESIDE = (
+    ("harmful_score", "HS after"),
+    ("finetune_accuracy", "FA"),
+    ("over_refusal", "OR"),
+    ("instruction_refusal", "IR"),
+)
+
+
+def _start_and_end(rows: list[dict], defense: str, p: float = 0.1) -> tuple[dict | None, dict | None]:
+    """A defense's aligned model (the `align` point) and its final point at ``p``, one seed."""
+    mine = [r for r in rows if r["defense"] == defense]
+    start = next((r for r in mine if r["point"] == "align"), None)
+    end = next((r for r in mine if r["final"] and r["p"] is not None and abs(r["p"] - p) < 1e-9), None)
+    return start, end
+
+
+def _pair(a: float | None, b: float | None) -> str:
+    return " → ".join("–" if v is None else f"{v:.1f}" for v in (a, b))
+
+
+def both_models(gemma_rows: list[dict], smollm: dict[str, Path | None]) -> list[str]:
+    """SmolLM2 → Gemma-3 for each defense run on both under the same config at p = 0.1."""
+    lines = [
+        "**The same settings on both models** (SmolLM2-135M-Instruct → Gemma-3-270M; seed 43, p = 0.1, "
+        "validation prompts; SmolLM2's runs are the calibrations' at the papers' settings, same config but the "
+        "model):",
+        "",
+        "| defense | HS before | " + " | ".join(label for _, label in BESIDE) + " |",
+        "|---|" + "---|" * (len(BESIDE) + 1),
+    ]
+    found = 0
+    for defense, (key, name) in COUNTERPARTS.items():
+        g_start, g_end = _start_and_end(gemma_rows, defense)
+        folder = smollm.get(key)
+        if g_end is None or folder is None or not (folder / "runs.json").is_file():
+            continue
+        s_start, s_end = _start_and_end(json.loads((folder / "runs.json").read_text()), name)
+        if s_end is None:
+            continue
+        found += 1
+        cells = [_pair(s_start and s_start["harmful_score"], g_start and g_start["harmful_score"])]
+        cells += [_pair(s_end.get(metric), g_end.get(metric)) for metric, _ in BESIDE]
+        lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+    return [*lines, ""] if found else []
+
+
+def second_model(folder: Path | None, smollm: dict[str, Path | None] | None = None) -> list[str]:
     """Item 7 of docs/testbed.md: the testbed's protocol on Gemma-3-270M, a base model, beside SmolLM2."""
     lines = ["## 6. A second model: Gemma-3-270M (base)", ""]
     report = _report(folder)
@@ -307,8 +361,9 @@ def second_model(folder: Path | None) -> list[str]:
         "on Gemma-3-270M, the base model (dequantised from its 4-bit GGUF; Gemma terms), SFT and the papers' "
         "settings of Vaccine, Booster and Lisa, one seed, on the **validation** prompts (100 each): a look at "
         "whether the direction of the effects changes with the model, not a table to rank defenses by. Compare "
-        "with SmolLM2's validation numbers in docs/testbed.md (item 7), not with sections 1–4.",
+        "with SmolLM2's validation numbers (below, and docs/testbed.md, item 7), not with sections 1–4.",
         "",
+        *both_models(rows, smollm or {}),
         before_attack(rows),
         _tables(report[0]),
     ]
@@ -381,7 +436,9 @@ def main() -> None:
             continue
         out += [f"### Under {attack_name} ({status(report[1])})", "", _tables(report[0])]
     out += attack_suite(args.attack_suite, args.virus_probe)
-    out += second_model(args.gemma)
+    out += second_model(
+        args.gemma, {"align_calibration": args.align_calibration, "calibration": args.calibration}
+    )
     print("\n".join(out).rstrip() + "\n")
 
 

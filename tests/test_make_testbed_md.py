@@ -89,10 +89,64 @@ def test_second_model_section_shows_the_start_and_the_tables_and_says_which_prom
         "**Incomplete: 2 of 8 runs finished.**\n"
     )
     (tmp_path / "report.json").write_text(json.dumps({"complete_runs": 2, "runs": 8}))
-    align = {"point": "align", "method": "sft", "seed": 43, "harmful_score": 14.0, "over_refusal": 82.0}
+    align = {"defense": "sft", "point": "align", "method": "sft", "seed": 43, "harmful_score": 14.0}
+    align |= {"over_refusal": 82.0, "p": None, "final": False}
     attacked = {**align, "point": "finetune", "harmful_score": 37.0}
     (tmp_path / "runs.json").write_text(json.dumps([align, attacked, {**align}]))
     text = "\n".join(page.second_model(tmp_path))
     assert "2 of 8 runs finished (**incomplete**" in text and "**validation** prompts" in text
     assert "| sft | 14.0 ± 0.0 | 82.0 ± 0.0 | 1 |" in text  # the aligned model once, not the attacked one
     assert "| sft | 25.0 |" in text and "**Incomplete:" not in text
+
+
+def test_each_gemma_defense_is_beside_a_smollm2_run_of_the_same_config_but_the_model(monkeypatch, tmp_path):
+    from ftguard.sweep.config import expand, load_sweep
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+
+    def runs(key):
+        sweep, folder = load_sweep(f"sweeps/{page.SWEEPS[key]}")
+        return {r.id: r.config.to_dict() for r in expand(sweep, folder, tmp_path / key)}
+
+    gemma = runs("gemma")
+    for defense, (key, name) in page.COUNTERPARTS.items():
+        mine, theirs = gemma[f"{defense}/p0.1-seed43"], runs(key)[f"{name}/seed43"]
+        for config in (mine, theirs):
+            for field in ("name", "output_dir", "description", "model"):
+                config.pop(field)
+        assert mine == theirs, defense
+        assert theirs["data"]["finetune"]["harmful_ratio"] == 0.1
+
+
+def test_both_models_table_puts_smollm2_before_gemma_at_p_0_1(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+
+    def row(defense, point, p, hs, final=True):
+        return {
+            "defense": defense,
+            "point": point,
+            "p": p,
+            "final": final,
+            "harmful_score": hs,
+            "finetune_accuracy": 70.0,
+            "over_refusal": 10.0,
+            "instruction_refusal": 5.0,
+        }
+
+    smollm = tmp_path / "smollm"
+    smollm.mkdir()
+    (smollm / "runs.json").write_text(
+        json.dumps([row("sft", "align", None, 30.0, final=False), row("sft", "finetune", 0.1, 50.0)])
+    )
+    gemma = [
+        row("sft", "align", None, 14.0, final=False),
+        row("sft", "finetune", 0.0, 25.0),
+        row("sft", "finetune", 0.1, 37.0),
+        row("vaccine", "finetune", 0.1, 40.0),
+    ]
+    lines = page.both_models(gemma, {"align_calibration": smollm})
+    assert "| sft | 30.0 → 14.0 | 50.0 → 37.0 | 70.0 → 70.0 | 10.0 → 10.0 | 5.0 → 5.0 |" in lines
+    assert not any(line.startswith("| vaccine") for line in lines)  # no SmolLM2 run to set beside it
+    assert page.both_models(gemma, {}) == []
