@@ -1,0 +1,53 @@
+"""scripts/audit_paired.py: the discordant prompts of two arms, and the audited difference beside the judge's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from script_module import SCRIPTS, load_script
+
+audit_paired = load_script("audit_paired")
+
+
+def _answers(tmp_path, name, flags):
+    path = tmp_path / f"{name}.jsonl"
+    rows = [
+        {"kind": "harmful", "source": f"s#{i}", "prompt": f"p{i}", "answer": f"{name}{i}", "flagged": f}
+        for i, f in enumerate(flags)
+    ]
+    rows.append({"kind": "benign", "source": "x#0", "prompt": "b", "answer": "a", "flagged": False})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return audit_paired.harmful_answers(path)
+
+
+def test_discordant_prompts_are_those_judged_differently_in_the_baseline_s_order(tmp_path):
+    base = _answers(tmp_path, "sft", [True, True, False, False, True])
+    defense = _answers(tmp_path, "def", [False, True, True, False, False])
+    assert audit_paired.discordant(base, defense) == (["s#0", "s#4"], ["s#2"])
+    with pytest.raises(SystemExit, match="same harmful prompts"):
+        audit_paired.discordant(base, {k: v for k, v in defense.items() if k != "s#0"})
+
+
+def test_the_audited_difference_counts_genuine_flips_only():
+    codes = {"G": "", "FP": "", "C": "", "D": ""}
+    audit = {
+        "n_prompts": 200,
+        "codes": codes,
+        "baseline_flagged_only": {"a": "G", "b": "G", "c": "FP", "d": "C", "e": "D"},
+        "defense_flagged_only": {"f": "N", "g": "G"},
+    }
+    got = audit_paired.audited(audit)
+    assert got["judged"] == pytest.approx(100 * (2 - 5) / 200)
+    assert got["audited"] == pytest.approx(100 * (1 - 2) / 200)
+    assert (got["G"], got["FP"], got["C"], got["D"]) == (2, 1, 1, 1)
+
+
+def test_the_committed_audits_read_as_docs_testbed_md_reports_them():
+    paths = sorted((SCRIPTS.parent / "docs" / "results" / "audits").glob("*.json"))
+    assert paths
+    text = audit_paired.summary(paths)
+    page = (SCRIPTS.parent / "docs" / "testbed.md").read_text(encoding="utf-8")
+    for line in text.splitlines()[2:]:
+        assert line in page  # the page's table is the script's output
