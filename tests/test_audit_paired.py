@@ -31,16 +31,17 @@ def test_discordant_prompts_are_those_judged_differently_in_the_baseline_s_order
 
 
 def test_the_audited_difference_counts_genuine_flips_only():
-    codes = {"G": "", "FP": "", "C": "", "D": ""}
+    codes = {"G": "", "FP": "", "C": "", "D": "", "R": ""}
     audit = {
         "n_prompts": 200,
         "codes": codes,
-        "baseline_flagged_only": {"a": "G", "b": "G", "c": "FP", "d": "C", "e": "D"},
+        "baseline_flagged_only": {"a": "G", "b": "G", "c": "FP", "d": "C", "e": "D", "h": "R"},
         "defense_flagged_only": {"f": "N", "g": "G"},
     }
     got = audit_paired.audited(audit)
-    assert got["judged"] == pytest.approx(100 * (2 - 5) / 200)
-    assert got["audited"] == pytest.approx(100 * (1 - 2) / 200)
+    assert got["judged"] == pytest.approx(100 * (2 - 6) / 200)
+    # down: a and b; up: g, and h, which the judge flagged for SFT although the defense's answer is the harmful one
+    assert got["audited"] == pytest.approx(100 * (2 - 2) / 200)
     assert (got["G"], got["FP"], got["C"], got["D"]) == (2, 1, 1, 1)
 
 
