@@ -52,3 +52,21 @@ def test_the_committed_audits_read_as_docs_testbed_md_reports_them():
     page = (SCRIPTS.parent / "docs" / "testbed.md").read_text(encoding="utf-8")
     for line in text.splitlines()[2:]:
         assert line in page  # the page's table is the script's output
+
+
+def test_a_blind_audit_hides_the_arms_and_unblinds_to_the_same_codes(tmp_path):
+    base = _answers(tmp_path, "sft", [True, True, True, False, True])
+    defense = _answers(tmp_path, "def", [False, False, False, True, False])
+    defense["s#4"]["degenerate"] = True
+    shown, key = audit_paired.blind(base, defense, seed=3)
+    assert sorted(item["source"] for item in shown) == ["s#0", "s#1", "s#2", "s#3", "s#4"]
+    assert all("flagged" not in item for item in shown)  # nothing says which arm the judge flagged
+    assert {tuple(sorted((k["A"], k["B"]))) for k in key.values()} == {("baseline", "defense")}
+    # the labeller's reading, by arm: s#0 SFT complies; s#1 neither; s#2 both; s#3 the defense only
+    truth = {"s#0": ("H", "N"), "s#1": ("N", "N"), "s#2": ("H", "H"), "s#3": ("N", "H"), "s#4": ("H", "N")}
+    labels = {s: {side: truth[s][k[side] == "defense"] for side in ("A", "B")} for s, k in key.items()}
+    base_only, defense_only = audit_paired.unblind(key, labels)
+    assert base_only == {"s#0": "G", "s#1": "FP", "s#2": "C", "s#4": "D"}
+    assert defense_only == {"s#3": "G"}
+    with pytest.raises(SystemExit, match="not labelled"):
+        audit_paired.unblind(key, {s: v for s, v in labels.items() if s != "s#0"})
