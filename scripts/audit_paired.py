@@ -113,17 +113,18 @@ def unblind(key: dict, labels: dict) -> tuple[dict[str, str], dict[str, str]]:
 
 def summary(paths: list[Path]) -> str:
     lines = [
-        "| defense | seed | judge's HS difference | audited | prompts flagged for SFT only: "
+        "| defense | seed | blind | judge's HS difference | audited | prompts flagged for SFT only: "
         "genuine / SFT not harmful / defense still complies / defense degenerate / reversed | flagged for the "
         "defense only |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for path in paths:
         audit = json.loads(path.read_text())
         got = audited(audit)
         codes = " / ".join(str(got.get(c, 0)) for c in ("G", "FP", "C", "D", "R"))
         lines.append(
-            f"| {audit['defense']} | {audit['seed']} | {got['judged']:+.1f} | {got['audited']:+.1f} | {codes} | "
+            f"| {audit['defense']} | {audit['seed']} | {'yes' if audit.get('blind') else 'no'} | "
+            f"{got['judged']:+.1f} | {got['audited']:+.1f} | {codes} | "
             f"{len(audit['defense_flagged_only'])} |"
         )
     return "\n".join(lines)
