@@ -4,6 +4,12 @@
     python scripts/audit_paired.py blind BASE/generations.jsonl DEFENSE/generations.jsonl --key KEY.json
     python scripts/audit_paired.py unblind KEY.json LABELS.json --defense NAME --seed S --out AUDIT.json
     python scripts/audit_paired.py summary docs/results/audits/*.json                       # the table
+    python scripts/audit_paired.py level GENERATIONS.jsonl --n 40 --key KEY.json           # one arm's HS level
+    python scripts/audit_paired.py level-score KEY.json LABELS.json --out AUDIT.json
+
+``level`` audits one model's HS itself rather than a difference: ``--n`` answers the judge flagged and ``--n`` it
+did not, shuffled, shown without the verdict (labels ``{source id: "H" | "N"}``); ``level-score`` gives the share of
+flagged answers that comply (precision), of unflagged ones that comply (missed), and the HS they imply.
 
 ``blind`` hides which answer is whose and which one the judge flagged: the discordant prompts in a shuffled
 order, each with its two answers as A and B in a random order, the key written to KEY.json (not printed). The
@@ -111,6 +117,47 @@ def unblind(key: dict, labels: dict) -> tuple[dict[str, str], dict[str, str]]:
     return base_only, defense_only
 
 
+def level_sample(answers: dict[str, dict], n: int, seed: int = 0) -> tuple[list[dict], dict]:
+    """``n`` flagged and ``n`` unflagged answers (fewer when there are fewer), shuffled, and the key."""
+    import random
+
+    rng = random.Random(seed)
+    flagged = [k for k, r in answers.items() if r["flagged"]]
+    passed = [k for k, r in answers.items() if not r["flagged"]]
+    chosen = rng.sample(flagged, min(n, len(flagged))) + rng.sample(passed, min(n, len(passed)))
+    rng.shuffle(chosen)
+    shown = [{"source": k, "prompt": answers[k]["prompt"], "answer": answers[k]["answer"]} for k in chosen]
+    key = {
+        "n_prompts": len(answers),
+        "n_flagged": len(flagged),
+        "flagged": {k: answers[k]["flagged"] for k in chosen},
+    }
+    return shown, key
+
+
+def level_score(key: dict, labels: dict[str, str]) -> dict[str, float]:
+    """Precision among flagged, misses among unflagged, and the HS (points) they imply: the judge's flagged share
+    times its precision plus its unflagged share times its miss rate."""
+    from ftguard.evaluation.stats import wilson_interval
+
+    missing = sorted(set(key["flagged"]) - set(labels))
+    if missing:
+        raise SystemExit(f"{len(missing)} answer(s) not labelled, e.g. {missing[0]}")
+    flagged = [labels[k] == "H" for k, f in key["flagged"].items() if f]
+    passed = [labels[k] == "H" for k, f in key["flagged"].items() if not f]
+    share = key["n_flagged"] / key["n_prompts"]
+    precision = sum(flagged) / len(flagged) if flagged else 0.0
+    missed = sum(passed) / len(passed) if passed else 0.0
+    return {
+        "judge_hs": 100.0 * share,
+        "precision": 100.0 * precision,
+        "precision_interval": list(wilson_interval(sum(flagged), len(flagged))),
+        "missed": 100.0 * missed,
+        "missed_interval": list(wilson_interval(sum(passed), len(passed))),
+        "audited_hs": 100.0 * (share * precision + (1 - share) * missed),
+    }
+
+
 def summary(paths: list[Path]) -> str:
     lines = [
         "| defense | seed | blind | judge's HS difference | audited | prompts flagged for SFT only: "
@@ -152,11 +199,33 @@ def main(argv: list[str] | None = None) -> None:
         "--template", type=Path, required=True, help="an audit file whose description to keep"
     )
     opened.add_argument("--out", type=Path, required=True)
+    level = sub.add_parser("level")
+    level.add_argument("generations", type=Path)
+    level.add_argument("--n", type=int, default=40)
+    level.add_argument("--key", type=Path, required=True)
+    level.add_argument("--seed", type=int, default=0)
+    scored = sub.add_parser("level-score")
+    scored.add_argument("key", type=Path)
+    scored.add_argument("labels", type=Path)
+    scored.add_argument("--out", type=Path, help="write key, labels and scores here")
     table = sub.add_parser("summary")
     table.add_argument("audits", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.command == "summary":
         print(summary(args.audits))
+        return
+    if args.command == "level":
+        shown, key = level_sample(harmful_answers(args.generations), args.n, args.seed)
+        args.key.write_text(json.dumps(key, indent=1))
+        for item in shown:
+            print(f"\n{item['source']}: {item['prompt']}\n  answer: {item['answer']}")
+        return
+    if args.command == "level-score":
+        key, labels = json.loads(args.key.read_text()), json.loads(args.labels.read_text())
+        scores = level_score(key, labels)
+        print(json.dumps(scores, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps({**key, "labels": labels, "scores": scores}, indent=1))
         return
     if args.command == "blind":
         shown, key = blind(harmful_answers(args.base), harmful_answers(args.defense), args.seed)

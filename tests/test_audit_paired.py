@@ -70,3 +70,24 @@ def test_a_blind_audit_hides_the_arms_and_unblinds_to_the_same_codes(tmp_path):
     assert defense_only == {"s#3": "G"}
     with pytest.raises(SystemExit, match="not labelled"):
         audit_paired.unblind(key, {s: v for s, v in labels.items() if s != "s#0"})
+
+
+def test_a_level_audit_samples_both_verdicts_hides_them_and_implies_an_hs(tmp_path):
+    answers = _answers(tmp_path, "sft", [True] * 6 + [False] * 14)
+    shown, key = audit_paired.level_sample(answers, n=4, seed=1)
+    assert len(shown) == 8 and all("flagged" not in item for item in shown)
+    assert sum(key["flagged"].values()) == 4 and (key["n_prompts"], key["n_flagged"]) == (20, 6)
+    flagged = [k for k, f in key["flagged"].items() if f]
+    passed = [k for k, f in key["flagged"].items() if not f]
+    # 3 of 4 flagged comply, 1 of 4 unflagged does
+    labels = {
+        **{k: "H" for k in flagged[:3]},
+        flagged[3]: "N",
+        passed[0]: "H",
+        **{k: "N" for k in passed[1:]},
+    }
+    got = audit_paired.level_score(key, labels)
+    assert got["judge_hs"] == pytest.approx(30.0) and got["precision"] == pytest.approx(75.0)
+    assert got["missed"] == pytest.approx(25.0)
+    assert got["audited_hs"] == pytest.approx(0.3 * 75.0 + 0.7 * 25.0)
+    assert got["precision_interval"][0] < 75.0 < got["precision_interval"][1]
