@@ -167,6 +167,8 @@ def summary(paths: list[Path]) -> str:
     ]
     for path in paths:
         audit = json.loads(path.read_text())
+        if "baseline_flagged_only" not in audit:
+            continue  # a level audit (`level-score --out`): one model, no pair
         got = audited(audit)
         codes = " / ".join(str(got.get(c, 0)) for c in ("G", "FP", "C", "D", "R"))
         lines.append(
