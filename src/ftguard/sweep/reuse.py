@@ -64,14 +64,16 @@ def sources(runs: Iterable[Any], folders: Iterable[Path]) -> dict[str, Path]:
     out = {}
     for run in runs:
         source = found.get(config_key(run.config))
-        if source is not None and _judged_alike(run.config, read_json(source / "results.json")):
+        if source is not None and judged_alike(run.config, read_json(source / "results.json")):
             out[run.id] = source
     return out
 
 
-def _judged_alike(config: RunConfig, results: dict[str, Any]) -> bool:
+def judged_alike(config: RunConfig, results: dict[str, Any]) -> bool:
+    """Whether the finished ``results`` were judged by the judges, at the versions, that ``config`` would use: a
+    judge refit since (ftguard-judge's heads) leaves the config as it was, so a run judged before must be
+    evaluated again."""
     ev = config.evaluate
-    # a judge refit since: the run must be evaluated again, here
     return results.get("judge_versions", {}) == judge_versions(ev.judge, ev.judge_options, ev.extra_judges)
 
 
@@ -79,7 +81,7 @@ def reuse_into(config: RunConfig, source: Path) -> dict[str, Any]:
     """Copy the finished run in ``source`` (one that ``sources`` found) into ``config``'s folder as this run;
     returns the new results."""
     results = read_json(source / "results.json")
-    if not _judged_alike(config, results):
+    if not judged_alike(config, results):
         raise FtguardError(f"--reuse {source}: judged by other judge versions than {config.name} would be")
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,10 @@ from typing import Any
 
 from ftguard.config import RunConfig
 from ftguard.errors import FtguardError
-from ftguard.evaluation.judges import judge_versions
 from ftguard.pipeline.outputs import UnitBusy, file_lock, read_json, write_json_atomic, write_text_atomic
 from ftguard.schema import ConfigError, from_dict, to_dict
 from ftguard.sweep.config import SweepConfig, SweepRun, expand
+from ftguard.sweep.reuse import judged_alike
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,8 @@ def is_done(run: SweepRun) -> bool:
     results = read_json(path)
     if not results.get("complete"):
         return False
-    # A judge refit since (ftguard-judge's heads) leaves the config as it was: the run is redone, and its trained
-    # units are reused, so only the evaluation is paid again.
-    ev = run.config.evaluate
-    if results.get("judge_versions", {}) != judge_versions(ev.judge, ev.judge_options, ev.extra_judges):
+    # judged otherwise: the run is redone, and its trained units are reused, so only the evaluation is paid again
+    if not judged_alike(run.config, results):
         return False
     if results.get("config_hash") == run.config.fingerprint():
         return True
