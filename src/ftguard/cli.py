@@ -8,6 +8,7 @@ import logging
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from ftguard.errors import FtguardError
 
@@ -116,9 +117,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return cmd_run(args, train=())
 
 
+def _print_registered(name: str, entry: Any, width: int, verbose: bool) -> None:
+    """One line for a registered method or attack; with ``verbose``, its config's fields and defaults."""
+    from ftguard.schema import field_help
+
+    print(f"  {name:<{width}}  {entry.summary}  [{entry.paper}]")
+    if verbose:
+        for field, help_text in field_help(entry.config_class).items():
+            default = getattr(entry.config_class(), field)
+            print(f"      {field} = {default!r}: {help_text}")
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from ftguard.methods.registry import STAGE_NAMES, all_methods
-    from ftguard.schema import field_help
 
     methods = all_methods()
     width = max(map(len, methods))
@@ -128,27 +139,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
             continue
         print(f"{stage}:")
         for name in names:
-            m = methods[name]
-            print(f"  {name:<{width}}  {m.summary}  [{m.paper}]")
-            if args.verbose:
-                for field, help_text in field_help(m.config_class).items():
-                    default = getattr(m.config_class(), field)
-                    print(f"      {field} = {default!r}: {help_text}")
+            _print_registered(name, methods[name], width, args.verbose)
     return 0
 
 
 def cmd_attacks(args: argparse.Namespace) -> int:
     from ftguard.attacks.base import all_attacks
-    from ftguard.schema import field_help
 
     attacks = all_attacks()
     width = max(map(len, attacks))
     for name, attack in attacks.items():
-        print(f"  {name:<{width}}  {attack.summary}  [{attack.paper}]")
-        if args.verbose:
-            for field, help_text in field_help(attack.config_class).items():
-                default = getattr(attack.config_class(), field)
-                print(f"      {field} = {default!r}: {help_text}")
+        _print_registered(name, attack, width, args.verbose)
     return 0
 
 
