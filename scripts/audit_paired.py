@@ -1,6 +1,7 @@
 """Hand audit of a paired HS effect: the prompts on which the judge's verdict differs between two arms.
 
     python scripts/audit_paired.py list BASE/generations.jsonl DEFENSE/generations.jsonl   # to label (stdout)
+    python scripts/audit_paired.py list SWEEP/runs/sft/seed47 SWEEP/runs/lisa/seed47       # run folders: final point
     python scripts/audit_paired.py blind BASE/generations.jsonl DEFENSE/generations.jsonl --key KEY.json
     python scripts/audit_paired.py unblind KEY.json LABELS.json --defense NAME --seed S --out AUDIT.json
     python scripts/audit_paired.py summary docs/results/audits/*.json                       # the table
@@ -31,7 +32,27 @@ import json
 from pathlib import Path
 
 
+def answers_file(path: Path) -> Path:
+    """A generations.jsonl, or a run folder: its final point's answers, wherever results.json says they are (a
+    sweep's runs keep them in the units store)."""
+    if not path.is_dir():
+        return path
+    from ftguard.report_html import generations_file
+    from ftguard.run_results import read_results
+
+    run = read_results(path)
+    finals = run.final_points()
+    found = generations_file(path, finals[0]) if len(finals) == 1 else None
+    if found is None:
+        raise SystemExit(
+            f"{path}: its final point's answers are not where results.json says (or it does not say: runs made "
+            "before 2026-12-05); pass the generations.jsonl instead"
+        )
+    return found
+
+
 def harmful_answers(path: Path) -> dict[str, dict]:
+    path = answers_file(path)
     rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
     return {r["source"]: r for r in rows if r["kind"] == "harmful"}
 

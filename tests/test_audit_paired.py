@@ -91,3 +91,19 @@ def test_a_level_audit_samples_both_verdicts_hides_them_and_implies_an_hs(tmp_pa
     assert got["missed"] == pytest.approx(25.0)
     assert got["audited_hs"] == pytest.approx(0.3 * 75.0 + 0.7 * 25.0)
     assert got["precision_interval"][0] < 75.0 < got["precision_interval"][1]
+
+
+def test_a_run_folder_stands_for_its_final_point_s_answers_in_the_units_store(tmp_path):
+    store = tmp_path / "units" / "eval" / "abc"
+    store.mkdir(parents=True)
+    _answers(store, "generations", [True, False])
+    answers = store / "generations.jsonl"
+    run = tmp_path / "runs" / "sft" / "seed1"
+    run.mkdir(parents=True)
+    point = {"stage": "finetune", "harmful_ratio": 0.1, "harmful_score": 50.0, "generations": str(answers)}
+    stages = {"align": {"stage": "align", "harmful_score": 0.0}, "finetune-p0.1": point}
+    (run / "results.json").write_text(json.dumps({"complete": True, "stages": stages}))
+    assert audit_paired.harmful_answers(run) == audit_paired.harmful_answers(answers)
+    answers.unlink()
+    with pytest.raises(SystemExit, match="pass the generations.jsonl"):
+        audit_paired.harmful_answers(run)

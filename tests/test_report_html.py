@@ -209,6 +209,21 @@ def test_samples_per_kind_and_verdicts(tmp_path):
     assert "No eval/align/generations.jsonl" in text  # align has no generations in the fixture
 
 
+def test_answers_kept_in_a_sweep_s_units_store_are_found_through_results_json(tmp_path):
+    run = make_run(tmp_path / "run")
+    store = tmp_path / "units" / "eval" / "abc"
+    store.mkdir(parents=True)
+    (run / "eval" / "finetune-p0.1" / "generations.jsonl").rename(store / "generations.jsonl")
+    results = json.loads((run / "results.json").read_text())
+    results["stages"]["finetune-p0.1"]["generations"] = str(store / "generations.jsonl")
+    (run / "results.json").write_text(json.dumps(results))
+    page = parse(build_report(run, samples=3))
+    assert len(page.table("kind-harmful")) == 1 + 3
+    # a store that is gone (another machine, an archive) is named, not mistaken for a point never evaluated
+    (store / "generations.jsonl").unlink()
+    assert f"No {store / 'generations.jsonl'} (" in build_report(run)
+
+
 def test_judge_accuracy_or_not_validated(tmp_path):
     text = build_report(make_run(tmp_path))
     assert "validated accuracy 82.0% (95% interval 81.6–82.5%) on 31,884" in text

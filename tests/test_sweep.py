@@ -173,6 +173,13 @@ def test_tiny_sweep_shares_units_resumes_and_reports(tmp_path, monkeypatch):
     assert "| sft |" in report and "| safelora |" in report and "p = 0.5" in report
     assert (out / "hs_vs_p.png").stat().st_size > 1000 and (out / "hs_vs_fa.png").stat().st_size > 1000
     assert (out / "runs.csv").read_text().count("\n") == len(rows) + 1
+    # each point says where its answers are: the shared store's evaluation, whichever run made it
+    for entry in index.values():
+        results = json.loads((Path(entry["dir"]) / "results.json").read_text())
+        for point in results["stages"].values():
+            answers = Path(point["generations"])
+            assert answers.is_absolute() and answers.is_relative_to((out / "units" / "eval").resolve())
+            assert answers.is_file()
 
     # resume: a run whose results vanished is redone from the shared units, without any training
     import ftguard.pipeline.run as run_mod

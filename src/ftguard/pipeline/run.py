@@ -168,10 +168,20 @@ class Pipeline:
             "model": self.run.model.name,
             "seed": self.run.seed,
             "config_hash": self.results["config_hash"],
+            "generations": self._generations(unit),
         }
         write_results(self.out, self.results)
         if self.on_update and distributed.is_main():
             self.on_update(self.results)
+
+    def _generations(self, unit: Unit) -> str:
+        """Where an evaluation point's answers are: relative to the run folder, or the shared units store's file
+        (a sweep's runs keep their evaluations there), so that a report or an audit finds them from results.json."""
+        path = self._dir(unit).path / "generations.jsonl"
+        try:
+            return str(path.relative_to(self.out))
+        except ValueError:
+            return str(path.resolve())
 
     def _record_training(self, unit: Unit) -> None:
         """What the unit behind a point was trained in: a study resumed on another machine (bf16-native or not,
