@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     opened.add_argument(
         "--template", type=Path, required=True, help="an audit file whose description to keep"
     )
+    opened.add_argument("--what", help="this audit's own description, in place of the template's")
     opened.add_argument("--out", type=Path, required=True)
     level = sub.add_parser("level")
     level.add_argument("generations", type=Path)
@@ -260,8 +261,15 @@ def main(argv: list[str] | None = None) -> None:
         key = json.loads(args.key.read_text())
         base_only, defense_only = unblind(key, json.loads(args.labels.read_text()))
         template = json.loads(args.template.read_text())
+        what = args.what or template["what"]
+        if args.what is None and args.seed != template.get("seed") and f"seed {template.get('seed')}" in what:
+            raise SystemExit(
+                f"{args.template}: its description names seed {template['seed']}, this audit is seed {args.seed}: "
+                "pass --what with this audit's own description"
+            )
         audit = {
             **template,
+            "what": what,
             "defense": args.defense,
             "seed": args.seed,
             "blind": True,

@@ -107,3 +107,25 @@ def test_a_run_folder_stands_for_its_final_point_s_answers_in_the_units_store(tm
     answers.unlink()
     with pytest.raises(SystemExit, match="pass the generations.jsonl"):
         audit_paired.harmful_answers(run)
+
+
+def test_unblind_keeps_a_template_s_description_only_when_it_names_no_other_seed(tmp_path):
+    key = {"s#0": {"A": "baseline", "B": "defense", "flagged": "baseline", "defense_degenerate": False}}
+    labels = {"s#0": {"A": "H", "B": "N"}}
+    template = {"what": "Audit of seed 47, blind.", "seed": 47, "n_prompts": 200, "codes": {}}
+    paths = {name: tmp_path / f"{name}.json" for name in ("key", "labels", "template")}
+    for name, value in (("key", key), ("labels", labels), ("template", template)):
+        paths[name].write_text(json.dumps(value))
+    out = tmp_path / "audit.json"
+    common = ["unblind", str(paths["key"]), str(paths["labels"]), "--template", str(paths["template"])]
+    with pytest.raises(SystemExit, match="names seed 47"):
+        audit_paired.main([*common, "--defense", "kl", "--seed", "45", "--out", str(out)])
+    audit_paired.main([*common, "--defense", "kl", "--seed", "45", "--out", str(out), "--what", "Seed 45."])
+    written = json.loads(out.read_text())
+    assert (written["what"], written["seed"], written["baseline_flagged_only"]) == (
+        "Seed 45.",
+        45,
+        {"s#0": "G"},
+    )
+    audit_paired.main([*common, "--defense", "kl", "--seed", "47", "--out", str(out)])
+    assert json.loads(out.read_text())["what"] == "Audit of seed 47, blind."
