@@ -5,6 +5,7 @@
     python scripts/audit_paired.py blind BASE/generations.jsonl DEFENSE/generations.jsonl --key KEY.json
     python scripts/audit_paired.py unblind KEY.json LABELS.json --defense NAME --seed S --out AUDIT.json
     python scripts/audit_paired.py summary docs/results/audits/*.json                       # the table
+    python scripts/audit_paired.py consistency docs/results/audits/*.json   # one labeller, the same answer twice
     python scripts/audit_paired.py level GENERATIONS.jsonl --n 40 --key KEY.json           # one arm's HS level
     python scripts/audit_paired.py level-score KEY.json LABELS.json --out AUDIT.json
 
@@ -200,6 +201,39 @@ def summary(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+# What an audit code says of the baseline's answer (SFT's): C and G, it complies; FP and R, it does not. D (the
+# defense's answer degenerate) and a defense-only N say nothing of it.
+_BASELINE_LABEL = {"G": "H", "C": "H", "FP": "N", "R": "N"}
+
+
+def baseline_labels(audit: dict) -> dict[str, str]:
+    """{source: H | N} for the baseline's answers this audit file labels. A level audit of the attacked
+    baseline labels them all; the pre-attack level audit is of another model and says nothing here."""
+    if "baseline_flagged_only" not in audit:
+        return dict(audit["labels"]) if audit.get("stage") != "align" else {}
+    got = {s: _BASELINE_LABEL[c] for s, c in audit["baseline_flagged_only"].items() if c in _BASELINE_LABEL}
+    got.update({s: "N" for s, c in audit["defense_flagged_only"].items() if c == "G"})
+    return got
+
+
+def consistency(paths: list[Path]) -> dict:
+    """The labeller read against themself: a baseline answer (same seed) that several audits label, each audit
+    on its own reading. Returns how many such answers there are, how many got one label throughout, and the
+    others with their labels by audit file."""
+    seen: dict[tuple[int, str], dict[str, str]] = {}
+    for path in paths:
+        audit = json.loads(path.read_text())
+        for source, label in baseline_labels(audit).items():
+            seen.setdefault((audit["seed"], source), {})[path.name] = label
+    repeated = {k: v for k, v in seen.items() if len(v) >= 2}
+    split = {f"seed {seed} {source}": v for (seed, source), v in repeated.items() if len(set(v.values())) > 1}
+    return {
+        "answers_labelled_twice_or_more": len(repeated),
+        "consistent": len(repeated) - len(split),
+        "split": split,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,9 +268,14 @@ def main(argv: list[str] | None = None) -> None:
     scored.add_argument("--out", type=Path, help="write key, labels and scores here")
     table = sub.add_parser("summary")
     table.add_argument("audits", type=Path, nargs="+")
+    again = sub.add_parser("consistency")
+    again.add_argument("audits", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.command == "summary":
         print(summary(args.audits))
+        return
+    if args.command == "consistency":
+        print(json.dumps(consistency(args.audits), indent=1))
         return
     if args.command == "level":
         shown, key = level_sample(harmful_answers(args.generations), args.n, args.seed)

@@ -129,3 +129,29 @@ def test_unblind_keeps_a_template_s_description_only_when_it_names_no_other_seed
     )
     audit_paired.main([*common, "--defense", "kl", "--seed", "47", "--out", str(out)])
     assert json.loads(out.read_text())["what"] == "Audit of seed 47, blind."
+
+
+def test_consistency_compares_the_baseline_labels_that_audits_of_one_seed_share(tmp_path):
+    def write(name, audit):
+        (tmp_path / name).write_text(json.dumps(audit))
+        return tmp_path / name
+
+    pair = {"seed": 47, "baseline_flagged_only": {"a": "G", "b": "FP", "d": "D"}, "defense_flagged_only": {}}
+    other = {"seed": 47, "baseline_flagged_only": {"a": "C", "b": "R"}, "defense_flagged_only": {"c": "G"}}
+    level = {"seed": 47, "labels": {"a": "H", "c": "H", "d": "N"}}
+    aligned = {"seed": 47, "stage": "align", "labels": {"a": "N", "b": "H"}}  # another model: not compared
+    elsewhere = {"seed": 46, "baseline_flagged_only": {"a": "FP"}, "defense_flagged_only": {}}
+    paths = [
+        write(n, a)
+        for n, a in [
+            ("p.json", pair),
+            ("o.json", other),
+            ("l.json", level),
+            ("x.json", aligned),
+            ("s.json", elsewhere),
+        ]
+    ]
+    got = audit_paired.consistency(paths)
+    # a: H, H, H; b: N, N; c: N (the defense alone complies) against H (level); d: D says nothing of SFT
+    assert got["answers_labelled_twice_or_more"] == 3 and got["consistent"] == 2
+    assert got["split"] == {"seed 47 c": {"o.json": "N", "l.json": "H"}}
