@@ -23,6 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
+from audit_paired import summary as audit_summary
 from design_power import pilot_pairs
 from make_results_md import before_attack
 
@@ -369,12 +370,32 @@ def second_model(folder: Path | None, smollm: dict[str, Path | None] | None = No
     ]
 
 
+def hand_audits(folder: Path | None) -> list[str]:
+    """The hand audits of the study's paired HS effects (scripts/audit_paired.py), beside the table they qualify."""
+    paths = sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []
+    table = audit_summary(paths) if paths else ""
+    if table.count("\n") < 2:  # the header alone: no paired audit
+        return []
+    return [
+        "### What the judge adds: hand audits of the paired HS effects",
+        "",
+        "The prompts the judge scored differently for SFT and a defense, read by hand (one labeller; how, and what "
+        "it means, in docs/testbed.md, step 5). Differences in points of the 200 test prompts at one seed; "
+        "audited counts only the genuine flips. Where the defense writes explicit refusals, read the table "
+        "above's HS effect as an upper bound.",
+        "",
+        table,
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for key in SWEEPS:
         parser.add_argument(f"--{key.replace('_', '-')}", type=Path, help=f"output dir of {SWEEPS[key]}")
+    parser.add_argument("--audits", type=Path, help="the hand audits' folder (docs/results/audits)")
     args = parser.parse_args()
     out = [HEADER]
 
@@ -435,6 +456,8 @@ def main() -> None:
             out += [f"Under {attack_name} (`sweeps/{SWEEPS[key]}`): pending.", ""]
             continue
         out += [f"### Under {attack_name} ({status(report[1])})", "", _tables(report[0])]
+        if key == "study":
+            out += hand_audits(args.audits)
     out += attack_suite(args.attack_suite, args.virus_probe)
     out += second_model(
         args.gemma, {"align_calibration": args.align_calibration, "calibration": args.calibration}

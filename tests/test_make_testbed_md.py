@@ -150,3 +150,25 @@ def test_both_models_table_puts_smollm2_before_gemma_at_p_0_1(tmp_path, monkeypa
     assert "| sft | 30.0 → 14.0 | 50.0 → 37.0 | 70.0 → 70.0 | 10.0 → 10.0 | 5.0 → 5.0 |" in lines
     assert not any(line.startswith("| vaccine") for line in lines)  # no SmolLM2 run to set beside it
     assert page.both_models(gemma, {}) == []
+
+
+def test_the_hand_audits_follow_the_study_s_table_and_need_a_paired_audit(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    audits = tmp_path / "audits"
+    audits.mkdir()
+    assert page.hand_audits(audits) == [] and page.hand_audits(None) == []
+    (audits / "level.json").write_text(json.dumps({"seed": 47, "labels": {"a": "H"}}))
+    assert page.hand_audits(audits) == []  # a level audit has no paired row
+    paired = {
+        "defense": "lisa",
+        "seed": 47,
+        "n_prompts": 200,
+        "codes": {"G": "", "FP": "", "C": "", "D": "", "R": ""},
+        "baseline_flagged_only": {"a": "G", "b": "FP"},
+        "defense_flagged_only": {"c": "N"},
+    }
+    (audits / "lisa.json").write_text(json.dumps(paired))
+    text = "\n".join(page.hand_audits(audits))
+    assert text.startswith("### What the judge adds")
+    assert "| lisa | 47 | no | -0.5 | -0.5 | 1 / 1 / 0 / 0 / 0 | 1 |" in text
