@@ -53,6 +53,8 @@ test-axolotl: install
 TESTBED = docs/results/testbed
 # Each page is written beside and moved into place, so that a failing script leaves the committed page as it was.
 results-pages: install
+	$(BIN)/python scripts/audit_paired.py summary docs/results/audits/*.json \
+		--plot docs/results/audits/judged_vs_audited.png > /dev/null
 	$(BIN)/python scripts/make_testbed_md.py --attack $(TESTBED)-attack-calibration \
 		--calibration $(TESTBED)-defense-calibration --align-calibration $(TESTBED)-align-calibration \
 		--study $(TESTBED)-study --strong $(TESTBED)-study-strong \

@@ -370,6 +370,9 @@ def second_model(folder: Path | None, smollm: dict[str, Path | None] | None = No
     ]
 
 
+AUDIT_PLOT = "judged_vs_audited.png"  # `audit_paired.py summary --plot`, made by `make results-pages`
+
+
 def hand_audits(folder: Path | None) -> list[str]:
     """The hand audits of the study's paired HS effects (scripts/audit_paired.py), beside the table they qualify."""
     paths = sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []
@@ -386,6 +389,11 @@ def hand_audits(folder: Path | None) -> list[str]:
         "",
         table,
         "",
+        *(
+            [f"![judged against audited](results/{folder.name}/{AUDIT_PLOT})", ""]
+            if (folder / AUDIT_PLOT).is_file()
+            else []
+        ),
     ]
 
 

@@ -172,3 +172,9 @@ def test_the_hand_audits_follow_the_study_s_table_and_need_a_paired_audit(tmp_pa
     text = "\n".join(page.hand_audits(audits))
     assert text.startswith("### What the judge adds")
     assert "| lisa | 47 | no | -0.5 | -0.5 | 1 / 1 / 0 / 0 / 0 | 1 |" in text
+    assert "judged_vs_audited.png" not in text  # no plot drawn yet, none linked
+    audit_paired = load_script("audit_paired")
+    audit_paired.plot(sorted(audits.glob("*.json")), audits / page.AUDIT_PLOT)
+    assert "![judged against audited](results/audits/judged_vs_audited.png)" in "\n".join(
+        page.hand_audits(audits)
+    )
