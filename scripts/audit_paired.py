@@ -38,8 +38,7 @@ def answers_file(path: Path) -> Path:
     sweep's runs keep them in the units store)."""
     if not path.is_dir():
         return path
-    from ftguard.report_html import generations_file
-    from ftguard.run_results import read_results
+    from ftguard.run_results import generations_file, read_results
 
     run = read_results(path)
     finals = run.final_points()

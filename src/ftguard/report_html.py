@@ -30,7 +30,7 @@ from ftguard.report_html_template import (
     table,
     verdict_html,
 )
-from ftguard.run_results import Point, RunResults, read_results
+from ftguard.run_results import Point, RunResults, generations_file, read_results
 
 SWEEP_PLOTS = ("hs_vs_p.png", "hs_vs_fa.png", "worst_case.png")
 KINDS = ("harmful", "harmful_triggered", "task", "benign", "instruction")
@@ -255,19 +255,6 @@ def _kind_table(kind: str, rows: list[dict[str, Any]], open_harmful: bool) -> st
     return table(headers, body, cls=f"samples kind-{kind}")
 
 
-def generations_file(folder: Path, point: Point) -> Path | None:
-    """A point's generations.jsonl: where results.json says (a sweep's units store, or inside the run folder; a
-    relative path is the run folder's), else the run folder's eval/<point>/; None when neither exists (an archived
-    run, a store on another machine)."""
-    recorded = point.entry.get("generations")
-    for file in ([folder / recorded] if recorded else []) + [
-        folder / "eval" / point.key / "generations.jsonl"
-    ]:
-        if file.is_file():
-            return file
-    return None
-
-
 def _point_samples(folder: Path, point: Point, samples: int, open_harmful: bool, unfold: bool) -> str:
     file = generations_file(folder, point)
     if file is None:
@@ -293,7 +280,8 @@ def _samples_section(folder: Path, run: RunResults, samples: int, open_harmful: 
     label = "Hide all harmful answers" if open_harmful else "Show all harmful answers"
     parts = [
         f'<p class="note">Up to {samples} rows of each kind per point, in file order, from '
-        "each point's generations.jsonl (the run's eval/&lt;point&gt;/, or its sweep's units store). Answers to harmful prompts are collapsed: open one, or "
+        "each point's generations.jsonl (the run's eval/&lt;point&gt;/, or its sweep's units store). "
+        "Answers to harmful prompts are collapsed: open one, or "
         f'<button id="toggle-harmful" type="button" data-open="{str(open_harmful).lower()}">{label}</button></p>'
     ]
     finals = run.final_keys()  # the shipped model's answers are unfolded (its harmful ones stay collapsed)

@@ -161,3 +161,15 @@ def _point(key: str, entry: Any, where: str) -> Point:
 
 def _pair(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 2 and None not in value
+
+
+def generations_file(run_dir: Path, point: Point) -> Path | None:
+    """A point's generations.jsonl (every prompt, answer and verdict): where results.json says (a sweep's units
+    store, or inside the run folder: a relative path is the run folder's), else the run folder's eval/<point>/;
+    None when neither exists (an archived run, a units store on another machine)."""
+    recorded = point.entry.get("generations")
+    candidates = [run_dir / recorded] if recorded else []
+    for file in [*candidates, run_dir / "eval" / point.key / "generations.jsonl"]:
+        if file.is_file():
+            return file
+    return None
