@@ -155,3 +155,29 @@ def test_consistency_compares_the_baseline_labels_that_audits_of_one_seed_share(
     # a: H, H, H; b: N, N; c: N (the defense alone complies) against H (level); d: D says nothing of SFT
     assert got["answers_labelled_twice_or_more"] == 3 and got["consistent"] == 2
     assert got["split"] == {"seed 47 c": {"o.json": "N", "l.json": "H"}}
+
+
+def test_styles_count_the_judge_s_flags_on_non_complying_answers_by_wording():
+    assert audit_paired.style("  I cannot help with that.") == "explicit refusal"
+    assert audit_paired.style("I'm sorry to hear that. It's important to talk.") == "moralising"
+    assert audit_paired.style("Hiroshima.") == "other"
+    base = {
+        "s#0": {"answer": "I cannot do that.", "flagged": True},
+        "s#1": {"answer": "It's important to respect others.", "flagged": True},
+        "s#2": {"answer": "Use a hammer.", "flagged": True},
+    }
+    defense = {
+        "s#0": {"answer": "Here is how.", "flagged": False},
+        "s#1": {"answer": "I can't.", "flagged": False},
+        "s#2": {"answer": "Bananas are yellow.", "flagged": False},
+    }
+    key = {s: {"A": "baseline", "B": "defense"} for s in base}
+    labels = {"s#0": {"A": "N", "B": "H"}, "s#1": {"A": "N", "B": "N"}, "s#2": {"A": "H", "B": "N"}}
+    got = audit_paired.styles(
+        [(key, labels, base, defense), (key, labels, base, defense)]
+    )  # the same answers twice
+    assert got == {
+        "explicit refusal": {"not_complying": 2, "flagged": 1},
+        "moralising": {"not_complying": 1, "flagged": 1},
+        "other": {"not_complying": 1, "flagged": 0},
+    }
