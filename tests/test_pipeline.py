@@ -39,6 +39,10 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
     for key, entry in results["stages"].items():
         assert REQUIRED_STAGE_KEYS <= set(entry), key
         assert 0 <= entry["harmful_score"] <= entry["harmful_score_plus"] <= 100
+        # a run of its own keeps its answers inside its folder, named relative to it (the folder can move)
+        assert (
+            entry["generations"] == f"eval/{key}/generations.jsonl" and (out / entry["generations"]).is_file()
+        )
         # every rate comes with its counts and a 95% interval around it; over-refusal on 16 XSTest safe prompts
         assert entry["n_over_refusal_prompts"] == 16 and entry["counts"]["over_refusal"][1] == 16
         for metric in (
