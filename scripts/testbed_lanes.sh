@@ -22,12 +22,18 @@ cd "$(dirname "$0")/.."
 
 # A lane item is a sweep, or SWEEP:A,B for some of its defenses first (`ftguard sweep --defenses`). Lane A: the
 # alignment calibration's paper values and likeliest matches, then Gemma-3 (item 7, the papers' settings, not
-# waiting on the calibration), then the calibration's other settings. RepNoise's α 1 was moved up on 2026-12-05:
-# α 0.1 passed the start rule (pre-attack HS 35 against SFT's 30), and its group's choice, which decides whether
-# RepNoise joins the study, waits on this one run.
+# waiting on the calibration), two more calibration settings, the attack suite, the rest. RepNoise's α 1 was
+# moved up on 2026-12-05: α 0.1 passed the start rule (pre-attack HS 35 against SFT's 30), and its group's choice,
+# which decides whether RepNoise joins the study, waits on this one run.
+# The attack suite was put before most of the calibration's other settings on 2026-12-05: behind lane B's study
+# and strong attack (about 15 single-thread hours), issue 21's worst case would not start for seven sessions.
+# Before it, the two settings likeliest to start within ±5 of SFT (Vaccine ρ 2 and Booster λ 1 at 192 steps: at
+# 128 steps both start 9–10 above, and 64 more steps took Vaccine ρ 0.5 from 40 to 23); the rest are longer shots.
 LANE_A=(
   testbed-align-calibration:booster-lam5-s128-refresh4,vaccine-rho2-s128,booster-lam1-s128,tvaccine-rho3-s128,repnoise-alpha0.1-s128,repnoise-alpha1-s128
   testbed-gemma3-defenses
+  testbed-align-calibration:vaccine-rho2-s192,booster-lam1-s192
+  cpu-attack-suite
   testbed-align-calibration
 )
 # Lane B: the attack suite (issue 21's worst case) before the defenses added after the calibration, which no
