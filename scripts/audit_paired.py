@@ -181,6 +181,13 @@ def level_score(key: dict, labels: dict[str, str]) -> dict[str, float]:
     }
 
 
+def paired_audits(paths: list[Path]) -> list[tuple[dict, dict[str, float]]]:
+    """(audit, its judged and audited differences) for each paired audit among ``paths``; level audits
+    (`level-score --out`: one model, no pair) are left out."""
+    audits = (json.loads(path.read_text()) for path in paths)
+    return [(audit, audited(audit)) for audit in audits if "baseline_flagged_only" in audit]
+
+
 def summary(paths: list[Path]) -> str:
     lines = [
         "| defense | seed | blind | judge's HS difference | audited | prompts flagged for SFT only: "
@@ -188,11 +195,7 @@ def summary(paths: list[Path]) -> str:
         "defense only |",
         "|---|---|---|---|---|---|---|",
     ]
-    for path in paths:
-        audit = json.loads(path.read_text())
-        if "baseline_flagged_only" not in audit:
-            continue  # a level audit (`level-score --out`): one model, no pair
-        got = audited(audit)
+    for audit, got in paired_audits(paths):
         codes = " / ".join(str(got.get(c, 0)) for c in ("G", "FP", "C", "D", "R"))
         lines.append(
             f"| {audit['defense']} | {audit['seed']} | {'yes' if audit.get('blind') else 'no'} | "
@@ -210,13 +213,11 @@ def plot(paths: list[Path], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    audits = [json.loads(p.read_text()) for p in paths]
-    audits = [a for a in audits if "baseline_flagged_only" in a]
+    audits = paired_audits(paths)
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    low = min(min(audited(a)["judged"], audited(a)["audited"]) for a in audits) - 2
+    low = min(min(got["judged"], got["audited"]) for _, got in audits) - 2
     ax.plot([low, 0], [low, 0], color="grey", lw=1, ls="--", label="audited = judged")
-    for a in audits:
-        got = audited(a)
+    for a, got in audits:
         blind_read = bool(a.get("blind"))
         ax.scatter(
             got["judged"], got["audited"], s=40, facecolors="C0" if blind_read else "none", edgecolors="C0"
@@ -260,9 +261,8 @@ def styles(
 ) -> dict[str, dict[str, int]]:
     """How often the judge flags answers the labeller read as not complying, by style: each (key, labels, baseline
     answers, defense answers) of a blind audit; an answer labelled in several audits counts once."""
-    seen: dict[
-        tuple[str, str], tuple[bool, str]
-    ] = {}  # (prompt, answer): the same text to the same prompt once
+    # keyed by (prompt, answer): the same text to the same prompt counts once
+    seen: dict[tuple[str, str], tuple[bool, str]] = {}
     for key, labels, base, defense in blind_audits:
         arms = {"baseline": base, "defense": defense}
         for source, k in key.items():

@@ -23,6 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
+from audit_paired import paired_audits
 from audit_paired import summary as audit_summary
 from design_power import pilot_pairs
 from make_results_md import before_attack
@@ -376,8 +377,7 @@ AUDIT_PLOT = "judged_vs_audited.png"  # `audit_paired.py summary --plot`, made b
 def hand_audits(folder: Path | None) -> list[str]:
     """The hand audits of the study's paired HS effects (scripts/audit_paired.py), beside the table they qualify."""
     paths = sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []
-    table = audit_summary(paths) if paths else ""
-    if table.count("\n") < 2:  # the header alone: no paired audit
+    if not paired_audits(paths):
         return []
     return [
         "### What the judge adds: hand audits of the paired HS effects",
@@ -387,7 +387,7 @@ def hand_audits(folder: Path | None) -> list[str]:
         "audited counts only the genuine flips. Where the defense writes explicit refusals, read the table "
         "above's HS effect as an upper bound.",
         "",
-        table,
+        audit_summary(paths),
         "",
         *(
             [f"![judged against audited](results/{folder.name}/{AUDIT_PLOT})", ""]
