@@ -60,7 +60,8 @@ results-pages: install
 		--study $(TESTBED)-study --strong $(TESTBED)-study-strong \
 		--uncalibrated $(TESTBED)-study-uncalibrated --attack-suite docs/results/cpu-attack-suite \
 		--virus-probe docs/results/cpu-attack-suite-virus-probe \
-		--gemma $(TESTBED)-gemma3-defenses --audits docs/results/audits > docs/RESULTS.md.new
+		--gemma $(TESTBED)-gemma3-defenses --audits docs/results/audits \
+		--rescored $(TESTBED)-study-rescored > docs/RESULTS.md.new
 	mv docs/RESULTS.md.new docs/RESULTS.md
 	$(BIN)/python scripts/make_verdicts.py --study $(TESTBED)-study --strong $(TESTBED)-study-strong \
 		--uncalibrated $(TESTBED)-study-uncalibrated --write docs/REPRODUCTION.md

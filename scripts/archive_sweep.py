@@ -17,8 +17,18 @@ import sys
 from pathlib import Path
 
 RUN_FILES = ("config.yaml", "results.json", "results.md")
-SWEEP_FILES = ("sweep.yaml", "sweep.json", "report.md", "report.json", "runs.csv", "runs.json")
-PLOTS = ("hs_vs_p.png", "hs_vs_fa.png", "attack_curve.png", "worst_case.png")
+# rescore.*: a copy judged again by `ftguard judge rescore` (per model: HS under both judges, no text)
+SWEEP_FILES = (
+    "sweep.yaml",
+    "sweep.json",
+    "report.md",
+    "report.json",
+    "runs.csv",
+    "runs.json",
+    "rescore.json",
+    "rescore.md",
+)
+PLOTS = ("hs_vs_p.png", "hs_vs_fa.png", "attack_curve.png", "worst_case.png", "rescore.png")
 
 
 def archive(src: Path, dest: Path) -> int:
@@ -42,6 +52,8 @@ if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit("usage: python scripts/archive_sweep.py SWEEP_OUTPUT_DIR DEST")
     src, dest = Path(sys.argv[1]), Path(sys.argv[2])
-    if not (src / "sweep.json").is_file():
-        sys.exit(f"{src} holds no sweep.json: give the --output-dir of `ftguard sweep`")
+    if not any((src / name).is_file() for name in ("sweep.json", "rescore.json")):
+        sys.exit(
+            f"{src} holds no sweep.json: give the --output-dir of `ftguard sweep` or `ftguard judge rescore`"
+        )
     print(f"{archive(src, dest)} complete runs copied to {dest}")

@@ -63,6 +63,8 @@ ftguard sweep sweeps/testbed-study-strong --output-dir runs/sweeps/testbed-study
     --units-dir runs/sweeps/testbed-study/units
 ftguard sweep sweeps/testbed-study-uncalibrated --output-dir runs/sweeps/testbed-study-uncalibrated \\
     --units-dir runs/sweeps/testbed-study/units
+for judge in ftguard-judge keyword minilm; do ftguard judge rescore runs/sweeps/testbed-study \\
+    --judge $judge --output-dir runs/sweeps/testbed-study-rescored/$judge; done
 python scripts/make_testbed_md.py --attack runs/sweeps/testbed-attack-calibration \\
     --calibration runs/sweeps/testbed-defense-calibration \\
     --align-calibration runs/sweeps/testbed-align-calibration \\
@@ -70,7 +72,8 @@ python scripts/make_testbed_md.py --attack runs/sweeps/testbed-attack-calibratio
     --uncalibrated runs/sweeps/testbed-study-uncalibrated \\
     --attack-suite runs/sweeps/cpu-attack-suite \\
     --virus-probe docs/results/cpu-attack-suite-virus-probe \\
-    --gemma runs/sweeps/testbed-gemma3-defenses > docs/RESULTS.md
+    --gemma runs/sweeps/testbed-gemma3-defenses --audits docs/results/audits \\
+    --rescored runs/sweeps/testbed-study-rescored > docs/RESULTS.md
 ```
 
 Every finished run's config and results (no weights) are archived under `docs/results/<sweep name>/`; copying
@@ -397,6 +400,85 @@ def hand_audits(folder: Path | None) -> list[str]:
     ]
 
 
+# `ftguard judge rescore` of the study's answers still on disk: the judge the study ran with first (its verdicts
+# reproduced, and the same-runs reference), then the others in this order
+RESCORED_JUDGES = ("ftguard-judge", "keyword", "minilm")
+RESCORED_WHAT = {
+    "ftguard-judge": "the study's judge",
+    "keyword": "refusal phrases only",
+    "minilm": "the answer alone, refusal versus anything else",
+}
+
+
+def _paired_hs(report: dict, defense: str, p: str = "0.1") -> dict | None:
+    (table,) = report["tables"][:1]
+    return (table.get("paired", {}).get(defense, {}).get("harmful_score") or {}).get(p)
+
+
+def other_judges(folder: Path | None) -> list[str]:
+    """The study's paired HS effects with the same answers judged by other judges (scripts: `ftguard judge
+    rescore`, archived in docs/results/testbed-study-rescored/<judge>/)."""
+    found = [j for j in RESCORED_JUDGES if folder is not None and (folder / j / "report.json").is_file()]
+    if "ftguard-judge" not in found or len(found) < 2:
+        return []
+    reports = {j: json.loads((folder / j / "report.json").read_text()) for j in found}
+    rescored = json.loads((folder / "ftguard-judge" / "rescore.json").read_text())["points"]
+    scored = [r for r in rescored if not r.get("missing")]
+    same = sum(r["agreement"] == 100.0 for r in scored)
+    rows = json.loads((folder / "ftguard-judge" / "runs.json").read_text())
+    seeds = sorted({r["seed"] for r in rows if r["final"] and r["complete"]})
+    runs = len({r["run"] for r in rows if r["complete"]})
+    defenses = [
+        d
+        for d in reports["ftguard-judge"]["tables"][0].get("paired", {})
+        if _paired_hs(reports["ftguard-judge"], d)
+    ]
+
+    def cell(judge: str, defense: str) -> str:
+        c = _paired_hs(reports[judge], defense)
+        if not c:
+            return "–"
+        lo, hi = c["interval"]
+        mark = " †" if c.get("p_holm", 1.0) < 0.05 else ""
+        return f"{c['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}"
+
+    def sft_level(judge: str) -> str:
+        values = [
+            r["harmful_score"]
+            for r in json.loads((folder / judge / "runs.json").read_text())
+            if r["defense"] == "sft" and r["final"] and r["complete"]
+        ]
+        return f"{sum(values) / len(values):.1f}" if values else "–"
+
+    head = " | ".join(f"`{j}` ({RESCORED_WHAT[j]})" for j in found)
+    lines = [
+        "### The same answers under other judges",
+        "",
+        f"The study's answers still on disk ({runs} runs; seeds {', '.join(map(str, seeds))}: the earlier seeds' "
+        "answers were on machines since gone), judged again with `ftguard judge rescore` "
+        f"(docs/judges.md). Judged again by `ftguard-judge`, {same} of the {len(scored)} evaluation points of "
+        "those runs got the verdicts they had, answer for answer; that copy is the same-runs reference for the "
+        "others. Paired HS effect against SFT at p = 0.1 (points [95%]; † survives Holm over the column):",
+        "",
+        f"| defense | seeds | {head} |",
+        "|---|---|" + "---|" * len(found),
+    ]
+    for defense in defenses:
+        n = _paired_hs(reports["ftguard-judge"], defense)["seeds"]
+        lines.append(f"| {defense} | {n} | " + " | ".join(cell(j, defense) for j in found) + " |")
+    lines += [
+        "| *SFT's HS after the attack* | | " + " | ".join(sft_level(j) for j in found) + " |",
+        "",
+        "The judges disagree on the level (the refusal-phrase judge counts every answer without a stock refusal "
+        "as harmful) and much less on the paired effects: each rewards the same move, from moralising or "
+        "complying answers to explicit refusals. All three share that preference (docs/judges.md), so their "
+        "agreement shows that the effects do not hinge on the study's judge, not that they are genuine falls "
+        "in harmful compliance: the hand audits above read that, and find the effects smaller.",
+        "",
+    ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -404,6 +486,11 @@ def main() -> None:
     for key in SWEEPS:
         parser.add_argument(f"--{key.replace('_', '-')}", type=Path, help=f"output dir of {SWEEPS[key]}")
     parser.add_argument("--audits", type=Path, help="the hand audits' folder (docs/results/audits)")
+    parser.add_argument(
+        "--rescored",
+        type=Path,
+        help="the study judged again by other judges (docs/results/testbed-study-rescored, one folder per judge)",
+    )
     args = parser.parse_args()
     out = [HEADER]
 
@@ -466,6 +553,7 @@ def main() -> None:
         out += [f"### Under {attack_name} ({status(report[1])})", "", _tables(report[0])]
         if key == "study":
             out += hand_audits(args.audits)
+            out += other_judges(args.rescored)
     out += attack_suite(args.attack_suite, args.virus_probe)
     out += second_model(
         args.gemma, {"align_calibration": args.align_calibration, "calibration": args.calibration}

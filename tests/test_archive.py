@@ -31,7 +31,7 @@ def test_the_testbed_page_regenerates_byte_identical_from_the_archive(monkeypatc
     argv = ["make_testbed_md.py"]
     for key, sweep in page.SWEEPS.items():
         argv += [f"--{key.replace('_', '-')}", str(archive / sweep)]
-    argv += ["--audits", str(archive / "audits")]
+    argv += ["--audits", str(archive / "audits"), "--rescored", str(archive / "testbed-study-rescored")]
     monkeypatch.setattr(sys, "argv", argv)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -178,3 +178,44 @@ def test_the_hand_audits_follow_the_study_s_table_and_need_a_paired_audit(tmp_pa
     assert "![judged against audited](results/audits/judged_vs_audited.png)" in "\n".join(
         page.hand_audits(audits)
     )
+
+
+def test_other_judges_put_each_judge_s_paired_effect_beside_the_study_judge_s_on_the_same_runs(
+    tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    folder = tmp_path / "rescored"
+    assert page.other_judges(None) == [] and page.other_judges(folder) == []
+
+    def write(judge, lisa, sft_hs, agreement):
+        (folder / judge).mkdir(parents=True)
+        cell = {
+            "diff": lisa,
+            "interval": [lisa - 5, lisa + 5],
+            "seeds": 2,
+            "p_holm": 0.01 if lisa < -5 else 0.3,
+        }
+        paired = {"lisa": {"harmful_score": {"0.1": cell}}, "ewc": {"harmful_score": {}}}
+        (folder / judge / "report.json").write_text(json.dumps({"tables": [{"paired": paired}]}))
+        runs = [
+            {"run": f"sft/seed{s}", "defense": "sft", "seed": s, "final": True, "complete": True}
+            | {"harmful_score": hs}
+            for s, hs in zip((46, 47), sft_hs, strict=True)
+        ]
+        (folder / judge / "runs.json").write_text(json.dumps(runs))
+        points = [{"run": "x", "point": "finetune", "agreement": a} for a in agreement] + [{"missing": True}]
+        (folder / judge / "rescore.json").write_text(json.dumps({"points": points}))
+
+    write("keyword", -12.0, [80.0, 84.0], [70.0])
+    assert page.other_judges(folder) == []  # without the study's own judge there is no same-runs reference
+    write("ftguard-judge", -8.0, [40.0, 50.0], [100.0, 100.0, 99.5])
+    text = "\n".join(page.other_judges(folder))
+    assert text.startswith("### The same answers under other judges")
+    assert (
+        "2 of the 3 evaluation points of those runs got the verdicts they had" in text
+        and "seeds 46, 47" in text
+    )
+    assert "| lisa | 2 | -8.0 [-13.0, -3.0] † | -12.0 [-17.0, -7.0] † |" in text
+    assert "| ewc |" not in text  # no paired cell at p = 0.1
+    assert "| *SFT's HS after the attack* | | 45.0 | 82.0 |" in text

@@ -1,9 +1,11 @@
-"""`ftguard judge validate FILE`: how well a judge and the refusal detector agree with people's labels."""
+"""`ftguard judge validate FILE`: how well a judge and the refusal detector agree with people's labels;
+`ftguard judge rescore RUN_OR_SWEEP`: the same answers judged by another judge."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the report as JSON to OUT")
     p.set_defaults(func=cmd_validate)
+
+    r = judge_sub.add_parser(
+        "rescore",
+        help="judge a run's or a sweep's stored answers again with another judge (no generation): HS, HS+ and "
+        "the sweep's paired effects under it",
+    )
+    r.add_argument("source", help="a run's output folder, or a sweep's output folder or archive")
+    r.add_argument("--judge", required=True, help="the judge to score with, e.g. beaver-dam or llama-guard")
+    r.add_argument(
+        "--judge-option",
+        dest="judge_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the judge, e.g. --judge-option model=/path/to/beaver-dam-7b (repeatable)",
+    )
+    r.add_argument(
+        "--output-dir", required=True, help="where the rescored copy goes (same layout as the source)"
+    )
+    r.add_argument(
+        "--units-dir",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="a units store holding the answers of runs that did not record where theirs are (repeatable; a "
+        "sweep folder's own units/ is always searched)",
+    )
+    r.add_argument(
+        "--sweep",
+        help="the sweep's YAML, for its report under the new judge (default: SOURCE/sweep.yaml when it exists)",
+    )
+    r.set_defaults(func=cmd_rescore)
 
 
 def _options(items: list[str], flag: str = "--judge-option") -> dict[str, Any]:
@@ -108,3 +143,63 @@ def cmd_validate(args: argparse.Namespace) -> int:
         out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         print(f"report: {out}")
     return 0
+
+
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from ftguard.evaluation.judges import get_judge, judge_versions
+    from ftguard.evaluation.rescore import plot_summary, rescore, summary_markdown, summary_rows
+
+    source, out = Path(args.source), Path(args.output_dir)
+    if source.exists() and out.resolve() in (source.resolve(), *source.resolve().parents):
+        raise FtguardError(f"--output-dir {out}: write the rescored copy outside {source}, not over it")
+    options = _options(args.judge_options)
+    sweep_file = source / "sweep.yaml"
+    sweep = None
+    if args.sweep or sweep_file.is_file():
+        from ftguard.sweep.config import load_sweep, resolve_sweep_path
+
+        sweep_file = resolve_sweep_path(args.sweep) if args.sweep else sweep_file  # a file or a packaged name
+        sweep, folder = load_sweep(str(sweep_file))  # a wrong sweep fails before any judging
+    judge = get_judge(args.judge, **options)
+    versions = judge_versions(args.judge, options)
+    reports = rescore(source, out, judge, args.units_dir, versions)
+    before = sorted({str(r.judge_before) for r in reports}) or ["?"]
+    rows = summary_rows(reports, source)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rescore.json").write_text(
+        json.dumps(
+            {"source": str(source), "judge": judge.describe(), "from": before, "points": rows}, indent=1
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    table = summary_markdown(rows, judge.name, ", ".join(before))
+    (out / "rescore.md").write_text(table, encoding="utf-8")
+    plot_summary(rows, judge.name, ", ".join(before), out / "rescore.png")
+    print(table)
+    if sweep is not None:
+        from ftguard.sweep.config import expand
+        from ftguard.sweep.report import write_report
+
+        if sweep_file.resolve() != (out / "sweep.yaml").resolve():
+            shutil.copyfile(sweep_file, out / "sweep.yaml")  # the copy's report can be rebuilt from the copy
+        report = write_report(sweep, expand(sweep, folder, out), out)
+        # the sweep's own description names the judge it was run with: say at the top which one this is
+        banner = (
+            f"> **Rescored by `{judge.name}`** from the answers of `{source}` (first judged by "
+            f"{', '.join(before)}; `ftguard judge rescore`). FA and over-refusal are the first evaluation's.\n\n"
+        )
+        (out / "report.md").write_text(
+            banner + (out / "report.md").read_text(encoding="utf-8"), encoding="utf-8"
+        )
+        print(f"the sweep's report under {judge.name}: {out / 'report.md'}")
+        if not report["complete"]:
+            print(f"ftguard: {report['complete_runs']} of {report['runs']} runs rescored in full")
+    missing = sum(len(r.missing) for r in reports)
+    print(f"rescored: {out / 'rescore.md'} (rescore.json, rescore.png beside it)")
+    if missing:
+        print(
+            f"ftguard: the answers of {missing} point(s) were not found (listed in rescore.md): give the units "
+            "store that holds them with --units-dir"
+        )
+    return 1 if missing else 0
