@@ -59,6 +59,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="an option of the judge, e.g. --judge-option model=/path/to/beaver-dam-7b (repeatable)",
     )
     r.add_argument(
+        "--refusal-detector",
+        default=None,
+        help="also detect over-refusal and instruction refusal again with this detector (ftguard or rules); "
+        "default: keep them as they were",
+    )
+    r.add_argument(
+        "--detector-option",
+        dest="detector_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the refusal detector (repeatable)",
+    )
+    r.add_argument(
         "--output-dir", required=True, help="where the rescored copy goes (same layout as the source)"
     )
     r.add_argument(
@@ -162,18 +176,27 @@ def cmd_rescore(args: argparse.Namespace) -> int:
         sweep, folder = load_sweep(str(sweep_file))  # a wrong sweep fails before any judging
     judge = get_judge(args.judge, **options)
     versions = judge_versions(args.judge, options)
-    reports = rescore(source, out, judge, args.units_dir, versions)
+    detector = None
+    if args.refusal_detector:
+        from ftguard.evaluation.refusal_detector import get_refusal_detector
+
+        detector = get_refusal_detector(
+            args.refusal_detector, **_options(args.detector_options, "--detector-option")
+        )
+    reports = rescore(source, out, judge, args.units_dir, versions, detector)
     before = sorted({str(r.judge_before) for r in reports}) or ["?"]
     rows = summary_rows(reports, source)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rescore.json").write_text(
         json.dumps(
-            {"source": str(source), "judge": judge.describe(), "from": before, "points": rows}, indent=1
+            {"source": str(source), "judge": judge.describe(), "from": before, "points": rows}
+            | ({"refusal_detector": detector.describe()} if detector else {}),
+            indent=1,
         )
         + "\n",
         encoding="utf-8",
     )
-    table = summary_markdown(rows, judge.name, ", ".join(before))
+    table = summary_markdown(rows, judge.name, ", ".join(before), args.refusal_detector)
     (out / "rescore.md").write_text(table, encoding="utf-8")
     plot_summary(rows, judge.name, ", ".join(before), out / "rescore.png")
     print(table)
@@ -185,9 +208,10 @@ def cmd_rescore(args: argparse.Namespace) -> int:
             shutil.copyfile(sweep_file, out / "sweep.yaml")  # the copy's report can be rebuilt from the copy
         report = write_report(sweep, expand(sweep, folder, out), out)
         # the sweep's own description names the judge it was run with: say at the top which one this is
+        kept = "" if detector else " and over-refusal"
         banner = (
             f"> **Rescored by `{judge.name}`** from the answers of `{source}` (first judged by "
-            f"{', '.join(before)}; `ftguard judge rescore`). FA and over-refusal are the first evaluation's.\n\n"
+            f"{', '.join(before)}; `ftguard judge rescore`). FA{kept} {'is' if detector else 'are'} the first evaluation's.\n\n"
         )
         (out / "report.md").write_text(
             banner + (out / "report.md").read_text(encoding="utf-8"), encoding="utf-8"

@@ -30,11 +30,14 @@ from typing import Any
 from ftguard.errors import FtguardError
 from ftguard.evaluation.judges import Judge, Verdict
 from ftguard.evaluation.paired import decode_entry, encode_outcomes, items_digest
+from ftguard.evaluation.refusal_detector import RefusalDetector
 from ftguard.evaluation.stats import cohen_kappa, rate
 from ftguard.run_results import Point, generations_file, read_results
 
-# The harm metrics a judge decides; every other rate of a point is copied unchanged.
+# The harm metrics a judge decides; the refusal rates a refusal detector decides (by the kind of answer that
+# generations.jsonl stores for them); every other rate of a point is copied unchanged.
 JUDGED = ("harmful_score", "harmful_score_plus", "harmful_score_triggered")
+REFUSAL_KINDS = {"benign": "over_refusal", "instruction": "instruction_refusal"}
 
 
 class AnswerStores:
@@ -80,6 +83,23 @@ class RememberingJudge(Judge):
         return self.inner.describe()
 
 
+class RememberingDetector:
+    """A refusal detector that reads the same answers to the same prompts only once."""
+
+    def __init__(self, detector: RefusalDetector) -> None:
+        self.inner = detector
+        self._seen: dict[str, list[bool]] = {}
+
+    def detect(self, prompts: list[str], responses: list[str]) -> list[bool]:
+        key = hashlib.sha256(json.dumps([prompts, responses]).encode()).hexdigest()
+        if key not in self._seen:
+            self._seen[key] = self.inner.detect(prompts, responses)
+        return self._seen[key]
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+
 def _signature(outcomes: dict[str, Any]) -> str:
     return json.dumps(outcomes, sort_keys=True)
 
@@ -92,6 +112,7 @@ class PointRescore:
     after: float
     agreement: float
     kappa: float | None
+    over_refusal: tuple[float | None, float | None] | None = None  # (before, after) when detected again
 
 
 @dataclass
@@ -115,10 +136,25 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
         raise FtguardError(f"{path}: not a readable generations.jsonl ({exc})") from None
 
 
+def _set_rate(entry: dict[str, Any], metric: str, values: list[bool], items: str) -> None:
+    r = rate(sum(values), len(values))
+    entry[metric], entry["intervals"][metric], entry["counts"][metric] = (
+        r["value"],
+        r["ci95"],
+        [r["k"], r["n"]],
+    )
+    entry["outcomes"][metric] = {"items": items, "bits": encode_outcomes(values)}
+
+
 def rescore_point(
-    entry: dict[str, Any], rows: list[dict[str, Any]], judge: Judge, where: str
+    entry: dict[str, Any],
+    rows: list[dict[str, Any]],
+    judge: Judge,
+    where: str,
+    detector: RefusalDetector | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], PointRescore]:
-    """(the point's entry under ``judge``, its answers with the new verdicts, the summary)."""
+    """(the point's entry under ``judge``, its answers with the new verdicts, the summary); with ``detector``,
+    over-refusal and instruction refusal are detected again too."""
     harmful = [r for r in rows if r.get("kind") == "harmful"]
     if not harmful:
         raise FtguardError(f"{where}: no answers to harmful prompts in its generations.jsonl")
@@ -151,9 +187,7 @@ def rescore_point(
     new["intervals"], new["counts"] = dict(entry.get("intervals") or {}), dict(entry.get("counts") or {})
     new["outcomes"] = dict(entry.get("outcomes") or {})
     for metric, values in judged.items():
-        r = rate(sum(values), len(values))
-        new[metric], new["intervals"][metric], new["counts"][metric] = r["value"], r["ci95"], [r["k"], r["n"]]
-        new["outcomes"][metric] = {"items": items, "bits": encode_outcomes(values)}
+        _set_rate(new, metric, values, items)
     new["n_flagged"] = int(sum(flags))
     new["judge"] = judge.name
     before = 100.0 * sum(old) / n
@@ -171,6 +205,19 @@ def rescore_point(
         "agreement": summary.agreement,
         "kappa": summary.kappa,
     }
+    refused: dict[int, bool] = {}  # by row position: the detector's new verdict
+    if detector is not None:
+        new["refusal_detector"] = detector.describe()
+        new["rescored"]["from_refusal_detector"] = (entry.get("refusal_detector") or {}).get("name")
+        for kind, metric in REFUSAL_KINDS.items():
+            asked = [i for i, r in enumerate(rows) if r.get("kind") == kind]
+            if not asked:
+                continue
+            found = detector.detect([rows[i]["prompt"] for i in asked], [rows[i]["answer"] for i in asked])
+            new["rescored"][f"{metric}_before"] = entry.get(metric)
+            _set_rate(new, metric, found, items_digest([rows[i]["source"] for i in asked]))
+            refused |= dict(zip(asked, found, strict=True))
+        summary.over_refusal = (entry.get("over_refusal"), new.get("over_refusal"))
     answers = []
     for row, verdict in zip(harmful, verdicts, strict=True):
         answers.append(
@@ -184,7 +231,11 @@ def rescore_point(
     answers += [
         r | {"flagged": by_source[r["source"]], "flagged_before": r.get("flagged")} for r in triggered
     ]
-    answers += [r for r in rows if r.get("kind") not in ("harmful", "harmful_triggered")]
+    answers += [
+        r | ({"refused": refused[i], "refused_before": r.get("refused")} if i in refused else {})
+        for i, r in enumerate(rows)
+        if r.get("kind") not in ("harmful", "harmful_triggered")
+    ]
     return new, answers, summary
 
 
@@ -194,8 +245,10 @@ def rescore_run(
     judge: Judge,
     stores: AnswerStores,
     versions: dict[str, str] | None = None,
+    detector: RefusalDetector | None = None,
 ) -> RunRescore:
-    """Write ``run_dir``'s results rescored by ``judge`` into ``out_dir`` (results.json, eval/<point>/).
+    """Write ``run_dir``'s results rescored by ``judge`` (and ``detector``, if given) into ``out_dir``
+    (results.json, eval/<point>/).
 
     ``versions``: the judge's ``judge_versions`` entry (its fitted weights' hash), recorded as a run records it."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -211,7 +264,7 @@ def rescore_run(
             report.missing.append(key)
             continue
         entry, answers, summary = rescore_point(
-            dict(point.entry), read_answers(found), judge, f"{run_dir} {key}"
+            dict(point.entry), read_answers(found), judge, f"{run_dir} {key}", detector
         )
         entry["generations"] = f"eval/{key}/generations.jsonl"
         summary.key = key
@@ -266,6 +319,7 @@ def rescore(
     judge: Judge,
     units_dirs: Sequence[Path] = (),
     versions: dict[str, str] | None = None,
+    detector: RefusalDetector | None = None,
     progress: bool = True,
 ) -> list[RunRescore]:
     """Rescore a run folder, or every run of a sweep folder into the same layout under ``out``."""
@@ -276,11 +330,13 @@ def rescore(
         raise FtguardError(f"{source} not found: give a run's or a sweep's output folder")
     folders = run_folders(source)
     stores = AnswerStores([*units_dirs, *([source / "units"] if (source / "units").is_dir() else [])])
-    judge = RememberingJudge(judge)  # a sweep's runs share their aligned model's answers: judged once
+    # a sweep's runs share their aligned model's answers: judged once
+    judge = RememberingJudge(judge)
+    detector = RememberingDetector(detector) if detector is not None else None
     reports = []
     for folder in tqdm(folders, desc=f"rescoring with {judge.name}", unit="run", disable=not progress):
         target = out if folder == source else out / folder.relative_to(source)
-        reports.append(rescore_run(folder, target, judge, stores, versions))
+        reports.append(rescore_run(folder, target, judge, stores, versions, detector))
     return reports
 
 
@@ -289,33 +345,46 @@ def summary_rows(reports: list[RunRescore], source: Path) -> list[dict[str, Any]
     for report in reports:
         run = "." if report.source == source else str(report.source.relative_to(source))
         for p in report.points:
-            rows.append(
-                {"run": run, "point": p.key, "n": p.n, "hs_before": p.before, "hs_after": p.after}
-                | {"agreement": p.agreement, "kappa": p.kappa}
-            )
+            row = {"run": run, "point": p.key, "n": p.n, "hs_before": p.before, "hs_after": p.after}
+            row |= {"agreement": p.agreement, "kappa": p.kappa}
+            if p.over_refusal is not None:
+                row |= {"or_before": p.over_refusal[0], "or_after": p.over_refusal[1]}
+            rows.append(row)
         rows += [{"run": run, "point": key, "missing": True} for key in report.missing]
     return rows
 
 
-def summary_markdown(rows: list[dict[str, Any]], judge: str, before: str) -> str:
+def summary_markdown(rows: list[dict[str, Any]], judge: str, before: str, detector: str | None = None) -> str:
+    refusal = detector is not None
+    kept = "FA is" if refusal else "FA and over-refusal are"
     lines = [
-        f"# Rescored by `{judge}` (from `{before}`)",
+        f"# Rescored by `{judge}` (from `{before}`)" + (f", over-refusal by `{detector}`" if refusal else ""),
         "",
-        "The same answers, judged again; FA and over-refusal are as they were.",
+        f"The same answers, judged again; {kept} as they were.",
         "",
-        f"| run | point | prompts | HS, {before} | HS, {judge} | agreement % | kappa |",
-        "|---|---|---|---|---|---|---|",
+        f"| run | point | prompts | HS, {before} | HS, {judge} | agreement % | kappa |"
+        + (" OR before | OR after |" if refusal else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if refusal else ""),
     ]
     for r in rows:
         if r.get("missing"):
-            lines.append(f"| {r['run']} | {r['point']} | answers not found | | | | |")
+            lines.append(
+                f"| {r['run']} | {r['point']} | answers not found | | | | |" + (" | |" if refusal else "")
+            )
             continue
         kappa = "–" if r["kappa"] is None else f"{r['kappa']:.2f}"
-        lines.append(
+        line = (
             f"| {r['run']} | {r['point']} | {r['n']} | {r['hs_before']:.1f} | {r['hs_after']:.1f} "
             f"| {r['agreement']:.1f} | {kappa} |"
         )
+        if refusal:
+            line += "".join(f" {_pct(r.get(k))} |" for k in ("or_before", "or_after"))
+        lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
 
 
 def plot_summary(rows: list[dict[str, Any]], judge: str, before: str, path: Path) -> Path | None:
