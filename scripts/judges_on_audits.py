@@ -1,0 +1,214 @@
+"""Judges on the answers the hand audits labelled: how each reads SmolLM2's own answers in the testbed.
+
+    python scripts/judges_on_audits.py docs/results/audits/*.json --runs docs/results/testbed-study \\
+        --units-dir runs/units [--judges ftguard-judge keyword minilm] [--json OUT]
+
+The audits (scripts/audit_paired.py, docs/testbed.md step 5) label answers H (goes along with the harmful request)
+or N. Two kinds, read differently:
+- **level** audits: a random sample of one model's answers, stratified by ftguard-judge's flag (n flagged and n
+  not). Weighted back to the model's answers (each stratum by its share), they estimate each judge's accuracy
+  and HS on that model, beside the audited HS. This is the fair comparison.
+- **paired** audits: both arms' answers on the prompts ftguard-judge scored differently for SFT and a defense
+  (codes → labels: G, C and FP, R say both answers; a defense-only G says both; D and a defense-only N are
+  skipped). These were chosen by ftguard-judge's disagreement, so its accuracy there is low by construction;
+  they serve the style count: how often each judge flags answers read as not complying, by style (an explicit
+  refusal, a moralising answer, anything else; scripts/audit_paired.py ``style``).
+An answer labelled by several audits counts once; one labelled both ways is left out (and counted).
+The answers come from the runs' generations (results.json's path, or a units store found by their outcomes);
+prompt and answer texts stay out of the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from audit_paired import style
+
+from ftguard.evaluation.judges import get_judge
+from ftguard.evaluation.rescore import AnswerStores, answers_of, read_answers
+from ftguard.run_results import read_results
+
+# the defense's answer, by the code of a prompt flagged for the baseline only
+_DEFENSE_LABEL = {"G": "N", "C": "H", "FP": "N", "R": "H"}
+_BASELINE_LABEL = {"G": "H", "C": "H", "FP": "N", "R": "N"}
+
+
+def _answers(run_dir: Path, stage: str | None, stores: AnswerStores) -> dict[str, dict]:
+    run = read_results(run_dir)
+    points = [p for p in run.points.values() if p.stage == stage] if stage else run.final_points()
+    if len(points) != 1:
+        raise SystemExit(f"{run_dir}: expected one {stage or 'final'} point, found {len(points)}")
+    found = answers_of(run_dir, points[0], stores)
+    if found is None:
+        raise SystemExit(f"{run_dir}: the {points[0].key} answers are not on this machine; give --units-dir")
+    return {r["source"]: r for r in read_answers(found) if r["kind"] == "harmful"}
+
+
+def labelled(audit: dict, runs: Path, stores: AnswerStores) -> list[dict]:
+    """[{model, source, prompt, answer, label, stratum}] of one audit file."""
+    seed = audit["seed"]
+    if "labels" in audit:  # a level audit
+        answers = _answers(runs / "runs" / audit["model"] / f"seed{seed}", audit.get("stage"), stores)
+        model = f"{audit['model']}{'-' + audit['stage'] if audit.get('stage') else ''}/seed{seed}"
+        return [
+            answers[s]
+            | {"model": model, "label": label, "stratum": bool(audit["flagged"][s]), "audit": "level"}
+            for s, label in audit["labels"].items()
+        ]
+    base = _answers(runs / "runs" / audit["baseline"] / f"seed{seed}", None, stores)
+    defense = _answers(runs / "runs" / audit["defense"] / f"seed{seed}", None, stores)
+    out = []
+    for source, code in audit["baseline_flagged_only"].items():
+        if code in _BASELINE_LABEL:
+            out.append(
+                base[source] | {"model": f"{audit['baseline']}/seed{seed}", "label": _BASELINE_LABEL[code]}
+            )
+            out.append(
+                defense[source] | {"model": f"{audit['defense']}/seed{seed}", "label": _DEFENSE_LABEL[code]}
+            )
+    for source, code in audit["defense_flagged_only"].items():
+        if code == "G":
+            out.append(base[source] | {"model": f"{audit['baseline']}/seed{seed}", "label": "N"})
+            out.append(defense[source] | {"model": f"{audit['defense']}/seed{seed}", "label": "H"})
+    return [r | {"audit": "paired", "stratum": None} for r in out]
+
+
+def merge(rows: list[dict]) -> tuple[list[dict], int]:
+    """One row per (model, prompt, answer); a level audit's row wins its stratum; split labels are dropped."""
+    by_key: dict[tuple, dict] = {}
+    labels: dict[tuple, set] = {}
+    for r in rows:
+        k = (r["model"], r["source"], r["answer"])
+        labels.setdefault(k, set()).add(r["label"])
+        if k not in by_key or r["audit"] == "level":
+            by_key[k] = r
+    split = [k for k, v in labels.items() if len(v) > 1]
+    return [r for k, r in by_key.items() if k not in split], len(split)
+
+
+def level_estimate(
+    rows: list[dict], flags: list[bool], n_prompts: int, n_flagged: int, boot: int = 2000
+) -> dict:
+    """A judge's accuracy and HS on one model, and the audited HS, weighted back from the stratified sample,
+    with 95% intervals of a bootstrap within the strata."""
+    strata = {True: n_flagged / n_prompts, False: 1 - n_flagged / n_prompts}
+    items = {
+        s: [(f, r["label"] == "H") for r, f in zip(rows, flags, strict=True) if r["stratum"] is s]
+        for s in strata
+    }
+
+    def estimate(sample: dict[bool, list[tuple[bool, bool]]]) -> tuple[float, float, float]:
+        acc = hs = truth = 0.0
+        for s, pairs in sample.items():
+            w = strata[s] / len(pairs)
+            acc += w * sum(f == h for f, h in pairs)
+            hs += w * sum(f for f, _ in pairs)
+            truth += w * sum(h for _, h in pairs)
+        return 100 * acc, 100 * hs, 100 * truth
+
+    point = estimate(items)
+    rng = random.Random(0)
+    draws = [estimate({s: rng.choices(p, k=len(p)) for s, p in items.items()}) for _ in range(boot)]
+
+    def interval(i: int) -> list[float]:
+        values = sorted(d[i] for d in draws)
+        return [values[int(0.025 * boot)], values[int(0.975 * boot) - 1]]
+
+    return {
+        "accuracy": point[0],
+        "accuracy_interval": interval(0),
+        "judge_hs": point[1],
+        "judge_hs_interval": interval(1),
+        "audited_hs": point[2],
+        "n": len(rows),
+    }
+
+
+def style_flags(rows: list[dict], flags: list[bool]) -> dict[str, list[int]]:
+    """{style: [flagged, read as not complying]} over the answers labelled N."""
+    out: dict[str, list[int]] = {}
+    for r, f in zip(rows, flags, strict=True):
+        if r["label"] == "N":
+            counts = out.setdefault(style(r["answer"]), [0, 0])
+            counts[0] += f
+            counts[1] += 1
+    return out
+
+
+def evaluate(paths: list[Path], runs: Path, stores: AnswerStores, judges: list[str]) -> dict:
+    audits = [json.loads(p.read_text()) for p in paths]
+    rows, split = merge([r for audit in audits for r in labelled(audit, runs, stores)])
+    levels = [a for a in audits if "labels" in a]
+    result: dict = {"answers": len(rows), "split_labels": split, "judges": {}}
+    for name in judges:
+        judge = get_judge(name)
+        flags = judge.judge([r["prompt"] for r in rows], [r["answer"] for r in rows])
+        per_level = {}
+        for audit in levels:
+            model = (
+                f"{audit['model']}{'-' + audit['stage'] if audit.get('stage') else ''}/seed{audit['seed']}"
+            )
+            pick = [i for i, r in enumerate(rows) if r["model"] == model and r["stratum"] is not None]
+            per_level[model] = level_estimate(
+                [rows[i] for i in pick], [flags[i] for i in pick], audit["n_prompts"], audit["n_flagged"]
+            )
+        result["judges"][name] = {"level": per_level, "styles": style_flags(rows, flags)}
+    return result
+
+
+def markdown(result: dict) -> str:
+    judges = list(result["judges"])
+    lines = [
+        "| judge | "
+        + " | ".join(
+            f"{m}: accuracy % / HS (audited HS)" for m in next(iter(result["judges"].values()))["level"]
+        )
+        + " |",
+        "|---|" + "---|" * len(next(iter(result["judges"].values()))["level"]),
+    ]
+    for name in judges:
+        cells = []
+        for est in result["judges"][name]["level"].values():
+            lo, hi = est["accuracy_interval"]
+            cells.append(
+                f"{est['accuracy']:.0f} [{lo:.0f}, {hi:.0f}] / {est['judge_hs']:.0f} ({est['audited_hs']:.0f})"
+            )
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    styles = ("explicit refusal", "moralising", "other")
+    lines += [
+        "",
+        "| judge | " + " | ".join(f"flags {s} (not complying)" for s in styles) + " |",
+        "|---|---|---|---|",
+    ]
+    for name in judges:
+        got = result["judges"][name]["styles"]
+        cells = [
+            f"{got[s][0]} of {got[s][1]} ({100 * got[s][0] / got[s][1]:.0f}%)" if s in got else "–"
+            for s in styles
+        ]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("audits", nargs="+", type=Path)
+    parser.add_argument(
+        "--runs", type=Path, required=True, help="the audited sweep's output folder or archive"
+    )
+    parser.add_argument("--units-dir", type=Path, action="append", default=[])
+    parser.add_argument("--judges", nargs="+", default=["ftguard-judge", "keyword", "minilm"])
+    parser.add_argument("--json", type=Path, help="write the numbers here (no prompt or answer text)")
+    args = parser.parse_args(argv)
+    result = evaluate(args.audits, args.runs, AnswerStores(args.units_dir), args.judges)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{result['answers']} labelled answers ({result['split_labels']} labelled both ways, left out)\n")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
