@@ -1,6 +1,6 @@
 """Judges on the answers the hand audits labelled: how each reads SmolLM2's own answers in the testbed.
 
-    python scripts/judges_on_audits.py docs/results/audits/*.json --runs docs/results/testbed-study \\
+    python scripts/judges_on_audits.py docs/results/audits/*.json --archive docs/results \\
         --units-dir runs/units [--judges ftguard-judge keyword minilm] [--json OUT]
 
 The audits (scripts/audit_paired.py, docs/testbed.md step 5) label answers H (goes along with the harmful request)
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 from audit_paired import style
 
 from ftguard.evaluation.judges import get_judge
 from ftguard.evaluation.rescore import AnswerStores, answers_of, read_answers
+from ftguard.evaluation.stats import wilson_interval
 from ftguard.run_results import read_results
 
 # the defense's answer, by the code of a prompt flagged for the baseline only
@@ -47,12 +47,20 @@ def _answers(run_dir: Path, stage: str | None, stores: AnswerStores) -> dict[str
     return {r["source"]: r for r in read_answers(found) if r["kind"] == "harmful"}
 
 
-def labelled(audit: dict, runs: Path, stores: AnswerStores) -> list[dict]:
-    """[{model, source, prompt, answer, label, stratum}] of one audit file."""
-    seed = audit["seed"]
+def level_model(audit: dict) -> str:
+    """How a level audit's model is named in the tables: sweep, model and stage, seed."""
+    stage = f"-{audit['stage']}" if audit.get("stage") else ""
+    return f"{audit['sweep']} {audit['model']}{stage}/seed{audit['seed']}"
+
+
+def labelled(audit: dict, archive: Path, stores: AnswerStores) -> list[dict]:
+    """[{model, source, prompt, answer, label, stratum}] of one audit file; its runs are in ``archive``/<sweep>/,
+    at the audit's ``run`` or at runs/<model>/seed<seed>."""
+    seed, runs = audit["seed"], archive / audit["sweep"]
     if "labels" in audit:  # a level audit
-        answers = _answers(runs / "runs" / audit["model"] / f"seed{seed}", audit.get("stage"), stores)
-        model = f"{audit['model']}{'-' + audit['stage'] if audit.get('stage') else ''}/seed{seed}"
+        run = runs / audit.get("run", f"runs/{audit['model']}/seed{seed}")
+        answers = _answers(run, audit.get("stage"), stores)
+        model = level_model(audit)
         return [
             answers[s]
             | {"model": model, "label": label, "stratum": bool(audit["flagged"][s]), "audit": "level"}
@@ -64,15 +72,24 @@ def labelled(audit: dict, runs: Path, stores: AnswerStores) -> list[dict]:
     for source, code in audit["baseline_flagged_only"].items():
         if code in _BASELINE_LABEL:
             out.append(
-                base[source] | {"model": f"{audit['baseline']}/seed{seed}", "label": _BASELINE_LABEL[code]}
+                base[source]
+                | {
+                    "model": f"{audit['sweep']} {audit['baseline']}/seed{seed}",
+                    "label": _BASELINE_LABEL[code],
+                }
             )
             out.append(
-                defense[source] | {"model": f"{audit['defense']}/seed{seed}", "label": _DEFENSE_LABEL[code]}
+                defense[source]
+                | {"model": f"{audit['sweep']} {audit['defense']}/seed{seed}", "label": _DEFENSE_LABEL[code]}
             )
     for source, code in audit["defense_flagged_only"].items():
         if code == "G":
-            out.append(base[source] | {"model": f"{audit['baseline']}/seed{seed}", "label": "N"})
-            out.append(defense[source] | {"model": f"{audit['defense']}/seed{seed}", "label": "H"})
+            out.append(
+                base[source] | {"model": f"{audit['sweep']} {audit['baseline']}/seed{seed}", "label": "N"}
+            )
+            out.append(
+                defense[source] | {"model": f"{audit['sweep']} {audit['defense']}/seed{seed}", "label": "H"}
+            )
     return [r | {"audit": "paired", "stratum": None} for r in out]
 
 
@@ -89,40 +106,41 @@ def merge(rows: list[dict]) -> tuple[list[dict], int]:
     return [r for k, r in by_key.items() if k not in split], len(split)
 
 
-def level_estimate(
-    rows: list[dict], flags: list[bool], n_prompts: int, n_flagged: int, boot: int = 2000
-) -> dict:
-    """A judge's accuracy and HS on one model, and the audited HS, weighted back from the stratified sample,
-    with 95% intervals of a bootstrap within the strata."""
+def level_estimate(rows: list[dict], flags: list[bool], n_prompts: int, n_flagged: int) -> dict:
+    """A judge's accuracy and HS on one model, and the audited HS, weighted back from the stratified sample.
+
+    Intervals: each stratum's 95% Wilson interval, weighted like the estimate (conservative: the bounds add as if
+    the strata erred together). Unlike a bootstrap, it does not shrink to nothing when every sampled answer of a
+    stratum got one label and one verdict."""
     strata = {True: n_flagged / n_prompts, False: 1 - n_flagged / n_prompts}
     items = {
         s: [(f, r["label"] == "H") for r, f in zip(rows, flags, strict=True) if r["stratum"] is s]
         for s in strata
     }
 
-    def estimate(sample: dict[bool, list[tuple[bool, bool]]]) -> tuple[float, float, float]:
-        acc = hs = truth = 0.0
-        for s, pairs in sample.items():
-            w = strata[s] / len(pairs)
-            acc += w * sum(f == h for f, h in pairs)
-            hs += w * sum(f for f, _ in pairs)
-            truth += w * sum(h for _, h in pairs)
-        return 100 * acc, 100 * hs, 100 * truth
+    def weighted(count) -> tuple[float, list[float]]:
+        value, lo, hi = 0.0, 0.0, 0.0
+        for s, pairs in items.items():
+            k, n = sum(count(f, h) for f, h in pairs), len(pairs)
+            if n == 0:
+                if strata[s] > 0:
+                    raise SystemExit("a level audit without a sampled answer in one of its strata: redraw it")
+                continue
+            low, high = wilson_interval(k, n)
+            value += strata[s] * 100 * k / n
+            lo, hi = lo + strata[s] * low, hi + strata[s] * high
+        return value, [lo, hi]
 
-    point = estimate(items)
-    rng = random.Random(0)
-    draws = [estimate({s: rng.choices(p, k=len(p)) for s, p in items.items()}) for _ in range(boot)]
-
-    def interval(i: int) -> list[float]:
-        values = sorted(d[i] for d in draws)
-        return [values[int(0.025 * boot)], values[int(0.975 * boot) - 1]]
-
+    accuracy, accuracy_interval = weighted(lambda f, h: f == h)
+    judge_hs, judge_hs_interval = weighted(lambda f, h: f)
+    audited_hs, audited_hs_interval = weighted(lambda f, h: h)
     return {
-        "accuracy": point[0],
-        "accuracy_interval": interval(0),
-        "judge_hs": point[1],
-        "judge_hs_interval": interval(1),
-        "audited_hs": point[2],
+        "accuracy": accuracy,
+        "accuracy_interval": accuracy_interval,
+        "judge_hs": judge_hs,
+        "judge_hs_interval": judge_hs_interval,
+        "audited_hs": audited_hs,
+        "audited_hs_interval": audited_hs_interval,
         "n": len(rows),
     }
 
@@ -138,9 +156,9 @@ def style_flags(rows: list[dict], flags: list[bool]) -> dict[str, list[int]]:
     return out
 
 
-def evaluate(paths: list[Path], runs: Path, stores: AnswerStores, judges: list[str]) -> dict:
+def evaluate(paths: list[Path], archive: Path, stores: AnswerStores, judges: list[str]) -> dict:
     audits = [json.loads(p.read_text()) for p in paths]
-    rows, split = merge([r for audit in audits for r in labelled(audit, runs, stores)])
+    rows, split = merge([r for audit in audits for r in labelled(audit, archive, stores)])
     levels = [a for a in audits if "labels" in a]
     result: dict = {"answers": len(rows), "split_labels": split, "judges": {}}
     for name in judges:
@@ -148,9 +166,7 @@ def evaluate(paths: list[Path], runs: Path, stores: AnswerStores, judges: list[s
         flags = judge.judge([r["prompt"] for r in rows], [r["answer"] for r in rows])
         per_level = {}
         for audit in levels:
-            model = (
-                f"{audit['model']}{'-' + audit['stage'] if audit.get('stage') else ''}/seed{audit['seed']}"
-            )
+            model = level_model(audit)
             pick = [i for i, r in enumerate(rows) if r["model"] == model and r["stratum"] is not None]
             per_level[model] = level_estimate(
                 [rows[i] for i in pick], [flags[i] for i in pick], audit["n_prompts"], audit["n_flagged"]
@@ -197,13 +213,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("audits", nargs="+", type=Path)
     parser.add_argument(
-        "--runs", type=Path, required=True, help="the audited sweep's output folder or archive"
+        "--archive",
+        type=Path,
+        default=Path("docs/results"),
+        help="the folder of the audited sweeps (archives)",
     )
     parser.add_argument("--units-dir", type=Path, action="append", default=[])
     parser.add_argument("--judges", nargs="+", default=["ftguard-judge", "keyword", "minilm"])
     parser.add_argument("--json", type=Path, help="write the numbers here (no prompt or answer text)")
     args = parser.parse_args(argv)
-    result = evaluate(args.audits, args.runs, AnswerStores(args.units_dir), args.judges)
+    result = evaluate(args.audits, args.archive, AnswerStores(args.units_dir), args.judges)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{result['answers']} labelled answers ({result['split_labels']} labelled both ways, left out)\n")

@@ -472,7 +472,7 @@ def other_judges(folder: Path | None) -> list[str]:
         "The judges disagree on the level (the refusal-phrase judge counts every answer without a stock refusal "
         "as harmful) and much less on the paired effects: each rewards the same move, from moralising or "
         "complying answers to explicit refusals. All three share that preference (read on these answers by "
-        'hand: docs/judges.md, "SmolLM2\'s answers in the testbed"), so their '
+        "hand: docs/judges.md, \"SmolLM2's (and Gemma's) answers in the testbed\"), so their "
         "agreement shows that the effects do not hinge on the study's judge, not that they are genuine falls "
         "in harmful compliance: the hand audits above read that, and find the effects smaller.",
         "",

@@ -8,6 +8,7 @@ import pytest
 
 from ftguard.evaluation.paired import encode_outcomes, items_digest
 from ftguard.evaluation.rescore import AnswerStores
+from ftguard.evaluation.stats import wilson_interval
 from script_module import SCRIPTS, load_script
 
 
@@ -39,9 +40,10 @@ def _run(folder, answers, stage="finetune"):
 
 def test_paired_codes_become_both_answers_labels_and_ambiguous_ones_are_skipped(page, tmp_path):
     answers = {s: (f"sft says {s}", True) for s in "abcdef"}
-    _run(tmp_path / "runs" / "sft" / "seed47", answers)
-    _run(tmp_path / "runs" / "lisa" / "seed47", {s: (f"lisa says {s}", False) for s in "abcdef"})
+    _run(tmp_path / "study" / "runs" / "sft" / "seed47", answers)
+    _run(tmp_path / "study" / "runs" / "lisa" / "seed47", {s: (f"lisa says {s}", False) for s in "abcdef"})
     audit = {
+        "sweep": "study",
         "seed": 47,
         "baseline": "sft",
         "defense": "lisa",
@@ -51,31 +53,46 @@ def test_paired_codes_become_both_answers_labels_and_ambiguous_ones_are_skipped(
     rows = page.labelled(audit, tmp_path, AnswerStores())
     got = {(r["model"], r["source"]): r["label"] for r in rows}
     assert got == {
-        ("sft/seed47", "a"): "H",
-        ("lisa/seed47", "a"): "N",
-        ("sft/seed47", "b"): "H",
-        ("lisa/seed47", "b"): "H",
-        ("sft/seed47", "c"): "N",
-        ("lisa/seed47", "c"): "N",
-        ("sft/seed47", "d"): "N",
-        ("lisa/seed47", "d"): "H",
-        ("sft/seed47", "f"): "N",
-        ("lisa/seed47", "f"): "H",
+        ("study sft/seed47", "a"): "H",
+        ("study lisa/seed47", "a"): "N",
+        ("study sft/seed47", "b"): "H",
+        ("study lisa/seed47", "b"): "H",
+        ("study sft/seed47", "c"): "N",
+        ("study lisa/seed47", "c"): "N",
+        ("study sft/seed47", "d"): "N",
+        ("study lisa/seed47", "d"): "H",
+        ("study sft/seed47", "f"): "N",
+        ("study lisa/seed47", "f"): "H",
     }  # e (the defense degenerate) and the defense-only N say too little
     assert {r["answer"] for r in rows if r["source"] == "a"} == {"sft says a", "lisa says a"}
 
 
 def test_a_level_audit_reads_its_stage_and_keeps_the_judge_s_stratum(page, tmp_path):
-    _run(tmp_path / "runs" / "sft" / "seed47", {"a": ("tuned a", True)})
-    (tmp_path / "runs" / "sft" / "seed47" / "results.json").unlink()
-    _run(tmp_path / "runs" / "sft" / "seed47", {"a": ("aligned a", False), "b": ("aligned b", True)}, "align")
-    audit = {"seed": 47, "model": "sft", "stage": "align", "labels": {"a": "N", "b": "H"}}
+    _run(tmp_path / "study" / "runs" / "sft" / "seed47", {"a": ("tuned a", True)})
+    (tmp_path / "study" / "runs" / "sft" / "seed47" / "results.json").unlink()
+    _run(
+        tmp_path / "study" / "runs" / "sft" / "seed47",
+        {"a": ("aligned a", False), "b": ("aligned b", True)},
+        "align",
+    )
+    audit = {"sweep": "study", "seed": 47, "model": "sft", "stage": "align", "labels": {"a": "N", "b": "H"}}
     audit["flagged"] = {"a": False, "b": True}
     rows = page.labelled(audit, tmp_path, AnswerStores())
     assert [(r["model"], r["answer"], r["label"], r["stratum"]) for r in rows] == [
-        ("sft-align/seed47", "aligned a", "N", False),
-        ("sft-align/seed47", "aligned b", "H", True),
+        ("study sft-align/seed47", "aligned a", "N", False),
+        ("study sft-align/seed47", "aligned b", "H", True),
     ]
+    # a run of another layout is named by the audit
+    _run(tmp_path / "gemma" / "runs" / "booster" / "p0.1-seed43", {"a": ("theft me me", True)}, "align")
+    other = {
+        "sweep": "gemma",
+        "run": "runs/booster/p0.1-seed43",
+        "seed": 43,
+        "model": "booster",
+        "stage": "align",
+    }
+    rows = page.labelled(other | {"labels": {"a": "N"}, "flagged": {"a": True}}, tmp_path, AnswerStores())
+    assert [(r["model"], r["answer"]) for r in rows] == [("gemma booster-align/seed43", "theft me me")]
 
 
 def test_an_answer_labelled_by_several_audits_counts_once_and_a_split_one_not_at_all(page):
@@ -92,12 +109,16 @@ def test_the_level_estimate_weights_each_stratum_by_its_share_of_the_model_s_ans
         {"stratum": s, "label": label} for s, label in [(True, "H"), (True, "N"), (False, "N"), (False, "N")]
     ]
     flags = [True, False, True, False]  # a judge right on both flagged-stratum rows, wrong on row 2
-    est = page.level_estimate(rows, flags, n_prompts=200, n_flagged=150, boot=200)
+    est = page.level_estimate(rows, flags, n_prompts=200, n_flagged=150)
     assert est["accuracy"] == pytest.approx(100 * (0.75 * 2 / 2 + 0.25 * 1 / 2))
     assert est["judge_hs"] == pytest.approx(100 * (0.75 * 1 / 2 + 0.25 * 1 / 2))
     assert est["audited_hs"] == pytest.approx(100 * 0.75 * 1 / 2)
-    lo, hi = est["accuracy_interval"]
-    assert 0 <= lo <= est["accuracy"] <= hi <= 100
+    # the interval: each stratum's Wilson interval, weighted alike (2 of 2 right, then 1 of 2)
+    (lo2, hi2), (lo1, hi1) = wilson_interval(2, 2), wilson_interval(1, 2)
+    assert est["accuracy_interval"] == pytest.approx([0.75 * lo2 + 0.25 * lo1, 0.75 * hi2 + 0.25 * hi1])
+    # a stratum all of one label and one verdict still leaves room: no zero-width interval
+    same = page.level_estimate(rows[:2], [True, True], n_prompts=200, n_flagged=200)
+    assert same["accuracy"] == 50.0 and same["accuracy_interval"][1] - same["accuracy_interval"][0] > 30
 
 
 def test_styles_count_flags_among_answers_read_as_not_complying(page):
