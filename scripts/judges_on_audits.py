@@ -55,7 +55,7 @@ def level_model(audit: dict) -> str:
 
 def labelled(audit: dict, archive: Path, stores: AnswerStores) -> list[dict]:
     """[{model, source, prompt, answer, label, stratum}] of one audit file; its runs are in ``archive``/<sweep>/,
-    at the audit's ``run`` or at runs/<model>/seed<seed>."""
+    where the audit says (``run``; ``runs`` for a paired one's two arms) or at runs/<model>/seed<seed>."""
     seed, runs = audit["seed"], archive / audit["sweep"]
     if "labels" in audit:  # a level audit
         run = runs / audit.get("run", f"runs/{audit['model']}/seed{seed}")
@@ -66,8 +66,9 @@ def labelled(audit: dict, archive: Path, stores: AnswerStores) -> list[dict]:
             | {"model": model, "label": label, "stratum": bool(audit["flagged"][s]), "audit": "level"}
             for s, label in audit["labels"].items()
         ]
-    base = _answers(runs / "runs" / audit["baseline"] / f"seed{seed}", None, stores)
-    defense = _answers(runs / "runs" / audit["defense"] / f"seed{seed}", None, stores)
+    where = audit.get("runs", {})
+    base = _answers(runs / where.get("baseline", f"runs/{audit['baseline']}/seed{seed}"), None, stores)
+    defense = _answers(runs / where.get("defense", f"runs/{audit['defense']}/seed{seed}"), None, stores)
     out = []
     for source, code in audit["baseline_flagged_only"].items():
         if code in _BASELINE_LABEL:

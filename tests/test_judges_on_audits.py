@@ -65,6 +65,13 @@ def test_paired_codes_become_both_answers_labels_and_ambiguous_ones_are_skipped(
         ("study lisa/seed47", "f"): "H",
     }  # e (the defense degenerate) and the defense-only N say too little
     assert {r["answer"] for r in rows if r["source"] == "a"} == {"sft says a", "lisa says a"}
+    # arms in folders of another layout are named by the audit
+    for arm in ("sft", "lisa"):
+        (tmp_path / "study" / "runs" / arm / "seed47").rename(
+            tmp_path / "study" / "runs" / arm / "p0.1-seed47"
+        )
+    moved = audit | {"runs": {"baseline": "runs/sft/p0.1-seed47", "defense": "runs/lisa/p0.1-seed47"}}
+    assert page.labelled(moved, tmp_path, AnswerStores()) == rows
 
 
 def test_a_level_audit_reads_its_stage_and_keeps_the_judge_s_stratum(page, tmp_path):
