@@ -220,6 +220,16 @@ def test_tiny_sweep_shares_units_resumes_and_reports(tmp_path, monkeypatch):
     assert cli.main(["sweep", str(path), "--output-dir", str(moved)]) == 0
     assert (moved / "report.md").read_text() == (out / "report.md").read_text()
 
+    # The archive's answers (in the units store it names) judged again by the same judge and refusal detector:
+    # the same report, point for point (`ftguard judge rescore` on real generations, not hand-made ones)
+    again = tmp_path / "again"
+    rescore = ["judge", "rescore", str(moved), "--judge", "keyword", "--refusal-detector", "rules"]
+    assert cli.main([*rescore, "--output-dir", str(again), "--sweep", str(path)]) == 0
+    tables = json.loads((again / "report.json").read_text())["tables"]
+    assert tables == json.loads((out / "report.json").read_text())["tables"]
+    summary = json.loads((again / "rescore.json").read_text())["points"]
+    assert len(summary) == 6 and all(p["agreement"] == 100.0 for p in summary)  # 4 runs, safelora: + post
+
 
 @pytest.mark.slow
 def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
