@@ -232,6 +232,18 @@ def test_judge_accuracy_or_not_validated(tmp_path):
     assert "validated accuracy" not in other
 
 
+def test_a_rescored_run_says_whose_answers_and_which_judge_first(tmp_path):
+    from ftguard.evaluation.judges import get_judge
+    from ftguard.evaluation.rescore import AnswerStores, rescore_run
+
+    run = make_run(tmp_path / "run")
+    rescore_run(run, tmp_path / "again", get_judge("keyword"), AnswerStores())
+    text = build_report(tmp_path / "again")
+    assert "<strong>keyword</strong>" in text
+    assert f"Rescored: these are the answers of <code>{run}</code>, first judged by ftguard-judge" in text
+    assert "Rescored:" not in build_report(run)
+
+
 def test_gate_verdicts(tmp_path):
     run = make_run(tmp_path)
     assert "<h2>Gate</h2>" not in build_report(run)

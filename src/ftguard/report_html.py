@@ -182,6 +182,11 @@ def _judges_section(run: RunResults) -> str:
     blocks = [_judge_block(described)]
     for extra in run.data.get("extra_judges") or []:
         blocks.append(_judge_block(extra))
+    if rescored := run.data.get("rescored_from"):  # `ftguard judge rescore`: the answers were judged again
+        blocks.append(
+            f"<p>Rescored: these are the answers of <code>{esc(str(rescored.get('run')))}</code>, first judged "
+            f"by {esc(str(rescored.get('judge')))}, judged again (<code>ftguard judge rescore</code>).</p>"
+        )
     return "\n".join(blocks)
 
 
