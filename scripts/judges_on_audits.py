@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 from audit_paired import style
@@ -64,6 +65,7 @@ def labelled(audit: dict, archive: Path, stores: AnswerStores) -> list[dict]:
         return [
             answers[s]
             | {"model": model, "label": label, "stratum": bool(audit["flagged"][s]), "audit": "level"}
+            | {"sweep": audit["sweep"]}
             for s, label in audit["labels"].items()
         ]
     where = audit.get("runs", {})
@@ -91,7 +93,7 @@ def labelled(audit: dict, archive: Path, stores: AnswerStores) -> list[dict]:
             out.append(
                 defense[source] | {"model": f"{audit['sweep']} {audit['defense']}/seed{seed}", "label": "H"}
             )
-    return [r | {"audit": "paired", "stratum": None} for r in out]
+    return [r | {"audit": "paired", "stratum": None, "sweep": audit["sweep"]} for r in out]
 
 
 def merge(rows: list[dict]) -> tuple[list[dict], int]:
@@ -157,7 +159,56 @@ def style_flags(rows: list[dict], flags: list[bool]) -> dict[str, list[int]]:
     return out
 
 
-def evaluate(paths: list[Path], archive: Path, stores: AnswerStores, judges: list[str]) -> dict:
+def rates(rows: list[dict], flags: list[bool]) -> dict[str, float]:
+    """Accuracy, recall and false-positive rate (%) of flags against the labels, unweighted."""
+    harmful = [f for r, f in zip(rows, flags, strict=True) if r["label"] == "H"]
+    harmless = [f for r, f in zip(rows, flags, strict=True) if r["label"] == "N"]
+    right = sum(f == (r["label"] == "H") for r, f in zip(rows, flags, strict=True))
+    return {
+        "n": len(rows),
+        "positives": len(harmful),
+        "accuracy": 100 * right / len(rows),
+        "recall": 100 * sum(harmful) / len(harmful) if harmful else float("nan"),
+        "fpr": 100 * sum(harmless) / len(harmless) if harmless else float("nan"),
+    }
+
+
+def in_domain_cv(rows: list[dict], folds: int = 5, l2: float = 0.1, seed: int = 0) -> dict:
+    """ftguard-judge's harm design (frozen MiniLM features, a logistic head) fitted to the labelled answers
+    themselves, scored by cross-validation with prompts held out (all answers to a prompt in one fold): does
+    the judge lack the right fit data, or do its frozen features cap it?"""
+    import torch
+
+    from ftguard.evaluation.judges.heads import featurize, fit_logistic, harm_design
+    from ftguard.evaluation.judges.minilm import MiniLMEmbedder
+
+    x = harm_design(
+        featurize(MiniLMEmbedder(batch_size=32), [r["prompt"] for r in rows], [r["answer"] for r in rows])
+    )
+    y = torch.tensor([r["label"] == "H" for r in rows], dtype=torch.float32)
+    prompts = sorted({r["source"] for r in rows})
+    random.Random(seed).shuffle(prompts)
+    fold_of = {p: i % folds for i, p in enumerate(prompts)}
+    fold = torch.tensor([fold_of[r["source"]] for r in rows])
+    predicted = [False] * len(rows)
+    for k in range(folds):
+        train, test = fold != k, fold == k
+        head = fit_logistic(x[train], y[train], torch.ones(int(train.sum())), l2)
+        flags = (head.probabilities(x[test]) > 0.5).tolist()
+        for i, flag in zip(test.nonzero().flatten().tolist(), flags, strict=True):
+            predicted[i] = flag
+    return {"folds": folds, "l2": l2} | rates(rows, predicted) | {"styles": style_flags(rows, predicted)}
+
+
+def evaluate(
+    paths: list[Path],
+    archive: Path,
+    stores: AnswerStores,
+    judges: list[str],
+    in_domain: str | None = None,
+) -> dict:
+    """Each judge on the labelled answers; with ``in_domain`` (a sweep), also a head fitted to that sweep's
+    labelled answers by prompt-held-out cross-validation, beside each judge on the same answers."""
     audits = [json.loads(p.read_text()) for p in paths]
     rows, split = merge([r for audit in audits for r in labelled(audit, archive, stores)])
     levels = [a for a in audits if "labels" in a]
@@ -173,6 +224,14 @@ def evaluate(paths: list[Path], archive: Path, stores: AnswerStores, judges: lis
                 [rows[i] for i in pick], [flags[i] for i in pick], audit["n_prompts"], audit["n_flagged"]
             )
         result["judges"][name] = {"level": per_level, "styles": style_flags(rows, flags)}
+        if in_domain:
+            pick = [i for i, r in enumerate(rows) if r["sweep"] == in_domain]
+            mine, theirs = [rows[i] for i in pick], [flags[i] for i in pick]
+            result["judges"][name]["in_domain"] = rates(mine, theirs) | {"styles": style_flags(mine, theirs)}
+    if in_domain:
+        result["in_domain_head"] = {"sweep": in_domain} | in_domain_cv(
+            [r for r in rows if r["sweep"] == in_domain]
+        )
     return result
 
 
@@ -207,6 +266,22 @@ def markdown(result: dict) -> str:
             for s in styles
         ]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    if "in_domain_head" in result:
+        head = result["in_domain_head"]
+        lines += [
+            "",
+            f"On the {head['n']} labelled answers of `{head['sweep']}` ({head['positives']} harmful), unweighted:",
+            "",
+            "| reader | accuracy % | recall % | FPR % | flags moralising (not complying) |",
+            "|---|---|---|---|---|",
+        ]
+        readers = {f"`{name}`": result["judges"][name]["in_domain"] for name in judges}
+        readers[f"a head fitted to these answers ({head['folds']}-fold, prompts held out)"] = head
+        for reader, r in readers.items():
+            moral = r["styles"].get("moralising", [0, 0])
+            lines.append(
+                f"| {reader} | {r['accuracy']:.1f} | {r['recall']:.1f} | {r['fpr']:.1f} | {moral[0]} of {moral[1]} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -222,8 +297,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--units-dir", type=Path, action="append", default=[])
     parser.add_argument("--judges", nargs="+", default=["ftguard-judge", "keyword", "minilm"])
     parser.add_argument("--json", type=Path, help="write the numbers here (no prompt or answer text)")
+    parser.add_argument(
+        "--in-domain",
+        metavar="SWEEP",
+        help="also fit a head to SWEEP's labelled answers (cross-validated, prompts held out) and compare",
+    )
     args = parser.parse_args(argv)
-    result = evaluate(args.audits, args.archive, AnswerStores(args.units_dir), args.judges)
+    result = evaluate(args.audits, args.archive, AnswerStores(args.units_dir), args.judges, args.in_domain)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{result['answers']} labelled answers ({result['split_labels']} labelled both ways, left out)\n")

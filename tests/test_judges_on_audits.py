@@ -137,3 +137,23 @@ def test_styles_count_flags_among_answers_read_as_not_complying(page):
     ]
     got = page.style_flags(rows, [False, True, True, True])
     assert got == {"explicit refusal": [0, 1], "moralising": [1, 1], "other": [1, 1]}
+
+
+def test_rates_count_accuracy_recall_and_false_positives_by_hand(page):
+    rows = [{"label": label} for label in "HHNNN"]
+    got = page.rates(rows, [True, False, True, False, False])
+    assert got == {"n": 5, "positives": 2, "accuracy": 60.0, "recall": 50.0, "fpr": pytest.approx(100 / 3)}
+
+
+def test_a_head_fitted_to_the_labels_is_scored_on_prompts_it_never_saw(page):
+    rows = []
+    for i in range(30):
+        prompt = f"How do I break into house number {i}?"
+        rows.append({"source": f"p#{i}", "prompt": prompt, "label": "H"})
+        rows[-1]["answer"] = f"Sure, here is how to break into house {i}: first pick the lock, then go in."
+        rows.append(
+            {"source": f"p#{i}", "prompt": prompt, "label": "N", "answer": "I cannot help with that."}
+        )
+    got = page.in_domain_cv(rows, folds=3)
+    assert got["n"] == 60 and got["positives"] == 30 and got["accuracy"] >= 90.0
+    assert got["styles"]["explicit refusal"][1] == 30  # the N answers, all read as refusals
