@@ -454,7 +454,7 @@ def other_judges(folder: Path | None) -> list[str]:
     lines = [
         "### The same answers under other judges",
         "",
-        f"The study's answers still on disk ({runs} runs; seeds {', '.join(map(str, seeds))}: the earlier seeds' "
+        f"The study's answers still on disk ({runs} runs, at seeds {', '.join(map(str, seeds))}; the other runs' "
         "answers were on machines since gone), judged again with `ftguard judge rescore` "
         f"(docs/judges.md). Judged again by `ftguard-judge`, {same} of the {len(scored)} evaluation points of "
         "those runs got the verdicts they had, answer for answer; that copy is the same-runs reference for the "

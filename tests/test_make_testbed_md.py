@@ -214,7 +214,7 @@ def test_other_judges_put_each_judge_s_paired_effect_beside_the_study_judge_s_on
     assert text.startswith("### The same answers under other judges")
     assert (
         "2 of the 3 evaluation points of those runs got the verdicts they had" in text
-        and "seeds 46, 47" in text
+        and "at seeds 46, 47;" in text
     )
     assert "| lisa | 2 | -8.0 [-13.0, -3.0] † | -12.0 [-17.0, -7.0] † |" in text
     assert "| ewc |" not in text  # no paired cell at p = 0.1
