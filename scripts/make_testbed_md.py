@@ -377,7 +377,42 @@ def second_model(folder: Path | None, smollm: dict[str, Path | None] | None = No
 AUDIT_PLOT = "judged_vs_audited.png"  # `audit_paired.py summary --plot`, made by `make results-pages`
 
 
-def hand_audits(folder: Path | None) -> list[str]:
+def at_audited_shares(paths: list[Path], study: dict | None) -> list[str]:
+    """Each audited defense's study effect scaled by the share of the judged fall its audits kept (a rough
+    reading: a ratio of two one-seed numbers), beside the difference the design detects."""
+    if study is None:
+        return []
+    shares: dict[str, list[tuple[int, float]]] = {}
+    for audit, got in paired_audits(paths):
+        if got["judged"] < 0:  # a share of a fall; a judged rise has none
+            shares.setdefault(audit["defense"], []).append((audit["seed"], got["audited"] / got["judged"]))
+    lines = []
+    for defense, kept in shares.items():
+        cell = _paired_hs(study, defense)
+        if not cell:
+            continue
+        lo, hi = cell["interval"]
+        scaled = sorted(cell["diff"] * share for _, share in kept)
+        at = f"{scaled[0]:+.1f}" if len(scaled) == 1 else f"{scaled[0]:+.1f} to {scaled[-1]:+.1f}"
+        by_seed = ", ".join(f"{100 * share:.0f}% (seed {seed})" for seed, share in sorted(kept))
+        lines.append(
+            f"| {defense} | {cell['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {by_seed} | {at} | {cell['detectable']:.1f} |"
+        )
+    if not lines:
+        return []
+    return [
+        "The study's HS effect at the shares the audits kept (audited over judged difference at each audited seed; "
+        "a rough reading, a ratio of two one-seed numbers), beside the smallest difference the design detects:",
+        "",
+        "| defense | study's HS effect [95%] | audited share of the judged fall | effect at those shares | "
+        "detectable |",
+        "|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
+def hand_audits(folder: Path | None, study: dict | None = None) -> list[str]:
     """The hand audits of the study's paired HS effects (scripts/audit_paired.py), beside the table they qualify."""
     paths = sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []
     if not paired_audits(paths):
@@ -392,6 +427,7 @@ def hand_audits(folder: Path | None) -> list[str]:
         "",
         audit_summary(paths),
         "",
+        *at_audited_shares(paths, study),
         *(
             [f"![judged against audited](results/{folder.name}/{AUDIT_PLOT})", ""]
             if (folder / AUDIT_PLOT).is_file()
@@ -553,7 +589,7 @@ def main() -> None:
             continue
         out += [f"### Under {attack_name} ({status(report[1])})", "", _tables(report[0])]
         if key == "study":
-            out += hand_audits(args.audits)
+            out += hand_audits(args.audits, report[1])
             out += other_judges(args.rescored)
     out += attack_suite(args.attack_suite, args.virus_probe)
     out += second_model(

@@ -219,3 +219,22 @@ def test_other_judges_put_each_judge_s_paired_effect_beside_the_study_judge_s_on
     assert "| lisa | 2 | -8.0 [-13.0, -3.0] † | -12.0 [-17.0, -7.0] † |" in text
     assert "| ewc |" not in text  # no paired cell at p = 0.1
     assert "| *SFT's HS after the attack* | | 45.0 | 82.0 |" in text
+
+
+def test_the_study_effect_is_scaled_by_the_share_of_the_judged_fall_each_audit_kept(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    codes = {"G": "", "FP": "", "C": "", "D": "", "R": ""}
+    paths = []
+    # judged −2.0 and −4.0 (4 and 8 of 200 prompts flagged for SFT only), audited −1.0 and −3.0 (2 and 6 genuine)
+    for seed, genuine, fp in ((46, 2, 2), (47, 6, 2)):
+        base = {f"g{i}": "G" for i in range(genuine)} | {f"f{i}": "FP" for i in range(fp)}
+        audit = {"defense": "lisa", "seed": seed, "n_prompts": 200, "codes": codes}
+        path = tmp_path / f"lisa-{seed}.json"
+        path.write_text(json.dumps(audit | {"baseline_flagged_only": base, "defense_flagged_only": {}}))
+        paths.append(path)
+    cell = {"diff": -10.0, "interval": [-15.0, -5.0], "detectable": 7.0}
+    study = {"tables": [{"paired": {"lisa": {"harmful_score": {"0.1": cell}}}}]}
+    text = "\n".join(page.at_audited_shares(paths, study))
+    assert "| lisa | -10.0 [-15.0, -5.0] | 50% (seed 46), 75% (seed 47) | -7.5 to -5.0 | 7.0 |" in text
+    assert page.at_audited_shares(paths, None) == []
