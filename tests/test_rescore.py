@@ -259,6 +259,19 @@ def test_a_run_without_the_answers_of_the_model_it_ships_is_incomplete_and_the_c
     assert (tmp_path / "o" / "rescore.png").is_file()
 
 
+def test_a_rescored_copy_is_made_again_whole_and_other_folders_are_left_alone(tmp_path, capsys):
+    run = _write_run(tmp_path / "run", {"finetune": _rows(ANSWERS)})
+    args = ["judge", "rescore", str(run), "--judge", "marks-harm"]
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert cli.main([*args, "--output-dir", str(tmp_path / "busy")]) != 0
+    assert "other files" in capsys.readouterr().err and (tmp_path / "busy" / "notes.txt").is_file()
+    assert cli.main([*args, "--output-dir", str(tmp_path / "copy")]) == 0
+    (tmp_path / "copy" / "stale.json").write_text("{}")
+    assert cli.main([*args, "--output-dir", str(tmp_path / "copy")]) == 0
+    assert not (tmp_path / "copy" / "stale.json").exists() and (tmp_path / "copy" / "results.json").is_file()
+
+
 def test_the_rescored_copy_may_not_overwrite_its_source(tmp_path, capsys):
     run = _write_run(tmp_path / "run", {"finetune": _rows(ANSWERS)})
     code = cli.main(["judge", "rescore", str(run), "--judge", "marks-harm", "--output-dir", str(run)])
