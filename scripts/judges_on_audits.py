@@ -1,7 +1,7 @@
 """Judges on the answers the hand audits labelled: how each reads SmolLM2's own answers in the testbed.
 
     python scripts/judges_on_audits.py docs/results/audits/*.json --archive docs/results \\
-        --units-dir runs/units [--judges ftguard-judge keyword minilm] [--json OUT]
+        --units-dir runs/units [--judges ftguard-judge keyword minilm] [--in-domain testbed-study] [--json OUT]
 
 The audits (scripts/audit_paired.py, docs/testbed.md step 5) label answers H (goes along with the harmful request)
 or N. Two kinds, read differently:
@@ -13,6 +13,9 @@ or N. Two kinds, read differently:
   skipped). These were chosen by ftguard-judge's disagreement, so its accuracy there is low by construction;
   they serve the style count: how often each judge flags answers read as not complying, by style (an explicit
   refusal, a moralising answer, anything else; scripts/audit_paired.py ``style``).
+With ``--in-domain SWEEP``, ftguard-judge's own design (frozen features, logistic head) is also fitted to that
+sweep's labelled answers and scored by cross-validation with prompts held out: whether better fit data would fix
+the judge, or its features cap it.
 An answer labelled by several audits counts once; one labelled both ways is left out (and counted).
 The answers come from the runs' generations (results.json's path, or a units store found by their outcomes);
 prompt and answer texts stay out of the output.
