@@ -285,9 +285,10 @@ _BASELINE_LABEL = {"G": "H", "C": "H", "FP": "N", "R": "N"}
 
 def baseline_labels(audit: dict) -> dict[str, str]:
     """{source: H | N} for the baseline's answers this audit file labels. A level audit of the attacked
-    baseline labels them all; the pre-attack level audit is of another model and says nothing here."""
+    baseline labels them all; a level audit of another model (the aligned one, a defense) says nothing here."""
     if "baseline_flagged_only" not in audit:
-        return dict(audit["labels"]) if audit.get("stage") != "align" else {}
+        attacked_baseline = audit.get("stage") != "align" and audit.get("model", "sft") == "sft"
+        return dict(audit["labels"]) if attacked_baseline else {}
     got = {s: _BASELINE_LABEL[c] for s, c in audit["baseline_flagged_only"].items() if c in _BASELINE_LABEL}
     got.update({s: "N" for s, c in audit["defense_flagged_only"].items() if c == "G"})
     return got
