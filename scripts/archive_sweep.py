@@ -32,8 +32,13 @@ PLOTS = ("hs_vs_p.png", "hs_vs_fa.png", "attack_curve.png", "worst_case.png", "r
 
 
 def archive(src: Path, dest: Path) -> int:
+    """Copy ``src``'s complete runs and its sweep-level files into ``dest``; the number of runs copied.
+
+    A rescored copy (`ftguard judge rescore`) keeps its sweep-level files only: its runs repeat another archive's
+    with other verdicts, and are made again from that archive and the answers in a minute."""
     copied = 0
-    for results in sorted(src.glob("runs/*/*/results.json")):
+    rescored = (src / "rescore.json").is_file()
+    for results in [] if rescored else sorted(src.glob("runs/*/*/results.json")):
         if not json.loads(results.read_text()).get("complete"):
             continue
         target = dest / results.parent.relative_to(src)
@@ -42,6 +47,7 @@ def archive(src: Path, dest: Path) -> int:
             if (results.parent / name).is_file():
                 shutil.copy2(results.parent / name, target / name)
         copied += 1
+    dest.mkdir(parents=True, exist_ok=True)
     for name in (*SWEEP_FILES, *PLOTS):
         if (src / name).is_file():
             shutil.copy2(src / name, dest / name)
@@ -56,4 +62,8 @@ if __name__ == "__main__":
         sys.exit(
             f"{src} holds no sweep.json: give the --output-dir of `ftguard sweep` or `ftguard judge rescore`"
         )
-    print(f"{archive(src, dest)} complete runs copied to {dest}")
+    copied = archive(src, dest)
+    if (src / "rescore.json").is_file():
+        print(f"the rescored copy's summary files copied to {dest}")
+    else:
+        print(f"{copied} complete runs copied to {dest}")
