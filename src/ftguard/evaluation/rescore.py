@@ -5,8 +5,8 @@ Generating is most of an evaluation's cost; the verdicts are not. Every evaluati
 score the same answers, and the paired machinery compares defenses under it exactly as under the first one.
 
 The rescored copy mirrors the source's layout (``runs/<defense>/<seed>/results.json`` for a sweep), with the
-harm metrics (HS, HS+, HS asked through an attack's trigger) and their per-prompt outcomes replaced; FA,
-over-refusal and instruction refusal are copied as they were. Each point says what it was rescored from
+harm metrics (HS, HS+, HS asked through an attack's trigger) and their per-prompt outcomes replaced; FA is
+copied as it was, and so are over-refusal and instruction refusal unless a refusal detector reads them again. Each point says what it was rescored from
 (``rescored``: the first judge, its HS, and the two judges' agreement and Cohen's kappa on these answers).
 A point whose answers cannot be found is left out and named (``rescored_missing``); a run missing the point it
 ships is marked incomplete, so that no table counts it as finished.
@@ -34,9 +34,7 @@ from ftguard.evaluation.refusal_detector import RefusalDetector
 from ftguard.evaluation.stats import cohen_kappa, rate
 from ftguard.run_results import Point, generations_file, read_results
 
-# The harm metrics a judge decides; the refusal rates a refusal detector decides (by the kind of answer that
-# generations.jsonl stores for them); every other rate of a point is copied unchanged.
-JUDGED = ("harmful_score", "harmful_score_plus", "harmful_score_triggered")
+# The refusal rates a refusal detector decides, by the kind of answer generations.jsonl stores for them.
 REFUSAL_KINDS = {"benign": "over_refusal", "instruction": "instruction_refusal"}
 
 
