@@ -268,6 +268,10 @@ def test_a_rescored_copy_is_made_again_whole_and_other_folders_are_left_alone(tm
     assert "other files" in capsys.readouterr().err and (tmp_path / "busy" / "notes.txt").is_file()
     assert cli.main([*args, "--output-dir", str(tmp_path / "copy")]) == 0
     (tmp_path / "copy" / "stale.json").write_text("{}")
+    wrong = ["judge", "rescore", str(run), "--judge", "no-such-judge", "--output-dir", str(tmp_path / "copy")]
+    assert (
+        cli.main(wrong) != 0 and (tmp_path / "copy" / "stale.json").exists()
+    )  # a bad command deletes nothing
     assert cli.main([*args, "--output-dir", str(tmp_path / "copy")]) == 0
     assert not (tmp_path / "copy" / "stale.json").exists() and (tmp_path / "copy" / "results.json").is_file()
 

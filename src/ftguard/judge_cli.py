@@ -166,12 +166,6 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     source, out = Path(args.source), Path(args.output_dir)
     if source.exists() and out.resolve() in (source.resolve(), *source.resolve().parents):
         raise FtguardError(f"--output-dir {out}: write the rescored copy outside {source}, not over it")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / "rescore.json").is_file():
-            raise FtguardError(
-                f"--output-dir {out} holds other files: give a new folder for the rescored copy"
-            )
-        shutil.rmtree(out)  # an earlier rescored copy: made again whole, so no run of it is left stale
     options = _options(args.judge_options)
     sweep_file = source / "sweep.yaml"
     sweep = None
@@ -189,6 +183,13 @@ def cmd_rescore(args: argparse.Namespace) -> int:
         detector = get_refusal_detector(
             args.refusal_detector, **_options(args.detector_options, "--detector-option")
         )
+    # only now, with the sweep, judge and detector known good: an earlier rescored copy is made again whole
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "rescore.json").is_file():
+            raise FtguardError(
+                f"--output-dir {out} holds other files: give a new folder for the rescored copy"
+            )
+        shutil.rmtree(out)
     reports = rescore(source, out, judge, args.units_dir, versions, detector)
     before = sorted({str(r.judge_before) for r in reports}) or ["?"]
     rows = summary_rows(reports, source)
