@@ -3,7 +3,8 @@
 # running its sweeps in order, resumed from the archive in docs/results/, for HOURS.
 #
 #   scripts/testbed_lanes.sh run HOURS      # resume both lanes; after HOURS, stop what still runs; returns then
-#   scripts/testbed_lanes.sh archive        # archive every lane sweep's finished runs, rewrite the results pages
+#   scripts/testbed_lanes.sh archive        # archive every lane sweep's finished runs, judge the study's answers
+#                                           # again with other judges, rewrite the results pages
 #
 # At HOURS the run in progress is stopped, not waited for: a training stage resumes from its last checkpoint
 # (every 16 steps in the testbed's configs); an evaluation, a post-stage repair or a Virus upload starts again. Waiting instead for a
@@ -29,10 +30,14 @@ cd "$(dirname "$0")/.."
 # and strong attack (about 15 single-thread hours), issue 21's worst case would not start for seven sessions.
 # Before it, the two settings likeliest to start within ±5 of SFT (Vaccine ρ 2 and Booster λ 1 at 192 steps: at
 # 128 steps both start 9–10 above, and 64 more steps took Vaccine ρ 0.5 from 40 to 23); the rest are longer shots.
+# Vaccine ρ 2 at 192 steps then started at 25 against SFT's 30 and is the aligned-reference rule's choice so far
+# (2026-12-05), so Vaccine's group is finished next (ρ 5 at 128 and 192 steps): its choice decides whether Vaccine
+# joins the study (issue 20, item 4), which comes before issue 21's suite.
 LANE_A=(
   testbed-align-calibration:booster-lam5-s128-refresh4,vaccine-rho2-s128,booster-lam1-s128,tvaccine-rho3-s128,repnoise-alpha0.1-s128,repnoise-alpha1-s128
   testbed-gemma3-defenses
   testbed-align-calibration:vaccine-rho2-s192,booster-lam1-s192
+  testbed-align-calibration:vaccine-rho5-s128,vaccine-rho5-s192
   cpu-attack-suite
   testbed-align-calibration
 )
@@ -87,6 +92,15 @@ archive() {
     "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" --report >/dev/null || true  # 1: incomplete
     cp "src/ftguard/configs/sweeps/$sweep.yaml" "$OUT/$sweep/sweep.yaml"
     "$PYTHON" scripts/archive_sweep.py "$OUT/$sweep" "docs/results/$sweep"
+  done
+  # the study's answers judged again (RESULTS.md, section 4): from the archive, the answers from the units store
+  local judge
+  for judge in ftguard-judge keyword minilm; do
+    rm -rf "$OUT/testbed-study-rescored/$judge" "docs/results/testbed-study-rescored/$judge"
+    # exit 1: some older runs' answers are gone; those runs are left out and listed
+    "$FTGUARD" judge rescore docs/results/testbed-study --judge "$judge" --units-dir "$UNITS" \
+      --output-dir "$OUT/testbed-study-rescored/$judge" >/dev/null || true
+    "$PYTHON" scripts/archive_sweep.py "$OUT/testbed-study-rescored/$judge" "docs/results/testbed-study-rescored/$judge"
   done
   make results-pages
 }

@@ -140,7 +140,11 @@ def test_consistency_compares_the_baseline_labels_that_audits_of_one_seed_share(
     other = {"seed": 47, "baseline_flagged_only": {"a": "C", "b": "R"}, "defense_flagged_only": {"c": "G"}}
     level = {"seed": 47, "labels": {"a": "H", "c": "H", "d": "N"}}
     aligned = {"seed": 47, "stage": "align", "labels": {"a": "N", "b": "H"}}  # another model: not compared
-    defense_level = {"seed": 47, "model": "ewc", "labels": {"a": "N", "b": "H"}}  # a defense's answers: neither
+    defense_level = {
+        "seed": 47,
+        "model": "ewc",
+        "labels": {"a": "N", "b": "H"},
+    }  # a defense's answers: neither
     elsewhere = {"seed": 46, "baseline_flagged_only": {"a": "FP"}, "defense_flagged_only": {}}
     paths = [
         write(n, a)
