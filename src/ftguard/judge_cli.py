@@ -23,22 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", help="labelled JSONL")
     p.add_argument("--judge", default=None, help="judge to check (default: the default judge, ftguard-judge)")
-    p.add_argument(
-        "--judge-option",
-        dest="judge_options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the judge, e.g. --judge-option model=/path/to/beaver-dam-7b (repeatable)",
-    )
+    _add_option_flag(p, "--judge-option", "judge_options", "judge", "model=/path/to/beaver-dam-7b")
     p.add_argument("--refusal-detector", default=None, help="ftguard (default) or rules")
-    p.add_argument(
-        "--detector-option",
-        dest="detector_options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the refusal detector, e.g. --detector-option heads_path=heads.safetensors (repeatable)",
+    _add_option_flag(
+        p, "--detector-option", "detector_options", "refusal detector", "heads_path=heads.safetensors"
     )
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the report as JSON to OUT")
     p.set_defaults(func=cmd_validate)
@@ -50,27 +38,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("source", help="a run's output folder, or a sweep's output folder or archive")
     r.add_argument("--judge", required=True, help="the judge to score with, e.g. beaver-dam or llama-guard")
-    r.add_argument(
-        "--judge-option",
-        dest="judge_options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the judge, e.g. --judge-option model=/path/to/beaver-dam-7b (repeatable)",
-    )
+    _add_option_flag(r, "--judge-option", "judge_options", "judge", "model=/path/to/beaver-dam-7b")
     r.add_argument(
         "--refusal-detector",
         default=None,
         help="also detect over-refusal and instruction refusal again with this detector (ftguard or rules); "
         "default: keep them as they were",
     )
-    r.add_argument(
-        "--detector-option",
-        dest="detector_options",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the refusal detector (repeatable)",
+    _add_option_flag(
+        r, "--detector-option", "detector_options", "refusal detector", "heads_path=heads.safetensors"
     )
     r.add_argument(
         "--output-dir", required=True, help="where the rescored copy goes (same layout as the source)"
@@ -89,6 +65,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the sweep's YAML, for its report under the new judge (default: SOURCE/sweep.yaml when it exists)",
     )
     r.set_defaults(func=cmd_rescore)
+
+
+def _add_option_flag(parser: argparse.ArgumentParser, flag: str, dest: str, what: str, example: str) -> None:
+    """A repeatable KEY=VALUE option of a judge or refusal detector (read by ``_options``)."""
+    parser.add_argument(
+        flag,
+        dest=dest,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"an option of the {what}, e.g. {flag} {example} (repeatable)",
+    )
 
 
 def _options(items: list[str], flag: str = "--judge-option") -> dict[str, Any]:
