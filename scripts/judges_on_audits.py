@@ -1,7 +1,7 @@
 """Judges on the answers the hand audits labelled: how each reads SmolLM2's own answers in the testbed.
 
     python scripts/judges_on_audits.py docs/results/audits/*.json --archive docs/results \\
-        --units-dir runs/units [--judges ftguard-judge keyword minilm] [--in-domain testbed-study] [--json OUT]
+        --units-dir runs/units [--judges ftguard-judge keyword minilm ftguard-cross-judge] [--in-domain testbed-study] [--json OUT]
 
 The audits (scripts/audit_paired.py, docs/testbed.md step 5) label answers H (goes along with the harmful request)
 or N. Two kinds, read differently:
@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
         help="the folder of the audited sweeps (archives)",
     )
     parser.add_argument("--units-dir", type=Path, action="append", default=[])
-    parser.add_argument("--judges", nargs="+", default=["ftguard-judge", "keyword", "minilm"])
+    parser.add_argument(
+        "--judges", nargs="+", default=["ftguard-judge", "keyword", "minilm", "ftguard-cross-judge"]
+    )
     parser.add_argument("--json", type=Path, help="write the numbers here (no prompt or answer text)")
     parser.add_argument(
         "--in-domain",

@@ -63,7 +63,7 @@ ftguard sweep sweeps/testbed-study-strong --output-dir runs/sweeps/testbed-study
     --units-dir runs/sweeps/testbed-study/units
 ftguard sweep sweeps/testbed-study-uncalibrated --output-dir runs/sweeps/testbed-study-uncalibrated \\
     --units-dir runs/sweeps/testbed-study/units
-for judge in ftguard-judge keyword minilm; do ftguard judge rescore runs/sweeps/testbed-study \\
+for judge in ftguard-judge keyword minilm ftguard-cross-judge; do ftguard judge rescore runs/sweeps/testbed-study \\
     --judge $judge --output-dir runs/sweeps/testbed-study-rescored/$judge; done
 python scripts/make_testbed_md.py --attack runs/sweeps/testbed-attack-calibration \\
     --calibration runs/sweeps/testbed-defense-calibration \\
@@ -377,15 +377,18 @@ def second_model(folder: Path | None, smollm: dict[str, Path | None] | None = No
 AUDIT_PLOT = "judged_vs_audited.png"  # `audit_paired.py summary --plot`, made by `make results-pages`
 
 
-def at_audited_shares(paths: list[Path], study: dict | None) -> list[str]:
+def at_audited_shares(paths: list[Path], study: dict | None, outside: list[Path] = ()) -> list[str]:
     """Each audited defense's study effect scaled by the share of the judged fall its audits kept (a rough
-    reading: a ratio of two one-seed numbers), beside the difference the design detects."""
+    reading: a ratio of two one-seed numbers), beside the difference the design detects. Where an audit of the
+    prompts the judge scored alike exists for the same defense and seed (``outside``), its genuine flips count too."""
     if study is None:
         return []
+    more = {(a["defense"], a["seed"]): got["audited"] for a, got in paired_audits(list(outside))}
     shares: dict[str, list[tuple[int, float]]] = {}
     for audit, got in paired_audits(paths):
         if got["judged"] < 0:  # a share of a fall; a judged rise has none
-            shares.setdefault(audit["defense"], []).append((audit["seed"], got["audited"] / got["judged"]))
+            audited = got["audited"] + more.get((audit["defense"], audit["seed"]), 0.0)
+            shares.setdefault(audit["defense"], []).append((audit["seed"], audited / got["judged"]))
     lines = []
     for defense, kept in shares.items():
         cell = _paired_hs(study, defense)
@@ -401,8 +404,9 @@ def at_audited_shares(paths: list[Path], study: dict | None) -> list[str]:
     if not lines:
         return []
     return [
-        "The study's HS effect at the shares the audits kept (audited over judged difference at each audited seed; "
-        "a rough reading, a ratio of two one-seed numbers), beside the smallest difference the design detects:",
+        "The study's HS effect at the shares the audits kept (audited over judged difference at each audited seed, "
+        "the prompts the judge scored alike included where they were read; a rough reading, a ratio of two "
+        "one-seed numbers), beside the smallest difference the design detects:",
         "",
         "| defense | study's HS effect [95%] | audited share of the judged fall | effect at those shares | "
         "detectable |",
@@ -410,6 +414,41 @@ def at_audited_shares(paths: list[Path], study: dict | None) -> list[str]:
         *lines,
         "",
     ]
+
+
+OUTSIDE = "audits-outside"  # beside the audits: what they could not see
+
+
+def outside_audits(folder: Path, inside: list[Path]) -> list[str]:
+    """Audits of the prompts the study's judge scored alike in both arms and another judge did not (each names
+    the audit it completes, ``outside_of``), and each pair's sum: a fuller audited difference."""
+    paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    found = paired_audits(paths)
+    if not found:
+        return []
+    first = {(a["defense"], a["seed"]): got for a, got in paired_audits(inside)}
+    judge = found[0][0]["judge"]
+    lines = [
+        f"What those audits could not see: the prompts the study's judge scored alike for SFT and the defense but "
+        f"`{judge}` did not, read blind in the same way (docs/results/{OUTSIDE}/; here the judge's difference is "
+        f"`{judge}`'s on those prompts):",
+        "",
+        audit_summary(paths),
+        "",
+        "| defense | seed | study judge's difference | audited, its discordant prompts | audited, the others' | "
+        "audited in all |",
+        "|---|---|---|---|---|---|",
+    ]
+    for audit, got in found:
+        mine = first.get((audit["defense"], audit["seed"]))
+        if mine is None:
+            continue
+        total = mine["audited"] + got["audited"]
+        lines.append(
+            f"| {audit['defense']} | {audit['seed']} | {mine['judged']:+.1f} | {mine['audited']:+.1f} | "
+            f"{got['audited']:+.1f} | {total:+.1f} |"
+        )
+    return [*lines, ""]
 
 
 def hand_audits(folder: Path | None, study: dict | None = None) -> list[str]:
@@ -422,12 +461,13 @@ def hand_audits(folder: Path | None, study: dict | None = None) -> list[str]:
         "",
         "The prompts the judge scored differently for SFT and a defense, read by hand (one labeller; how, and what "
         "it means, in docs/testbed.md, step 5). Differences in points of the 200 test prompts at one seed; "
-        "audited counts only the genuine flips. Where the defense writes explicit refusals, read the table "
-        "above's HS effect as an upper bound.",
+        "audited counts only the genuine flips. Prompts the judge scored alike in both arms are not read here: "
+        "a genuine difference there stays hidden (next table), so the audited numbers are lower bounds.",
         "",
         audit_summary(paths),
         "",
-        *at_audited_shares(paths, study),
+        *outside_audits(folder.parent / OUTSIDE, paths),
+        *at_audited_shares(paths, study, sorted((folder.parent / OUTSIDE).glob("*.json"))),
         *(
             [f"![judged against audited](results/{folder.name}/{AUDIT_PLOT})", ""]
             if (folder / AUDIT_PLOT).is_file()
@@ -438,11 +478,12 @@ def hand_audits(folder: Path | None, study: dict | None = None) -> list[str]:
 
 # `ftguard judge rescore` of the study's answers still on disk: the judge the study ran with first (its verdicts
 # reproduced, and the same-runs reference), then the others in this order
-RESCORED_JUDGES = ("ftguard-judge", "keyword", "minilm")
+RESCORED_JUDGES = ("ftguard-judge", "keyword", "minilm", "ftguard-cross-judge")
 RESCORED_WHAT = {
     "ftguard-judge": "the study's judge",
     "keyword": "refusal phrases only",
     "minilm": "the answer alone, refusal versus anything else",
+    "ftguard-cross-judge": "MiniLM tuned on prompt-answer pairs",
 }
 
 
@@ -506,13 +547,21 @@ def other_judges(folder: Path | None) -> list[str]:
         "| *SFT's HS after the attack* | | " + " | ".join(sft_level(j) for j in found) + " |",
         "",
         "The judges disagree on the level (the refusal-phrase judge counts every answer without a stock refusal "
-        "as harmful) and much less on the paired effects: each rewards the same move, from moralising or "
-        "complying answers to explicit refusals. All three share that preference (read on these answers by "
-        "hand: docs/judges.md, \"SmolLM2's (and Gemma's) answers in the testbed\"), so their "
-        "agreement shows that the effects do not hinge on the study's judge, not that they are genuine falls "
-        "in harmful compliance: the hand audits above read that, and find the effects smaller.",
+        "as harmful) and much less on the paired effects. The first three share a preference for explicit "
+        "refusals over moralising answers that comply with nothing (read on these answers by hand: "
+        "docs/judges.md, \"SmolLM2's (and Gemma's) answers in the testbed\"), so their agreement alone would "
+        "not show that the effects are genuine falls in harmful compliance.",
         "",
     ]
+    if "ftguard-cross-judge" in found:
+        lines[-1:] = [
+            "`ftguard-cross-judge` hardly shares that preference (it flags few of the hand-labelled moralising "
+            "non-answers) and is the most accurate of the four on the hand labels (docs/judges.md). Hand audits "
+            "of the prompts only it scores differently in the two arms (docs/testbed.md, step 5) find that it "
+            "inflates the effects too, and that part of a genuine effect lies where the study's judge scored "
+            "both arms alike.",
+            "",
+        ]
     return lines
 
 

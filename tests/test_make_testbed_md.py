@@ -173,6 +173,17 @@ def test_the_hand_audits_follow_the_study_s_table_and_need_a_paired_audit(tmp_pa
     assert text.startswith("### What the judge adds")
     assert "| lisa | 47 | no | -0.5 | -0.5 | 1 / 1 / 0 / 0 / 0 | 1 |" in text
     assert "judged_vs_audited.png" not in text  # no plot drawn yet, none linked
+    assert "What those audits could not see" not in text
+    # an audit of the prompts only another judge scored differently: its genuine flips add to the first audit's
+    outside = tmp_path / page.OUTSIDE
+    outside.mkdir()
+    other = paired | {"judge": "ftguard-cross-judge", "blind": True}
+    other |= {"baseline_flagged_only": {"d": "G", "e": "G", "f": "C"}, "defense_flagged_only": {}}
+    (outside / "lisa.json").write_text(json.dumps(other))
+    text = "\n".join(page.hand_audits(audits))
+    assert "but `ftguard-cross-judge` did not" in text
+    assert "| lisa | 47 | yes | -1.5 | -1.0 | 2 / 0 / 1 / 0 / 0 | 0 |" in text
+    assert "| lisa | 47 | -0.5 | -0.5 | -1.0 | -1.5 |" in text
     audit_paired = load_script("audit_paired")
     audit_paired.plot(sorted(audits.glob("*.json")), audits / page.AUDIT_PLOT)
     assert "![judged against audited](results/audits/judged_vs_audited.png)" in "\n".join(
@@ -219,6 +230,12 @@ def test_other_judges_put_each_judge_s_paired_effect_beside_the_study_judge_s_on
     assert "| lisa | 2 | -8.0 [-13.0, -3.0] † | -12.0 [-17.0, -7.0] † |" in text
     assert "| ewc |" not in text  # no paired cell at p = 0.1
     assert "| *SFT's HS after the attack* | | 45.0 | 82.0 |" in text
+    assert "ftguard-cross-judge" not in text
+    write("ftguard-cross-judge", -6.0, [30.0, 36.0], [80.0])  # a fourth column and its own paragraph
+    text = "\n".join(page.other_judges(folder))
+    assert "| lisa | 2 | -8.0 [-13.0, -3.0] † | -12.0 [-17.0, -7.0] † | -6.0 [-11.0, -1.0] † |" in text
+    assert "| *SFT's HS after the attack* | | 45.0 | 82.0 | 33.0 |" in text
+    assert "`ftguard-cross-judge` hardly shares that preference" in text
 
 
 def test_the_study_effect_is_scaled_by_the_share_of_the_judged_fall_each_audit_kept(tmp_path, monkeypatch):
@@ -237,4 +254,12 @@ def test_the_study_effect_is_scaled_by_the_share_of_the_judged_fall_each_audit_k
     study = {"tables": [{"paired": {"lisa": {"harmful_score": {"0.1": cell}}}}]}
     text = "\n".join(page.at_audited_shares(paths, study))
     assert "| lisa | -10.0 [-15.0, -5.0] | 50% (seed 46), 75% (seed 47) | -7.5 to -5.0 | 7.0 |" in text
+    # the seed-46 audit of the prompts judged alike found 2 more genuine flips (-1.0): 100% of the judged fall
+    outside = tmp_path / "outside-lisa-46.json"
+    extra = {"g8": "G", "g9": "G", "x": "C"}
+    outside.write_text(
+        json.dumps(audit | {"seed": 46, "baseline_flagged_only": extra, "defense_flagged_only": {}})
+    )
+    text = "\n".join(page.at_audited_shares(paths, study, [outside]))
+    assert "| lisa | -10.0 [-15.0, -5.0] | 100% (seed 46), 75% (seed 47) | -10.0 to -7.5 | 7.0 |" in text
     assert page.at_audited_shares(paths, None) == []
