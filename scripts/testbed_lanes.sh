@@ -88,14 +88,16 @@ sweeps() {  # every lane sweep once
 archive() {
   local sweep
   for sweep in $(sweeps); do
-    [ -d "$OUT/$sweep/runs" ] || continue
+    # sweep.json appears when a run of the sweep's own ends; before that (runs only copied in from another
+    # sweep) there is nothing to archive
+    [ -f "$OUT/$sweep/sweep.json" ] || continue
     "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" --report >/dev/null || true  # 1: incomplete
     cp "src/ftguard/configs/sweeps/$sweep.yaml" "$OUT/$sweep/sweep.yaml"
     "$PYTHON" scripts/archive_sweep.py "$OUT/$sweep" "docs/results/$sweep"
   done
   # the study's answers judged again (RESULTS.md, section 4): from the archive, the answers from the units store
   local judge
-  for judge in ftguard-judge keyword minilm; do
+  for judge in ftguard-judge keyword minilm ftguard-cross-judge; do
     rm -rf "$OUT/testbed-study-rescored/$judge" "docs/results/testbed-study-rescored/$judge"
     # exit 1: some older runs' answers are gone; those runs are left out and listed
     "$FTGUARD" judge rescore docs/results/testbed-study --judge "$judge" --units-dir "$UNITS" \
