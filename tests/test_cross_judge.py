@@ -26,11 +26,11 @@ pytestmark = pytest.mark.precision("fp32")
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def tiny_bert(seed: int = 0) -> BertModel:
+def tiny_bert(seed: int = 0, hidden_size: int = 16) -> BertModel:
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=50,
-        hidden_size=16,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=32,
@@ -111,17 +111,7 @@ def test_weights_file_refusals(tmp_path):
 def test_weights_of_another_shape_are_refused(tmp_path):
     path = tmp_path / "w.safetensors"
     save_weights(path, trained_classifier(), max_length=128, extra={})
-    bigger = BertModel(
-        BertConfig(
-            vocab_size=50,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=32,
-        ),
-        add_pooling_layer=False,
-    )
+    bigger = tiny_bert(hidden_size=32)
     with pytest.raises(Exception, match="size mismatch|do not fit"):
         build_classifier(path, encoder=bigger)
 
