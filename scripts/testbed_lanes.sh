@@ -43,7 +43,12 @@ LANE_A=(
 )
 # Lane B: the attack suite (issue 21's worst case) before the defenses added after the calibration, which no
 # issue's result waits on (moved on 2026-12-05).
-LANE_B=(testbed-study testbed-study-strong cpu-attack-suite testbed-study-uncalibrated)
+# Vaccine joined the study on 2026-12-05 with seed 48 of six defenses still to run: that seed comes first, so
+# that those defenses' five-seed rows are complete before Vaccine's five runs (about an hour each) begin.
+LANE_B=(
+  testbed-study:ewc,filter,antidote,safelora,recovery,repnoise
+  testbed-study testbed-study-strong cpu-attack-suite testbed-study-uncalibrated
+)
 OUT=${OUT:-runs/sweeps}
 UNITS=${UNITS:-runs/units}
 FTGUARD=${FTGUARD:-.venv/bin/ftguard}

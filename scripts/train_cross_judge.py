@@ -25,7 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ftguard.evaluation.judges.cross_encoder import CrossEncoderClassifier, CrossEncoderScorer, save_weights
+from ftguard.evaluation.judges.cross_encoder import (
+    CrossEncoderClassifier,
+    CrossEncoderScorer,
+    load_weights,
+    save_weights,
+)
 from ftguard.evaluation.judges.minilm import MAX_LENGTH, embedder_path
 from ftguard.evaluation.labelled import LabelledAnswer, leave_one_source_out
 from ftguard.evaluation.labelled_sources import load_sources
@@ -172,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         extra={"date": str(datetime.date.today()), "fit": fitted},
     )
     if held:
+        model.load_trained_tensors(
+            load_weights(args.output)[0]
+        )  # the held-out report scores the stored weights
         scorer = CrossEncoderScorer(model, tokenizer, max_length=args.max_length, device=args.device)
         report = {"fit": fitted, "by_source": held_out_report(scorer, [rows[i] for i in held])}
         args.report.write_text(json.dumps(report, indent=1) + "\n")

@@ -84,13 +84,20 @@ def test_loss_is_cross_entropy_of_the_logits():
     torch.testing.assert_close(out["loss"], torch.nn.functional.cross_entropy(out["logits"], labels))
 
 
-def test_weights_round_trip_gives_the_same_logits(tmp_path):
+def test_weights_round_trip_gives_the_logits_of_bf16_adapters(tmp_path):
     model = trained_classifier()
     path = tmp_path / "w.safetensors"
     save_weights(path, model, max_length=128, extra={"date": "2026-12-05"})
     rebuilt, metadata = build_classifier(path, encoder=tiny_bert())
     assert metadata["max_length"] == "128"
+    tensors, _ = load_weights(path)
+    assert {str(v.dtype) for k, v in tensors.items() if k.startswith("lora.")} == {"torch.bfloat16"}
+    assert {str(v.dtype) for k, v in tensors.items() if k.startswith("head.")} == {"torch.float32"}
     with torch.no_grad():
+        # what the file promises: the same model with its adapters rounded to bf16, the head exact
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(param.to(torch.bfloat16).float())
         torch.testing.assert_close(rebuilt(**batch())["logits"], model(**batch())["logits"], atol=0, rtol=0)
 
 

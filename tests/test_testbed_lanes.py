@@ -71,7 +71,7 @@ def test_each_lane_runs_its_own_items_then_helps_with_the_others_cooperatively(t
 
 def test_a_failed_sweep_holds_its_lane_s_later_items(tmp_path):
     lane_a, lane_b = _items("LANE_A"), _items("LANE_B")
-    failing = lane_b[0]
+    failing = _sweep(lane_b[0])
     if failing in {_sweep(i) for i in lane_a}:
         pytest.skip("the lanes share their first sweep; this test needs lane B's own")
     out = _run(tmp_path, fail=failing)

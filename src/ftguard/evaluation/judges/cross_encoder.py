@@ -34,6 +34,11 @@ FORMAT = "ftguard-cross-judge"
 # Every linear layer of the encoder: attention (query, key, value, its output) and the feed-forward block. The
 # pooler is left out: the head reads the mean of the last layer, as sentence-transformers pools.
 LORA_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+# The adapters are stored in bf16, half the bytes of fp32 (the shipped file 1.3 MB instead of 2.7 MB: binary
+# assets in the repository stay under 2 MB), and computed in the encoder's dtype after loading. Rounding the
+# shipped fit's adapters to bf16 moved its probabilities on the 949 hand-labelled SmolLM2 answers of the testbed's
+# audits by at most 0.0004 (mean 0.00005) and changed no verdict (measured on 2026-12-05). The head stays fp32.
+LORA_STORAGE = torch.bfloat16
 
 
 def default_weights_path() -> Path:
@@ -78,9 +83,12 @@ class CrossEncoderClassifier(torch.nn.Module):
         """What the fit changed: the LoRA adapters and the head, under stable names."""
         from peft import get_peft_model_state_dict
 
-        tensors = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.encoder).items()}
-        tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
-        return {k: v.detach().float().contiguous() for k, v in tensors.items()}
+        lora = {
+            f"lora.{k}": v.detach().to(LORA_STORAGE)
+            for k, v in get_peft_model_state_dict(self.encoder).items()
+        }
+        head = {f"head.{k}": v.detach().float() for k, v in self.head.state_dict().items()}
+        return {k: v.contiguous() for k, v in {**lora, **head}.items()}
 
     def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
