@@ -113,6 +113,31 @@ def test_the_worst_case_curve_is_the_running_max_over_the_kept_attacks_in_grid_o
     assert lisa["worst"]["setting"] == {ATTACK: "virus"}  # tie with harmful_mix: the first one tried
 
 
+def test_a_sweep_in_progress_compares_each_defense_s_attacks_on_the_seeds_they_share(tmp_path):
+    sweep, runs = _suite_runs(tmp_path)
+    # booster's jailbreak_tuning has not reached seed 2 yet: every booster setting is read at seed 1 alone
+    partial = [
+        r
+        for r in runs
+        if not (r.defense == "booster" and r.attack[ATTACK]["name"] == "jailbreak_tuning" and r.seed == 2)
+    ]
+    worst = {e["defense"]: e for e in worst_case(collect(partial), sweep)}
+    booster = worst["booster"]
+    assert booster["seeds_compared"] == [1]
+    at_seed_1 = {NAMES[i]: max(hs[0], (t or hs)[0]) for i, (hs, _, t) in SCORES["booster"].items()}
+    assert {s["setting"][ATTACK]: s["hs"] for s in booster["settings"]} == at_seed_1
+    assert booster["worst"]["hs"] == 50.0 and all(s["seeds"] == 1 for s in booster["settings"])
+    # lisa is complete: both seeds, the same curve as the finished sweep's
+    assert worst["lisa"]["seeds_compared"] == [1, 2]
+    assert worst["lisa"]["cumulative_max"] == _hand_curve("lisa")
+    # no seed in common: means over unequal seeds, said so
+    apart = [
+        r for r in runs if r.defense == "lisa" and (r.seed == 1) == (r.attack[ATTACK]["name"] == "virus")
+    ]
+    (entry,) = worst_case(collect(apart), sweep)
+    assert entry["seeds_compared"] is None and entry["total"] == 4
+
+
 def test_the_report_writes_the_curve_its_plot_and_a_row_per_defense(tmp_path):
     sweep, runs = _suite_runs(tmp_path / "runs")
     out = tmp_path / "report"

@@ -304,7 +304,12 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
     """Per defense and grid slice: each attack setting's mean HS/FA, the guard's verdict, the worst kept one, and
     ``cumulative_max``: the kept settings in the attack grid's order (the order an attacker who tries them in turn
     spends his budget in) with the best HS found so far after each. Settings are listed in grid order, so among
-    tied settings the worst case is the one the attacker reaches first."""
+    tied settings the worst case is the one the attacker reaches first.
+
+    A sweep in progress has some settings at more seeds than others, and seeds differ by more than attacks do
+    (each seed aligns its own model): a defense's settings are compared on the seeds every one of them has
+    (``seeds_compared``); the other runs count once their seed is complete. With no seed in common the means
+    are over unequal seeds (``seeds_compared`` None)."""
     if sweep.attack is None:
         return []
     position = _grid_position(sweep)
@@ -316,6 +321,9 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
             groups[(r["defense"], grid)][_attack_setting(r, sweep)].append(r)
     out = []
     for (defense, grid), settings in groups.items():
+        common = set.intersection(*({r["seed"] for r in rs} for rs in settings.values()))
+        if common:
+            settings = {k: [r for r in rs if r["seed"] in common] for k, rs in settings.items()}
         scored = []
         for setting, rs in sorted(settings.items(), key=lambda item: position(item[0])):
             hs = [v for r in rs if (v := attacker_hs(r)) is not None]
@@ -343,6 +351,7 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
                 "defense": defense,
                 "slice": dict(grid),
                 "settings": scored,
+                "seeds_compared": sorted(common) if common else None,
                 "worst": worst,
                 "kept": len(kept),
                 "total": len(scored),

@@ -198,21 +198,27 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## Adaptive attack: worst case over the attack settings",
         "",
-        f"Capability guard: settings with {' or '.join(rule) or 'no rule'} are dropped. Means over seeds.",
+        f"Capability guard: settings with {' or '.join(rule) or 'no rule'} are dropped. Means over seeds: "
+        "over the seeds every setting of the defense has (column seeds; while a sweep runs, runs of other "
+        "seeds wait for their seed to complete).",
         "",
-        f"| defense | slice | worst {HS.label} | {FA.label} there | attack setting | kept / tried |",
-        "|---|---|---|---|---|---|",
+        f"| defense | slice | worst {HS.label} | {FA.label} there | attack setting | kept / tried | seeds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for e in worst:
         slice_text = ", ".join(_axis(k.split(".", 1)[1], v) for k, v in e["slice"].items()) or "–"
+        compared = e.get("seeds_compared")
+        seeds = ", ".join(str(s) for s in compared) if compared else "unequal"
         w = e["worst"]
         if w is None:
-            lines.append(f"| {e['defense']} | {slice_text} | – | – | all dropped | 0 / {e['total']} |")
+            lines.append(
+                f"| {e['defense']} | {slice_text} | – | – | all dropped | 0 / {e['total']} | {seeds} |"
+            )
             continue
         setting = ", ".join(_axis(k, v) for k, v in w["setting"].items())
         lines.append(
             f"| {e['defense']} | {slice_text} | {w['hs']:.1f} | {fmt(w['fa'])} | {setting} | "
-            f"{e['kept']} / {e['total']} |"
+            f"{e['kept']} / {e['total']} | {seeds} |"
         )
     curves = [e for e in worst if e.get("cumulative_max")]
     if curves:
