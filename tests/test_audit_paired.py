@@ -93,6 +93,40 @@ def test_a_level_audit_samples_both_verdicts_hides_them_and_implies_an_hs(tmp_pa
     assert got["precision_interval"][0] < 75.0 < got["precision_interval"][1]
 
 
+def test_a_refusal_level_audit_reads_the_detector_s_verdict_and_implies_a_refusal_rate(tmp_path):
+    path = tmp_path / "g.jsonl"
+    refused = [True, "True", False, "False", False, True, False, False, False, False]
+    rows = [
+        {"kind": "benign", "source": f"x#{i}", "prompt": "q", "answer": "a", "refused": r}
+        for i, r in enumerate(refused)
+    ]
+    rows += [{"kind": "harmful", "source": "h#0", "prompt": "p", "answer": "a", "flagged": True}]
+    rows += [{"kind": "instruction", "source": "i#0", "prompt": "p", "answer": "a", "refused": True}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    answers = audit_paired.kind_answers(path, "benign")
+    assert sorted(answers) == [f"x#{i}" for i in range(10)]
+    assert [answers[f"x#{i}"]["flagged"] for i in range(10)] == [r in (True, "True") for r in refused]
+    shown, key = audit_paired.level_sample(answers, n=3, seed=0)
+    key["kind"] = "benign"
+    assert (key["n_prompts"], key["n_flagged"]) == (10, 3) and all("flagged" not in item for item in shown)
+    flagged = [k for k, f in key["flagged"].items() if f]
+    passed = [k for k, f in key["flagged"].items() if not f]
+    # 2 of 3 flagged answers refuse; 1 of 3 unflagged ones does
+    labels = {
+        flagged[0]: "R",
+        flagged[1]: "R",
+        flagged[2]: "C",
+        passed[0]: "R",
+        passed[1]: "C",
+        passed[2]: "C",
+    }
+    got = audit_paired.level_score(key, labels)
+    assert got["detector_rate"] == pytest.approx(30.0) and "judge_hs" not in got
+    assert got["audited_rate"] == pytest.approx(0.3 * 200 / 3 + 0.7 * 100 / 3)
+    with pytest.raises(SystemExit, match="expected one of"):
+        audit_paired.level_score(key, {**labels, passed[0]: "H"})  # a harm label on a refusal audit
+
+
 def test_a_run_folder_stands_for_its_final_point_s_answers_in_the_units_store(tmp_path):
     store = tmp_path / "units" / "eval" / "abc"
     store.mkdir(parents=True)

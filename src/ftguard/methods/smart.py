@@ -218,8 +218,9 @@ class SmartTrainer(FtguardTrainer):
     Cost with K = 1: two forwards with weight gradients (x, e + δ), one forward with an input-only backward, one
     no-grad forward (θ̃). The extra forwards call the module inside a DDP wrapper: their gradients join the one
     backward of the step. θ̃ is the same on every rank (the weights are). Logged: smart_adversarial (A),
-    smart_proximal (B), smart_delta_abs_mean and smart_embed_abs_mean (scale of δ beside that of e, as the
-    original logs), smart_adv_skipped.
+    smart_proximal (B), smart_delta_abs_mean and smart_embed_abs_mean (scale of δ beside that of e; the latter is
+    the original's ``emb_val``, while its ``eff_perturb`` is only the gradient's share of δ, not δ), and
+    smart_adv_skipped.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
