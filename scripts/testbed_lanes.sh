@@ -76,6 +76,10 @@ lane() {  # lane NAME END_EPOCH ITEM...: run each item until it is complete or t
         if [ -d "$folder/runs" ]; then reuse+=(--reuse "$folder"); fi
       done
     done
+    # a probe run ahead of its sweep (docs/results/<sweep>-*-probe: the Virus cells against SFT and the filter)
+    for folder in docs/results/"$sweep"-*-probe; do
+      if [ -d "$folder/runs" ]; then reuse+=(--reuse "$folder"); fi
+    done
     local rc=0
     OMP_NUM_THREADS=1 timeout -k 60 "$left" "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" \
       --units-dir "$UNITS" --shard 0/1 "${only[@]}" "${reuse[@]}" >>"$OUT/$sweep/lane-$name.log" 2>&1 || rc=$?

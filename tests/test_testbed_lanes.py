@@ -86,4 +86,8 @@ def test_each_sweep_reuses_the_other_lane_sweeps_finished_runs(tmp_path):
     suite = next(c for c in calls if c.split()[1] == "sweeps/cpu-attack-suite")
     # the study's archive is in the repository (docs/results), and the lanes copied it into OUT
     assert f"--reuse {out}/testbed-study " in suite + " " and "--reuse docs/results/testbed-study" in suite
-    assert "--reuse docs/results/cpu-attack-suite" not in suite  # never itself
+    assert "--reuse docs/results/cpu-attack-suite " not in suite + " "  # never itself
+    # the Virus probe run ahead of the suite under the same configs
+    assert "--reuse docs/results/cpu-attack-suite-virus-probe" in suite
+    study = next(c for c in calls if c.split()[1].startswith("sweeps/testbed-study"))
+    assert "-probe" not in study
