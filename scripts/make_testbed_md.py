@@ -196,19 +196,38 @@ def _final_hs(results: dict) -> float | None:
     return stage.get("harmful_score") if stage else None
 
 
-def virus_against_the_filter(folder: Path) -> list[str]:
-    """Per defense, the plain mix beside Virus (its rows rewritten to pass ftguard-judge, the filter's judge): the
-    judge's flag rate on the upload's harmful rows before and after Virus, the harmful rows the filter let
-    through, and the HS after the attack, at p = 0.1; means over seeds."""
+def virus_against_the_filter(*folders: Path) -> list[str]:
+    """Per defense with a Virus run, the plain mix beside Virus (its rows rewritten to pass ftguard-judge, the
+    filter's judge): the judge's flag rate on the upload's harmful rows before and after Virus, the harmful rows
+    the filter let through, and the HS after the attack, at p = 0.1, by the LoRA attacker; means over the seeds
+    Virus has (the mix at other seeds would compare other aligned models). A (defense, attack, seed) cell is
+    taken from the first folder that has it: the probe run ahead of the suite first (its runs kept the filter's
+    report; the suite's copies of the same configs, the study's older runs among them, may not)."""
+    found: dict[tuple[str, str, object], dict] = {}
+    for folder in folders:
+        for path in sorted(folder.glob("runs/*/*/results.json")):
+            results = json.loads(path.read_text())
+            if not results.get("complete"):
+                continue
+            if (results["config"].get("adapter") or {}).get("finetune_full"):
+                continue  # the full-parameter attacker: another attack
+            attack = results["config"]["data"]["finetune"].get("attack") or {}
+            name = attack.get("name", "harmful_mix")
+            if name not in ("harmful_mix", "virus"):
+                continue
+            seed = str(results["config"].get("seed", path.parent.name.rsplit("seed", 1)[-1]))
+            found.setdefault(
+                (path.parts[-3], name, seed), {"path": path, "results": results, "attack": attack}
+            )
+    virus_seeds: dict[str, set] = {}
+    for defense, name, seed in found:
+        if name == "virus":
+            virus_seeds.setdefault(defense, set()).add(seed)
     cells: dict[tuple[str, str], list[dict]] = {}
-    for path in sorted(folder.glob("runs/*/*/results.json")):
-        results = json.loads(path.read_text())
-        if not results.get("complete"):
+    for (defense, name, seed), cell in sorted(found.items(), key=lambda kv: str(kv[0])):
+        if seed not in virus_seeds.get(defense, ()):
             continue
-        attack = results["config"]["data"]["finetune"].get("attack") or {}
-        name = attack.get("name", "harmful_mix")
-        if name not in ("harmful_mix", "virus"):
-            continue
+        results, attack = cell["results"], cell["attack"]
         mixes = results["data"].get("mixes", {})
         mix = mixes.get(SUITE_P) or (next(iter(mixes.values())) if len(mixes) == 1 else {})
         trained = _at_suite_p(results.get("trained", {}), "finetune") or {}
@@ -216,7 +235,7 @@ def virus_against_the_filter(folder: Path) -> list[str]:
         through = None
         if "kept_harmful" in filtered and "uploaded_harmful" in filtered:
             through = (filtered["kept_harmful"], filtered["uploaded_harmful"])
-        cells.setdefault((path.parts[-3], name), []).append(
+        cells.setdefault((defense, name), []).append(
             {
                 "before": mix.get("flag_rate_before"),
                 "after": mix.get("flag_rate_after"),
@@ -284,10 +303,14 @@ def attack_suite(suite: Path | None, probe: Path | None) -> list[str]:
             lines += [f"![worst case by attacks tried](results/{SWEEPS['attack_suite']}/worst_case.png)", ""]
     else:
         lines += [f"`sweeps/{SWEEPS['attack_suite']}`: pending (it runs after the study).", ""]
-    source = suite if report else probe
-    table = virus_against_the_filter(source) if source else []
+    sources = [folder for folder in (probe, suite if report else None) if folder]
+    table = virus_against_the_filter(*sources) if sources else []
     if table:
-        where = "" if report else f" (from `{SWEEPS['virus_probe']}`, the suite's cells run ahead of it)"
+        where = (
+            f" (the suite's cells, `{SWEEPS['virus_probe']}`'s where it made the same run first)"
+            if report
+            else f" (from `{SWEEPS['virus_probe']}`, the suite's cells run ahead of it)"
+        )
         lines += [
             f"### Virus against the moderation filter{where}",
             "",

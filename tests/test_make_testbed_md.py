@@ -30,8 +30,8 @@ def test_missing_sweeps_are_pending_and_a_report_section_is_framed(tmp_path, mon
     assert "Pending: the study has not run yet" in text
 
 
-def _run(folder, defense, attack, seed, hs, flags=None, through=None):
-    run = folder / "runs" / defense / f"attack={attack}-seed{seed}"
+def _run(folder, defense, attack, seed, hs, flags=None, through=None, full=False):
+    run = folder / "runs" / defense / f"attack={attack}{'-full' if full else ''}-seed{seed}"
     run.mkdir(parents=True)
     mix = {} if flags is None else {"flag_rate_before": flags[0], "flag_rate_after": flags[1]}
     if attack == "virus":  # the resolved args, as the mix report records them
@@ -43,7 +43,7 @@ def _run(folder, defense, attack, seed, hs, flags=None, through=None):
         }
     results = {
         "complete": True,
-        "config": {"data": {"finetune": {"attack": {"name": attack}}}},
+        "config": {"data": {"finetune": {"attack": {"name": attack}}}, "adapter": {"finetune_full": full}},
         "data": {"mixes": {"0.1": mix}},
         "trained": trained,
         "stages": {"align": {"harmful_score": 5.0}, "finetune-p0.1": {"harmful_score": hs}},
@@ -70,6 +70,32 @@ def test_virus_against_the_filter_reads_flag_rates_and_what_the_filter_let_throu
     # the section falls back on the probe while the suite has not run, and says so
     text = "\n".join(page.attack_suite(None, tmp_path))
     assert "`sweeps/cpu-attack-suite`: pending" in text and "from `cpu-attack-suite-virus-probe`" in text
+
+
+def test_the_virus_table_reads_the_lora_attacker_at_virus_s_seeds_the_probe_first_then_the_suite(
+    tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    suite, probe = tmp_path / "suite", tmp_path / "probe"
+    _run(suite, "sft", "harmful_mix", 44, 50.0)
+    _run(suite, "sft", "harmful_mix", 45, 60.0)  # no Virus at seed 45: another aligned model, left out
+    _run(suite, "sft", "harmful_mix", 44, 90.0, full=True)  # the full-parameter attacker: another attack
+    _run(suite, "sft", "virus", 44, 52.0, flags=(0.8, 0.6))
+    _run(suite, "filter", "harmful_mix", 44, 40.0)  # the study's older copy: no filter report kept
+    _run(probe, "filter", "harmful_mix", 44, 40.0, through=(5, 26))  # the same run, made first, with it
+    _run(probe, "filter", "virus", 44, 47.0, flags=(0.8, 0.5), through=(13, 26))  # not in the suite yet
+    _run(suite, "lisa", "harmful_mix", 44, 45.0)  # no Virus run at all: not in the table
+    rows = page.virus_against_the_filter(probe, suite)
+    assert "| sft | harmful_mix | – | no filter | 50.0 | 1 |" in rows
+    assert "| filter | harmful_mix | – | 5 of 26 | 40.0 | 1 |" in rows
+    assert "| sft | virus | 80.0 → 60.0 | no filter | 52.0 | 1 |" in rows
+    assert "| filter | virus | 80.0 → 50.0 | 13 of 26 | 47.0 | 1 |" in rows
+    assert not any("lisa" in row for row in rows)
+    (suite / "report.md").write_text("# Sweep\n\n## Adaptive attack: worst case\n\n| a |\n")
+    (suite / "report.json").write_text(json.dumps({"complete_runs": 5, "runs": 108}))
+    text = "\n".join(page.attack_suite(suite, probe))
+    assert "where it made the same run first" in text and "| filter | virus |" in text
 
 
 def test_no_virus_run_no_virus_table(tmp_path, monkeypatch):
