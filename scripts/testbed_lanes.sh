@@ -61,7 +61,8 @@ lane() {  # lane NAME END_EPOCH ITEM...: run each item until it is complete or t
     local sweep=${item%%:*} only=()
     if [[ $item == *:* ]]; then only=(--defenses "${item#*:}"); fi
     mkdir -p "$OUT/$sweep"
-    if [ -d "docs/results/$sweep" ]; then cp -rn "docs/results/$sweep/." "$OUT/$sweep/"; fi
+    # one lane at a time: two `cp -n` into one folder race ("File exists") and would end the lane under set -e
+    if [ -d "docs/results/$sweep" ]; then flock "$OUT/.copy.lock" cp -rn "docs/results/$sweep/." "$OUT/$sweep/"; fi
     local left=$((end - $(date +%s)))
     if [ "$left" -le 600 ]; then return 0; fi
     # exit 0: the item is complete (an item already complete only rewrites its report); 124: stopped for time;
