@@ -56,10 +56,13 @@ def answers_file(path: Path) -> Path:
     return found
 
 
+def _answer_rows(path: Path) -> list[dict]:
+    text = answers_file(path).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def harmful_answers(path: Path) -> dict[str, dict]:
-    path = answers_file(path)
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {r["source"]: r for r in rows if r["kind"] == "harmful"}
+    return {r["source"]: r for r in _answer_rows(path) if r["kind"] == "harmful"}
 
 
 def kind_answers(path: Path, kind: str) -> dict[str, dict]:
@@ -67,8 +70,7 @@ def kind_answers(path: Path, kind: str) -> dict[str, dict]:
     the refusal detector's verdict for the benign (XSTest, over-refusal) and instruction (AlpacaEval) ones."""
     if kind == "harmful":
         return harmful_answers(path)
-    path = answers_file(path)
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    rows = _answer_rows(path)
     return {r["source"]: r | {"flagged": r["refused"] in (True, "True")} for r in rows if r["kind"] == kind}
 
 

@@ -216,9 +216,7 @@ def virus_against_the_filter(*folders: Path) -> list[str]:
             if name not in ("harmful_mix", "virus"):
                 continue
             seed = str(results["config"].get("seed", path.parent.name.rsplit("seed", 1)[-1]))
-            found.setdefault(
-                (path.parts[-3], name, seed), {"path": path, "results": results, "attack": attack}
-            )
+            found.setdefault((path.parts[-3], name, seed), {"results": results, "attack": attack})
     virus_seeds: dict[str, set] = {}
     for defense, name, seed in found:
         if name == "virus":
