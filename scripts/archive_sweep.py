@@ -35,9 +35,17 @@ def archive(src: Path, dest: Path) -> int:
     """Copy ``src``'s complete runs and its sweep-level files into ``dest``; the number of runs copied.
 
     A rescored copy (`ftguard judge rescore`) keeps its sweep-level files only: its runs repeat another archive's
-    with other verdicts, and are made again from that archive and the answers in a minute."""
+    with other verdicts, and are made again from that archive and the answers in a minute — where the units
+    store holding the answers survives. A copy that scored fewer points than the one archived is refused."""
     copied = 0
     rescored = (src / "rescore.json").is_file()
+    if rescored and scored_points(src) < scored_points(dest):
+        # the answers of older runs live in a units store, outside the repository: on a machine that lost it a
+        # rescore finds fewer of them, and must not replace the fuller table already archived
+        raise SystemExit(
+            f"{src} scored {scored_points(src)} points, the archived {dest} {scored_points(dest)}: kept the archive "
+            "(the older runs' answers are not in the units store given)"
+        )
     for results in [] if rescored else sorted(src.glob("runs/*/*/results.json")):
         if not json.loads(results.read_text()).get("complete"):
             continue
@@ -52,6 +60,14 @@ def archive(src: Path, dest: Path) -> int:
         if (src / name).is_file():
             shutil.copy2(src / name, dest / name)
     return copied
+
+
+def scored_points(folder: Path) -> int:
+    """How many evaluation points a rescored copy judged (0 if it holds none)."""
+    summary = folder / "rescore.json"
+    if not summary.is_file():
+        return 0
+    return sum(1 for p in json.loads(summary.read_text())["points"] if not p.get("missing"))
 
 
 if __name__ == "__main__":

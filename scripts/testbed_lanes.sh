@@ -108,11 +108,13 @@ archive() {
   # the study's answers judged again (RESULTS.md, section 4): from the archive, the answers from the units store
   local judge
   for judge in ftguard-judge keyword minilm ftguard-cross-judge; do
-    rm -rf "$OUT/testbed-study-rescored/$judge" "docs/results/testbed-study-rescored/$judge"
+    rm -rf "$OUT/testbed-study-rescored/$judge"
     # exit 1: some older runs' answers are gone; those runs are left out and listed
     "$FTGUARD" judge rescore docs/results/testbed-study --judge "$judge" --units-dir "$UNITS" \
       --output-dir "$OUT/testbed-study-rescored/$judge" >/dev/null || true
-    "$PYTHON" scripts/archive_sweep.py "$OUT/testbed-study-rescored/$judge" "docs/results/testbed-study-rescored/$judge"
+    # refused (and the archive kept) when this units store holds fewer of the answers than the archive scored
+    "$PYTHON" scripts/archive_sweep.py "$OUT/testbed-study-rescored/$judge" \
+      "docs/results/testbed-study-rescored/$judge" || true
   done
   make results-pages
 }

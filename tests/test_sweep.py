@@ -230,6 +230,19 @@ def test_tiny_sweep_shares_units_resumes_and_reports(tmp_path, monkeypatch):
     summary = json.loads((again / "rescore.json").read_text())["points"]
     assert len(summary) == 6 and all(p["agreement"] == 100.0 for p in summary)  # 4 runs, safelora: + post
 
+    # Archived, then judged again where the units store is gone (a new machine): the thinner copy is refused
+    # and the fuller archive kept
+    archived = tmp_path / "archived"
+    archive_sweep.archive(again, archived)
+    (out / "units").rename(tmp_path / "units-elsewhere")
+    lost = tmp_path / "lost"
+    cli.main([*rescore, "--output-dir", str(lost)])
+    assert archive_sweep.scored_points(lost) == 0 < archive_sweep.scored_points(archived) == 6
+    before = (archived / "rescore.json").read_text()
+    with pytest.raises(SystemExit, match="kept the archive"):
+        archive_sweep.archive(lost, archived)
+    assert (archived / "rescore.json").read_text() == before
+
 
 @pytest.mark.slow
 def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
