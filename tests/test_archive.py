@@ -52,3 +52,12 @@ def test_the_ledger_verdicts_regenerate_from_the_archive():
     assert verdicts.replace_between_markers(page, body) == page
     # and the ledger's testbed columns, row by row
     assert verdicts.fill_ledger(page, verdicts.ledger_cells(folders)) == page
+
+
+def test_the_cross_judges_held_out_table_regenerates_from_its_folds():
+    table = load_script("make_cross_judge_md")
+    page = (ROOT / "docs" / "judges.md").read_text(encoding="utf-8")
+    assert table.replace_between_markers(page, table.render()) == page
+    # every fold's file is in the table, one row per source it held out
+    rows = [line for line in table.render().splitlines()[2:]]
+    assert len(rows) == sum(len(f["by_source"]) for f in table.folds(table.RESULTS)) >= 2
