@@ -68,6 +68,7 @@ results-pages: install
 	$(BIN)/python scripts/make_results_md.py docs/results/cpu-smollm2 docs/results/cpu-smollm2-attack \
 		> docs/RESULTS-strong-protocol.md.new
 	mv docs/RESULTS-strong-protocol.md.new docs/RESULTS-strong-protocol.md
+	$(BIN)/python scripts/make_cross_judge_md.py --write docs/judges.md
 
 lint: install
 	$(BIN)/ruff check src tests scripts
