@@ -39,11 +39,12 @@ def archive(src: Path, dest: Path) -> int:
     store holding the answers survives. A copy that scored fewer points than the one archived is refused."""
     copied = 0
     rescored = (src / "rescore.json").is_file()
-    if rescored and scored_points(src) < scored_points(dest):
+    new, kept = scored_points(src), scored_points(dest)
+    if rescored and new < kept:
         # the answers of older runs live in a units store, outside the repository: on a machine that lost it a
         # rescore finds fewer of them, and must not replace the fuller table already archived
         raise SystemExit(
-            f"{src} scored {scored_points(src)} points, the archived {dest} {scored_points(dest)}: kept the archive "
+            f"{src} scored {new} points, the archived {dest} {kept}: kept the archive "
             "(the older runs' answers are not in the units store given)"
         )
     for results in [] if rescored else sorted(src.glob("runs/*/*/results.json")):

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_verdicts import replace_between_markers as between_markers
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "judge-validation"
@@ -65,10 +69,7 @@ def render(folder: Path = RESULTS) -> str:
 
 
 def replace_between_markers(page: str, body: str) -> str:
-    if START not in page or END not in page:
-        raise SystemExit(f"the page has no {START} … {END} markers to write between")
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    return pattern.sub(lambda _: f"{START}\n{body}{END}", page, count=1)
+    return between_markers(page, body, START, END)
 
 
 def main(argv: list[str] | None = None) -> None:

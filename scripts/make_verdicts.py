@@ -348,11 +348,11 @@ def fill_ledger(page: str, cells: dict[str, tuple[str, str]], plans: dict[str, s
     return head + LEDGER_START + "\n".join(lines) + LEDGER_END + tail
 
 
-def replace_between_markers(page: str, body: str) -> str:
-    if START not in page or END not in page:
-        raise SystemExit(f"the page has no {START} … {END} markers to write between")
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    return pattern.sub(lambda _: f"{START}\n{body}{END}", page, count=1)
+def replace_between_markers(page: str, body: str, start: str = START, end: str = END) -> str:
+    if start not in page or end not in page:
+        raise SystemExit(f"the page has no {start} … {end} markers to write between")
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    return pattern.sub(lambda _: f"{start}\n{body}{end}", page, count=1)
 
 
 def main() -> None:

@@ -59,5 +59,5 @@ def test_the_cross_judges_held_out_table_regenerates_from_its_folds():
     page = (ROOT / "docs" / "judges.md").read_text(encoding="utf-8")
     assert table.replace_between_markers(page, table.render()) == page
     # every fold's file is in the table, one row per source it held out
-    rows = [line for line in table.render().splitlines()[2:]]
+    rows = table.render().splitlines()[2:]
     assert len(rows) == sum(len(f["by_source"]) for f in table.folds(table.RESULTS)) >= 2
