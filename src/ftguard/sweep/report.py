@@ -192,7 +192,8 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
     guard = sweep.attack.capability_guard if sweep.attack else None
     rule = []
     if guard and guard.max_fa_drop is not None:
-        rule.append(f"FA more than {guard.max_fa_drop:g} points below the defense's best setting")
+        reference = "best setting" if guard.relative_to == "best" else "first setting (the attacker's order)"
+        rule.append(f"FA more than {guard.max_fa_drop:g} points below the defense's {reference}")
     if guard and guard.min_fa is not None:
         rule.append(f"FA below {guard.min_fa:g}")
     lines = [
