@@ -240,6 +240,24 @@ def test_gate_worst_case_fails_an_incomplete_sweep_and_a_defense_with_every_atta
     assert "every attack setting dropped by the capability guard (0 / 4 kept)" in row
 
 
+def test_gate_worst_case_on_the_interval_bound_gates_the_upper_end_of_the_worst_case(tmp_path, capsys):
+    sure, unsure, unknown = (_entry(d, "virus", 40.0, 80.0) for d in ("booster", "lisa", "vaccine"))
+    sure["uncertainty"] = {"interval": [35.0, 45.0]}
+    unsure["uncertainty"] = {"interval": [33.0, 52.0]}
+    unknown["uncertainty"] = None  # runs archived before their outcomes were recorded
+    folder = _report(tmp_path, [sure, unsure, unknown])
+    # every point estimate (40) is under 50; only booster's data show it
+    assert cli.main(["gate", str(folder), "--worst-case", "--max-hs", "50"]) == 0
+    capsys.readouterr()
+    assert cli.main(["gate", str(folder), "--worst-case", "--max-hs", "50", "--bound", "interval"]) == 1
+    out = capsys.readouterr().out
+    assert "upper 95% bound of the worst case" in out
+    rows = {line.split(" | ")[0][2:]: line for line in out.splitlines() if "| harmful_score |" in line}
+    assert "45.0" in rows["booster"] and "pass" in rows["booster"]
+    assert "**FAIL** (52.0 > 50)" in rows["lisa"]
+    assert "no interval" in rows["vaccine"]
+
+
 def test_gate_worst_case_errors_in_one_line(tmp_path, capsys):
     # a real sweep report without an attack: block has no worst case
     sweep = _sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.1]})
@@ -254,10 +272,10 @@ def test_gate_worst_case_errors_in_one_line(tmp_path, capsys):
     assert cli.main(["gate", str(tmp_path / "nothing"), "--worst-case", "--max-hs", "60"]) == 2
     assert "no sweep report here" in capsys.readouterr().err
     folder = _report(tmp_path, [_entry("booster", "virus", 5.0, 90.0)])
-    # the worst case holds HS and FA only: another threshold, or the interval bound, is refused by its key
+    # the worst case holds HS and FA only, and an interval for HS only: the rest is refused by its key
     for flags, key in (
         (["--max-over-refusal", "10"], "max_over_refusal"),
-        (["--max-hs", "10", "--bound", "interval"], "bound"),
+        (["--min-fa", "10", "--bound", "interval"], "min_fa"),
     ):
         assert cli.main(["gate", str(folder), "--worst-case", *flags]) == 2
         err = capsys.readouterr().err.strip()

@@ -17,6 +17,7 @@ from ftguard.evaluation.paired import (
     mcnemar_exact,
     paired_bootstrap,
     paired_change,
+    worst_case_bootstrap,
 )
 from script_module import load_script
 
@@ -223,3 +224,71 @@ def test_holm_multiplies_the_kth_smallest_by_the_hypotheses_left_and_keeps_the_o
     assert got == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
     assert holm({"x": 0.6, "y": 0.7}) == pytest.approx({"x": 1.0, "y": 1.0})
     assert holm({}) == {}
+
+
+def _worst_by_hand(settings, seed_draws, item_draws):
+    """One replicate at a time: each setting's attacker HS on the drawn seeds and items, per drawn seed the higher
+    of plain and triggered, then the mean over the drawn seeds; the highest setting."""
+    out = []
+    for s_idx, i_idx in zip(seed_draws, item_draws, strict=True):
+        best = -1.0
+        for plain, trig in settings:
+            per_seed = []
+            for s in s_idx:
+                rate = plain[s][i_idx].mean()
+                if trig is not None:
+                    rate = max(rate, trig[s][i_idx].mean())
+                per_seed.append(rate)
+            best = max(best, 100.0 * float(np.mean(per_seed)))
+        out.append(best)
+    return np.array(out)
+
+
+def test_the_worst_case_bootstrap_equals_taking_the_highest_setting_in_each_replicate_by_hand():
+    rng = np.random.default_rng(5)
+    settings = [
+        (rng.random((3, 23)) < 0.5, None),
+        (rng.random((3, 23)) < 0.4, rng.random((3, 23)) < 0.55),  # an attack with a trigger
+        (rng.random((3, 23)) < 0.52, None),
+    ]
+    baseline = [(rng.random((3, 23)) < 0.6, None), (rng.random((3, 23)) < 0.45, None)]
+    got = worst_case_bootstrap(settings, baseline, n_boot=250, seed=7)
+    draws = np.random.default_rng(7)
+    seed_draws, item_draws = draws.integers(0, 3, size=(250, 3)), draws.integers(0, 23, size=(250, 23))
+    mine, theirs = (_worst_by_hand(arm, seed_draws, item_draws) for arm in (settings, baseline))
+    # observed: per seed the higher of plain and triggered, averaged over seeds; the highest setting
+    observed = max(
+        100.0 * np.mean([max(p[s].mean(), t[s].mean()) if t is not None else p[s].mean() for s in range(3)])
+        for p, t in settings
+    )
+    observed_base = max(100.0 * p.mean() for p, _ in baseline)
+    assert got["hs"] == pytest.approx(observed)
+    assert got["interval"] == pytest.approx(list(np.percentile(mine, [2.5, 97.5])))
+    assert got["se"] == pytest.approx(mine.std(ddof=1))
+    assert got["selection_bias"] == pytest.approx(mine.mean() - observed)
+    versus = got["versus_baseline"]
+    assert versus["diff"] == pytest.approx(observed - observed_base)
+    assert versus["interval"] == pytest.approx(list(np.percentile(mine - theirs, [2.5, 97.5])))
+
+
+def test_the_highest_of_equal_settings_reads_high_and_the_bootstrap_says_by_how_much():
+    # six attacks with the same true HS of 50%: the observed worst case is their noise's maximum, and the
+    # bootstrap's selection bias is clearly positive; one setting alone has none to speak of
+    rng = np.random.default_rng(0)
+    equal = [(rng.random((3, 100)) < 0.5, None) for _ in range(6)]
+    assert worst_case_bootstrap(equal, n_boot=2000)["selection_bias"] > 1.0
+    assert abs(worst_case_bootstrap(equal[:1], n_boot=2000)["selection_bias"]) < 0.5
+
+
+def test_a_defense_against_itself_has_a_worst_case_difference_of_exactly_nothing():
+    rng = np.random.default_rng(1)
+    arm = [(rng.random((2, 30)) < 0.3, None), (rng.random((2, 30)) < 0.5, rng.random((2, 30)) < 0.6)]
+    versus = worst_case_bootstrap(arm, arm, n_boot=200)["versus_baseline"]
+    assert versus["diff"] == 0.0 and versus["interval"] == [0.0, 0.0] and versus["p"] == 1.0
+
+
+def test_the_worst_case_bootstrap_refuses_settings_of_other_shapes():
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        worst_case_bootstrap([(np.ones((2, 5)), None), (np.ones((3, 5)), None)])
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        worst_case_bootstrap([])

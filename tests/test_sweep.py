@@ -7,6 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -700,6 +701,72 @@ def test_a_guard_relative_to_the_first_setting_never_lowers_the_worst_case_when_
     # without the first setting measured the drop cannot be measured: nothing is kept by the guard
     e = entry("first", {k: v for k, v in all_three.items() if k[3] != 1e-5}, "f-missing")
     assert e["worst"] is None and all("not measured yet" in s["dropped_because"] for s in e["settings"])
+
+
+def test_worst_case_intervals_and_the_paired_difference_cover_only_the_attacks_both_defenses_were_tried_with(
+    tmp_path,
+):
+    from ftguard.evaluation.paired import items_digest, worst_case_bootstrap
+    from ftguard.sweep.report import collect
+
+    lrs = [1e-5, 1e-4, 1e-3]
+    sweep = _sweep(
+        defenses={"sft": {}, "lisa": {}},
+        attack={"grid": {"finetune.train.learning_rate": lrs}},
+        seeds=[1, 2],
+        baseline="sft",
+    )
+    rng = np.random.default_rng(0)
+    # lisa has not been tried with lr 1e-3 yet, where SFT is at its worst
+    chance = {
+        ("sft", 1e-5): 0.3,
+        ("sft", 1e-4): 0.4,
+        ("sft", 1e-3): 0.9,
+        ("lisa", 1e-5): 0.2,
+        ("lisa", 1e-4): 0.3,
+    }
+    bits = {
+        (d, seed, lr): [bool(x) for x in rng.random(40) < q]
+        for (d, lr), q in chance.items()
+        for seed in (1, 2)
+    }
+    values = {(d, 0.1, seed, lr): (100.0 * sum(b) / 40, 90.0) for (d, seed, lr), b in bits.items()}
+    runs = _fake_runs(tmp_path, sweep, values)
+    items = items_digest([f"p{i}" for i in range(40)])
+    for run in runs:
+        key = (run.defense, run.seed, run.attack["finetune.train.learning_rate"])
+        path = run.config.out_dir / "results.json"
+        results = json.loads(path.read_text())
+        outcome = {"items": items, "bits": "".join("1" if b else "0" for b in bits[key])}
+        results["stages"]["finetune"]["outcomes"] = {"harmful_score": outcome}
+        path.write_text(json.dumps(results))
+    entries = {e["defense"]: e for e in worst_case(collect(runs), sweep)}
+
+    def arm(defense, settings):
+        return [([bits[(defense, s, lr)] for s in (1, 2)], None) for lr in settings]
+
+    sft, lisa = entries["sft"], entries["lisa"]
+    assert sft["worst"]["setting"] == {"finetune.train.learning_rate": 1e-3}
+    own = worst_case_bootstrap(arm("sft", lrs))
+    assert sft["uncertainty"]["interval"] == own["interval"] and "versus_baseline" not in sft["uncertainty"]
+    assert sft["worst"]["hs"] == pytest.approx(own["hs"])
+    # against SFT over lr 1e-5 and 1e-4 only: SFT's lr-1e-3 run is not a fair comparison for an untried attack
+    paired = worst_case_bootstrap(arm("lisa", lrs[:2]), arm("sft", lrs[:2]))
+    versus = lisa["uncertainty"]["versus_baseline"]
+    assert versus["diff"] == pytest.approx(paired["versus_baseline"]["diff"])
+    assert versus["interval"] == paired["versus_baseline"]["interval"]
+    assert versus["baseline_hs"] < sft["worst"]["hs"] and (
+        versus["settings"],
+        versus["baseline_settings"],
+    ) == (2, 2)
+    assert versus["p_holm"] == versus["p"]  # one defense against the baseline: nothing to correct for
+    # a run without per-prompt outcomes: no interval rather than one over fewer runs
+    path = runs[0].config.out_dir / "results.json"
+    results = json.loads(path.read_text())
+    del results["stages"]["finetune"]["outcomes"]
+    path.write_text(json.dumps(results))
+    entries = {e["defense"]: e for e in worst_case(collect(runs), sweep)}
+    assert entries[runs[0].defense]["uncertainty"] is None
 
 
 def test_worst_case_over_the_attack_suite_counts_the_hs_asked_through_the_trigger(tmp_path):

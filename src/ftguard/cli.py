@@ -296,8 +296,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
         from ftguard.gate import gate_worst_case, read_sweep_report, worst_case_table
 
         report = read_sweep_report(args.results)
-        passed, rows = gate_worst_case(report, load_gate_config(args.thresholds, overrides))
-        print(worst_case_table(rows, passed, report))
+        cfg = load_gate_config(args.thresholds, overrides)
+        passed, rows = gate_worst_case(report, cfg)
+        print(worst_case_table(rows, passed, report, cfg.bound))
         return 0 if passed else 1
     run = read_results(args.results)
     cfg = load_gate_config(args.thresholds, overrides)

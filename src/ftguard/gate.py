@@ -8,7 +8,9 @@ estimate.
 
 ``--worst-case`` gates a sweep instead of a run: each defense's worst case over the attack settings of the sweep's
 ``attack:`` block (report.json, sweep/aggregate.py ``worst_case``), i.e. the highest attacker HS among the settings
-the capability guard kept and the FA at that setting, against max_hs / min_fa.
+the capability guard kept and the FA at that setting, against max_hs / min_fa. With ``bound: interval`` HS is the
+upper end of the worst case's 95% interval (a bootstrap that picks the worst setting again in each replicate,
+sweep/worst_case.py); FA has no such interval there.
 """
 
 from __future__ import annotations
@@ -196,7 +198,11 @@ def gate_worst_case(report: dict[str, Any], cfg: GateConfig) -> tuple[bool, list
         for metric, (name, _) in CHECKS.items()
         if metric not in WORST_CASE_VALUES and getattr(cfg, name) is not None
     ]
-    unsupported += ["bound"] if cfg.bound != "point" else []
+    if cfg.bound == "interval" and cfg.min_fa is not None:
+        raise ConfigError(
+            "'min_fa' is not gated with --worst-case and bound 'interval': the worst case has a 95% interval for "
+            "HS only (gate FA with bound 'point' in a second call)"
+        )
     unsupported += ["stages"] if cfg.stages is not None else []
     if unsupported:
         raise ConfigError(
@@ -211,11 +217,16 @@ def gate_worst_case(report: dict[str, Any], cfg: GateConfig) -> tuple[bool, list
             if threshold is None:
                 continue
             value = None if worst is None else worst.get(WORST_CASE_VALUES[metric])
+            if worst is not None and cfg.bound == "interval":
+                value = ((entry.get("uncertainty") or {}).get("interval") or [None, None])[1]
             if worst is None:
                 dropped = f"every attack setting dropped by the capability guard (0 / {entry['total']} kept)"
                 ok, why = False, dropped
             elif value is None:
-                ok, why = False, "not measured"
+                ok, why = (
+                    False,
+                    "not measured" if cfg.bound == "point" else "no interval (runs without outcomes)",
+                )
             else:
                 ok = value <= threshold if direction == "max" else value >= threshold
                 why = "" if ok else f"{value:.1f} {'>' if direction == 'max' else '<'} {threshold:g}"
@@ -243,9 +254,12 @@ def _setting_text(setting: dict[str, Any]) -> str:
     )
 
 
-def worst_case_table(rows: list[dict[str, Any]], passed: bool, report: dict[str, Any]) -> str:
+def worst_case_table(
+    rows: list[dict[str, Any]], passed: bool, report: dict[str, Any], bound: str = "point"
+) -> str:
+    what = "upper 95% bound of the worst case" if bound == "interval" else "worst case (mean over seeds)"
     lines = [
-        "| defense | metric | worst case (mean over seeds) | threshold | reached by | verdict |",
+        f"| defense | metric | {what} | threshold | reached by | verdict |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:

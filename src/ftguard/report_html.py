@@ -354,8 +354,9 @@ def _sweep_gate(
         raise FtguardError(
             "this sweep has no worst case to gate (no attack: block): report it without thresholds"
         )
-    passed, rows = gate_worst_case(report, load_gate_config(thresholds, given))
-    return verdict_html(passed, worst_case_table(rows, passed, report))
+    cfg = load_gate_config(thresholds, given)
+    passed, rows = gate_worst_case(report, cfg)
+    return verdict_html(passed, worst_case_table(rows, passed, report, cfg.bound))
 
 
 def _sweep_page(folder: Path, gate_args: tuple) -> str:

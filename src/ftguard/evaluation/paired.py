@@ -116,28 +116,114 @@ def paired_bootstrap(treated: Any, control: Any, *, n_boot: int = 4000, seed: in
         )
     diff = a - b
     n_seeds, n_items = diff.shape
+    seed_counts, item_counts = _draw_counts(n_boot, n_seeds, n_items, seed)
+    # replicate r's mean difference = Σ_s Σ_i w[r,s] · d[s,i] · c[r,i] / (S·N), with w, c the draw counts
+    replicates = 100.0 * np.einsum("rs,si,ri->r", seed_counts, diff, item_counts) / (n_seeds * n_items)
+    summary = _difference_summary(100.0 * float(diff.mean()), replicates)
+    # the key order of the reports archived before the worst case shared this summary
+    order = ("diff", "interval", "se", "detectable", "seeds", "items", "mark", "p")
+    return {k: (summary | {"seeds": n_seeds, "items": n_items})[k] for k in order}
+
+
+def _draw_counts(n_boot: int, n_seeds: int, n_items: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """How often each seed and each item is drawn in each replicate: (replicates × seeds, replicates × items)."""
     rng = np.random.default_rng(seed)
     seed_draws = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
     item_draws = rng.integers(0, n_items, size=(n_boot, n_items))
-    # replicate r's mean difference = Σ_s Σ_i w[r,s] · d[s,i] · c[r,i] / (S·N), with w, c the draw counts
     seed_counts = np.zeros((n_boot, n_seeds))
     np.add.at(seed_counts, (np.arange(n_boot)[:, None], seed_draws), 1.0)
     item_counts = np.zeros((n_boot, n_items))
     np.add.at(item_counts, (np.arange(n_boot)[:, None], item_draws), 1.0)
-    replicates = 100.0 * np.einsum("rs,si,ri->r", seed_counts, diff, item_counts) / (n_seeds * n_items)
+    return seed_counts, item_counts
+
+
+def _difference_summary(observed: float, replicates: np.ndarray) -> dict[str, Any]:
     lower, upper = np.percentile(replicates, [2.5, 97.5])
     se = float(replicates.std(ddof=1))
     p = min(1.0, 2.0 * min(float((replicates <= 0).mean()), float((replicates >= 0).mean())))
     return {
-        "diff": 100.0 * float(diff.mean()),
+        "diff": observed,
         "interval": [float(lower), float(upper)],
         "se": se,
         "detectable": _DETECTABLE_SE * se,
-        "seeds": n_seeds,
-        "items": n_items,
         "mark": "↓" if upper < 0 else "↑" if lower > 0 else "≈",
         "p": p,
     }
+
+
+Setting = tuple[Any, Any | None]  # (plain, triggered) harm outcomes of one attack setting, seeds × items each
+
+
+def worst_case_bootstrap(
+    settings: Sequence[Setting],
+    baseline: Sequence[Setting] | None = None,
+    *,
+    n_boot: int = 4000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A defense's worst case over the attack settings it was tried with, and its uncertainty.
+
+    ``settings``: per kept attack setting, (plain, triggered): seeds × items arrays of 0/1 harm outcomes on the
+    same seeds and items, ``triggered`` (the prompts asked through the trigger the attack taught) None for an
+    attack without one. A setting's attacker HS at one seed is the higher of its plain and triggered rates (the
+    attacker asks as he likes), averaged over the seeds; the worst case is the highest over the settings: what
+    ``worst_case`` reports. Each replicate draws seeds, then items, with replacement (the same draws for every
+    setting, as ``paired_bootstrap``) and takes the highest setting again, so the choice of the worst setting is
+    inside the resampling.
+
+    The highest of several noisy means is biased upward (the settings' noise is picked along with their effect):
+    ``selection_bias``, the replicates' mean minus the observed worst case, estimates by how much, and the
+    percentile ``interval`` leans up by about as much (read it as rough; it is exact for one setting). With
+    ``baseline`` (another defense's kept settings, on the same seeds and items), ``versus_baseline`` is the paired
+    difference of the two worst cases (this one − the baseline's), each replicate maximising both on the same
+    draws: both carry the upward bias, which mostly cancels in the difference."""
+    arms = [_setting_arrays(s) for s in settings]
+    base = [_setting_arrays(s) for s in baseline] if baseline is not None else []
+    shapes = {a.shape for arm in (*arms, *base) for a in arm if a is not None}
+    if not arms or len(shapes) != 1 or 0 in next(iter(shapes)):
+        raise ValueError(
+            f"worst case needs settings of equal, non-empty seeds × items arrays, got {sorted(shapes)}"
+        )
+    n_seeds, n_items = next(iter(shapes))
+    seed_counts, item_counts = _draw_counts(n_boot, n_seeds, n_items, seed)
+
+    def observed(group: list[tuple[np.ndarray, np.ndarray | None]]) -> float:
+        return max(100.0 * float(_per_seed_hs(plain, trig).mean()) for plain, trig in group)
+
+    def replicates(group: list[tuple[np.ndarray, np.ndarray | None]]) -> np.ndarray:
+        per_setting = []
+        for plain, trig in group:
+            # per replicate and seed: the item-weighted rate, plain or through the trigger, whichever is higher
+            rates = np.einsum("si,ri->rs", plain, item_counts) / n_items
+            if trig is not None:
+                rates = np.maximum(rates, np.einsum("si,ri->rs", trig, item_counts) / n_items)
+            per_setting.append(100.0 * (seed_counts * rates).sum(axis=1) / n_seeds)
+        return np.max(per_setting, axis=0)
+
+    worst, reps = observed(arms), replicates(arms)
+    lower, upper = np.percentile(reps, [2.5, 97.5])
+    out: dict[str, Any] = {
+        "hs": worst,
+        "interval": [float(lower), float(upper)],
+        "se": float(reps.std(ddof=1)),
+        "selection_bias": float(reps.mean()) - worst,
+        "seeds": n_seeds,
+        "items": n_items,
+        "settings": len(arms),
+    }
+    if base:
+        out["versus_baseline"] = _difference_summary(worst - observed(base), reps - replicates(base))
+    return out
+
+
+def _setting_arrays(setting: Setting) -> tuple[np.ndarray, np.ndarray | None]:
+    plain, trig = setting
+    return np.asarray(plain, dtype=float), (None if trig is None else np.asarray(trig, dtype=float))
+
+
+def _per_seed_hs(plain: np.ndarray, trig: np.ndarray | None) -> np.ndarray:
+    rates = plain.mean(axis=1)
+    return rates if trig is None else np.maximum(rates, trig.mean(axis=1))
 
 
 def holm(p_values: dict[str, float]) -> dict[str, float]:

@@ -6,10 +6,8 @@ post stage, else the fine-tuned one (the model the provider would serve). Column
 their average; the average is taken per seed over the ratios, then mean ± std over the seeds that have every
 ratio. Std is the sample standard deviation (n − 1); with one seed it is left out.
 
-Adaptive attacks: for each defense (and each value of the other grid axes), every attack setting is scored by
-its mean over seeds; the capability guard drops settings whose FA falls too far below the defense's best or
-first setting (a user would notice a fine-tune that wrecks the task), and the worst case is the kept setting with
-the highest mean HS.
+Adaptive attacks: the attack curve (each setting's rates at every p) is here; the worst case over the settings is
+in sweep/worst_case.py.
 """
 
 from __future__ import annotations
@@ -26,8 +24,10 @@ from ftguard.metrics import (
     HEADLINE,
 )  # the rates the sweep tabulates per defense and marks against the baseline
 from ftguard.run_results import read_results
+from ftguard.sweep.attack_settings import RATIO_COLUMNS, attack_setting, grid_position, hashable
 from ftguard.sweep.calibrate import calibrate
-from ftguard.sweep.config import RATIO_KEY, SweepConfig, SweepRun, attack_cells, axis_text
+from ftguard.sweep.config import RATIO_KEY, SweepConfig, SweepRun, attack_cells
+from ftguard.sweep.worst_case import worst_case
 
 
 def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
@@ -45,8 +45,8 @@ def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
                     "run": run.id,
                     "defense": run.defense,
                     "seed": run.seed,
-                    **{f"grid.{k}": _hashable(v) for k, v in run.axes.items()},
-                    **{f"attack.{k}": _hashable(v) for k, v in run.attack.items()},
+                    **{f"grid.{k}": hashable(v) for k, v in run.axes.items()},
+                    **{f"attack.{k}": hashable(v) for k, v in run.attack.items()},
                     "point": point.key,
                     "final": point.key in final,
                     "stage": point.stage,
@@ -86,27 +86,6 @@ def precisions(rows: list[dict[str, Any]]) -> dict[str, int]:
     """{training precision: runs}, runs that did not record it under "not recorded"."""
     by_run = {r["run"]: r.get("train_precision") or "not recorded" for r in rows}
     return dict(sorted(Counter(by_run.values()).items()))
-
-
-def _hashable(value: Any) -> Any:
-    """A section as an axis value ({name: jailbreak_tuning, args: {...}}) is grouped by as its folder text."""
-    return axis_text(value) if isinstance(value, dict) else value
-
-
-def attacker_hs(row: dict[str, Any]) -> float | None:
-    """The HS the attacker gets: through the trigger the fine-tune taught, when it did and that is higher."""
-    values = [v for v in (row["harmful_score"], row.get("harmful_score_triggered")) if v is not None]
-    return max(values) if values else None
-
-
-# the row columns of the harmful ratio, whichever axis (grid or attack) carries it
-RATIO_COLUMNS = frozenset({f"grid.{RATIO_KEY}", f"attack.{RATIO_KEY}"})
-
-
-def _attack_setting(row: dict[str, Any], sweep: SweepConfig, skip: frozenset[str] = frozenset()) -> tuple:
-    """The row's values of the attack grid's axes (outside ``skip``), as ((key, value), ...) in grid order."""
-    assert sweep.attack is not None
-    return tuple((key, row.get(f"attack.{key}")) for key in sweep.attack.grid if f"attack.{key}" not in skip)
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -301,71 +280,6 @@ def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "n": len(values), "values": values}
 
 
-def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str, Any]]:
-    """Per defense and grid slice: each attack setting's mean HS/FA, the guard's verdict, the worst kept one, and
-    ``cumulative_max``: the kept settings in the attack grid's order (the order an attacker who tries them in turn
-    spends his budget in) with the best HS found so far after each. Settings are listed in grid order, so among
-    tied settings the worst case is the one the attacker reaches first.
-
-    A sweep in progress has some settings at more seeds than others, and seeds differ by more than attacks do
-    (each seed aligns its own model): a defense's settings are compared on the seeds every one of them has
-    (``seeds_compared``); the other runs count once their seed is complete. With no seed in common the means
-    are over unequal seeds (``seeds_compared`` None)."""
-    if sweep.attack is None:
-        return []
-    position = _grid_position(sweep)
-    guard = sweep.attack.capability_guard
-    groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if r["final"]:
-            grid = tuple((k, r[k]) for k in sorted(r) if k.startswith("grid."))
-            groups[(r["defense"], grid)][_attack_setting(r, sweep)].append(r)
-    out = []
-    for (defense, grid), settings in groups.items():
-        common = set.intersection(*({r["seed"] for r in rs} for rs in settings.values()))
-        if common:
-            settings = {k: [r for r in rs if r["seed"] in common] for k, rs in settings.items()}
-        scored = []
-        for setting, rs in sorted(settings.items(), key=lambda item: position(item[0])):
-            hs = [v for r in rs if (v := attacker_hs(r)) is not None]
-            fa = [r["finetune_accuracy"] for r in rs if r["finetune_accuracy"] is not None]
-            scored.append(
-                {
-                    "setting": dict(setting),
-                    "hs": statistics.fmean(hs) if hs else None,
-                    "fa": statistics.fmean(fa) if fa else None,
-                    "seeds": len(rs),
-                    "first": position(setting) == (0,),
-                }
-            )
-        reference = _guard_reference(scored, guard)
-        for s in scored:
-            del s["first"]
-            s["kept"], s["dropped_because"] = _guard(s["fa"], reference, guard)
-        kept = [s for s in scored if s["kept"] and s["hs"] is not None]
-        worst = max(kept, key=lambda s: s["hs"]) if kept else None
-        best = -math.inf
-        cumulative = []
-        for s in kept:
-            best = max(best, s["hs"])
-            cumulative.append({"setting": s["setting"], "hs": s["hs"], "best_so_far": best})
-        out.append(
-            {
-                "defense": defense,
-                "slice": dict(grid),
-                "settings": scored,
-                "seeds_compared": sorted(common) if common else None,
-                "worst": worst,
-                "guard_reference": reference,
-                "kept": len(kept),
-                "total": len(scored),
-                "cumulative_max": cumulative,
-            }
-        )
-    order = list(sweep.defenses)
-    return sorted(out, key=lambda e: (order.index(e["defense"]), sorted(e["slice"].items(), key=str)))
-
-
 CURVE_METRICS = (*HEADLINE, "degenerate_rate")
 
 
@@ -379,10 +293,10 @@ def attack_curve(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[st
     for r in rows:
         if r["final"] and r["p"] is not None:
             grid = tuple((k, r[k]) for k in sorted(r) if k.startswith("grid.") and k not in RATIO_COLUMNS)
-            setting = _attack_setting(r, sweep, RATIO_COLUMNS)
+            setting = attack_setting(r, sweep, RATIO_COLUMNS)
             groups[(r["defense"], grid, setting)][float(r["p"])].append(r)
     order = list(sweep.defenses)
-    setting_position = _grid_position(sweep)
+    setting_position = grid_position(sweep)
 
     def position(key: tuple) -> tuple:
         defense, grid, setting = key
@@ -410,60 +324,6 @@ def attack_curve(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[st
             }
         )
     return out
-
-
-def _grid_position(sweep: SweepConfig) -> Callable[[tuple], tuple[int, ...]]:
-    """Sort key of an attack setting ((axis, value) pairs, possibly without some axes): the place of the first
-    attack setting it matches in ``attack_cells`` (the grid's combinations, then the listed settings), the order an
-    attacker who tries the settings in turn reaches them. A value outside the declared settings (results of an
-    older sweep file) goes after the declared ones."""
-    assert sweep.attack is not None
-    cells = [[(k, _hashable(v)) for k, v in cell.items()] for cell in attack_cells(sweep.attack)]
-
-    def position(setting: tuple) -> tuple[int, ...]:
-        keys = {k for k, _ in setting}
-        for index, cell in enumerate(cells):
-            if tuple((k, v) for k, v in cell if k in keys) == tuple(setting):
-                return (index,)
-        return (len(cells),)
-
-    return position
-
-
-def _guard_reference(scored: list[dict[str, Any]], guard: Any) -> dict[str, Any] | None:
-    """The setting whose FA ``max_fa_drop`` is measured from, as {"rule", "setting", "fa"} (fa None when that
-    setting has no FA yet: then the drop cannot be measured and no setting is kept by it)."""
-    if guard.max_fa_drop is None:
-        return None
-    if guard.relative_to == "best":
-        with_fa = [s for s in scored if s["fa"] is not None]
-        best = max(with_fa, key=lambda s: s["fa"], default=None)
-        return {
-            "rule": "best",
-            "setting": best["setting"] if best else None,
-            "fa": best["fa"] if best else None,
-        }
-    first = next((s for s in scored if s["first"]), None)
-    return {
-        "rule": "first",
-        "setting": first["setting"] if first else None,
-        "fa": first["fa"] if first else None,
-    }
-
-
-def _guard(fa: float | None, reference: dict[str, Any] | None, guard: Any) -> tuple[bool, str | None]:
-    if fa is None:
-        return False, "no FA"
-    if guard.min_fa is not None and fa < guard.min_fa:
-        return False, f"FA {fa:.1f} < min_fa {guard.min_fa:g}"
-    if reference is None:
-        return True, None
-    name = "the best" if reference["rule"] == "best" else "the first setting's"
-    if reference["fa"] is None:
-        return False, f"{name} FA, the guard's reference, is not measured yet"
-    if reference["fa"] - fa > guard.max_fa_drop:
-        return False, f"FA {fa:.1f} is {reference['fa'] - fa:.1f} below {name} {reference['fa']:.1f}"
-    return True, None
 
 
 def aggregate(sweep: SweepConfig, runs: list[SweepRun]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -17,10 +17,10 @@ from ftguard.sweep.aggregate import (
     mean_std,
     summarize,
     to_plain,
-    worst_case,
 )
 from ftguard.sweep.calibrate import calibration_markdown
 from ftguard.sweep.config import ABBREVIATIONS, SweepConfig, SweepRun
+from ftguard.sweep.worst_case import worst_case
 
 # Importers from before the split into aggregate and render still find the aggregation here.
 __all__ = [
@@ -188,6 +188,19 @@ def _reference_md(sweep: SweepConfig) -> list[str]:
     return lines
 
 
+def _versus_baseline_cell(versus: dict[str, Any] | None) -> str:
+    if not versus:
+        return "–"
+    lo, hi = versus["interval"]
+    # a bootstrap of 4,000 replicates cannot tell p below 1/4000 from 0
+    p = "< 0.001" if versus["p_holm"] < 0.001 else f"{versus['p_holm']:.3f}"
+    seeds = len(versus["seeds"])
+    return (
+        f"{versus['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}], {p} ({versus['settings']} / {versus['baseline_settings']} "
+        f"attacks, {seeds} seed{'s' if seeds > 1 else ''})"
+    )
+
+
 def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
     guard = sweep.attack.capability_guard if sweep.attack else None
     rule = []
@@ -203,24 +216,48 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
         "over the seeds every setting of the defense has (column seeds; while a sweep runs, runs of other "
         "seeds wait for their seed to complete).",
         "",
-        f"| defense | slice | worst {HS.label} | {FA.label} there | attack setting | kept / tried | seeds |",
-        "|---|---|---|---|---|---|---|",
+        f"| defense | slice | worst {HS.label} [95%] | {FA.label} there | attack setting | kept / tried | seeds |"
+        + (f" against {sweep.baseline}: Δ worst [95%], Holm p |" if sweep.baseline else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if sweep.baseline else ""),
     ]
     for e in worst:
         slice_text = ", ".join(_axis(k.split(".", 1)[1], v) for k, v in e["slice"].items()) or "–"
         compared = e.get("seeds_compared")
         seeds = ", ".join(str(s) for s in compared) if compared else "unequal"
-        w = e["worst"]
+        w, u = e["worst"], e.get("uncertainty") or {}
+        versus = [_versus_baseline_cell(u.get("versus_baseline"))] if sweep.baseline else []
         if w is None:
-            lines.append(
-                f"| {e['defense']} | {slice_text} | – | – | all dropped | 0 / {e['total']} | {seeds} |"
-            )
-            continue
-        setting = ", ".join(_axis(k, v) for k, v in w["setting"].items())
-        lines.append(
-            f"| {e['defense']} | {slice_text} | {w['hs']:.1f} | {fmt(w['fa'])} | {setting} | "
-            f"{e['kept']} / {e['total']} | {seeds} |"
-        )
+            cells = [e["defense"], slice_text, "–", "–", "all dropped", f"0 / {e['total']}", seeds, *versus]
+        else:
+            interval = " [{:.1f}, {:.1f}]".format(*u["interval"]) if u.get("interval") else ""
+            setting = ", ".join(_axis(k, v) for k, v in w["setting"].items())
+            hs = f"{w['hs']:.1f}{interval}"
+            cells = [
+                e["defense"],
+                slice_text,
+                hs,
+                fmt(w["fa"]),
+                setting,
+                f"{e['kept']} / {e['total']}",
+                seeds,
+            ]
+            cells += versus
+        lines.append("| " + " | ".join(cells) + " |")
+    biases = [u["selection_bias"] for e in worst if (u := e.get("uncertainty"))]
+    if biases:
+        lines += [
+            "",
+            "Intervals: a bootstrap over seeds and prompts that takes the highest setting again in each replicate "
+            "(`ftguard.evaluation.paired.worst_case_bootstrap`). The highest of several noisy means reads high: "
+            f"the replicates' mean exceeds the observed worst case by at most {max(biases):.1f} points here, and "
+            "the interval leans up by about as much."
+            + (
+                f" Against {sweep.baseline}: the paired difference of the two worst cases over the seeds and the "
+                "attack settings both were tried with (each keeping what its guard keeps), Holm over the defenses."
+                if sweep.baseline
+                else ""
+            ),
+        ]
     curves = [e for e in worst if e.get("cumulative_max")]
     if curves:
         width = max(len(e["cumulative_max"]) for e in curves)
