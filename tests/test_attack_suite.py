@@ -143,7 +143,7 @@ def test_the_report_writes_the_curve_its_plot_and_a_row_per_defense(tmp_path):
     out = tmp_path / "report"
     out.mkdir()
     report = write_report(sweep, runs, out)
-    assert (out / "worst_case.png").stat().st_size > 0 and str(out / "worst_case.png") in report["plots"]
+    assert (out / "worst_case.png").stat().st_size > 0 and "worst_case.png" in report["plots"]
     stored = json.loads((out / "report.json").read_text())
     assert [e["cumulative_max"] for e in stored["worst_case"]] == [
         _hand_curve("booster"),

@@ -848,7 +848,7 @@ def test_the_attack_curve_lists_every_setting_in_grid_order_with_means_at_each_p
     assert "## Attack curve" in text
     (row,) = [line for line in text.splitlines() if line.startswith("| sft | lr = 0.001 |")]
     assert "15.0 / 70.0" in row
-    assert (out / "attack_curve.png").stat().st_size > 0 and str(out / "attack_curve.png") in report["plots"]
+    assert (out / "attack_curve.png").stat().st_size > 0 and "attack_curve.png" in report["plots"]
 
 
 def test_a_sweep_without_an_attack_grid_has_no_curve(tmp_path):

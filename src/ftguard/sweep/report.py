@@ -443,8 +443,9 @@ def write_report(sweep: SweepConfig, runs: list[SweepRun], out: Path) -> dict[st
     if not report["complete"]:
         text += f"\n**Incomplete: {report['complete_runs']} of {report['runs']} runs finished.**\n"
     write_text_atomic(out / "report.md", text)
+    # names beside report.json, not paths: an archive copied to another machine still finds them
     report["plots"] = [
-        str(p)
+        p.name
         for p in [
             *plot(report["tables"], out),
             *plot_curve(report["attack_curve"], out),

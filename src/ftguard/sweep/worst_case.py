@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from ftguard.evaluation.paired import decode_entry, holm, worst_case_bootstrap
@@ -41,55 +42,63 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
     # per entry: every tried setting → its runs by seed when the guard keeps it (None when it does not)
     tried: dict[tuple, dict[tuple, dict[int, dict[str, Any]] | None]] = {}
     for (defense, grid), settings in groups.items():
-        common = set.intersection(*({r["seed"] for r in rs} for rs in settings.values()))
-        if common:
-            settings = {k: [r for r in rs if r["seed"] in common] for k, rs in settings.items()}
-        scored = []
-        for setting, rs in sorted(settings.items(), key=lambda item: position(item[0])):
-            hs = [v for r in rs if (v := attacker_hs(r)) is not None]
-            fa = [r["finetune_accuracy"] for r in rs if r["finetune_accuracy"] is not None]
-            scored.append(
-                {
-                    "setting": dict(setting),
-                    "hs": statistics.fmean(hs) if hs else None,
-                    "fa": statistics.fmean(fa) if fa else None,
-                    "seeds": len(rs),
-                    "first": position(setting) == (0,),
-                    "runs": {r["seed"]: r for r in rs},
-                }
-            )
-        reference = _guard_reference(scored, guard)
-        for s in scored:
-            del s["first"]
-            s["kept"], s["dropped_because"] = _guard(s["fa"], reference, guard)
-        kept = [s for s in scored if s["kept"] and s["hs"] is not None]
-        tried[(defense, grid)] = {
-            tuple(s["setting"].items()): s["runs"] if common and s in kept else None for s in scored
-        }
-        for s in scored:
-            del s["runs"]
-        worst = max(kept, key=lambda s: s["hs"]) if kept else None
-        best = -math.inf
-        cumulative = []
-        for s in kept:
-            best = max(best, s["hs"])
-            cumulative.append({"setting": s["setting"], "hs": s["hs"], "best_so_far": best})
-        out.append(
-            {
-                "defense": defense,
-                "slice": dict(grid),
-                "settings": scored,
-                "seeds_compared": sorted(common) if common else None,
-                "worst": worst,
-                "guard_reference": reference,
-                "kept": len(kept),
-                "total": len(scored),
-                "cumulative_max": cumulative,
-            }
-        )
+        entry, tried[(defense, grid)] = _entry(defense, grid, settings, position, guard)
+        out.append(entry)
     _add_uncertainty(out, tried, sweep.baseline)
     order = list(sweep.defenses)
     return sorted(out, key=lambda e: (order.index(e["defense"]), sorted(e["slice"].items(), key=str)))
+
+
+def _entry(
+    defense: str,
+    grid: tuple,
+    settings: dict[tuple, list[dict[str, Any]]],
+    position: Callable[[tuple], tuple[int, ...]],
+    guard: Any,
+) -> tuple[dict[str, Any], dict[tuple, dict[int, dict[str, Any]] | None]]:
+    """(one defense's worst-case entry for one grid slice, its tried settings → kept runs by seed)."""
+    common = set.intersection(*({r["seed"] for r in rs} for rs in settings.values()))
+    if common:
+        settings = {k: [r for r in rs if r["seed"] in common] for k, rs in settings.items()}
+    ordered = sorted(settings.items(), key=lambda item: position(item[0]))
+    scored = []
+    for setting, rs in ordered:
+        hs = [v for r in rs if (v := attacker_hs(r)) is not None]
+        fa = [r["finetune_accuracy"] for r in rs if r["finetune_accuracy"] is not None]
+        scored.append(
+            {
+                "setting": dict(setting),
+                "hs": statistics.fmean(hs) if hs else None,
+                "fa": statistics.fmean(fa) if fa else None,
+                "seeds": len(rs),
+            }
+        )
+    firsts = [position(setting) == (0,) for setting, _ in ordered]
+    reference = _guard_reference(scored, firsts, guard)
+    for s in scored:
+        s["kept"], s["dropped_because"] = _guard(s["fa"], reference, guard)
+    kept = [s for s in scored if s["kept"] and s["hs"] is not None]
+    runs = {
+        setting: {r["seed"]: r for r in rs} if common and s["kept"] and s["hs"] is not None else None
+        for (setting, rs), s in zip(ordered, scored, strict=True)
+    }
+    best = -math.inf
+    cumulative = []
+    for s in kept:
+        best = max(best, s["hs"])
+        cumulative.append({"setting": s["setting"], "hs": s["hs"], "best_so_far": best})
+    entry = {
+        "defense": defense,
+        "slice": dict(grid),
+        "settings": scored,
+        "seeds_compared": sorted(common) if common else None,
+        "worst": max(kept, key=lambda s: s["hs"]) if kept else None,
+        "guard_reference": reference,
+        "kept": len(kept),
+        "total": len(scored),
+        "cumulative_max": cumulative,
+    }
+    return entry, runs
 
 
 def _add_uncertainty(
@@ -179,24 +188,20 @@ def _outcome_arrays(kept: list[dict[int, dict[str, Any]]], seeds: list[int]) -> 
     return arrays if len(digests) == 1 else None
 
 
-def _guard_reference(scored: list[dict[str, Any]], guard: Any) -> dict[str, Any] | None:
+def _guard_reference(scored: list[dict[str, Any]], firsts: list[bool], guard: Any) -> dict[str, Any] | None:
     """The setting whose FA ``max_fa_drop`` is measured from, as {"rule", "setting", "fa"} (fa None when that
-    setting has no FA yet: then the drop cannot be measured and no setting is kept by it)."""
+    setting has no FA yet: then the drop cannot be measured and no setting is kept by it). ``firsts`` marks the
+    setting that comes first in the attacker's order, if it was tried."""
     if guard.max_fa_drop is None:
         return None
     if guard.relative_to == "best":
-        with_fa = [s for s in scored if s["fa"] is not None]
-        best = max(with_fa, key=lambda s: s["fa"], default=None)
-        return {
-            "rule": "best",
-            "setting": best["setting"] if best else None,
-            "fa": best["fa"] if best else None,
-        }
-    first = next((s for s in scored if s["first"]), None)
+        reference = max((s for s in scored if s["fa"] is not None), key=lambda s: s["fa"], default=None)
+    else:
+        reference = next((s for s, first in zip(scored, firsts, strict=True) if first), None)
     return {
-        "rule": "first",
-        "setting": first["setting"] if first else None,
-        "fa": first["fa"] if first else None,
+        "rule": guard.relative_to,
+        "setting": reference["setting"] if reference else None,
+        "fa": reference["fa"] if reference else None,
     }
 
 
