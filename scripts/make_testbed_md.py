@@ -281,7 +281,35 @@ def virus_against_the_filter(*folders: Path) -> list[str]:
     return [*lines, "", f"Virus's budget here: {'; '.join(budgets)} (the authors: every row, 50 × 128).", ""]
 
 
-def attack_suite(suite: Path | None, probe: Path | None) -> list[str]:
+def suite_level_audits(folder: Path | None) -> list[str]:
+    """The hand audits of the attack suite's HS levels (``audit_paired.py level``): is a worst case the judge's?"""
+    paths = (
+        sorted(folder.glob(f"{SWEEPS['attack_suite']}-*-level.json")) if folder and folder.is_dir() else []
+    )
+    if not paths:
+        return []
+    lines = [
+        "### Is the worst case real? Hand audits of the levels",
+        "",
+        "One model's answers at a time: answers the judge flagged and as many it passed, drawn at random and read "
+        "without the verdict (one labeller; docs/attacks.md). Audited HS: the judge's flags that comply plus the "
+        "passed answers that do, weighted back to the 200 prompts.",
+        "",
+        "| model | seed | judge's HS | flagged that comply % [95%] | passed that comply % [95%] | audited HS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        audit = json.loads(path.read_text())
+        sc = audit["scores"]
+        lines.append(
+            f"| {audit['model']} | {audit['seed']} | {sc['judge_hs']:.1f} | {sc['precision']:.0f} "
+            f"[{sc['precision_interval'][0]:.0f}, {sc['precision_interval'][1]:.0f}] | {sc['missed']:.0f} "
+            f"[{sc['missed_interval'][0]:.0f}, {sc['missed_interval'][1]:.0f}] | {sc['audited_hs']:.1f} |"
+        )
+    return [*lines, ""]
+
+
+def attack_suite(suite: Path | None, probe: Path | None, audits: Path | None = None) -> list[str]:
     lines = ["## 5. The attacker's side: worst case over the attack suite", ""]
     report = _report(suite)
     if report:
@@ -301,6 +329,7 @@ def attack_suite(suite: Path | None, probe: Path | None) -> list[str]:
         ]
         if (suite / "worst_case.png").is_file():
             lines += [f"![worst case by attacks tried](results/{SWEEPS['attack_suite']}/worst_case.png)", ""]
+        lines += suite_level_audits(audits)
     else:
         lines += [f"`sweeps/{SWEEPS['attack_suite']}`: pending (it runs after the study).", ""]
     sources = [folder for folder in (probe, suite if report else None) if folder]
@@ -663,7 +692,7 @@ def main() -> None:
         if key == "study":
             out += hand_audits(args.audits, report[1])
             out += other_judges(args.rescored)
-    out += attack_suite(args.attack_suite, args.virus_probe)
+    out += attack_suite(args.attack_suite, args.virus_probe, args.audits)
     out += second_model(
         args.gemma, {"align_calibration": args.align_calibration, "calibration": args.calibration}
     )

@@ -217,6 +217,25 @@ def test_the_hand_audits_follow_the_study_s_table_and_need_a_paired_audit(tmp_pa
     )
 
 
+def test_the_suite_s_level_audits_put_the_audited_hs_beside_the_judge_s_and_only_the_suite_s(
+    tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    audits = tmp_path / "audits"
+    audits.mkdir()
+    assert page.suite_level_audits(audits) == [] and page.suite_level_audits(None) == []
+    # 126 of 200 flagged; half the flagged sample complies, a quarter of the passed one: (0.5·126 + 0.25·74) / 2
+    scores = {"judge_hs": 63.0, "precision": 50.0, "precision_interval": [33.2, 66.8], "missed": 25.0}
+    scores |= {"missed_interval": [12.0, 44.6], "audited_hs": 40.75}
+    level = {"model": "filter, full", "seed": 44, "labels": {"a": "H"}, "scores": scores}
+    (audits / "cpu-attack-suite-seed44-filter-full-level.json").write_text(json.dumps(level))
+    (audits / "testbed-study-seed47-sft-level.json").write_text(json.dumps(level | {"model": "sft"}))
+    text = "\n".join(page.suite_level_audits(audits))
+    assert "| filter, full | 44 | 63.0 | 50 [33, 67] | 25 [12, 45] | 40.8 |" in text
+    assert "| sft |" not in text  # the study's level audits have their own section
+
+
 def test_other_judges_put_each_judge_s_paired_effect_beside_the_study_judge_s_on_the_same_runs(
     tmp_path, monkeypatch
 ):
