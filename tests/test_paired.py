@@ -226,12 +226,12 @@ def test_holm_multiplies_the_kth_smallest_by_the_hypotheses_left_and_keeps_the_o
     assert holm({}) == {}
 
 
-def _worst_by_hand(settings, seed_draws, item_draws):
-    """One replicate at a time: each setting's attacker HS on the drawn seeds and items, per drawn seed the higher
-    of plain and triggered, then the mean over the drawn seeds; the highest setting."""
+def _settings_by_hand(settings, seed_draws, item_draws):
+    """One replicate at a time (replicates × settings): each setting's attacker HS on the drawn seeds and items,
+    per drawn seed the higher of plain and triggered, then the mean over the drawn seeds."""
     out = []
     for s_idx, i_idx in zip(seed_draws, item_draws, strict=True):
-        best = -1.0
+        row = []
         for plain, trig in settings:
             per_seed = []
             for s in s_idx:
@@ -239,8 +239,8 @@ def _worst_by_hand(settings, seed_draws, item_draws):
                 if trig is not None:
                     rate = max(rate, trig[s][i_idx].mean())
                 per_seed.append(rate)
-            best = max(best, 100.0 * float(np.mean(per_seed)))
-        out.append(best)
+            row.append(100.0 * float(np.mean(per_seed)))
+        out.append(row)
     return np.array(out)
 
 
@@ -252,10 +252,12 @@ def test_the_worst_case_bootstrap_equals_taking_the_highest_setting_in_each_repl
         (rng.random((3, 23)) < 0.52, None),
     ]
     baseline = [(rng.random((3, 23)) < 0.6, None), (rng.random((3, 23)) < 0.45, None)]
-    got = worst_case_bootstrap(settings, baseline, n_boot=250, seed=7)
+    # settings[0] and baseline[1] are the same attack, the one defenses are usually tested with
+    got = worst_case_bootstrap(settings, baseline, reference=(0, 1), n_boot=250, seed=7)
     draws = np.random.default_rng(7)
     seed_draws, item_draws = draws.integers(0, 3, size=(250, 3)), draws.integers(0, 23, size=(250, 23))
-    mine, theirs = (_worst_by_hand(arm, seed_draws, item_draws) for arm in (settings, baseline))
+    each_mine, each_theirs = (_settings_by_hand(arm, seed_draws, item_draws) for arm in (settings, baseline))
+    mine, theirs = each_mine.max(axis=1), each_theirs.max(axis=1)
     # observed: per seed the higher of plain and triggered, averaged over seeds; the highest setting
     observed = max(
         100.0 * np.mean([max(p[s].mean(), t[s].mean()) if t is not None else p[s].mean() for s in range(3)])
@@ -269,6 +271,13 @@ def test_the_worst_case_bootstrap_equals_taking_the_highest_setting_in_each_repl
     versus = got["versus_baseline"]
     assert versus["diff"] == pytest.approx(observed - observed_base)
     assert versus["interval"] == pytest.approx(list(np.percentile(mine - theirs, [2.5, 97.5])))
+    usual = 100.0 * (settings[0][0].mean() - baseline[1][0].mean())
+    usual_reps = each_mine[:, 0] - each_theirs[:, 1]
+    assert versus["reference"]["diff"] == pytest.approx(usual)
+    assert versus["reference"]["interval"] == pytest.approx(list(np.percentile(usual_reps, [2.5, 97.5])))
+    assert versus["erosion"]["diff"] == pytest.approx(versus["diff"] - usual)
+    erosion_reps = (mine - theirs) - usual_reps
+    assert versus["erosion"]["interval"] == pytest.approx(list(np.percentile(erosion_reps, [2.5, 97.5])))
 
 
 def test_the_highest_of_equal_settings_reads_high_and_the_bootstrap_says_by_how_much():
@@ -292,3 +301,5 @@ def test_the_worst_case_bootstrap_refuses_settings_of_other_shapes():
         worst_case_bootstrap([(np.ones((2, 5)), None), (np.ones((3, 5)), None)])
     with pytest.raises(ValueError, match="equal, non-empty"):
         worst_case_bootstrap([])
+    with pytest.raises(ValueError, match="needs a baseline"):
+        worst_case_bootstrap([(np.ones((2, 5)), None)], reference=(0, 0))

@@ -760,6 +760,13 @@ def test_worst_case_intervals_and_the_paired_difference_cover_only_the_attacks_b
         versus["baseline_settings"],
     ) == (2, 2)
     assert versus["p_holm"] == versus["p"]  # one defense against the baseline: nothing to correct for
+    # under the attacker's first setting (lr 1e-5) alone, and what the worst case takes of that effect
+    usual = 100.0 * (
+        np.mean(bits[("lisa", 1, 1e-5)] + bits[("lisa", 2, 1e-5)])
+        - np.mean(bits[("sft", 1, 1e-5)] + bits[("sft", 2, 1e-5)])
+    )
+    assert versus["reference"]["diff"] == pytest.approx(usual)
+    assert versus["erosion"]["diff"] == pytest.approx(versus["diff"] - usual)
     # a run without per-prompt outcomes: no interval rather than one over fewer runs
     path = runs[0].config.out_dir / "results.json"
     results = json.loads(path.read_text())

@@ -158,6 +158,7 @@ def worst_case_bootstrap(
     settings: Sequence[Setting],
     baseline: Sequence[Setting] | None = None,
     *,
+    reference: tuple[int, int] | None = None,
     n_boot: int = 4000,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -176,7 +177,13 @@ def worst_case_bootstrap(
     percentile ``interval`` leans up by about as much (read it as rough; it is exact for one setting). With
     ``baseline`` (another defense's kept settings, on the same seeds and items), ``versus_baseline`` is the paired
     difference of the two worst cases (this one − the baseline's), each replicate maximising both on the same
-    draws: both carry the upward bias, which mostly cancels in the difference."""
+    draws: both carry the upward bias, which mostly cancels in the difference.
+
+    ``reference`` = (i, j): ``settings[i]`` and ``baseline[j]`` are the same attack, the one a defense is usually
+    tested with (the papers' upload). ``versus_baseline`` then also gives the defense's effect under that attack
+    alone (``reference``) and how much of it the worst case takes away (``erosion``: the worst-case difference
+    minus the reference one; positive when the defense looks better against the usual attack than against the
+    attacker's pick), both on the same draws."""
     arms = [_setting_arrays(s) for s in settings]
     base = [_setting_arrays(s) for s in baseline] if baseline is not None else []
     shapes = {a.shape for arm in (*arms, *base) for a in arm if a is not None}
@@ -190,17 +197,19 @@ def worst_case_bootstrap(
     def observed(group: list[tuple[np.ndarray, np.ndarray | None]]) -> float:
         return max(100.0 * float(_per_seed_hs(plain, trig).mean()) for plain, trig in group)
 
-    def replicates(group: list[tuple[np.ndarray, np.ndarray | None]]) -> np.ndarray:
-        per_setting = []
+    def per_setting(group: list[tuple[np.ndarray, np.ndarray | None]]) -> np.ndarray:
+        """replicates × settings: each setting's attacker HS in each replicate."""
+        out = []
         for plain, trig in group:
             # per replicate and seed: the item-weighted rate, plain or through the trigger, whichever is higher
             rates = np.einsum("si,ri->rs", plain, item_counts) / n_items
             if trig is not None:
                 rates = np.maximum(rates, np.einsum("si,ri->rs", trig, item_counts) / n_items)
-            per_setting.append(100.0 * (seed_counts * rates).sum(axis=1) / n_seeds)
-        return np.max(per_setting, axis=0)
+            out.append(100.0 * (seed_counts * rates).sum(axis=1) / n_seeds)
+        return np.stack(out, axis=1)
 
-    worst, reps = observed(arms), replicates(arms)
+    mine = per_setting(arms)
+    worst, reps = observed(arms), mine.max(axis=1)
     lower, upper = np.percentile(reps, [2.5, 97.5])
     out: dict[str, Any] = {
         "hs": worst,
@@ -212,7 +221,18 @@ def worst_case_bootstrap(
         "settings": len(arms),
     }
     if base:
-        out["versus_baseline"] = _difference_summary(worst - observed(base), reps - replicates(base))
+        theirs = per_setting(base)
+        differences = reps - theirs.max(axis=1)
+        versus = _difference_summary(worst - observed(base), differences)
+        if reference is not None:
+            i, j = reference
+            usual = 100.0 * float(_per_seed_hs(*arms[i]).mean() - _per_seed_hs(*base[j]).mean())
+            usual_reps = mine[:, i] - theirs[:, j]
+            versus["reference"] = _difference_summary(usual, usual_reps)
+            versus["erosion"] = _difference_summary(versus["diff"] - usual, differences - usual_reps)
+        out["versus_baseline"] = versus
+    elif reference is not None:
+        raise ValueError("a reference setting needs a baseline to compare with")
     return out
 
 

@@ -188,6 +188,11 @@ def _reference_md(sweep: SweepConfig) -> list[str]:
     return lines
 
 
+def _delta(summary: dict[str, Any]) -> str:
+    lo, hi = summary["interval"]
+    return f"{summary['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
 def _versus_baseline_cell(versus: dict[str, Any] | None) -> str:
     if not versus:
         return "–"
@@ -258,6 +263,25 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
                 else ""
             ),
         ]
+    eroded = [e for e in worst if ((e.get("uncertainty") or {}).get("versus_baseline") or {}).get("erosion")]
+    if eroded:
+        lines += [
+            "",
+            f"Does the usual attack flatter the defense? Against {sweep.baseline}: the difference under the "
+            "attacker's first setting (the attack defenses are usually tested with), under the worst case, and "
+            "their difference, the part of the defense's effect the attacker's pick takes away (same draws; "
+            "positive: the defense looks better against the usual attack than against the worst).",
+            "",
+            "| defense | slice | first setting: Δ [95%] | worst case: Δ [95%] | taken away [95%] | seeds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in eroded:
+            v = e["uncertainty"]["versus_baseline"]
+            slice_text = ", ".join(_axis(k.split(".", 1)[1], x) for k, x in e["slice"].items()) or "–"
+            cells = [_delta(v["reference"]), _delta(v), _delta(v["erosion"])]
+            lines.append(
+                f"| {e['defense']} | {slice_text} | " + " | ".join(cells) + f" | {len(v['seeds'])} |"
+            )
     curves = [e for e in worst if e.get("cumulative_max")]
     if curves:
         width = max(len(e["cumulative_max"]) for e in curves)

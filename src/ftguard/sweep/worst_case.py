@@ -44,7 +44,7 @@ def worst_case(rows: list[dict[str, Any]], sweep: SweepConfig) -> list[dict[str,
     for (defense, grid), settings in groups.items():
         entry, tried[(defense, grid)] = _entry(defense, grid, settings, position, guard)
         out.append(entry)
-    _add_uncertainty(out, tried, sweep.baseline)
+    _add_uncertainty(out, tried, sweep.baseline, position)
     order = list(sweep.defenses)
     return sorted(out, key=lambda e: (order.index(e["defense"]), sorted(e["slice"].items(), key=str)))
 
@@ -105,21 +105,25 @@ def _add_uncertainty(
     entries: list[dict[str, Any]],
     tried: dict[tuple, dict[tuple, dict[int, dict[str, Any]] | None]],
     baseline: str | None,
+    position: Callable[[tuple], tuple[int, ...]],
 ) -> None:
     """Each entry's ``uncertainty`` from its kept runs' per-prompt outcomes (None where some run did not record
     them, or they are over different prompts): the worst case's interval over its compared seeds and, for a defense
     other than the baseline, the paired difference from the baseline's worst case over the seeds and the attack
     settings both were tried with (each side keeping what its own guard keeps: a sweep in progress has tried some
-    defenses with more attacks than others), with Holm's adjustment over the defenses of its slice."""
+    defenses with more attacks than others), with Holm's adjustment over the defenses of its slice. When both kept
+    the attacker's first setting (the usual attack), the difference under it and the erosion are given too."""
     for entry in entries:
         grid = tuple(entry["slice"].items())
         mine = tried.get((entry["defense"], grid), {})
         theirs = tried.get((baseline, grid), {}) if baseline and entry["defense"] != baseline else {}
-        both = mine.keys() & theirs.keys()
+        shared = [k for k in mine if k in theirs]  # tried with both, in the attacker's order
+        first = shared[0] if shared and position(shared[0]) == (0,) else None
         entry["uncertainty"] = _worst_case_statistics(
             [runs for runs in mine.values() if runs is not None],
-            [runs for k, runs in mine.items() if k in both and runs is not None],
-            [runs for k, runs in theirs.items() if k in both and runs is not None],
+            [mine[k] for k in shared if mine[k] is not None],
+            [theirs[k] for k in shared if theirs[k] is not None],
+            usual=first is not None and mine[first] is not None and theirs[first] is not None,
         )
     for grid in {tuple(e["slice"].items()) for e in entries}:
         paired = {
@@ -135,9 +139,10 @@ def _worst_case_statistics(
     own: list[dict[int, dict[str, Any]]],
     own_shared: list[dict[int, dict[str, Any]]],
     base: list[dict[int, dict[str, Any]]],
+    usual: bool = False,
 ) -> dict[str, Any] | None:
     """``own``: the defense's kept settings' runs by seed; ``own_shared`` and ``base``: its and the baseline's kept
-    settings among the attacks both were tried with."""
+    settings among the attacks both were tried with; ``usual``: both lists start with the attacker's first."""
     seeds = _shared_seeds(own)
     arrays = _outcome_arrays(own, seeds)
     if arrays is None:
@@ -148,7 +153,7 @@ def _worst_case_statistics(
     if joint:
         mine, theirs = _outcome_arrays(own_shared, joint), _outcome_arrays(base, joint)
         if mine is not None and theirs is not None and _items(own_shared, joint) == _items(base, joint):
-            paired = worst_case_bootstrap(mine, theirs)
+            paired = worst_case_bootstrap(mine, theirs, reference=(0, 0) if usual else None)
             versus = paired["versus_baseline"]
             out["versus_baseline"] = versus | {
                 "hs": paired["hs"],
