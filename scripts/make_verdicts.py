@@ -33,6 +33,10 @@ Added on 2026-12-05, the rule unchanged: a defense whose HS interval lies below 
 Holm's correction over the defenses the study reads against the same SFT at p = 0.1 (the report's ``p_holm``):
 each interval alone is read at 95%, and among a dozen defenses about one null effect in twenty would pass by
 chance. A verdict that does not survive is a candidate, not a finding.
+
+Added on 2026-12-06, the rule unchanged: a fall that survives says whether it also survives under Student's t over
+the seeds (the report's ``seed_t``): with five seeds the bootstrap's p-values are too small in the tails, where
+Holm reads them, when the defense's effect varies from seed to seed (docs/testbed.md, step 5).
 """
 
 from __future__ import annotations
@@ -119,6 +123,9 @@ def verdict(cells: dict, stage: str, gap: float | None) -> str:
     if below_zero(hs) and "p_holm" in hs and not identical:
         survives = "survives" if hs["p_holm"] < 0.05 else "does not survive"
         text += f"; the HS fall {survives} Holm's correction over the study's defenses"
+        if survives == "survives" and (by_seed := hs.get("seed_t")):
+            also = "and" if by_seed["p_holm"] < 0.05 else "but not"
+            text += f" ({also} under Student's t over the seeds, adjusted p {by_seed['p_holm']:.3f})"
     if (seeds := hs["seeds"]) < SEEDS:
         text += f"; provisional ({seeds} of {SEEDS} seeds)"
     return text

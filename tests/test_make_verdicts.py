@@ -77,6 +77,11 @@ def study(tmp_path):
             rows += run_rows(name, {"align": "sft", "finetune": "lisa"}, (30.0, 32.0))
     paired["by_chance"]["harmful_score"]["0.1"]["p_holm"] = 0.2
     paired["holds_up"]["harmful_score"]["0.1"]["p_holm"] = 0.01
+    paired["holds_up"]["harmful_score"]["0.1"]["seed_t"] = {"p": 0.001, "p_holm": 0.004}
+    paired["bootstrap_only"] = cells()
+    paired["bootstrap_only"]["harmful_score"]["0.1"]["p_holm"] = 0.02
+    paired["bootstrap_only"]["harmful_score"]["0.1"]["seed_t"] = {"p": 0.02, "p_holm": 0.12}
+    rows += run_rows("bootstrap_only", {"align": "sft", "finetune": "lisa"}, (30.0, 32.0))
     # EWC-like: a fine-tuning defense that aligns again (single LoRA), 9 points above SFT's start
     paired["own_alignment"] = cells()
     rows += run_rows("own_alignment", {"align": "sft", "finetune": "ewc"}, (40.0, 40.0))
@@ -136,7 +141,12 @@ def test_each_branch_of_the_rule(study):
         "reproduced qualitatively; the HS fall does not survive Holm's correction over the study's defenses |"
     )
     assert lines["holds_up"].endswith(
-        "reproduced qualitatively; the HS fall survives Holm's correction over the study's defenses |"
+        "reproduced qualitatively; the HS fall survives Holm's correction over the study's defenses "
+        "(and under Student's t over the seeds, adjusted p 0.004) |"
+    )
+    assert lines["bootstrap_only"].endswith(
+        "the HS fall survives Holm's correction over the study's defenses "
+        "(but not under Student's t over the seeds, adjusted p 0.120) |"
     )
     assert "Holm" not in lines["nothing"]  # no fall, nothing to correct
     assert "Strong attack (lr 5e-4 × 64 steps), calibrated defenses\n\nPending: not run yet." in text

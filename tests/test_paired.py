@@ -17,6 +17,9 @@ from ftguard.evaluation.paired import (
     mcnemar_exact,
     paired_bootstrap,
     paired_change,
+    seed_level_t,
+    student_t_p,
+    student_t_quantile,
     worst_case_bootstrap,
 )
 from script_module import load_script
@@ -303,3 +306,50 @@ def test_the_worst_case_bootstrap_refuses_settings_of_other_shapes():
         worst_case_bootstrap([])
     with pytest.raises(ValueError, match="needs a baseline"):
         worst_case_bootstrap([(np.ones((2, 5)), None)], reference=(0, 0))
+
+
+@pytest.mark.parametrize(
+    ("df", "t975"),
+    [
+        (1, 12.7062047),
+        (2, 4.3026527),
+        (3, 3.1824463),
+        (4, 2.7764451),
+        (5, 2.5705818),
+        (10, 2.2281389),
+        (30, 2.0422725),
+    ],
+)
+def test_student_t_matches_the_printed_table(df, t975):
+    assert student_t_p(t975, df) == pytest.approx(0.05, abs=1e-7)
+    assert student_t_quantile(0.975, df) == pytest.approx(t975, abs=1e-6)
+
+
+@pytest.mark.parametrize(("df", "t"), [(4, 2.0), (7, 1.5), (12, 3.1)])
+def test_student_t_p_equals_integrating_its_density(df, t):
+    # the density Γ((ν+1)/2) / (√(νπ) Γ(ν/2)) (1 + x²/ν)^(−(ν+1)/2), integrated from |t| far out: no series shared
+    x = np.linspace(t, 4000.0, 4_000_001)
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    density = c * (1 + x**2 / df) ** (-(df + 1) / 2)
+    tail = float(np.sum((density[1:] + density[:-1]) / 2 * np.diff(x)))
+    assert student_t_p(t, df) == pytest.approx(2 * tail, abs=1e-7)
+    assert student_t_p(-t, df) == student_t_p(t, df)
+
+
+def test_student_t_with_one_degree_of_freedom_is_cauchy():
+    for t in (0.0, 0.7, 3.0, 40.0):
+        assert student_t_p(t, 1) == pytest.approx(1 - 2 / math.pi * math.atan(t), abs=1e-12)
+
+
+def test_the_seed_level_t_reads_each_seed_s_mean_difference_with_student_s_t():
+    rng = np.random.default_rng(2)
+    treated, control = rng.random((5, 40)) < 0.3, rng.random((5, 40)) < 0.5
+    got = seed_level_t(treated, control)
+    per_seed = 100.0 * (treated.astype(float) - control).mean(axis=1)
+    se = per_seed.std(ddof=1) / math.sqrt(5)
+    assert got["diff"] == pytest.approx(per_seed.mean()) and got["se"] == pytest.approx(se) and got["df"] == 4
+    assert got["interval"] == pytest.approx(
+        [per_seed.mean() - 2.7764451 * se, per_seed.mean() + 2.7764451 * se]
+    )
+    assert got["p"] == pytest.approx(student_t_p(per_seed.mean() / se, 4))
+    assert seed_level_t(treated[:1], control[:1]) is None  # one seed: no spread to read

@@ -611,9 +611,14 @@ def test_paired_effects_resample_the_same_prompts_and_seeds_of_both_arms(tmp_pat
     expected = paired_bootstrap(
         [as_bool[("a", 1)], as_bool[("a", 2)]], [as_bool[("sft", 1)], as_bool[("sft", 2)]]
     )
-    assert {k: v for k, v in cell.items() if k != "p_holm"} == expected
+    assert {k: v for k, v in cell.items() if k not in ("p_holm", "seed_t")} == expected
     assert cell["diff"] == pytest.approx(100 * (5 - 11) / 20) and cell["seeds"] == 2
     assert cell["p_holm"] == expected["p"]  # a family of one defense: nothing to correct for
+    # the seeds as the only replication: seed 1 differs by (2 - 5)/10, seed 2 by (3 - 6)/10: no spread, t infinite
+    assert cell["seed_t"]["diff"] == pytest.approx(-30.0) and cell["seed_t"]["df"] == 1
+    assert (
+        cell["seed_t"]["se"] == pytest.approx(0.0) and cell["seed_t"]["p"] == 0.0 == cell["seed_t"]["p_holm"]
+    )
     assert "finetune_accuracy" not in table["paired"]["a"] or not table["paired"]["a"]["finetune_accuracy"]
     assert all("outcomes" not in row for row in rows)  # runs.json / runs.csv stay small
     text = markdown(sweep, [table], [], "keyword")
@@ -1169,13 +1174,14 @@ def test_paired_effects_carry_holm_over_the_defenses_of_a_column_and_mark_only_t
     from ftguard.sweep.report import markdown
 
     # Against the same SFT, on 40 prompts × 3 seeds: "strong" halves HS, "weak" removes a few harmful answers,
-    # "null" is SFT's outcomes with one flip.
+    # "null" is SFT's outcomes with one flip, "uneven" falls by 45, 5 and 25 points at its three seeds.
     sft = "1" * 20 + "0" * 20
     arms = {
         "sft": sft,
         "strong": "1" * 8 + "0" * 32,
         "weak": "1" * 16 + "0" * 24,
         "null": "0" + "1" * 19 + "0" * 20,
+        "uneven": {1: "1" * 2 + "0" * 38, 2: "1" * 18 + "0" * 22, 3: "1" * 10 + "0" * 30},
     }
     sweep = _sweep(
         defenses={d: {} for d in arms},
@@ -1190,21 +1196,31 @@ def test_paired_effects_carry_holm_over_the_defenses_of_a_column_and_mark_only_t
         path = run.config.out_dir / "results.json"
         results = json.loads(path.read_text())
         results["stages"]["finetune"]["outcomes"] = {
-            "harmful_score": {"items": "same", "bits": arms[run.defense]}
+            "harmful_score": {
+                "items": "same",
+                "bits": bits if isinstance(bits := arms[run.defense], str) else bits[run.seed],
+            }
         }
         path.write_text(json.dumps(results))
     _, report = aggregate(sweep, runs)
     (table,) = report["tables"]
-    cells = {d: table["paired"][d]["harmful_score"]["0.1"] for d in ("strong", "weak", "null")}
+    cells = {d: table["paired"][d]["harmful_score"]["0.1"] for d in ("strong", "weak", "null", "uneven")}
     assert {d: c["p_holm"] for d, c in cells.items()} == pytest.approx(
         holm({d: c["p"] for d, c in cells.items()})
     )
     assert cells["strong"]["p_holm"] < 0.05 < cells["null"]["p_holm"]
     text = markdown(sweep, [table], [], "keyword")
     rows = {ln.split(" | ")[0][2:]: ln for ln in text.splitlines() if ln.startswith("| ") and "[" in ln}
-    assert "↓†" in rows["strong"] and "†" not in rows["null"]
-    # weak: the mark follows its own Holm value, whichever way it falls
-    assert ("↓†" in rows["weak"]) == (cells["weak"]["mark"] == "↓" and cells["weak"]["p_holm"] < 0.05)
+    # strong falls by the same 30 points at every seed: Student's t over the seeds finds it too (‡)
+    assert "↓‡" in rows["strong"] and "†" not in rows["null"] and "‡" not in rows["null"]
+    # uneven survives Holm under the bootstrap, which redraws three seeds, but not under t over those seeds (†)
+    assert cells["uneven"]["p_holm"] < 0.05 < cells["uneven"]["seed_t"]["p_holm"]
+    assert "↓†" in rows["uneven"]
+    t = cells["uneven"]["seed_t"]
+    assert t["diff"] == pytest.approx(-25.0) and t["se"] == pytest.approx(20.0 / 3**0.5) and t["df"] == 2
+    # weak: the mark follows its own Holm values, whichever way they fall
+    survives = cells["weak"]["mark"] == "↓" and cells["weak"]["p_holm"] < 0.05
+    assert ("↓†" in rows["weak"] or "↓‡" in rows["weak"]) == survives
 
 
 def test_listed_attack_settings_follow_the_grid_s_combinations_in_run_ids_and_attack_order(tmp_path):

@@ -246,6 +246,65 @@ def _per_seed_hs(plain: np.ndarray, trig: np.ndarray | None) -> np.ndarray:
     return rates if trig is None else np.maximum(rates, trig.mean(axis=1))
 
 
+def seed_level_t(treated: Any, control: Any) -> dict[str, Any] | None:
+    """The same paired difference read with the seeds as the only replication: each seed's mean difference over the
+    items, then Student's t over the seeds (S − 1 degrees of freedom). None with fewer than two seeds.
+
+    With few seeds the two-level bootstrap is light in its tails where the defense's effect varies from seed to
+    seed: its p-values fall below 0.005 several times too often under no effect (docs/testbed.md, "How far the
+    p-values can be trusted"), which is where Holm's correction over a dozen defenses reads them. The t test has
+    the heavy tails five seeds call for, but it takes the prompts as fixed (their sampling is not in it), so it errs
+    the other way where prompts differ in their effect. A fall that survives Holm under both is a finding under
+    either reading; the study reports both."""
+    a, b = np.asarray(treated, dtype=float), np.asarray(control, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(
+            f"paired outcomes need two equal, non-empty seeds × items arrays, got {a.shape} and {b.shape}"
+        )
+    per_seed = 100.0 * (a - b).mean(axis=1)
+    n = len(per_seed)
+    if n < 2:
+        return None
+    diff, se = float(per_seed.mean()), float(per_seed.std(ddof=1) / math.sqrt(n))
+    half = student_t_quantile(0.975, n - 1) * se
+    # no spread over the seeds: t is 0/0 (no difference) or infinite (the same difference at every seed)
+    p = (1.0 if diff == 0 else 0.0) if se == 0 else student_t_p(diff / se, n - 1)
+    return {"diff": diff, "interval": [diff - half, diff + half], "se": se, "df": n - 1, "p": p}
+
+
+def student_t_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t with ``df`` (whole) degrees of freedom: 1 − P(|T| ≤ |t|), from the finite
+    series of Abramowitz & Stegun 26.7.3–4 (no scipy)."""
+    if df < 1 or int(df) != df:
+        raise ValueError(f"degrees of freedom must be a whole number ≥ 1, got {df}")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    cos2, series, term = math.cos(theta) ** 2, 1.0, 1.0
+    if df % 2:  # odd: (2/π)(θ + sin θ cos θ · Σ_k (2·4···2k)/(3·5···(2k+1)) cos^2k θ)
+        for k in range(1, (df - 1) // 2):
+            term *= cos2 * (2 * k) / (2 * k + 1)
+            series += term
+        inside = 2.0 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * series if df > 1 else 0.0))
+    else:  # even: sin θ · Σ_k (1·3···(2k−1))/(2·4···2k) cos^2k θ
+        for k in range(1, df // 2):
+            term *= cos2 * (2 * k - 1) / (2 * k)
+            series += term
+        inside = math.sin(theta) * series
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def student_t_quantile(q: float, df: int) -> float:
+    """The t with P(T ≤ t) = q (0.5 < q < 1), by bisection on ``student_t_p``."""
+    if not 0.5 < q < 1:
+        raise ValueError(f"quantile must lie in (0.5, 1), got {q}")
+    lo, hi = 0.0, 1.0
+    while student_t_p(hi, df) > 2 * (1 - q):
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if student_t_p(mid, df) > 2 * (1 - q) else (lo, mid)
+    return (lo + hi) / 2
+
+
 def holm(p_values: dict[str, float]) -> dict[str, float]:
     """Holm's step-down adjustment of a family of p-values (Holm 1979): the k-th smallest is multiplied by the
     number of hypotheses not yet rejected (m − k + 1), and the adjusted values are made non-decreasing in that

@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from ftguard.evaluation.paired import decode_entry, holm, paired_bootstrap
+from ftguard.evaluation.paired import decode_entry, holm, paired_bootstrap, seed_level_t
 from ftguard.evaluation.stats import difference_interval
 from ftguard.metrics import (
     HEADLINE,
@@ -175,7 +175,9 @@ def paired_versus_baseline(
 
     Each cell also gets ``p_holm``: its bootstrap p-value after Holm's correction over the defenses of its
     column (one metric at one p), since a dozen defenses read at 95% against one baseline would show about one
-    null effect in twenty by chance."""
+    null effect in twenty by chance. With two seeds or more, ``seed_t`` reads the same difference by Student's t over
+    the seeds (``evaluation.paired.seed_level_t``: heavier tails than the bootstrap's with few seeds, the prompts
+    taken as fixed), with its own ``p_holm`` over the same family."""
     paired = _each_against_baseline(
         defenses, baseline, lambda by_p, base, metric: _paired(by_p, base, metric, ratios)
     )
@@ -184,6 +186,9 @@ def paired_versus_baseline(
         family = {d: cells[metric][col] for d, cells in paired.items() if col in cells.get(metric, {})}
         for defense, adjusted in holm({d: cell["p"] for d, cell in family.items()}).items():
             family[defense]["p_holm"] = adjusted
+        by_t = {d: cell["seed_t"] for d, cell in family.items() if cell.get("seed_t")}
+        for defense, adjusted in holm({d: t["p"] for d, t in by_t.items()}).items():
+            by_t[defense]["p_holm"] = adjusted
     return paired
 
 
@@ -264,7 +269,11 @@ def _paired_outcomes(
 
 
 def _bootstrap(pairs: list[tuple[list[float], list[float]]]) -> dict[str, Any]:
-    return paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs])
+    treated, control = [a for a, _ in pairs], [b for _, b in pairs]
+    cell = paired_bootstrap(treated, control)
+    if (by_seed := seed_level_t(treated, control)) is not None:
+        cell["seed_t"] = by_seed
+    return cell
 
 
 def _difference(k1: int, n1: int, k2: int, n2: int, seeds: int | None) -> dict[str, Any]:

@@ -139,7 +139,9 @@ def _paired_md(sweep: SweepConfig, table: dict[str, Any]) -> list[str]:
         "[95% interval] of a bootstrap over seeds and prompts; in brackets after the interval, the smallest "
         "difference this design detects with 80% power. ↓ / ↑: the interval excludes 0; ↓† / ↑†: it still does "
         "after Holm's correction over the column's defenses (family-wise error 5%: each interval alone is read "
-        "at 95%, and among a dozen defenses one null effect in twenty would show by chance).",
+        "at 95%, and among a dozen defenses one null effect in twenty would show by chance); ↓‡ / ↑‡: and so "
+        "does Student's t over the seeds (each seed's mean difference; heavier-tailed than the bootstrap with "
+        "few seeds, docs/testbed.md), Holm-corrected the same way.",
         "",
     ]
     for metric in HEADLINE:
@@ -164,7 +166,9 @@ def _paired_cell(cell: dict[str, Any] | None) -> str:
     if not cell:
         return "–"
     lo, hi = cell["interval"]
-    mark = cell["mark"] + ("†" if cell["mark"] != "≈" and cell.get("p_holm", 1.0) < 0.05 else "")
+    mark = cell["mark"]
+    if mark != "≈" and cell.get("p_holm", 1.0) < 0.05:
+        mark += "‡" if (cell.get("seed_t") or {}).get("p_holm", 1.0) < 0.05 else "†"
     return f"{cell['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] {mark} ({cell['detectable']:.1f})"
 
 
