@@ -282,6 +282,18 @@ def test_the_worst_case_bootstrap_equals_taking_the_highest_setting_in_each_repl
     erosion_reps = (mine - theirs) - usual_reps
     assert versus["erosion"]["interval"] == pytest.approx(list(np.percentile(erosion_reps, [2.5, 97.5])))
 
+    # the seeds alone: each seed's difference between the two worst settings (chosen on the means), by t
+    def per_seed(plain, trig):
+        rates = plain.mean(axis=1)
+        return rates if trig is None else np.maximum(rates, trig.mean(axis=1))
+
+    worst_mine = max(range(3), key=lambda k: per_seed(*settings[k]).mean())
+    worst_base = max(range(2), key=lambda k: per_seed(*baseline[k]).mean())
+    d = 100.0 * (per_seed(*settings[worst_mine]) - per_seed(*baseline[worst_base]))
+    by_t = versus["seed_t"]
+    assert by_t["diff"] == pytest.approx(d.mean()) and by_t["df"] == 2
+    assert by_t["p"] == pytest.approx(student_t_p(d.mean() / (d.std(ddof=1) / math.sqrt(3)), 2))
+
 
 def test_the_highest_of_equal_settings_reads_high_and_the_bootstrap_says_by_how_much():
     # six attacks with the same true HS of 50%: the observed worst case is their noise's maximum, and the

@@ -765,6 +765,7 @@ def test_worst_case_intervals_and_the_paired_difference_cover_only_the_attacks_b
         versus["baseline_settings"],
     ) == (2, 2)
     assert versus["p_holm"] == versus["p"]  # one defense against the baseline: nothing to correct for
+    assert versus["seed_t"]["df"] == 1 and versus["seed_t"]["p_holm"] == versus["seed_t"]["p"]
     # under the attacker's first setting (lr 1e-5) alone, and what the worst case takes of that effect
     usual = 100.0 * (
         np.mean(bits[("lisa", 1, 1e-5)] + bits[("lisa", 2, 1e-5)])

@@ -224,6 +224,11 @@ def worst_case_bootstrap(
         theirs = per_setting(base)
         differences = reps - theirs.max(axis=1)
         versus = _difference_summary(worst - observed(base), differences)
+        # the seeds as the only replication: each seed's difference between the two worst settings (as chosen
+        # on the means), by Student's t (see seed_level_t)
+        if n_seeds > 1:
+            per_seed = _per_seed_hs(*arms[_argmax(arms)]) - _per_seed_hs(*base[_argmax(base)])
+            versus["seed_t"] = _t_summary(100.0 * per_seed)
         if reference is not None:
             i, j = reference
             usual = 100.0 * float(_per_seed_hs(*arms[i]).mean() - _per_seed_hs(*base[j]).mean())
@@ -234,6 +239,12 @@ def worst_case_bootstrap(
     elif reference is not None:
         raise ValueError("a reference setting needs a baseline to compare with")
     return out
+
+
+def _argmax(group: list[tuple[np.ndarray, np.ndarray | None]]) -> int:
+    """The setting with the highest attacker HS over the seeds (the first among ties, as ``worst_case``)."""
+    means = [float(_per_seed_hs(plain, trig).mean()) for plain, trig in group]
+    return means.index(max(means))
 
 
 def _setting_arrays(setting: Setting) -> tuple[np.ndarray, np.ndarray | None]:
@@ -262,9 +273,12 @@ def seed_level_t(treated: Any, control: Any) -> dict[str, Any] | None:
             f"paired outcomes need two equal, non-empty seeds × items arrays, got {a.shape} and {b.shape}"
         )
     per_seed = 100.0 * (a - b).mean(axis=1)
+    return _t_summary(per_seed) if len(per_seed) > 1 else None
+
+
+def _t_summary(per_seed: np.ndarray) -> dict[str, Any]:
+    """Student's t over per-seed differences (points): mean, 95% interval, standard error, df, two-sided p."""
     n = len(per_seed)
-    if n < 2:
-        return None
     diff, se = float(per_seed.mean()), float(per_seed.std(ddof=1) / math.sqrt(n))
     half = student_t_quantile(0.975, n - 1) * se
     # no spread over the seeds: t is 0/0 (no difference) or infinite (the same difference at every seed)

@@ -201,13 +201,18 @@ def _versus_baseline_cell(versus: dict[str, Any] | None) -> str:
     if not versus:
         return "–"
     lo, hi = versus["interval"]
-    # a bootstrap of 4,000 replicates cannot tell p below 1/4000 from 0
-    p = "< 0.001" if versus["p_holm"] < 0.001 else f"{versus['p_holm']:.3f}"
+    by_t = versus.get("seed_t")
+    t = f"; t over seeds {_p(by_t['p_holm'])}" if by_t and "p_holm" in by_t else ""
     seeds = len(versus["seeds"])
     return (
-        f"{versus['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}], {p} ({versus['settings']} / {versus['baseline_settings']} "
-        f"attacks, {seeds} seed{'s' if seeds > 1 else ''})"
+        f"{versus['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}], {_p(versus['p_holm'])}{t} ({versus['settings']} / "
+        f"{versus['baseline_settings']} attacks, {seeds} seed{'s' if seeds > 1 else ''})"
     )
+
+
+def _p(value: float) -> str:
+    # a bootstrap of 4,000 replicates cannot tell p below 1/4000 from 0
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
@@ -226,7 +231,11 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
         "seeds wait for their seed to complete).",
         "",
         f"| defense | slice | worst {HS.label} [95%] | {FA.label} there | attack setting | kept / tried | seeds |"
-        + (f" against {sweep.baseline}: Δ worst [95%], Holm p |" if sweep.baseline else ""),
+        + (
+            f" against {sweep.baseline}: Δ worst [95%], Holm p (bootstrap; t over seeds) |"
+            if sweep.baseline
+            else ""
+        ),
         "|---|---|---|---|---|---|---|" + ("---|" if sweep.baseline else ""),
     ]
     for e in worst:

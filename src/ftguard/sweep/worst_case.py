@@ -133,6 +133,9 @@ def _add_uncertainty(
         }
         for defense, p_holm in holm({d: v["p"] for d, v in paired.items()}).items():
             paired[defense]["p_holm"] = p_holm
+        by_t = {d: v["seed_t"] for d, v in paired.items() if v.get("seed_t")}
+        for defense, p_holm in holm({d: t["p"] for d, t in by_t.items()}).items():
+            by_t[defense]["p_holm"] = p_holm
 
 
 def _worst_case_statistics(
