@@ -271,7 +271,9 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
             "the interval leans up by about as much."
             + (
                 f" Against {sweep.baseline}: the paired difference of the two worst cases over the seeds and the "
-                "attack settings both were tried with (each keeping what its guard keeps), Holm over the defenses."
+                "attack settings both were tried with (each keeping what its guard keeps), Holm over the defenses, "
+                "under the bootstrap and under Student's t over the seeds (each seed's difference between the two "
+                "worst settings; with few seeds the bootstrap's tails are light)."
                 if sweep.baseline
                 else ""
             ),
