@@ -203,3 +203,41 @@ def test_the_ledger_rows_take_the_study_and_the_verdict_of_their_method(study, t
         "| calibrated attack (`not_run`): not run yet | calibrated attack (`not_run`): pending |"
     )
     assert filled[0] == "before" and filled[-1] == "after" and filled[2] == "| header |"
+
+
+def test_the_start_is_compared_on_the_defense_s_own_seeds_and_the_rise_read_from_the_archived_runs(study):
+    from ftguard.evaluation.paired import encode_outcomes, paired_bootstrap
+
+    rows = json.loads((study / "runs.json").read_text())
+    # an alignment-stage defense with one seed so far: at seed 44 it starts 4 below SFT (30 - 26), though 5 below
+    # SFT's mean over its two seeds (31); matched by the rule, which pairs seeds
+    rows = [r for r in rows if r["defense"] != "safer_start"]
+    rows += [
+        r
+        for r in run_rows("safer_start", {"align": "vaccine", "finetune": "sft"}, (26.0, 0.0))
+        if r["seed"] == 44
+    ]
+    (study / "runs.json").write_text(json.dumps(rows))
+    # the archived runs' per-prompt outcomes: before and after the attack, for both arms at seed 44
+    outcomes = {
+        "sft": ([1, 0, 0, 0, 1, 0, 0, 0], [1, 1, 0, 0, 1, 1, 0, 0]),
+        "safer_start": ([0, 0, 0, 0, 1, 0, 0, 0], [1, 1, 1, 0, 1, 1, 1, 0]),
+    }
+    for defense, (before, after) in outcomes.items():
+        folder = study / "runs" / defense / "seed44"
+        folder.mkdir(parents=True)
+        stages = {
+            point: {"outcomes": {"harmful_score": {"items": "same", "bits": encode_outcomes(bits)}}}
+            for point, bits in (("align", before), ("finetune", after))
+        }
+        (folder / "results.json").write_text(json.dumps({"stages": stages}))
+    text = verdicts.render(study, None, None)
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("| safer_start |")]
+    assert "no verdict" not in line
+    # SFT rises on 2 of 8 prompts, the defense on 5: 37.5 points more, by the paired bootstrap of the rises
+    rise = paired_bootstrap([[1, 1, 1, 0, 0, 1, 1, 0]], [[0, 1, 0, 0, 0, 1, 0, 0]])
+    assert rise["diff"] == pytest.approx(37.5)
+    low, high = rise["interval"]
+    assert line.endswith(f"; its rise under the attack against sft's: +37.5 [{low:+.1f}, {high:+.1f}] |")
+    # a fine-tuning-stage defense gets no such reading
+    assert "rise under the attack" not in "".join(ln for ln in text.splitlines() if "(finetune)" in ln)
