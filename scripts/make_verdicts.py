@@ -37,7 +37,8 @@ chance. A verdict that does not survive is a candidate, not a finding.
 
 Added on 2026-12-06, the rule unchanged: an alignment-stage defense's verdict also gives how much more the attack
 raises its HS than SFT's (after minus before, paired by prompt and seed): the claim of a perturbation-aware or
-noise-trained alignment itself, readable where the starts are not matched. And a fall that survives says whether it also survives under Student's t over
+noise-trained alignment itself, readable where the starts are not matched (with a caveat: a lower start leaves
+more room to rise). And a fall that survives says whether it also survives under Student's t over
 the seeds (the report's ``seed_t``): with five seeds the bootstrap's p-values are too small in the tails, where
 Holm reads them, when the defense's effect varies from seed to seed (docs/testbed.md, step 5).
 """
