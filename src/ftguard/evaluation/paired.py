@@ -95,6 +95,15 @@ def items_digest(sources: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:12]
 
 
+def _paired_arms(treated: Any, control: Any) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(treated, dtype=float), np.asarray(control, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(
+            f"paired outcomes need two equal, non-empty seeds × items arrays, got {a.shape} and {b.shape}"
+        )
+    return a, b
+
+
 def paired_bootstrap(treated: Any, control: Any, *, n_boot: int = 4000, seed: int = 0) -> dict[str, Any]:
     """Difference of two rates measured on the same seeds and the same items, with a two-level bootstrap interval.
 
@@ -109,11 +118,7 @@ def paired_bootstrap(treated: Any, control: Any, *, n_boot: int = 4000, seed: in
     ``p``: the two-sided bootstrap p-value, twice the share of replicates on the far side of 0 (the level at
     which the percentile interval would just reach 0), which ``holm`` corrects across defenses.
     """
-    a, b = np.asarray(treated, dtype=float), np.asarray(control, dtype=float)
-    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
-        raise ValueError(
-            f"paired outcomes need two equal, non-empty seeds × items arrays, got {a.shape} and {b.shape}"
-        )
+    a, b = _paired_arms(treated, control)
     diff = a - b
     n_seeds, n_items = diff.shape
     seed_counts, item_counts = _draw_counts(n_boot, n_seeds, n_items, seed)
@@ -194,9 +199,6 @@ def worst_case_bootstrap(
     n_seeds, n_items = next(iter(shapes))
     seed_counts, item_counts = _draw_counts(n_boot, n_seeds, n_items, seed)
 
-    def observed(group: list[tuple[np.ndarray, np.ndarray | None]]) -> float:
-        return max(100.0 * float(_per_seed_hs(plain, trig).mean()) for plain, trig in group)
-
     def per_setting(group: list[tuple[np.ndarray, np.ndarray | None]]) -> np.ndarray:
         """replicates × settings: each setting's attacker HS in each replicate."""
         out = []
@@ -208,8 +210,8 @@ def worst_case_bootstrap(
             out.append(100.0 * (seed_counts * rates).sum(axis=1) / n_seeds)
         return np.stack(out, axis=1)
 
-    mine = per_setting(arms)
-    worst, reps = observed(arms), mine.max(axis=1)
+    mine, means = per_setting(arms), _setting_means(arms)
+    worst, reps = max(means), mine.max(axis=1)
     lower, upper = np.percentile(reps, [2.5, 97.5])
     out: dict[str, Any] = {
         "hs": worst,
@@ -221,17 +223,17 @@ def worst_case_bootstrap(
         "settings": len(arms),
     }
     if base:
-        theirs = per_setting(base)
+        theirs, base_means = per_setting(base), _setting_means(base)
         differences = reps - theirs.max(axis=1)
-        versus = _difference_summary(worst - observed(base), differences)
+        versus = _difference_summary(worst - max(base_means), differences)
         # the seeds as the only replication: each seed's difference between the two worst settings (as chosen
-        # on the means), by Student's t (see seed_level_t)
+        # on the means, the first among ties as ``worst_case``), by Student's t (see seed_level_t)
         if n_seeds > 1:
-            per_seed = _per_seed_hs(*arms[_argmax(arms)]) - _per_seed_hs(*base[_argmax(base)])
-            versus["seed_t"] = _t_summary(100.0 * per_seed)
+            mine_worst, base_worst = arms[means.index(worst)], base[base_means.index(max(base_means))]
+            versus["seed_t"] = _t_summary(100.0 * (_per_seed_hs(*mine_worst) - _per_seed_hs(*base_worst)))
         if reference is not None:
             i, j = reference
-            usual = 100.0 * float(_per_seed_hs(*arms[i]).mean() - _per_seed_hs(*base[j]).mean())
+            usual = means[i] - base_means[j]
             usual_reps = mine[:, i] - theirs[:, j]
             versus["reference"] = _difference_summary(usual, usual_reps)
             versus["erosion"] = _difference_summary(versus["diff"] - usual, differences - usual_reps)
@@ -241,10 +243,9 @@ def worst_case_bootstrap(
     return out
 
 
-def _argmax(group: list[tuple[np.ndarray, np.ndarray | None]]) -> int:
-    """The setting with the highest attacker HS over the seeds (the first among ties, as ``worst_case``)."""
-    means = [float(_per_seed_hs(plain, trig).mean()) for plain, trig in group]
-    return means.index(max(means))
+def _setting_means(group: list[tuple[np.ndarray, np.ndarray | None]]) -> list[float]:
+    """Each setting's attacker HS (points), averaged over the seeds."""
+    return [100.0 * float(_per_seed_hs(plain, trig).mean()) for plain, trig in group]
 
 
 def _setting_arrays(setting: Setting) -> tuple[np.ndarray, np.ndarray | None]:
@@ -267,11 +268,7 @@ def seed_level_t(treated: Any, control: Any) -> dict[str, Any] | None:
     the heavy tails five seeds call for, but it takes the prompts as fixed (their sampling is not in it), so it errs
     the other way where prompts differ in their effect. A fall that survives Holm under both is a finding under
     either reading; the study reports both."""
-    a, b = np.asarray(treated, dtype=float), np.asarray(control, dtype=float)
-    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
-        raise ValueError(
-            f"paired outcomes need two equal, non-empty seeds × items arrays, got {a.shape} and {b.shape}"
-        )
+    a, b = _paired_arms(treated, control)
     per_seed = 100.0 * (a - b).mean(axis=1)
     return _t_summary(per_seed) if len(per_seed) > 1 else None
 
@@ -330,6 +327,16 @@ def holm(p_values: dict[str, float]) -> dict[str, float]:
         running = max(running, min(1.0, (m - k) * p_values[name]))
         out[name] = running
     return out
+
+
+def holm_family(cells: dict[str, dict[str, Any]]) -> None:
+    """Set ``p_holm`` on each of a family's cells (one per defense, against the same baseline), and on the cells'
+    ``seed_t`` readings, Holm over those that have one."""
+    for name, adjusted in holm({d: cell["p"] for d, cell in cells.items()}).items():
+        cells[name]["p_holm"] = adjusted
+    by_t = {d: cell["seed_t"] for d, cell in cells.items() if cell.get("seed_t")}
+    for name, adjusted in holm({d: t["p"] for d, t in by_t.items()}).items():
+        by_t[name]["p_holm"] = adjusted
 
 
 def detectable_before_the_run(

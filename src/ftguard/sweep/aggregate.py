@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from ftguard.evaluation.paired import decode_entry, holm, paired_bootstrap, seed_level_t
+from ftguard.evaluation.paired import decode_entry, holm_family, paired_bootstrap, seed_level_t
 from ftguard.evaluation.stats import difference_interval
 from ftguard.metrics import (
     HEADLINE,
@@ -183,12 +183,7 @@ def paired_versus_baseline(
     )
     columns = {(metric, col) for cells in paired.values() for metric in cells for col in cells[metric]}
     for metric, col in columns:
-        family = {d: cells[metric][col] for d, cells in paired.items() if col in cells.get(metric, {})}
-        for defense, adjusted in holm({d: cell["p"] for d, cell in family.items()}).items():
-            family[defense]["p_holm"] = adjusted
-        by_t = {d: cell["seed_t"] for d, cell in family.items() if cell.get("seed_t")}
-        for defense, adjusted in holm({d: t["p"] for d, t in by_t.items()}).items():
-            by_t[defense]["p_holm"] = adjusted
+        holm_family({d: cells[metric][col] for d, cells in paired.items() if col in cells.get(metric, {})})
     return paired
 
 

@@ -192,6 +192,10 @@ def _reference_md(sweep: SweepConfig) -> list[str]:
     return lines
 
 
+def _slice_text(entry: dict[str, Any]) -> str:
+    return ", ".join(_axis(k.split(".", 1)[1], v) for k, v in entry["slice"].items()) or "–"
+
+
 def _delta(summary: dict[str, Any]) -> str:
     lo, hi = summary["interval"]
     return f"{summary['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
@@ -239,7 +243,7 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|" + ("---|" if sweep.baseline else ""),
     ]
     for e in worst:
-        slice_text = ", ".join(_axis(k.split(".", 1)[1], v) for k, v in e["slice"].items()) or "–"
+        slice_text = _slice_text(e)
         compared = e.get("seeds_compared")
         seeds = ", ".join(str(s) for s in compared) if compared else "unequal"
         w, u = e["worst"], e.get("uncertainty") or {}
@@ -292,7 +296,7 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
         ]
         for e in eroded:
             v = e["uncertainty"]["versus_baseline"]
-            slice_text = ", ".join(_axis(k.split(".", 1)[1], x) for k, x in e["slice"].items()) or "–"
+            slice_text = _slice_text(e)
             cells = [_delta(v["reference"]), _delta(v), _delta(v["erosion"])]
             lines.append(
                 f"| {e['defense']} | {slice_text} | " + " | ".join(cells) + f" | {len(v['seeds'])} |"
@@ -309,7 +313,7 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
             "|---|---|" + "---|" * width,
         ]
         for e in curves:
-            slice_text = ", ".join(_axis(k.split(".", 1)[1], v) for k, v in e["slice"].items()) or "–"
+            slice_text = _slice_text(e)
             cells = [
                 f"{', '.join(_axis(k, v) for k, v in c['setting'].items())}: {c['hs']:.1f} → {c['best_so_far']:.1f}"
                 for c in e["cumulative_max"]

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from ftguard.evaluation.paired import decode_entry, holm, worst_case_bootstrap
+from ftguard.evaluation.paired import decode_entry, holm_family, worst_case_bootstrap
 from ftguard.sweep.attack_settings import attack_setting, attacker_hs, grid_position
 from ftguard.sweep.config import SweepConfig
 
@@ -126,16 +126,13 @@ def _add_uncertainty(
             usual=first is not None and mine[first] is not None and theirs[first] is not None,
         )
     for grid in {tuple(e["slice"].items()) for e in entries}:
-        paired = {
-            e["defense"]: e["uncertainty"]["versus_baseline"]
-            for e in entries
-            if tuple(e["slice"].items()) == grid and (e["uncertainty"] or {}).get("versus_baseline")
-        }
-        for defense, p_holm in holm({d: v["p"] for d, v in paired.items()}).items():
-            paired[defense]["p_holm"] = p_holm
-        by_t = {d: v["seed_t"] for d, v in paired.items() if v.get("seed_t")}
-        for defense, p_holm in holm({d: t["p"] for d, t in by_t.items()}).items():
-            by_t[defense]["p_holm"] = p_holm
+        holm_family(
+            {
+                e["defense"]: e["uncertainty"]["versus_baseline"]
+                for e in entries
+                if tuple(e["slice"].items()) == grid and (e["uncertainty"] or {}).get("versus_baseline")
+            }
+        )
 
 
 def _worst_case_statistics(
