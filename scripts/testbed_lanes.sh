@@ -21,7 +21,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# A lane item is a sweep, or SWEEP:A,B for some of its defenses first (`ftguard sweep --defenses`). Lane A: the
+# A lane item is a sweep, SWEEP:A,B for some of its defenses first (`ftguard sweep --defenses`), SWEEP@S,T for
+# some of its seeds first (`--seeds`), or both (SWEEP:A,B@S). Lane A: the
 # alignment calibration's paper values and likeliest matches, then Gemma-3 (item 7, the papers' settings, not
 # waiting on the calibration), two more calibration settings, the attack suite, the rest. RepNoise's α 1 was
 # moved up on 2026-12-05: α 0.1 passed the start rule (pre-attack HS 35 against SFT's 30), and its group's choice,
@@ -33,11 +34,16 @@ cd "$(dirname "$0")/.."
 # Vaccine ρ 2 at 192 steps then started at 25 against SFT's 30 and is the aligned-reference rule's choice so far
 # (2026-12-05), so Vaccine's group is finished next (ρ 5 at 128 and 192 steps): its choice decides whether Vaccine
 # joins the study (issue 20, item 4), which comes before issue 21's suite.
+# Booster λ 1 at 160 steps was put after the suite's first seed on 2026-12-06: 128 and 192 steps bracket SFT's
+# start (+9, −7) and the 192-step run is inside every guard after the attack, so this setting, not the suite's
+# other seeds, decides whether Booster joins the study (issue 20, which comes first).
 LANE_A=(
   testbed-align-calibration:booster-lam5-s128-refresh4,vaccine-rho2-s128,booster-lam1-s128,tvaccine-rho3-s128,repnoise-alpha0.1-s128,repnoise-alpha1-s128
   testbed-gemma3-defenses
   testbed-align-calibration:vaccine-rho2-s192,booster-lam1-s192
   testbed-align-calibration:vaccine-rho5-s128,vaccine-rho5-s192
+  cpu-attack-suite@44
+  testbed-align-calibration:booster-lam1-s160
   cpu-attack-suite
   testbed-align-calibration
 )
@@ -58,8 +64,13 @@ lane() {  # lane NAME END_EPOCH ITEM...: run each item until it is complete or t
   local name=$1 end=$2
   shift 2
   for item in "$@"; do
-    local sweep=${item%%:*} only=()
-    if [[ $item == *:* ]]; then only=(--defenses "${item#*:}"); fi
+    local spec=$item only=() seeds=()
+    if [[ $spec == *@* ]]; then
+      seeds=(--seeds "${spec#*@}")
+      spec=${spec%%@*}
+    fi
+    local sweep=${spec%%:*}
+    if [[ $spec == *:* ]]; then only=(--defenses "${spec#*:}"); fi
     mkdir -p "$OUT/$sweep"
     # one lane at a time: two `cp -n` into one folder race ("File exists") and would end the lane under set -e
     if [ -d "docs/results/$sweep" ]; then flock "$OUT/.copy.lock" cp -rn "docs/results/$sweep/." "$OUT/$sweep/"; fi
@@ -83,7 +94,7 @@ lane() {  # lane NAME END_EPOCH ITEM...: run each item until it is complete or t
     done
     local rc=0
     OMP_NUM_THREADS=1 timeout -k 60 "$left" "$FTGUARD" sweep "sweeps/$sweep" --output-dir "$OUT/$sweep" \
-      --units-dir "$UNITS" --shard 0/1 "${only[@]}" "${reuse[@]}" >>"$OUT/$sweep/lane-$name.log" 2>&1 || rc=$?
+      --units-dir "$UNITS" --shard 0/1 "${only[@]}" "${seeds[@]}" "${reuse[@]}" >>"$OUT/$sweep/lane-$name.log" 2>&1 || rc=$?
     if [ "$rc" -ne 0 ]; then
       [ "$rc" -eq 124 ] || echo "lane: $item exited $rc, its later items wait; see $OUT/$sweep/lane-$name.log" >&2
       return 0
@@ -92,7 +103,7 @@ lane() {  # lane NAME END_EPOCH ITEM...: run each item until it is complete or t
 }
 
 sweeps() {  # every lane sweep once
-  printf '%s\n' "${LANE_A[@]%%:*}" "${LANE_B[@]}" | awk '!seen[$0]++'
+  printf '%s\n' "${LANE_A[@]}" "${LANE_B[@]}" | sed 's/[:@].*//' | awk '!seen[$0]++'
 }
 
 archive() {

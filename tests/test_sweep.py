@@ -444,6 +444,46 @@ def test_defenses_runs_only_the_named_rows_and_says_when_they_are_done(tmp_path,
     assert "--defenses: ewc not in sweep sel (its defenses: kl, lisa, sft)" in capsys.readouterr().err
 
 
+def test_seeds_runs_only_the_named_seeds_alone_or_with_defenses(tmp_path, monkeypatch, capsys):
+    import ftguard.pipeline.run as run_mod
+    import ftguard.sweep.runner as runner
+
+    path = tmp_path / "sweep.yaml"
+    spec = {
+        "name": "sel",
+        **TINY,
+        "seeds": [5, 6, 7],
+        "defenses": {"sft": {}, "kl": {"finetune.method": "kl"}},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    done, calls = set(), []
+
+    class FakePipeline:
+        def __init__(self, run, *, overwrite, store, wait_for_units):
+            self.key = (run.config.finetune.method, run.config.seed)
+
+        def run_all(self):
+            calls.append(self.key)
+            done.add(self.key)
+            return {"complete": True}
+
+    monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
+    monkeypatch.setattr(runner, "is_done", lambda run: (run.config.finetune.method, run.config.seed) in done)
+    out = str(tmp_path / "out")
+    # one whole seed first: every defense of seed 6, none of the others; the selection is complete, the sweep not
+    assert cli.main(["sweep", str(path), "--output-dir", out, "--seeds", "6"]) == 0
+    assert sorted(calls) == [("kl", 6), ("sft", 6)]
+    # with --defenses both apply, in the sweep's order whatever the order given
+    assert cli.main(["sweep", str(path), "--output-dir", out, "--seeds", "7,5", "--defenses", "kl"]) == 0
+    assert calls[2:] == [("kl", 5), ("kl", 7)]
+    capsys.readouterr()
+    assert cli.main(["sweep", str(path), "--output-dir", out, "--seeds", "5,9"]) == 2
+    assert "--seeds: 9 not in sweep sel (its seeds: 5, 6, 7)" in capsys.readouterr().err
+    for bad in ("", "five", "4,x"):
+        with pytest.raises(SystemExit):
+            cli.main(["sweep", str(path), "--output-dir", out, "--seeds", bad])
+
+
 def test_stop_after_must_be_a_positive_number_of_hours(tmp_path, capsys):
     path = _sweep_file(tmp_path, "n", [0.0])
     for bad in ("0", "-2", "soon"):

@@ -49,7 +49,7 @@ def _lane_calls(out: Path, lane: str) -> list[str]:
 
 
 def _sweep(item: str) -> str:
-    return item.split(":")[0]
+    return re.split("[:@]", item)[0]
 
 
 def test_each_lane_runs_its_own_items_then_helps_with_the_others_cooperatively(tmp_path):
@@ -63,10 +63,18 @@ def test_each_lane_runs_its_own_items_then_helps_with_the_others_cooperatively(t
     assert len(calls) == 2 * (len(lane_a) + len(lane_b))
     # every call is cooperative: a lane skips the runs the other lane is making instead of waiting on them
     assert all("--shard 0/1" in c for c in calls), calls
-    # a lane item with defenses after the colon runs those only
-    first = lane_a[0]
-    if ":" in first:
-        assert any(f"--defenses {first.split(':', 1)[1]}" in c for c in calls)
+    # a lane item with defenses after the colon runs those only, one with seeds after the at-sign those only
+    for item in lane_a + lane_b:
+        spec, _, seeds = item.partition("@")
+        sweep, _, defenses = spec.partition(":")
+        wanted = (
+            [f"sweeps/{sweep} "]
+            + [f"--defenses {defenses} "] * bool(defenses)
+            + [f"--seeds {seeds} "] * bool(seeds)
+        )
+        assert any(all(w in c + " " for w in wanted) for c in calls), (item, calls)
+        if not seeds:
+            assert any(f"sweeps/{sweep} " in c + " " and "--seeds" not in c for c in calls), item
 
 
 def test_a_failed_sweep_holds_its_lane_s_later_items(tmp_path):

@@ -40,6 +40,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "first of a sweep longer than the time at hand",
     )
     p.add_argument(
+        "--seeds",
+        type=_seeds,
+        metavar="S,T",
+        help="run only these seeds (comma-separated; with --defenses, both apply): one whole seed of a long sweep "
+        "before the next",
+    )
+    p.add_argument(
         "--reuse",
         action="append",
         type=Path,
@@ -69,6 +76,16 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integer seeds, got {text!r}")
+    return seeds
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ftguard.sweep.config import expand, load_sweep
     from ftguard.sweep.runner import parse_shard, run_sweep, sweep_dir
@@ -78,9 +95,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     if args.dry_run:
         from ftguard.sweep.plan import describe, dry_run
-        from ftguard.sweep.runner import select_defenses
+        from ftguard.sweep.runner import select_runs
 
-        runs = select_defenses(sweep, expand(sweep, folder, out), args.defenses)
+        runs = select_runs(sweep, expand(sweep, folder, out), args.defenses, args.seeds)
         reused: frozenset[str] = frozenset()
         if args.reuse:
             from ftguard.sweep.reuse import sources
@@ -104,6 +121,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             fail_fast=args.fail_fast,
             stop_after_h=args.stop_after,
             defenses=args.defenses,
+            seeds=args.seeds,
             reuse=args.reuse,
         )
     if args.json:
@@ -118,4 +136,5 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if report.get("failed"):
         print(f"ftguard: {len(report['failed'])} run(s) failed: {', '.join(report['failed'])}")
         return 1
-    return 0 if report["complete"] or shard or (args.defenses and report.get("selected_complete")) else 1
+    selection = args.defenses or args.seeds
+    return 0 if report["complete"] or shard or (selection and report.get("selected_complete")) else 1

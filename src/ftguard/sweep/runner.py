@@ -101,13 +101,15 @@ def run_sweep(
     shard: tuple[int, int] | None = None,
     stop_after_h: float | None = None,
     defenses: list[str] | None = None,
+    seeds: list[int] | None = None,
     reuse: list[Path] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the sweep (or this process's shard of it); returns the aggregate report of every finished run.
 
-    ``defenses``: run only these defenses' runs (the report still covers every finished run of the sweep, and
-    ``selected_complete`` says whether the selection is done): a long sweep's most wanted rows first.
+    ``defenses``, ``seeds``: run only these defenses' runs, these seeds' runs, or both (the report still covers
+    every finished run of the sweep, and ``selected_complete`` says whether the selection is done): a long
+    sweep's most wanted rows, or one whole seed, first.
 
     ``stop_after_h``: start no run that would end past this many hours from the start, judged by the longest run
     this process has finished (before the first, any run starts). A sweep longer than a working session then
@@ -135,7 +137,7 @@ def run_sweep(
     # probe reusing the aligned models of the main table trains only its new fine-tunes).
     store = Path(units_dir) if units_dir else out / "units"
     runs = expand(sweep, folder, out)
-    selected = select_defenses(sweep, runs, defenses)
+    selected = select_runs(sweep, runs, defenses, seeds)
     preflight(selected)
     mine = [r for i, r in enumerate(selected) if shard is None or i % shard[1] == shard[0]]
     out.mkdir(parents=True, exist_ok=True)
@@ -232,17 +234,32 @@ def _reuse(todo: list[SweepRun], folders: list[Path]) -> dict[str, Any]:
     return entries
 
 
-def select_defenses(sweep: SweepConfig, runs: list[SweepRun], defenses: list[str] | None) -> list[SweepRun]:
-    """The runs of ``defenses`` (all runs without a selection); an unknown name fails before any work."""
-    if not defenses:
-        return runs
-    known = list(sweep.defenses)
-    unknown = [d for d in defenses if d not in known]
-    if unknown:
-        raise FtguardError(
-            f"--defenses: {', '.join(unknown)} not in sweep {sweep.name} (its defenses: {', '.join(known)})"
-        )
-    return [r for r in runs if r.defense in defenses]
+def select_runs(
+    sweep: SweepConfig,
+    runs: list[SweepRun],
+    defenses: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> list[SweepRun]:
+    """The runs of ``defenses`` and of ``seeds`` (no selection: all); an unknown name or seed fails before any
+    work."""
+    known_seeds = sorted({r.seed for r in runs})
+    if defenses:
+        known = list(sweep.defenses)
+        unknown = [d for d in defenses if d not in known]
+        if unknown:
+            raise FtguardError(
+                f"--defenses: {', '.join(unknown)} not in sweep {sweep.name} (its defenses: {', '.join(known)})"
+            )
+        runs = [r for r in runs if r.defense in defenses]
+    if seeds:
+        unknown_seeds = [s for s in seeds if s not in known_seeds]
+        if unknown_seeds:
+            raise FtguardError(
+                f"--seeds: {', '.join(map(str, unknown_seeds))} not in sweep {sweep.name} "
+                f"(its seeds: {', '.join(map(str, known_seeds))})"
+            )
+        runs = [r for r in runs if r.seed in seeds]
+    return runs
 
 
 def _entry(run: SweepRun, status: str, wall: float | None) -> dict[str, Any]:
