@@ -479,6 +479,12 @@ def test_seeds_runs_only_the_named_seeds_alone_or_with_defenses(tmp_path, monkey
     capsys.readouterr()
     assert cli.main(["sweep", str(path), "--output-dir", out, "--seeds", "5,9"]) == 2
     assert "--seeds: 9 not in sweep sel (its seeds: 5, 6, 7)" in capsys.readouterr().err
+    # the plan of a selection counts the selection: its header's product is the runs it lists
+    assert (
+        cli.main(["sweep", str(path), "--output-dir", out, "--dry-run", "--seeds", "5,7", "--defenses", "kl"])
+        == 0
+    )
+    assert "sweep sel: 2 runs = 1 defenses × 2 seeds" in capsys.readouterr().out
     for bad in ("", "five", "4,x"):
         with pytest.raises(SystemExit):
             cli.main(["sweep", str(path), "--output-dir", out, "--seeds", bad])

@@ -42,7 +42,8 @@ def dry_run(sweep: SweepConfig, runs: list[SweepRun], reused: frozenset[str] = f
         "name": sweep.name,
         "runs": len(runs),
         "reused": len(reused),
-        "defenses": list(sweep.defenses),
+        # the selected ones (--defenses, --seeds), so that the header's product is the runs shown
+        "defenses": [d for d in sweep.defenses if any(r.defense == d for r in runs)],
         "grid": sweep.grid,
         "attack": sweep.attack.grid if sweep.attack else {},
         "attack_settings": sweep.attack.settings if sweep.attack else [],
