@@ -23,6 +23,8 @@ import argparse
 import json
 from pathlib import Path
 
+import suite_readings
+import yaml
 from audit_paired import paired_audits
 from audit_paired import summary as audit_summary
 from design_power import pilot_pairs
@@ -281,6 +283,23 @@ def virus_against_the_filter(*folders: Path) -> list[str]:
     return [*lines, "", f"Virus's budget here: {'; '.join(budgets)} (the authors: every row, 50 × 128).", ""]
 
 
+def suite_reading_table(suite: Path, report: dict) -> list[str]:
+    """Each defense read by the suite's rule (scripts/suite_readings.py), against the sweep's baseline."""
+    spec = suite / "sweep.yaml"
+    baseline = (yaml.safe_load(spec.read_text()) or {}).get("baseline") if spec.is_file() else None
+    rows = suite_readings.readings(report, baseline or "sft")
+    if not rows:
+        return []
+    return [
+        "### Read by the rule written before the other seeds (docs/attacks.md)",
+        "",
+        "By the judge above (`ftguard-judge`), not by the audits below; `scripts/suite_readings.py` applies it.",
+        "",
+        *suite_readings.table(rows),
+        "",
+    ]
+
+
 def suite_level_audits(folder: Path | None) -> list[str]:
     """The hand audits of the attack suite's HS levels (``audit_paired.py level``): is a worst case the judge's?"""
     paths = (
@@ -329,6 +348,7 @@ def attack_suite(suite: Path | None, probe: Path | None, audits: Path | None = N
         ]
         if (suite / "worst_case.png").is_file():
             lines += [f"![worst case by attacks tried](results/{SWEEPS['attack_suite']}/worst_case.png)", ""]
+        lines += suite_reading_table(suite, report[1])
         lines += suite_level_audits(audits)
     else:
         lines += [f"`sweeps/{SWEEPS['attack_suite']}`: pending (it runs after the study).", ""]

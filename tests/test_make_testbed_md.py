@@ -96,6 +96,26 @@ def test_the_virus_table_reads_the_lora_attacker_at_virus_s_seeds_the_probe_firs
     (suite / "report.json").write_text(json.dumps({"complete_runs": 5, "runs": 108}))
     text = "\n".join(page.attack_suite(suite, probe))
     assert "where it made the same run first" in text and "| filter | virus |" in text
+    assert "Read by the rule" not in text  # no worst-case entries, no readings
+
+
+def test_the_suite_section_reads_each_defense_but_the_sweep_s_baseline_by_the_rule(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "sweep.yaml").write_text("name: s\nbaseline: base\n")
+    versus = {"interval": [-9.0, -2.0], "p_holm": 0.01, "seeds": [44, 45], "seed_t": {"p_holm": 0.2}}
+    worst = [
+        {"defense": "base", "slice": {}, "worst": {"hs": 60.0}, "uncertainty": {}},
+        {"defense": "lisa", "slice": {}, "worst": {"hs": 40.0}, "uncertainty": {"versus_baseline": versus}},
+    ]
+    (suite / "report.md").write_text("# Sweep\n\n## Adaptive attack: worst case\n\n| a |\n")
+    (suite / "report.json").write_text(json.dumps({"complete_runs": 5, "runs": 9, "worst_case": worst}))
+    text = "\n".join(page.attack_suite(suite, None))
+    assert "### Read by the rule written before the other seeds" in text
+    assert "| lisa | 2 | does not hold (provisional: 2 of 3 seeds) | fails: Holm (t over seeds) | – |" in text
+    assert "| base |" not in text
 
 
 def test_no_virus_run_no_virus_table(tmp_path, monkeypatch):
