@@ -293,7 +293,8 @@ def suite_reading_table(suite: Path, report: dict) -> list[str]:
     return [
         "### Read by the rule written before the other seeds (docs/attacks.md)",
         "",
-        "By the judge above (`ftguard-judge`), not by the audits below; `scripts/suite_readings.py` applies it.",
+        f"By the sweep's judge ({', '.join(f'`{j}`' for j in report.get('judges') or ['not recorded'])}), not by "
+        "the audits below; `scripts/suite_readings.py` applies it.",
         "",
         *suite_readings.table(rows),
         "",
