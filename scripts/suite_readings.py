@@ -34,11 +34,11 @@ def reading(entry: dict[str, Any], alpha: float = ALPHA, min_seeds: int = MIN_SE
     if versus is None:
         return out | {"holds": None, "why": "no paired comparison with the baseline yet"}
     by_seed = versus.get("seed_t")
+    t_check = "Holm (t over seeds)" if by_seed else "Holm (t over seeds: needs two seeds)"
     checks = {
         "interval below 0": versus["interval"][1] < 0,
         "Holm (bootstrap)": versus.get("p_holm", 1.0) < alpha,
-        "Holm (t over seeds)" if by_seed else "Holm (t over seeds: needs two seeds)": bool(by_seed)
-        and by_seed.get("p_holm", 1.0) < alpha,
+        t_check: bool(by_seed) and by_seed.get("p_holm", 1.0) < alpha,
     }
     failed = [name for name, ok in checks.items() if not ok]
     erosion = versus.get("erosion")

@@ -244,22 +244,20 @@ def select_runs(
     work."""
     known_seeds = sorted({r.seed for r in runs})
     if defenses:
-        known = list(sweep.defenses)
-        unknown = [d for d in defenses if d not in known]
-        if unknown:
-            raise FtguardError(
-                f"--defenses: {', '.join(unknown)} not in sweep {sweep.name} (its defenses: {', '.join(known)})"
-            )
+        _refuse_unknown(sweep, "--defenses", "defenses", defenses, list(sweep.defenses))
         runs = [r for r in runs if r.defense in defenses]
     if seeds:
-        unknown_seeds = [s for s in seeds if s not in known_seeds]
-        if unknown_seeds:
-            raise FtguardError(
-                f"--seeds: {', '.join(map(str, unknown_seeds))} not in sweep {sweep.name} "
-                f"(its seeds: {', '.join(map(str, known_seeds))})"
-            )
+        _refuse_unknown(sweep, "--seeds", "seeds", seeds, known_seeds)
         runs = [r for r in runs if r.seed in seeds]
     return runs
+
+
+def _refuse_unknown(sweep: SweepConfig, option: str, what: str, asked: list, known: list) -> None:
+    unknown = [str(x) for x in asked if x not in known]
+    if unknown:
+        raise FtguardError(
+            f"{option}: {', '.join(unknown)} not in sweep {sweep.name} (its {what}: {', '.join(map(str, known))})"
+        )
 
 
 def _entry(run: SweepRun, status: str, wall: float | None) -> dict[str, Any]:
