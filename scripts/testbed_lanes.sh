@@ -36,7 +36,9 @@ cd "$(dirname "$0")/.."
 # joins the study (issue 20, item 4), which comes before issue 21's suite.
 # Booster λ 1 at 160 steps was put after the suite's first seed on 2026-12-06: 128 and 192 steps bracket SFT's
 # start (+9, −7) and the 192-step run is inside every guard after the attack, so this setting, not the suite's
-# other seeds, decides whether Booster joins the study (issue 20, which comes first).
+# other seeds, decides whether Booster joins the study (issue 20, which comes first). T-Vaccine ρ 1 was put right
+# after it on 2026-12-06 for the same reason: it is T-Vaccine's last setting (ρ 3 starts 40 above SFT), one run
+# that decides whether T-Vaccine joins the study, against the suite's two remaining seeds (about 20 machine hours).
 LANE_A=(
   testbed-align-calibration:booster-lam5-s128-refresh4,vaccine-rho2-s128,booster-lam1-s128,tvaccine-rho3-s128,repnoise-alpha0.1-s128,repnoise-alpha1-s128
   testbed-gemma3-defenses
@@ -44,6 +46,7 @@ LANE_A=(
   testbed-align-calibration:vaccine-rho5-s128,vaccine-rho5-s192
   cpu-attack-suite@44
   testbed-align-calibration:booster-lam1-s160
+  testbed-align-calibration:tvaccine-rho1-s128
   cpu-attack-suite
   testbed-align-calibration
 )
