@@ -352,10 +352,42 @@ STUDY_SWEEPS = ("testbed-study", "testbed-study-strong", "testbed-study-uncalibr
 CALIBRATION_SWEEP = "testbed-align-calibration"
 
 
-def planned(sweeps: Path = SWEEP_FILES) -> dict[str, str]:
+CALIBRATION_REPORT = (
+    Path(__file__).resolve().parents[1] / "docs" / "results" / CALIBRATION_SWEEP / "report.json"
+)
+
+
+def unmatched_calibrations(report: Path = CALIBRATION_REPORT) -> dict[str, tuple[str, str]]:
+    """{method: (study cell, verdict cell)} for each alignment-stage method whose calibration kept no setting
+    under the study's reference (the aligned model's refusal guards, docs/testbed.md step 4): why each setting run
+    was dropped, which were not run. A method that kept a setting is in a study sweep and is not listed."""
+    if not report.is_file():
+        return {}
+    out = {}
+    for group in json.loads(report.read_text()).get("calibration") or []:
+        choices = group.get("choices") or {}
+        choice = choices.get("aligned") or next(iter(choices.values()), None)
+        if not choice or not choice.get("why", "").startswith("no setting within the guard"):
+            continue
+        dropped = "; ".join(f"{name}: {why}" for name, why in choice.get("dropped", {}).items())
+        missing = group.get("missing") or []
+        run = len(choice.get("dropped", {}))
+        study = f"not in the study: its calibration kept none of the {run} settings run ({dropped})"
+        if missing:
+            study += f"; not run: {', '.join(missing)}"
+        verdict = f"no verdict: no setting matched SFT's start ({run} of {run + len(missing)} settings run)"
+        out[group["knob"]] = (f"{study} (`sweeps/{CALIBRATION_SWEEP}`)", verdict)
+    return out
+
+
+def planned(
+    sweeps: Path = SWEEP_FILES, report: Path = CALIBRATION_REPORT
+) -> dict[str, str | tuple[str, str]]:
     """{method: what the ledger says of it before it has a result}: declared in a study sweep (not run yet), in
-    the alignment-stage calibration (joins the study once calibrated), or neither."""
-    out: dict[str, str] = {}
+    the alignment-stage calibration (joins the study once calibrated; or, when its calibration kept no setting,
+    the study cell and verdict of ``unmatched_calibrations``), or neither."""
+    unmatched = unmatched_calibrations(report)
+    out: dict[str, str | tuple[str, str]] = {}
     for name in (*STUDY_SWEEPS, CALIBRATION_SWEEP):
         path = sweeps / f"{name}.yaml"
         if not path.is_file():
@@ -364,11 +396,12 @@ def planned(sweeps: Path = SWEEP_FILES) -> dict[str, str]:
         for spec in specs.values():
             _, method = declared_stage(_overrides(spec))
             if method != "sft" and method not in out:
-                out[method] = (
-                    f"joins the study if a setting passes its calibration (`sweeps/{name}`)"
-                    if name == CALIBRATION_SWEEP
-                    else f"in `sweeps/{name}`, not run yet"
-                )
+                if name != CALIBRATION_SWEEP:
+                    out[method] = f"in `sweeps/{name}`, not run yet"
+                else:
+                    out[method] = unmatched.get(
+                        method, f"joins the study if a setting passes its calibration (`sweeps/{name}`)"
+                    )
     return out
 
 
@@ -386,7 +419,10 @@ def fill_ledger(page: str, cells: dict[str, tuple[str, str]], plans: dict[str, s
         if match:
             parts = line.split(" | ")
             method = match.group(1)
-            study, verdict_text = cells.get(method) or (plans.get(method, "not in the testbed"), "pending")
+            plan = plans.get(method, "not in the testbed")
+            study, verdict_text = cells.get(method) or (
+                plan if isinstance(plan, tuple) else (plan, "pending")
+            )
             line = " | ".join([*parts[:-2], study, verdict_text]) + " |"
         lines.append(line)
     return head + LEDGER_START + "\n".join(lines) + LEDGER_END + tail

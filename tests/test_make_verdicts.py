@@ -241,3 +241,51 @@ def test_the_start_is_compared_on_the_defense_s_own_seeds_and_the_rise_read_from
     assert line.endswith(f"; its rise under the attack against sft's: +37.5 [{low:+.1f}, {high:+.1f}] |")
     # a fine-tuning-stage defense gets no such reading
     assert "rise under the attack" not in "".join(ln for ln in text.splitlines() if "(finetune)" in ln)
+
+
+def test_a_calibration_that_kept_no_setting_says_why_in_the_ledger(tmp_path):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    (sweeps / f"{verdicts.CALIBRATION_SWEEP}.yaml").write_text(
+        "defenses:\n"
+        "  sft: {}\n"
+        "  booster-a: {align.method: booster}\n"
+        "  vaccine-a: {align.method: vaccine}\n"
+        "  repnoise-a: {align.method: repnoise}\n"
+    )
+    dropped = {"booster-a": "pre-attack HS 39.0 vs 30.0", "booster-b": "OR 40.0 > 36.0"}
+    unmatched = {
+        "chosen": "booster-a",
+        "why": "no setting within the guard: the paper's value",
+        "dropped": dropped,
+    }
+    kept = {"chosen": "vaccine-a", "why": "lowest HS", "dropped": {}}
+    groups = [
+        # the study's reference is the aligned one: the baseline reference's choice is not read
+        {"knob": "booster", "missing": ["booster-c"], "choices": {"baseline": kept, "aligned": unmatched}},
+        {"knob": "vaccine", "missing": [], "choices": {"baseline": unmatched, "aligned": kept}},
+    ]
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"calibration": groups}))
+    plans = verdicts.planned(sweeps, report)
+    study, verdict = plans["booster"]
+    assert study == (
+        "not in the study: its calibration kept none of the 2 settings run (booster-a: pre-attack HS 39.0 vs 30.0; "
+        f"booster-b: OR 40.0 > 36.0); not run: booster-c (`sweeps/{verdicts.CALIBRATION_SWEEP}`)"
+    )
+    assert verdict == "no verdict: no setting matched SFT's start (2 of 3 settings run)"
+    calibrating = (
+        f"joins the study if a setting passes its calibration (`sweeps/{verdicts.CALIBRATION_SWEEP}`)"
+    )
+    assert plans["vaccine"] == calibrating  # a setting kept: it joins a study sweep, not this cell
+    assert plans["repnoise"] == calibrating  # no group in the report yet
+    assert verdicts.planned(sweeps, tmp_path / "absent.json")["booster"] == calibrating
+    page = "\n".join(
+        [
+            verdicts.LEDGER_START,
+            "| `booster` (align) | a claim | a preset | old | calibration | – | – |",
+            verdicts.LEDGER_END,
+        ]
+    )
+    row = verdicts.fill_ledger(page, {}, plans).splitlines()[1]
+    assert row.endswith(f"| calibration | {study} | {verdict} |")
