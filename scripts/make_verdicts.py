@@ -361,13 +361,15 @@ def unmatched_calibrations(report: Path = CALIBRATION_REPORT) -> dict[str, tuple
     """{method: (study cell, verdict cell)} for each alignment-stage method whose calibration kept no setting
     under the study's reference (the aligned model's refusal guards, docs/testbed.md step 4): why each setting run
     was dropped, which were not run. A method that kept a setting is in a study sweep and is not listed."""
+    from ftguard.sweep.calibrate import NO_SETTING_KEPT
+
     if not report.is_file():
         return {}
     out = {}
     for group in json.loads(report.read_text()).get("calibration") or []:
         choices = group.get("choices") or {}
         choice = choices.get("aligned") or next(iter(choices.values()), None)
-        if not choice or not choice.get("why", "").startswith("no setting within the guard"):
+        if not choice or not choice.get("why", "").startswith(NO_SETTING_KEPT):
             continue
         dropped = "; ".join(f"{name}: {why}" for name, why in choice.get("dropped", {}).items())
         missing = group.get("missing") or []
@@ -405,7 +407,9 @@ def planned(
     return out
 
 
-def fill_ledger(page: str, cells: dict[str, tuple[str, str]], plans: dict[str, str] | None = None) -> str:
+def fill_ledger(
+    page: str, cells: dict[str, tuple[str, str]], plans: dict[str, str | tuple[str, str]] | None = None
+) -> str:
     """The page with the ledger table's last two columns (the testbed's study and verdict) rewritten per method
     row, between the ledger markers; a method without a result reads what is planned for it (``planned``)."""
     plans = planned() if plans is None else plans

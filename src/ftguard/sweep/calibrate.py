@@ -65,6 +65,10 @@ def _verdict(
     return None
 
 
+# the start of `choose`'s reason when the guard kept nothing; the ledger (scripts/make_verdicts.py) reads it
+NO_SETTING_KEPT = "no setting within the guard"
+
+
 def choose(
     settings: list[dict[str, Any]], group: list[str], paper: str | None, tie: float
 ) -> tuple[str | None, str]:
@@ -72,8 +76,8 @@ def choose(
     kept = [s for s in settings if s["kept"]]
     if not kept:
         if paper is not None:
-            return paper, "no setting within the guard: the paper's value"
-        return None, "no setting within the guard, and no paper's value to fall back on"
+            return paper, f"{NO_SETTING_KEPT}: the paper's value"
+        return None, f"{NO_SETTING_KEPT}, and no paper's value to fall back on"
     best = min(s["hs"] for s in kept)
     tied = [s["defense"] for s in kept if s["hs"] <= best + tie]
     if len(tied) == 1:
