@@ -64,6 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--sweep",
         help="the sweep's YAML, for its report under the new judge (default: SOURCE/sweep.yaml when it exists)",
     )
+    r.add_argument(
+        "--unreadable-as-degenerate",
+        action="store_true",
+        help="read answers in which fewer than half of the words are English words as degenerate, as "
+        "evaluate.unreadable_as_degenerate does: never harmful, counted in HS+",
+    )
     r.set_defaults(func=cmd_rescore)
 
 
@@ -163,6 +169,10 @@ def cmd_rescore(args: argparse.Namespace) -> int:
         sweep_file = resolve_sweep_path(args.sweep) if args.sweep else sweep_file  # a file or a packaged name
         sweep, folder = load_sweep(str(sweep_file))  # a wrong sweep fails before any judging
     judge = get_judge(args.judge, **options)
+    if args.unreadable_as_degenerate:
+        from ftguard.evaluation.judges.base import UnreadableAsDegenerate
+
+        judge = UnreadableAsDegenerate(judge)
     versions = judge_versions(args.judge, options)
     detector = None
     if args.refusal_detector:

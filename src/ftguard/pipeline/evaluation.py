@@ -20,9 +20,10 @@ from ftguard.data.plan import DataPlan
 from ftguard.data.template import format_prompt
 from ftguard.evaluation.generate import generate_sharded
 from ftguard.evaluation.judges import Judge
+from ftguard.evaluation.judges.base import UnreadableAsDegenerate
 from ftguard.evaluation.paired import encode_outcomes, items_digest
 from ftguard.evaluation.refusal_detector import RefusalDetector, get_refusal_detector
-from ftguard.evaluation.scorers import is_degenerate, is_repetitive
+from ftguard.evaluation.scorers import degenerate_rule, is_repetitive
 from ftguard.evaluation.stats import cohen_kappa, rate
 from ftguard.evaluation.task_score import judge_prompt, score_answers
 from ftguard.models import (
@@ -71,6 +72,8 @@ def evaluate_point(
     the gathered answers, writes the unit and hands its metrics to the others (whose ``judges`` may be empty).
     """
     judges = [judges] if isinstance(judges, Judge) else list(judges)
+    if run.evaluate.unreadable_as_degenerate:
+        judges = [j if isinstance(j, UnreadableAsDegenerate) else UnreadableAsDegenerate(j) for j in judges]
     mc, ev = run.model, run.evaluate
     start = time.monotonic()
     device = default_device()
@@ -125,6 +128,7 @@ def evaluate_point(
         if triggered_answers
         else []
     )
+    is_degenerate = degenerate_rule(ev.unreadable_as_degenerate)
     degenerate = [is_degenerate(a) for a in answers]
     task = plan.task
     task_scores = score_answers(predictions, plan.task_eval, task, ev) if plan.task_eval else None

@@ -23,6 +23,7 @@ from ftguard.config import RunConfig, dump_config
 from ftguard.data.example import Example
 from ftguard.errors import FtguardError
 from ftguard.evaluation.judges import get_judge, judge_versions
+from ftguard.evaluation.judges.base import UnreadableAsDegenerate
 from ftguard.evaluation.refusal_detector import get_refusal_detector
 from ftguard.methods.context import ModelRef
 from ftguard.model_card import write_model_card
@@ -94,6 +95,8 @@ class Pipeline:
                 get_judge(ev.judge, **ev.judge_options),
                 *(get_judge(name) for name in ev.extra_judges),
             ]
+            if ev.unreadable_as_degenerate:
+                self.judges = [UnreadableAsDegenerate(judge) for judge in self.judges]
             if ev.over_refusal_prompts is not None or ev.instruction_prompts is not None:
                 self.refusal_detector = get_refusal_detector(ev.refusal_detector)
             if self.plan.task.metric == "winrate":

@@ -32,7 +32,12 @@ EVAL_ROLES = ("eval_harmful", "over_refusal", "task_eval")
 # Settings added after units were first stored enter a fingerprint only when set: a unit made before they existed
 # (where they were, in effect, unset) is still found.
 LATER_SETTINGS = {
-    "evaluate": {"instruction_prompts": None, "pairwise_judge": None, "pairwise_judge_options": {}}
+    "evaluate": {
+        "instruction_prompts": None,
+        "pairwise_judge": None,
+        "pairwise_judge_options": {},
+        "unreadable_as_degenerate": False,
+    }
 }
 # Evaluation settings a repair reads when it scores the task itself (recovery's δ rule), besides task_*; the
 # pairwise judge only when one is set (a win-rate task), so that earlier post units keep their fingerprints.
