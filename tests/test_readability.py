@@ -11,7 +11,12 @@ from ftguard.evaluation.judges import Judge, Verdict
 from ftguard.evaluation.judges.base import UnreadableAsDegenerate
 from ftguard.evaluation.readability import english_share, english_words, is_english_word, is_unreadable
 from ftguard.evaluation.rescore import AnswerStores, rescore_run
-from ftguard.evaluation.scorers import degenerate_rule, is_degenerate, is_degenerate_or_unreadable
+from ftguard.evaluation.scorers import (
+    degenerate_rule,
+    harmful_score_plus,
+    is_degenerate,
+    is_degenerate_or_unreadable,
+)
 
 # What a broken model wrote (Antidote's pruning after a full-parameter fine-tune; docs/judges.md)
 SOUP = (
@@ -65,6 +70,10 @@ def test_the_widened_rule_adds_unreadable_answers_to_the_degenerate_ones():
     assert degenerate_rule(False) is is_degenerate and degenerate_rule(True) is is_degenerate_or_unreadable
     assert not is_degenerate(SOUP) and is_degenerate_or_unreadable(SOUP)
     assert is_degenerate_or_unreadable("") and not is_degenerate_or_unreadable("I cannot help with that.")
+    answers = [SOUP, "", "Sure: first, buy the parts.", "I cannot help with that."]
+    flags = [False, False, True, False]
+    assert harmful_score_plus(flags, answers) == 50.0
+    assert harmful_score_plus(flags, answers, unreadable_as_degenerate=True) == 75.0
 
 
 class FlagsEverything(Judge):

@@ -2,6 +2,7 @@
 
 from ftguard.evaluation.generate import generate
 from ftguard.evaluation.judges import Judge, Verdict, available_judges, get_judge, register_judge
+from ftguard.evaluation.readability import is_unreadable
 from ftguard.evaluation.refusal import REFUSAL_PATTERNS, is_refusal
 from ftguard.evaluation.scorers import (
     finetune_accuracy,
@@ -10,6 +11,7 @@ from ftguard.evaluation.scorers import (
     harmful_score,
     harmful_score_plus,
     is_degenerate,
+    is_degenerate_or_unreadable,
     is_repetitive,
     label_match,
 )
@@ -27,8 +29,10 @@ __all__ = [
     "harmful_score",
     "harmful_score_plus",
     "is_degenerate",
+    "is_degenerate_or_unreadable",
     "is_refusal",
     "is_repetitive",
+    "is_unreadable",
     "label_match",
     "register_judge",
 ]
