@@ -374,7 +374,7 @@ def unmatched_calibrations(report: Path = CALIBRATION_REPORT) -> dict[str, tuple
         dropped = "; ".join(f"{name}: {why}" for name, why in choice.get("dropped", {}).items())
         missing = group.get("missing") or []
         run = len(choice.get("dropped", {}))
-        study = f"not in the study: its calibration kept no setting ({run} run; {dropped})"
+        study = f"not in the study: its calibration kept no setting ({run} {'run' if run == 1 else 'runs'}; {dropped})"
         if missing:
             study += f"; not run: {', '.join(missing)}"
         verdict = f"no verdict: no setting matched SFT's start ({run} of {run + len(missing)} settings run)"

@@ -270,7 +270,7 @@ def test_a_calibration_that_kept_no_setting_says_why_in_the_ledger(tmp_path):
     plans = verdicts.planned(sweeps, report)
     study, verdict = plans["booster"]
     assert study == (
-        "not in the study: its calibration kept no setting (2 run; booster-a: pre-attack HS 39.0 vs 30.0; "
+        "not in the study: its calibration kept no setting (2 runs; booster-a: pre-attack HS 39.0 vs 30.0; "
         f"booster-b: OR 40.0 > 36.0); not run: booster-c (`sweeps/{verdicts.CALIBRATION_SWEEP}`)"
     )
     assert verdict == "no verdict: no setting matched SFT's start (2 of 3 settings run)"
