@@ -20,7 +20,6 @@ from ftguard.data.plan import DataPlan
 from ftguard.data.template import format_prompt
 from ftguard.evaluation.generate import generate_sharded
 from ftguard.evaluation.judges import Judge
-from ftguard.evaluation.judges.base import UnreadableAsDegenerate
 from ftguard.evaluation.paired import encode_outcomes, items_digest
 from ftguard.evaluation.refusal_detector import RefusalDetector, get_refusal_detector
 from ftguard.evaluation.scorers import degenerate_rule, is_repetitive
@@ -62,7 +61,8 @@ def evaluate_point(
     refusal_detector: RefusalDetector | None = None,
     trigger: Callable[[Example], Example] | None = None,
 ) -> dict[str, Any]:
-    """Generate, judge and score one model. ``judges[0]`` gives HS; the others are compared with it.
+    """Generate, judge and score one model. ``judges[0]`` gives HS; the others are compared with it. They come as
+    the pipeline built them: wrapped in ``UnreadableAsDegenerate`` when ``evaluate.unreadable_as_degenerate`` is on.
 
     ``refusal_detector`` decides over-refusal; by default the one ``evaluate.refusal_detector`` names.
     ``trigger`` (the attack's, after a fine-tune that taught one: a jailbreak template, a persona) also asks the
@@ -72,8 +72,6 @@ def evaluate_point(
     the gathered answers, writes the unit and hands its metrics to the others (whose ``judges`` may be empty).
     """
     judges = [judges] if isinstance(judges, Judge) else list(judges)
-    if run.evaluate.unreadable_as_degenerate:
-        judges = [j if isinstance(j, UnreadableAsDegenerate) else UnreadableAsDegenerate(j) for j in judges]
     mc, ev = run.model, run.evaluate
     start = time.monotonic()
     device = default_device()
