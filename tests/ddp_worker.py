@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -53,10 +54,13 @@ class CountReductions(TrainerCallback):
     """Wraps DDP's all-reduce to count bucket reductions; registered once the Trainer has wrapped the model."""
 
     def __init__(self, trainer: FtguardTrainer) -> None:
-        self.trainer, self.count, self.wrapped = trainer, 0, False
+        # A weak reference: DDP's reducer (C++) keeps the hook, and through it this callback, alive; a strong one
+        # back to the trainer would close a cycle that Python's collector cannot see, so every run's DDP model,
+        # and with it the process group, would live on until the interpreter's teardown (where gloo can abort).
+        self.trainer, self.count, self.wrapped = weakref.ref(trainer), 0, False
 
     def on_train_begin(self, args, state, control, **kwargs):
-        ddp = self.trainer.model_wrapped
+        ddp = self.trainer().model_wrapped
         if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
             raise SystemExit(f"expected a DDP-wrapped model, got {type(ddp).__name__}")
 

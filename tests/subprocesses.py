@@ -18,5 +18,7 @@ def launch_failure(stderr: str, limit: int = 3000) -> str:
         for ln in (lines[:start] if start is not None else [])
         if any(m in ln for m in ("terminate called", "what()", "gloo"))
     ]
-    text = "\n".join([*aborts, *kept])
-    return text[:limit] + ("\n…" if len(text) > limit else "")
+    # The aborts go last, and the text is cut from its front: a log that keeps only its tail (CI's summary) then
+    # still shows why a rank died, not only the launcher's list of exit codes.
+    text = "\n".join([*kept, *aborts])
+    return ("…\n" if len(text) > limit else "") + text[-limit:]

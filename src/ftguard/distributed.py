@@ -13,6 +13,7 @@ launcher's environment, before any Trainer exists) name them: ``single``, ``ddp`
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import logging
 import os
@@ -69,9 +70,11 @@ def shutdown() -> None:
 
     A rank that exits while another still uses the group can abort in gloo's teardown ("terminate called without
     an active exception", exit code -6, seen in a 2-process CPU run): a barrier, then destroying the group, ends
-    every rank cleanly.
+    every rank cleanly. The collection first frees the trainers and DDP wrappers that reference cycles keep alive,
+    so that the group's last users go while it still exists, not in the interpreter's teardown.
     """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
