@@ -7,6 +7,7 @@ that both ranks end with identical weights that moved away from the start. Rank 
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import weakref
@@ -119,9 +120,18 @@ def run(method_name: str, method_args: dict, out_dir: str) -> dict:
     }
 
 
+def ddp_models_alive() -> int:
+    """DDP wrappers still alive once the garbage is collected: each one keeps the process group referenced."""
+    gc.collect()
+    return sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+
+
 def main() -> None:
     out_dir = sys.argv[1]
-    report = {name: run(name, args, out_dir) for name, args in METHODS.items()}
+    report = {}
+    for name, args in METHODS.items():
+        report[name] = run(name, args, out_dir)
+        report[name]["ddp_models_alive_after"] = ddp_models_alive()
     if dist.get_rank() == 0:
         with open(f"{out_dir}/report.json", "w") as f:
             json.dump(report, f, indent=1)
