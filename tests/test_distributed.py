@@ -39,7 +39,13 @@ def report(tmp_path_factory) -> dict:
         str(out),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, launch_failure(done.stderr)
+    # Rank 0 writes the report after every run: with it on disk, a failed launch died in its teardown.
+    stage = (
+        "after the work (report written), in teardown"
+        if (out / "report.json").exists()
+        else "before the report"
+    )
+    assert done.returncode == 0, f"the launch failed {stage}:\n" + launch_failure(done.stderr)
     return json.loads((out / "report.json").read_text())
 
 
