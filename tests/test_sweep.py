@@ -1293,3 +1293,15 @@ def test_listed_attack_settings_follow_the_grid_s_combinations_in_run_ids_and_at
     from ftguard.sweep.plan import describe, dry_run
 
     assert "3 runs = 1 defenses × 3 attack settings × 1 seeds" in describe(dry_run(sweep, runs))
+
+
+def test_the_worst_case_table_says_whose_guard_kept_how_many_attacks():
+    from ftguard.sweep.report import _versus_baseline_cell
+
+    versus = {"diff": -16.5, "interval": [-26.0, -8.0], "p_holm": 0.2, "seeds": [44, 45], "settings": 6}
+    cell = _versus_baseline_cell(versus | {"baseline_settings": 5}, "sft")
+    assert cell.endswith("(6 attacks kept, sft 5; 2 seeds)")
+    assert _versus_baseline_cell(versus | {"baseline_settings": 6, "seeds": [44]}, "sft").endswith(
+        "sft 6; 1 seed)"
+    )
+    assert _versus_baseline_cell(None, "sft") == "–"

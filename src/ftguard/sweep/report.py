@@ -201,7 +201,8 @@ def _delta(summary: dict[str, Any]) -> str:
     return f"{summary['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
-def _versus_baseline_cell(versus: dict[str, Any] | None) -> str:
+def _versus_baseline_cell(versus: dict[str, Any] | None, baseline: str) -> str:
+    """The counts name whose guard kept what: among the attacks both were tried with, each keeps its own."""
     if not versus:
         return "–"
     lo, hi = versus["interval"]
@@ -209,8 +210,8 @@ def _versus_baseline_cell(versus: dict[str, Any] | None) -> str:
     t = f"; t over seeds {_p(by_t['p_holm'])}" if by_t and "p_holm" in by_t else ""
     seeds = len(versus["seeds"])
     return (
-        f"{versus['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}], {_p(versus['p_holm'])}{t} ({versus['settings']} / "
-        f"{versus['baseline_settings']} attacks, {seeds} seed{'s' if seeds > 1 else ''})"
+        f"{versus['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}], {_p(versus['p_holm'])}{t} ({versus['settings']} attacks "
+        f"kept, {baseline} {versus['baseline_settings']}; {seeds} seed{'s' if seeds > 1 else ''})"
     )
 
 
@@ -247,7 +248,7 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
         compared = e.get("seeds_compared")
         seeds = ", ".join(str(s) for s in compared) if compared else "unequal"
         w, u = e["worst"], e.get("uncertainty") or {}
-        versus = [_versus_baseline_cell(u.get("versus_baseline"))] if sweep.baseline else []
+        versus = [_versus_baseline_cell(u.get("versus_baseline"), sweep.baseline)] if sweep.baseline else []
         if w is None:
             cells = [e["defense"], slice_text, "–", "–", "all dropped", f"0 / {e['total']}", seeds, *versus]
         else:
