@@ -25,7 +25,7 @@ from pathlib import Path
 
 import suite_readings
 import yaml
-from audit_paired import paired_audits
+from audit_paired import level_difference, paired_audits
 from audit_paired import summary as audit_summary
 from design_power import pilot_pairs
 from make_results_md import before_attack
@@ -283,11 +283,15 @@ def virus_against_the_filter(*folders: Path) -> list[str]:
     return [*lines, "", f"Virus's budget here: {'; '.join(budgets)} (the authors: every row, 50 × 128).", ""]
 
 
-def suite_reading_table(suite: Path, report: dict) -> list[str]:
-    """Each defense read by the suite's rule (scripts/suite_readings.py), against the sweep's baseline."""
+def suite_baseline(suite: Path) -> str:
     spec = suite / "sweep.yaml"
     baseline = (yaml.safe_load(spec.read_text()) or {}).get("baseline") if spec.is_file() else None
-    rows = suite_readings.readings(report, baseline or "sft")
+    return baseline or "sft"
+
+
+def suite_reading_table(suite: Path, report: dict) -> list[str]:
+    """Each defense read by the suite's rule (scripts/suite_readings.py), against the sweep's baseline."""
+    rows = suite_readings.readings(report, suite_baseline(suite))
     if not rows:
         return []
     return [
@@ -329,6 +333,40 @@ def suite_level_audits(folder: Path | None) -> list[str]:
     return [*lines, ""]
 
 
+def suite_audits_against_baseline(folder: Path | None, baseline: str) -> list[str]:
+    """Each audited defense cell beside the baseline's audited cell of the same attack and seed: does the judge's
+    gap between them survive the reading?"""
+    paths = (
+        sorted(folder.glob(f"{SWEEPS['attack_suite']}-*-level.json")) if folder and folder.is_dir() else []
+    )
+    audits = [json.loads(path.read_text()) for path in paths]
+    cells = {(a["model"].split(", ", 1)[0], a["model"].split(", ", 1)[-1], a["seed"]): a for a in audits}
+    pairs = [
+        (defense, attack, seed, audit, cells[(baseline, attack, seed)])
+        for (defense, attack, seed), audit in sorted(cells.items(), key=lambda c: (c[0][2], c[0][0], c[0][1]))
+        if defense != baseline and (baseline, attack, seed) in cells
+    ]
+    if not pairs:
+        return []
+    lines = [
+        f"**Against {baseline}, audited**: each audited cell beside {baseline}'s audited cell under the same attack "
+        "and seed (the same 200 prompts; the interval redraws the labeller's samples of both, not the prompts).",
+        "",
+        f"| defense | attack | seed | judge's HS: defense / {baseline}, Δ | audited HS: defense / {baseline} "
+        "| audited Δ [95%] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for defense, attack, seed, audit, base in pairs:
+        apart = level_difference(audit, base)
+        own, theirs = audit["scores"], base["scores"]
+        lines.append(
+            f"| {defense} | {attack} | {seed} | {own['judge_hs']:.1f} / {theirs['judge_hs']:.1f}, "
+            f"{apart['judged']:+.1f} | {own['audited_hs']:.1f} / {theirs['audited_hs']:.1f} | "
+            f"{apart['audited']:+.1f} [{apart['interval'][0]:+.1f}, {apart['interval'][1]:+.1f}] |"
+        )
+    return [*lines, ""]
+
+
 def attack_suite(suite: Path | None, probe: Path | None, audits: Path | None = None) -> list[str]:
     lines = ["## 5. The attacker's side: worst case over the attack suite", ""]
     report = _report(suite)
@@ -351,6 +389,7 @@ def attack_suite(suite: Path | None, probe: Path | None, audits: Path | None = N
             lines += [f"![worst case by attacks tried](results/{SWEEPS['attack_suite']}/worst_case.png)", ""]
         lines += suite_reading_table(suite, report[1])
         lines += suite_level_audits(audits)
+        lines += suite_audits_against_baseline(audits, suite_baseline(suite))
     else:
         lines += [f"`sweeps/{SWEEPS['attack_suite']}`: pending (it runs after the study).", ""]
     sources = [folder for folder in (probe, suite if report else None) if folder]

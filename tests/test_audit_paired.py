@@ -221,3 +221,31 @@ def test_styles_count_the_judge_s_flags_on_non_complying_answers_by_wording():
         "moralising": {"not_complying": 1, "flagged": 1},
         "other": {"not_complying": 1, "flagged": 0},
     }
+
+
+def _level(n_prompts: int, n_flagged: int, flagged_hits: list[bool], passed_hits: list[bool]) -> dict:
+    flagged = {f"f{i}": True for i in range(len(flagged_hits))} | {
+        f"p{i}": False for i in range(len(passed_hits))
+    }
+    labels = {f"f{i}": "H" if h else "N" for i, h in enumerate(flagged_hits)}
+    labels |= {f"p{i}": "H" if h else "N" for i, h in enumerate(passed_hits)}
+    return {"n_prompts": n_prompts, "n_flagged": n_flagged, "flagged": flagged, "labels": labels}
+
+
+def test_two_level_audits_apart_the_audited_gap_the_judged_one_and_an_interval_from_the_labels():
+    # defense: 40 of 200 flagged, 2 of 4 flagged comply, 1 of 4 passed: 0.2·50 + 0.8·25 = 30
+    # baseline: 120 of 200 flagged, 4 of 4 and 2 of 4: 0.6·100 + 0.4·50 = 80
+    defense = _level(200, 40, [True, True, False, False], [True, False, False, False])
+    baseline = _level(200, 120, [True] * 4, [True, True, False, False])
+    got = audit_paired.level_difference(defense, baseline, draws=2000, seed=3)
+    assert got["judged"] == pytest.approx(20.0 - 60.0)
+    assert got["audited"] == pytest.approx(30.0 - 80.0)
+    lo, hi = got["interval"]
+    assert lo < -50.0 < hi and hi - lo > 10.0  # four answers a sample: wide
+    # a sample read all alike cannot move under redrawing: only the other samples spread the interval
+    sure = _level(200, 40, [True] * 4, [False] * 4)
+    also_sure = _level(200, 120, [True] * 4, [False] * 4)
+    fixed = audit_paired.level_difference(sure, also_sure, draws=500, seed=0)
+    assert fixed["audited"] == pytest.approx(20.0 - 60.0) and fixed["interval"] == pytest.approx(
+        [-40.0, -40.0]
+    )

@@ -256,6 +256,57 @@ def test_the_suite_s_level_audits_put_the_audited_hs_beside_the_judge_s_and_only
     assert "| sft |" not in text  # the study's level audits have their own section
 
 
+def test_each_audited_suite_cell_sits_beside_the_baseline_s_audited_cell_of_its_attack_and_seed(
+    tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    audits = tmp_path / "audits"
+    audits.mkdir()
+
+    def level(model: str, seed: int, n_flagged: int, hits: tuple[int, int]) -> dict:
+        # four flagged and four passed answers read; hits: how many of each comply
+        flagged = {f"f{i}": True for i in range(4)} | {f"p{i}": False for i in range(4)}
+        labels = {
+            k: "H" if (k[0] == "f" and int(k[1]) < hits[0]) or (k[0] == "p" and int(k[1]) < hits[1]) else "N"
+            for k in flagged
+        }
+        share = n_flagged / 200
+        scores = {
+            "judge_hs": 100 * share,
+            "audited_hs": 100 * (share * hits[0] / 4 + (1 - share) * hits[1] / 4),
+        }
+        return {
+            "model": model,
+            "seed": seed,
+            "n_prompts": 200,
+            "n_flagged": n_flagged,
+            "flagged": flagged,
+            "labels": labels,
+            "scores": scores,
+        }
+
+    cells = {
+        "seed44-sft-full": level("sft, full-parameter harmful_mix", 44, 120, (4, 2)),  # 0.6·100 + 0.4·50 = 80
+        "seed44-lisa-full": level("lisa, full-parameter harmful_mix", 44, 40, (2, 1)),  # 0.2·50 + 0.8·25 = 30
+        "seed44-lisa-jailbreak": level(
+            "lisa, jailbreak_tuning (asked plainly)", 44, 80, (4, 0)
+        ),  # no sft cell
+        "seed45-lisa-full": level(
+            "lisa, full-parameter harmful_mix", 45, 40, (2, 1)
+        ),  # sft's is seed 44's only
+    }
+    for name, audit in cells.items():
+        (audits / f"cpu-attack-suite-{name}-level.json").write_text(json.dumps(audit))
+    text = "\n".join(page.suite_audits_against_baseline(audits, "sft"))
+    rows = [line for line in text.splitlines() if line.startswith("| lisa")]
+    assert len(rows) == 1 and rows[0].startswith(
+        "| lisa | full-parameter harmful_mix | 44 | 20.0 / 60.0, -40.0 | "
+    )
+    assert "| 30.0 / 80.0 | -50.0 [" in rows[0]
+    assert page.suite_audits_against_baseline(audits, "vaccine") == []  # no baseline audited: no table
+
+
 def test_other_judges_put_each_judge_s_paired_effect_beside_the_study_judge_s_on_the_same_runs(
     tmp_path, monkeypatch
 ):
