@@ -10,7 +10,7 @@ defenses under the bootstrap and under Student's t over the seeds. *The usual at
 its effect the worst case takes away (the erosion: worst-case difference minus first-setting difference, positive
 when the defense looks better against the usual attack) has an interval above 0. A defense whose every attack the
 capability guard drops has no worst case and does not hold. Read with fewer than ``MIN_SEEDS`` seeds compared, a
-reading is provisional. docs/RESULTS.md, section 5, shows the table (scripts/make_testbed_md.py).
+reading is provisional. docs/RESULTS.md, section 5, shows the table (scripts/testbed_md_suite.py).
 """
 
 from __future__ import annotations
