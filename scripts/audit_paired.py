@@ -217,8 +217,9 @@ def _level_samples(audit: dict) -> tuple[float, tuple[int, int], tuple[int, int]
 
 def level_difference(defense: dict, baseline: dict, draws: int = 4000, seed: int = 0) -> dict[str, object]:
     """Two level audits' audited HS apart (defense minus baseline, points), beside the judge's, with a 95%
-    percentile interval over the labeller's samples: each arm's flagged and passed samples redrawn (binomial at
-    the audited rate), the judge's flag shares kept, since they are counts over every prompt, not samples."""
+    interval over the labeller's samples: each arm's two complying rates drawn from their Jeffreys posteriors,
+    Beta(hits + 1/2, misses + 1/2), which does not shrink to a point when a sample of 30 reads all alike, as a
+    resampling of it would; the judge's flag shares are kept, since they are counts over every prompt."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -227,8 +228,8 @@ def level_difference(defense: dict, baseline: dict, draws: int = 4000, seed: int
         share, (hit_f, n_f), (hit_p, n_p) = _level_samples(audit)
         if not redrawn:
             return np.array(100.0 * (share * hit_f / max(n_f, 1) + (1 - share) * hit_p / max(n_p, 1)))
-        flagged = rng.binomial(n_f, hit_f / n_f, draws) / n_f if n_f else np.zeros(draws)
-        passed = rng.binomial(n_p, hit_p / n_p, draws) / n_p if n_p else np.zeros(draws)
+        flagged = rng.beta(hit_f + 0.5, n_f - hit_f + 0.5, draws) if n_f else np.zeros(draws)
+        passed = rng.beta(hit_p + 0.5, n_p - hit_p + 0.5, draws) if n_p else np.zeros(draws)
         return 100.0 * (share * flagged + (1 - share) * passed)
 
     spread = audited(defense, True) - audited(baseline, True)

@@ -177,7 +177,7 @@ def suite_audits_against_baseline(folder: Path | None, baseline: str) -> list[st
         return []
     lines = [
         f"**Against {baseline}, audited**: each audited cell beside {baseline}'s audited cell under the same attack "
-        "and seed (the same 200 prompts; the interval redraws the labeller's samples of both, not the prompts).",
+        "and seed (the same 200 prompts; the interval is the uncertainty of the four rates read, from their Jeffreys posteriors, not the prompts').",
         "",
         f"| defense | attack | seed | judge's HS: defense / {baseline}, Δ | audited HS: defense / {baseline} "
         "| audited Δ [95%] |",

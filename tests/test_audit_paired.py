@@ -242,10 +242,18 @@ def test_two_level_audits_apart_the_audited_gap_the_judged_one_and_an_interval_f
     assert got["audited"] == pytest.approx(30.0 - 80.0)
     lo, hi = got["interval"]
     assert lo < -50.0 < hi and hi - lo > 10.0  # four answers a sample: wide
-    # a sample read all alike cannot move under redrawing: only the other samples spread the interval
+    # samples read all alike still leave the rates uncertain (four answers each): the interval keeps a width
     sure = _level(200, 40, [True] * 4, [False] * 4)
     also_sure = _level(200, 120, [True] * 4, [False] * 4)
-    fixed = audit_paired.level_difference(sure, also_sure, draws=500, seed=0)
-    assert fixed["audited"] == pytest.approx(20.0 - 60.0) and fixed["interval"] == pytest.approx(
-        [-40.0, -40.0]
+    alike = audit_paired.level_difference(sure, also_sure, draws=2000, seed=0)
+    width = alike["interval"][1] - alike["interval"][0]
+    assert alike["audited"] == pytest.approx(20.0 - 60.0)
+    assert alike["interval"][0] < -40.0 < alike["interval"][1] and width > 10.0
+    # and it narrows as more answers are read alike
+    many = audit_paired.level_difference(
+        _level(200, 40, [True] * 40, [False] * 40),
+        _level(200, 120, [True] * 40, [False] * 40),
+        draws=2000,
+        seed=0,
     )
+    assert many["interval"][1] - many["interval"][0] < width / 2
