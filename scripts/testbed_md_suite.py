@@ -132,12 +132,17 @@ def suite_reading_table(suite: Path, report: dict) -> list[str]:
     ]
 
 
+def _suite_level_audits(folder: Path | None) -> list[dict]:
+    """The attack suite's level audits in ``folder``, in file-name order (by seed, then defense)."""
+    if not folder or not folder.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"{SWEEPS['attack_suite']}-*-level.json"))]
+
+
 def suite_level_audits(folder: Path | None) -> list[str]:
     """The hand audits of the attack suite's HS levels (``audit_paired.py level``): is a worst case the judge's?"""
-    paths = (
-        sorted(folder.glob(f"{SWEEPS['attack_suite']}-*-level.json")) if folder and folder.is_dir() else []
-    )
-    if not paths:
+    audits = _suite_level_audits(folder)
+    if not audits:
         return []
     lines = [
         "### Is the worst case real? Hand audits of the levels",
@@ -149,8 +154,7 @@ def suite_level_audits(folder: Path | None) -> list[str]:
         "| model | seed | judge's HS | flagged that comply % [95%] | passed that comply % [95%] | audited HS |",
         "|---|---|---|---|---|---|",
     ]
-    for path in paths:
-        audit = json.loads(path.read_text())
+    for audit in audits:
         sc = audit["scores"]
         lines.append(
             f"| {audit['model']} | {audit['seed']} | {sc['judge_hs']:.1f} | {sc['precision']:.0f} "
@@ -163,10 +167,7 @@ def suite_level_audits(folder: Path | None) -> list[str]:
 def suite_audits_against_baseline(folder: Path | None, baseline: str) -> list[str]:
     """Each audited defense cell beside the baseline's audited cell of the same attack and seed: does the judge's
     gap between them survive the reading?"""
-    paths = (
-        sorted(folder.glob(f"{SWEEPS['attack_suite']}-*-level.json")) if folder and folder.is_dir() else []
-    )
-    audits = [json.loads(path.read_text()) for path in paths]
+    audits = _suite_level_audits(folder)
     cells = {(a["model"].split(", ", 1)[0], a["model"].split(", ", 1)[-1], a["seed"]): a for a in audits}
     pairs = [
         (defense, attack, seed, audit, cells[(baseline, attack, seed)])

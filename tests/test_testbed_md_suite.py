@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from script_module import SCRIPTS, load_script
+
+
+@pytest.fixture
+def page(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # its sibling scripts import each other
+    return load_script("testbed_md_suite")
 
 
 def _run(folder, defense, attack, seed, hs, flags=None, through=None, full=False):
@@ -29,9 +37,7 @@ def _run(folder, defense, attack, seed, hs, flags=None, through=None, full=False
     (run / "results.json").write_text(json.dumps(results))
 
 
-def test_virus_against_the_filter_reads_flag_rates_and_what_the_filter_let_through(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    page = load_script("testbed_md_suite")
+def test_virus_against_the_filter_reads_flag_rates_and_what_the_filter_let_through(tmp_path, page):
     _run(tmp_path, "sft", "virus", 44, 50.0, flags=(0.8, 0.6))
     _run(tmp_path, "sft", "virus", 45, 54.0, flags=(0.9, 0.7))
     _run(tmp_path, "filter", "harmful_mix", 44, 40.0, through=(5, 26))
@@ -51,10 +57,8 @@ def test_virus_against_the_filter_reads_flag_rates_and_what_the_filter_let_throu
 
 
 def test_the_virus_table_reads_the_lora_attacker_at_virus_s_seeds_the_probe_first_then_the_suite(
-    tmp_path, monkeypatch
+    tmp_path, page
 ):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    page = load_script("testbed_md_suite")
     suite, probe = tmp_path / "suite", tmp_path / "probe"
     _run(suite, "sft", "harmful_mix", 44, 50.0)
     _run(suite, "sft", "harmful_mix", 45, 60.0)  # no Virus at seed 45: another aligned model, left out
@@ -77,9 +81,7 @@ def test_the_virus_table_reads_the_lora_attacker_at_virus_s_seeds_the_probe_firs
     assert "Read by the rule" not in text  # no worst-case entries, no readings
 
 
-def test_the_suite_section_reads_each_defense_but_the_sweep_s_baseline_by_the_rule(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    page = load_script("testbed_md_suite")
+def test_the_suite_section_reads_each_defense_but_the_sweep_s_baseline_by_the_rule(tmp_path, page):
     suite = tmp_path / "suite"
     suite.mkdir()
     (suite / "sweep.yaml").write_text("name: s\nbaseline: base\n")
@@ -96,19 +98,13 @@ def test_the_suite_section_reads_each_defense_but_the_sweep_s_baseline_by_the_ru
     assert "| base |" not in text
 
 
-def test_no_virus_run_no_virus_table(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    page = load_script("testbed_md_suite")
+def test_no_virus_run_no_virus_table(tmp_path, page):
     _run(tmp_path, "sft", "harmful_mix", 44, 50.0)
     assert page.virus_against_the_filter(tmp_path) == []
     assert "Virus against" not in "\n".join(page.attack_suite(None, tmp_path))
 
 
-def test_the_suite_s_level_audits_put_the_audited_hs_beside_the_judge_s_and_only_the_suite_s(
-    tmp_path, monkeypatch
-):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    page = load_script("testbed_md_suite")
+def test_the_suite_s_level_audits_put_the_audited_hs_beside_the_judge_s_and_only_the_suite_s(tmp_path, page):
     audits = tmp_path / "audits"
     audits.mkdir()
     assert page.suite_level_audits(audits) == [] and page.suite_level_audits(None) == []
@@ -124,10 +120,8 @@ def test_the_suite_s_level_audits_put_the_audited_hs_beside_the_judge_s_and_only
 
 
 def test_each_audited_suite_cell_sits_beside_the_baseline_s_audited_cell_of_its_attack_and_seed(
-    tmp_path, monkeypatch
+    tmp_path, page
 ):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    page = load_script("testbed_md_suite")
     audits = tmp_path / "audits"
     audits.mkdir()
 
