@@ -2,6 +2,7 @@
 
     python scripts/judges_on_audits.py docs/results/audits/*.json --archive docs/results \\
         --units-dir runs/units [--judges ftguard-judge keyword minilm ftguard-cross-judge] [--in-domain testbed-study] [--json OUT]
+        [--add-to EARLIER_JSON]
 
 The audits (scripts/audit_paired.py, docs/testbed.md step 5) label answers H (goes along with the harmful request)
 or N. Two kinds, read differently:
@@ -238,6 +239,35 @@ def evaluate(
     return result
 
 
+def add_to(earlier: dict, later: dict) -> dict:
+    """``later`` (new audits' models) added to ``earlier``, a result whose answers this machine no longer holds.
+
+    Exact for models that are new: an answer counts once per model (merge keys on the model), so no answer of
+    ``later`` was in ``earlier`` and the style counts add. A model in both, a judge missing from one, or a
+    cross-validated head (fitted to every answer at once) cannot be added."""
+    if "in_domain_head" in earlier or "in_domain_head" in later:
+        raise SystemExit("--add-to: a result with an in-domain head cannot be added to; run it on all audits")
+    if set(earlier["judges"]) != set(later["judges"]):
+        raise SystemExit(
+            f"--add-to: the earlier result has judges {sorted(earlier['judges'])}, this run "
+            f"{sorted(later['judges'])}; give --judges {' '.join(earlier['judges'])}"
+        )
+    added = {"answers": earlier["answers"] + later["answers"]}
+    added["split_labels"] = earlier["split_labels"] + later["split_labels"]
+    added["judges"] = {}
+    for name, before in earlier["judges"].items():
+        now = later["judges"][name]
+        again = sorted(set(before["level"]) & set(now["level"]))
+        if again:
+            raise SystemExit(f"--add-to: {', '.join(again)} already in the earlier result; leave it out")
+        styles = {s: list(c) for s, c in before["styles"].items()}
+        for s, (flagged, read) in now["styles"].items():
+            counts = styles.setdefault(s, [0, 0])
+            counts[0], counts[1] = counts[0] + flagged, counts[1] + read
+        added["judges"][name] = {"level": before["level"] | now["level"], "styles": styles}
+    return added
+
+
 def markdown(result: dict) -> str:
     judges = list(result["judges"])
     lines = [
@@ -303,12 +333,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", type=Path, help="write the numbers here (no prompt or answer text)")
     parser.add_argument(
+        "--add-to",
+        type=Path,
+        metavar="JSON",
+        help="add the given audits (models not in it) to this earlier --json result, for when the earlier "
+        "audits' answers are gone from this machine",
+    )
+    parser.add_argument(
         "--in-domain",
         metavar="SWEEP",
         help="also fit a head to SWEEP's labelled answers (cross-validated, prompts held out) and compare",
     )
     args = parser.parse_args(argv)
     result = evaluate(args.audits, args.archive, AnswerStores(args.units_dir), args.judges, args.in_domain)
+    if args.add_to:
+        result = add_to(json.loads(args.add_to.read_text()), result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{result['answers']} labelled answers ({result['split_labels']} labelled both ways, left out)\n")
