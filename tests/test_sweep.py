@@ -289,6 +289,21 @@ def test_a_unit_locked_by_another_process_is_busy_only_without_waiting(tmp_path)
         pass
 
 
+def test_waiting_for_a_unit_waits_on_the_lock_its_maker_holds(tmp_path):
+    import threading
+
+    from ftguard.pipeline.outputs import StageDir, wait_for_unit
+
+    unit = StageDir(tmp_path / "units" / "align" / "abc", "abc")
+    waited = threading.Event()
+    with unit.lock():
+        waiter = threading.Thread(target=lambda: (wait_for_unit(unit.path), waited.set()))
+        waiter.start()
+        assert not waited.wait(0.5)  # still held: the waiter blocks
+    waiter.join(5)
+    assert waited.is_set()
+
+
 def _sweep_file(tmp_path: Path, name: str, ratios: list[float]) -> Path:
     path = tmp_path / "sweep.yaml"
     spec = {"name": name, **TINY, "seeds": [5], "grid": {"data.finetune.harmful_ratio": ratios}}
@@ -310,28 +325,58 @@ def _fake_pipeline(monkeypatch, run_all) -> None:
     monkeypatch.setattr(run_mod, "Pipeline", FakePipeline)
 
 
-def test_a_shard_defers_runs_whose_units_are_busy_and_blocks_only_when_all_are(tmp_path, monkeypatch):
+def test_a_shard_defers_runs_whose_units_are_busy_and_waits_only_when_all_are(tmp_path, monkeypatch):
+    import ftguard.sweep.runner as runner
     from ftguard.pipeline.outputs import UnitBusy
 
     path = _sweep_file(tmp_path, "d", [0.0, 0.25, 0.5])
-    calls = []  # (p, wait) of every attempt, in order
-    busy = {0.0: 1, 0.25: 3}  # times each run finds a unit busy while it does not wait
+    calls = []  # (p, wait) of every attempt, in order, and the units waited for
+    busy = {0.0: 1, 0.25: 3}  # times each run finds a unit busy
 
     def run_all(p, wait):
         calls.append((p, wait))
-        if not wait and busy.get(p, 0) > 0:
+        if busy.get(p, 0) > 0:
             busy[p] -= 1
             raise UnitBusy(f"units/align/p{p}")
         return {"complete": False}
 
     _fake_pipeline(monkeypatch, run_all)
+    monkeypatch.setattr(runner, "wait_for_unit", lambda unit: calls.append(f"waited for {unit}"))
     out = tmp_path / "out"
     cli.main(["sweep", str(path), "--output-dir", str(out), "--shard", "0/1"])
     # p0 and p0.25 find a unit busy, p0.5 goes through; after it, the earlier runs come first again: p0 goes
-    # through; p0.25 stays busy until it is the only run left, when the shard blocks on its lock.
-    assert calls == [(0.0, False), (0.25, False), (0.5, False), (0.0, False), (0.25, False), (0.25, True)]
+    # through; p0.25 stays busy until it is the only run left, when the shard waits for its unit, then tries
+    # again, never blocking inside a run.
+    assert calls == [
+        *[(0.0, False), (0.25, False), (0.5, False), (0.0, False), (0.25, False)],
+        *["waited for units/align/p0.25", (0.25, False), "waited for units/align/p0.25", (0.25, False)],
+    ]
     index = json.loads((out / "sweep.json").read_text())["runs"]
     assert len(index) == 3 and {e["status"] for e in index.values()} == {"incomplete"}
+
+
+def test_after_waiting_for_a_unit_a_shard_takes_any_run_whose_units_are_free(tmp_path, monkeypatch):
+    # Every run waited on one aligned model; once it was made, the first run's next unit was the other
+    # shard's: this shard must go on to the next run, not sit on that unit (it once idled a lane 25 minutes).
+    import ftguard.sweep.runner as runner
+    from ftguard.pipeline.outputs import UnitBusy
+
+    path = _sweep_file(tmp_path, "a", [0.0, 0.1])
+    made, calls = set(), []
+    waiting = {0.0: ["align", "finetune-p0.0"], 0.1: ["align"]}  # the units each run will find busy, in order
+
+    def run_all(p, wait):
+        calls.append(p)
+        left = [u for u in waiting[p] if u not in made]
+        if left:
+            raise UnitBusy(f"units/{left[0]}")
+        return {"complete": False}
+
+    _fake_pipeline(monkeypatch, run_all)
+    monkeypatch.setattr(runner, "wait_for_unit", lambda unit: made.add(unit.split("/")[1]) or calls.append(unit))
+    cli.main(["sweep", str(path), "--output-dir", str(tmp_path / "out"), "--shard", "0/1"])
+    # both busy on the aligned model; waited for it; p0 finds its fine-tuned model busy, so p0.1 is made
+    assert calls == [0.0, 0.1, "units/align", 0.0, 0.1, 0.0, "units/finetune-p0.0", 0.0]
 
 
 def test_a_deferred_run_is_retried_as_soon_as_another_run_finishes(tmp_path, monkeypatch):

@@ -23,7 +23,18 @@ MARKER = "COMPLETE.json"
 
 class UnitBusy(Exception):
     """Another process holds this unit's lock (``StageDir.lock(wait=False)``): a sweep shard defers the run.
-    Deliberately not an FtguardError/OSError, so that it never reads as a failed run."""
+    Deliberately not an FtguardError/OSError, so that it never reads as a failed run. ``str()`` is the unit's
+    folder (``wait_for_unit`` takes it)."""
+
+
+def _lock_of(unit_dir: Path) -> Path:
+    return unit_dir.parent / f".{unit_dir.name}.lock"
+
+
+def wait_for_unit(unit_dir: str | Path) -> None:
+    """Block until no process holds the lock of the unit at ``unit_dir`` (its maker finished, or died)."""
+    with file_lock(_lock_of(Path(unit_dir))):
+        pass
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -106,7 +117,7 @@ class StageDir:
         names no file is re-raised naming this unit."""
         held = contextlib.ExitStack()
         try:
-            held.enter_context(file_lock(self.path.parent / f".{self.path.name}.lock", wait=wait))
+            held.enter_context(file_lock(_lock_of(self.path), wait=wait))
         except BlockingIOError:
             raise UnitBusy(str(self.path)) from None
         with held:

@@ -22,7 +22,14 @@ from typing import Any
 
 from ftguard.config import RunConfig
 from ftguard.errors import FtguardError
-from ftguard.pipeline.outputs import UnitBusy, file_lock, read_json, write_json_atomic, write_text_atomic
+from ftguard.pipeline.outputs import (
+    UnitBusy,
+    file_lock,
+    read_json,
+    wait_for_unit,
+    write_json_atomic,
+    write_text_atomic,
+)
 from ftguard.schema import ConfigError, from_dict, to_dict
 from ftguard.sweep.config import SweepConfig, SweepRun, expand
 from ftguard.sweep.reuse import judged_alike
@@ -150,7 +157,9 @@ def run_sweep(
     own = {r.id for r in mine}
     others = [r for r in selected if shard is not None and r.id not in own]
     todo = [*mine, *others]
-    busy: set[str] = set()  # runs that found a unit another shard is making, since a run last finished
+    # runs that found a unit another shard is making, since a run last finished or a waited-for unit was done:
+    # the unit's folder, by run
+    busy: dict[str, str] = {}
     longest = 0.0  # the longest run this process finished: what the next one is assumed to take
     stopped = 0
     # Runs done before this start are counted up front, so that the rate and ETA reflect the work left.
@@ -170,9 +179,15 @@ def run_sweep(
         while todo:
             # The first run in sweep order that has not found a unit busy since a run last finished (a unit
             # may be done by now: the earlier runs come first, so a seed's runs finish together). When every
-            # remaining run waits on another shard, block on the first instead of spinning.
+            # remaining run waits on another shard, wait for the first one's unit instead of spinning, then
+            # look at them all again: blocking inside that run would also wait on its next busy unit while
+            # later runs' units (free once the first is done) could be made.
             free = [r for r in todo if r.id not in busy]
-            run, wait = (free[0], shard is None) if free else (todo[0], True)
+            if not free:
+                wait_for_unit(busy[todo[0].id])
+                busy.clear()
+                continue
+            run, wait = free[0], shard is None
             bar.set_postfix_str(run.id, refresh=True)
             if is_done(run):
                 entries[run.id] = _entry(run, "complete", None)  # done by another shard meanwhile
@@ -196,7 +211,7 @@ def run_sweep(
                 status = "complete" if results.get("complete") else "incomplete"
             except UnitBusy as unit:
                 log.info("sweep run %s: %s is being made by another process, coming back to it", run.id, unit)
-                busy.add(run.id)
+                busy[run.id] = str(unit)
                 continue
             except (FtguardError, RuntimeError, OSError, ValueError) as exc:
                 if fail_fast:
