@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from ftguard import cli
 from ftguard.config import load_config
 from ftguard.errors import FtguardError
+from ftguard.models import hardware_label
 from ftguard.pipeline.run import run_pipeline
 from ftguard.training.trainer import FtguardTrainer
 
@@ -97,14 +98,17 @@ def test_quickstart_tiny_end_to_end_and_rerun_skips(tmp_path, capsys):
         outcomes["harmful_score"]["items"] == results["stages"]["align"]["outcomes"]["harmful_score"]["items"]
     )
     assert (out / "config.yaml").exists() and results["config"]["model"]["name"] == "tiny"
-    # what each trained unit was made in, from its manifest: a study resumed on a CPU that resolves `auto`
-    # precision differently shows it in results.json, not only in the unit folders (which are not archived)
+    # what each trained unit was made in and on, from its manifest: a study resumed on a CPU that resolves
+    # `auto` precision differently, or on another kind of CPU, shows it in results.json, not only in the unit
+    # folders (which are not archived)
     for key in ("align", "finetune"):
         manifest = json.loads((out / key / "COMPLETE.json").read_text())
         assert manifest["precision"].startswith("float32") and manifest["steps"] > 0
+        assert manifest["hardware"] == hardware_label()
         assert results["trained"][key] == {
             "method": manifest["method"],
             "precision": manifest["precision"],
+            "hardware": manifest["hardware"],
             "steps": manifest["steps"],
             "runtime_s": manifest["train_runtime_s"],
         }

@@ -97,6 +97,7 @@ def test_run_with_a_post_stage_repairs_each_finetune_and_evaluates_it(tmp_path):
     assert results["trained"]["post-p0.5"] == {
         "method": "test_shrink_head",
         "precision": "float32",
+        "hardware": manifest["hardware"],
         "steps": None,
         "runtime_s": manifest["runtime_s"],
         "report": {"scaled": 0.5},

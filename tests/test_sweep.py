@@ -373,7 +373,9 @@ def test_after_waiting_for_a_unit_a_shard_takes_any_run_whose_units_are_free(tmp
         return {"complete": False}
 
     _fake_pipeline(monkeypatch, run_all)
-    monkeypatch.setattr(runner, "wait_for_unit", lambda unit: made.add(unit.split("/")[1]) or calls.append(unit))
+    monkeypatch.setattr(
+        runner, "wait_for_unit", lambda unit: made.add(unit.split("/")[1]) or calls.append(unit)
+    )
     cli.main(["sweep", str(path), "--output-dir", str(tmp_path / "out"), "--shard", "0/1"])
     # both busy on the aligned model; waited for it; p0 finds its fine-tuned model busy, so p0.1 is made
     assert calls == [0.0, 0.1, "units/align", 0.0, 0.1, 0.0, "units/finetune-p0.0", 0.0]
@@ -1153,6 +1155,63 @@ def test_the_report_says_which_precision_the_runs_were_trained_in_and_flags_a_mi
         trained_in(run, "float32", "float32 + bfloat16 autocast")
     counts, text = report_text()
     assert counts == {"float32 and float32 + bfloat16 autocast": 3} and "**Mixed training precision**" in text
+
+
+def test_the_report_says_what_the_units_were_made_on_and_flags_a_study_resumed_on_another_cpu(tmp_path):
+    from ftguard.sweep.aggregate import aggregate
+    from ftguard.sweep.report import markdown
+
+    sweep = _sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.0]}, seeds=[1, 2, 3])
+    runs = _fake_runs(tmp_path, sweep, {("sft", 0.0, s, None): (10.0, 90.0) for s in (1, 2, 3)})
+    intel, amd = "cpu: Intel Xeon (x86_64, AMX)", "cpu: AMD EPYC (x86_64, AVX512-BF16)"
+
+    def made_on(run, **units):
+        results = run.config.out_dir / "results.json"
+        data = json.loads(results.read_text())
+        data["trained"] = {key: {"hardware": where} for key, where in units.items()}
+        results.write_text(json.dumps(data))
+
+    def report_text():
+        _, report = aggregate(sweep, runs)
+        return report["train_hardware"], markdown(
+            sweep, report["tables"], [], "keyword", train_hardware=report["train_hardware"]
+        )
+
+    counts, text = report_text()  # nothing recorded (runs written before it was): nothing said
+    assert counts == {"not recorded": 3} and "Made on" not in text and "Mixed hardware" not in text
+    made_on(runs[0], align=intel, finetune=intel)
+    made_on(runs[1], align=intel, finetune=intel, post=intel)
+    counts, text = report_text()
+    assert counts == {intel: 2, "not recorded": 1}
+    assert f"Made on: {intel} (2 runs); not recorded (1 run)." in text and "Mixed hardware" not in text
+    # the third seed's aligned model made again on another kind of CPU, its Antidote arithmetic too
+    made_on(runs[2], align=amd, finetune=intel, post=amd)
+    counts, text = report_text()
+    assert counts == {intel: 2, f"{amd} and {intel}": 1}
+    assert f"**Mixed hardware** ({amd} and {intel} (1 run); {intel} (2 runs))" in text
+
+
+def test_a_unit_s_hardware_names_the_cpu_and_its_widest_bf16_kernels(monkeypatch):
+    import ftguard.models.loading as loading
+
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loading, "_cpuinfo", lambda: "processor\t: 0\nmodel name\t: AMD EPYC 9R14\n")
+    monkeypatch.setattr(loading.platform, "machine", lambda: "x86_64")
+    for amx, avx512_bf16, expected in [
+        (True, True, "AMX"),
+        (False, True, "AVX512-BF16"),
+        (False, False, None),
+    ]:
+        monkeypatch.setattr(loading.torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(
+            loading.torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False
+        )
+        kernels = expected or loading.torch.backends.cpu.get_cpu_capability()  # AVX2, AVX512, ...
+        assert loading.hardware_label() == f"cpu: AMD EPYC 9R14 (x86_64, {kernels})"
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loading.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(loading.torch.cuda, "get_device_name", lambda i: f"NVIDIA H100 #{i}")
+    assert loading.hardware_label() == "cuda: NVIDIA H100 #0"
 
 
 def test_a_post_stage_repair_that_does_not_train_is_no_training_precision(tmp_path):

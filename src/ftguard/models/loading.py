@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -48,10 +49,7 @@ def fast_bf16_available() -> bool:
     """
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -65,6 +63,39 @@ def precision_label(weights: torch.dtype, autocast: torch.dtype | None) -> str:
     """``float32``, or ``float32 + bfloat16 autocast``: what a stage's or an evaluation's numbers were computed in."""
     name = str(weights).removeprefix("torch.")
     return name if autocast is None else f"{name} + {str(autocast).removeprefix('torch.')} autocast"
+
+
+def hardware_label() -> str:
+    """What a unit was made on: the GPU's name, or the CPU's model and the widest kernels it has for bf16 matmuls.
+
+    bf16 kernels (AMX tiles, AVX512-BF16 dot products) sum in different orders, so the same config trained on
+    two bf16-native CPUs gives close but different weights (docs/testbed.md measured it): a study resumed on
+    another machine says which units came from where."""
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(torch.cuda.current_device())}"
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in _cpuinfo().splitlines()
+            if line.startswith(("model name", "Model name"))
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        kernels = "AMX"
+    elif getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        kernels = "AVX512-BF16"
+    else:
+        kernels = torch.backends.cpu.get_cpu_capability()
+    return f"cpu: {model} ({platform.machine()}, {kernels})"
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:

@@ -17,7 +17,7 @@ from ftguard.config import RunConfig
 from ftguard.data.plan import DataPlan
 from ftguard.methods.base import PostMethod
 from ftguard.methods.context import ModelRef, PostContext
-from ftguard.models import load_tokenizer, precision_label
+from ftguard.models import hardware_label, load_tokenizer, precision_label
 from ftguard.pipeline.outputs import StageDir, write_json_atomic
 from ftguard.schema import to_dict
 
@@ -76,6 +76,7 @@ def post_stage(
             "runtime_s": runtime,
             # a repair that trains says what in (one-shot safety's autocast); the others are weight arithmetic
             "precision": report.get("precision") or precision_label(next(model.parameters()).dtype, None),
+            "hardware": hardware_label(),
             "resumed": bool(report.get("resumed")),
         }
     )

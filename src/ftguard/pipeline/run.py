@@ -187,14 +187,16 @@ class Pipeline:
             return str(path.resolve())
 
     def _record_training(self, unit: Unit) -> None:
-        """What the unit behind a point was trained in: a study resumed on another machine (bf16-native or not,
-        docs/evaluation-precision.md) reuses units by config, so results.json says which precision each came from.
+        """What the unit behind a point was trained in and on: a study resumed on another machine (bf16-native or
+        not, docs/evaluation-precision.md; another CPU kind, docs/testbed.md) reuses units by config, so
+        results.json says which precision and hardware each came from.
         The method's own report goes with it (what the filter removed, what a repair chose): units are not
         archived, results.json is."""
         manifest = self._dir(unit).manifest()
         record = {
             "method": manifest.get("method"),
             "precision": manifest.get("precision"),
+            "hardware": manifest.get("hardware"),
             "steps": manifest.get("steps"),
             "runtime_s": manifest.get("train_runtime_s", manifest.get("runtime_s")),
         }

@@ -28,6 +28,7 @@ from ftguard.methods.base import Method
 from ftguard.methods.context import ModelRef, StageContext
 from ftguard.models import (
     add_lora,
+    hardware_label,
     load_lora,
     load_model,
     load_tokenizer,
@@ -179,6 +180,7 @@ def train_stage(
                 next(trainer.model.parameters()).dtype,
                 torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None,
             ),
+            "hardware": hardware_label(),
         }
     )
     shutil.rmtree(ckpt_dir, ignore_errors=True)

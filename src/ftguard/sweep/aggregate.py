@@ -61,6 +61,7 @@ def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
                     "degenerate_rate": point.value("degenerate_rate"),
                     "judge": point.judge,
                     "train_precision": train_precision(results.data),
+                    "train_hardware": train_hardware(results.data),
                     "complete": results.complete,
                     # per-item outcomes (paired effects); aggregate() leaves them out of runs.json / runs.csv
                     "outcomes": point.entry.get("outcomes"),
@@ -82,9 +83,17 @@ def train_precision(results: dict[str, Any]) -> str | None:
     return " and ".join(sorted(found)) or None
 
 
-def precisions(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """{training precision: runs}, runs that did not record it under "not recorded"."""
-    by_run = {r["run"]: r.get("train_precision") or "not recorded" for r in rows}
+def train_hardware(results: dict[str, Any]) -> str | None:
+    """What the run's units were made on (results.json ``trained``; None for runs written before it was
+    recorded), every unit's, post-stage arithmetic included."""
+    found = {t.get("hardware") for t in (results.get("trained") or {}).values()} - {None}
+    return " and ".join(sorted(found)) or None
+
+
+def precisions(rows: list[dict[str, Any]], column: str = "train_precision") -> dict[str, int]:
+    """{training precision (or another run-level ``column``): runs}, runs that did not record it under
+    "not recorded"."""
+    by_run = {r["run"]: r.get(column) or "not recorded" for r in rows}
     return dict(sorted(Counter(by_run.values()).items()))
 
 
@@ -341,6 +350,7 @@ def aggregate(sweep: SweepConfig, runs: list[SweepRun]) -> tuple[list[dict[str, 
         "complete": finished == len(runs),
         "judges": sorted({r["judge"] for r in rows if r["judge"]}),
         "train_precisions": precisions(rows),
+        "train_hardware": precisions(rows, "train_hardware"),
         "tables": summarize(rows, sweep),
         "worst_case": worst_case(rows, sweep),
         "attack_curve": attack_curve(rows, sweep),

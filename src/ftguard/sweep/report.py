@@ -68,6 +68,23 @@ def _precision_lines(train_precisions: dict[str, int]) -> list[str]:
     return [f"Trained in: {text}.", ""]
 
 
+def _hardware_lines(train_hardware: dict[str, int]) -> list[str]:
+    """What the runs' units were made on; a warning when a table's units, or one run's, came from different
+    machines: the same config trained on another kind of CPU gives close, not equal, weights (docs/testbed.md)."""
+    recorded = set(train_hardware) - {"not recorded"}
+    if not recorded:
+        return []
+    text = "; ".join(f"{name} ({n} run{'s' * (n != 1)})" for name, n in train_hardware.items())
+    if len(recorded) > 1 or any(" and " in name for name in recorded):
+        return [
+            f"**Mixed hardware** ({text}): these units were made on different kinds of machine (a sweep resumed "
+            "elsewhere); bf16 kernels differ between CPUs, so a unit made again there is close to the first, not "
+            "equal: read small differences between such runs as noise of that size.",
+            "",
+        ]
+    return [f"Made on: {text}.", ""]
+
+
 def _marked(values: list[float], versus: dict[str, Any] | None) -> str:
     text = _cell(values)
     return text if versus is None or not values else f"{text} {versus['mark']}"
@@ -81,6 +98,7 @@ def markdown(
     curve: list[dict[str, Any]] | None = None,
     calibration: list[dict[str, Any]] | None = None,
     train_precisions: dict[str, int] | None = None,
+    train_hardware: dict[str, int] | None = None,
 ) -> str:
     lines = [f"# Sweep `{sweep.name}`", ""]
     if sweep.description:
@@ -94,6 +112,7 @@ def markdown(
         *(validation_line(name) for name in judge.split(", ") if name != "?"),
         "",
         *_precision_lines(train_precisions or {}),
+        *_hardware_lines(train_hardware or {}),
     ]
     if sweep.baseline:
         lines += [
@@ -483,6 +502,7 @@ def write_report(sweep: SweepConfig, runs: list[SweepRun], out: Path) -> dict[st
         report["attack_curve"],
         report["calibration"],
         report["train_precisions"],
+        report["train_hardware"],
     )
     if not report["complete"]:
         text += f"\n**Incomplete: {report['complete_runs']} of {report['runs']} runs finished.**\n"
