@@ -51,14 +51,21 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
+def _runs_by(counts: dict[str, int]) -> tuple[str, bool]:
+    """``{what the runs' units were made in or on: runs}`` as text, and whether two kinds were recorded (across
+    runs, or within one run: "A and B")."""
+    text = "; ".join(f"{name} ({n} run{'s' * (n != 1)})" for name, n in counts.items())
+    recorded = set(counts) - {"not recorded"}
+    return text, len(recorded) > 1 or any(" and " in name for name in recorded)
+
+
 def _precision_lines(train_precisions: dict[str, int]) -> list[str]:
     """Which precision the runs were trained in; a warning when units of one table, or of one run, were trained in
     different precisions (a sweep resumed on a CPU that resolves `auto` differently: docs/evaluation-precision.md)."""
     if not train_precisions:
         return []
-    text = "; ".join(f"{name} ({n} run{'s' * (n != 1)})" for name, n in train_precisions.items())
-    recorded = set(train_precisions) - {"not recorded"}
-    if len(recorded) > 1 or any(" and " in name for name in recorded):
+    text, mixed = _runs_by(train_precisions)
+    if mixed:
         return [
             f"**Mixed training precision** ({text}): these units were not all trained in one precision (a sweep "
             "resumed on a CPU that resolves `auto` differently, or a defense that pins its own `mixed_precision`); "
@@ -71,11 +78,10 @@ def _precision_lines(train_precisions: dict[str, int]) -> list[str]:
 def _hardware_lines(train_hardware: dict[str, int]) -> list[str]:
     """What the runs' units were made on; a warning when a table's units, or one run's, came from different
     machines: the same config trained on another kind of CPU gives close, not equal, weights (docs/testbed.md)."""
-    recorded = set(train_hardware) - {"not recorded"}
-    if not recorded:
+    if set(train_hardware) <= {"not recorded"}:
         return []
-    text = "; ".join(f"{name} ({n} run{'s' * (n != 1)})" for name, n in train_hardware.items())
-    if len(recorded) > 1 or any(" and " in name for name in recorded):
+    text, mixed = _runs_by(train_hardware)
+    if mixed:
         return [
             f"**Mixed hardware** ({text}): these units were made on different kinds of machine (a sweep resumed "
             "elsewhere); bf16 kernels differ between CPUs, so a unit made again there is close to the first, not "
