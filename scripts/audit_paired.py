@@ -10,6 +10,7 @@
     python scripts/audit_paired.py level GENERATIONS.jsonl --n 40 --key KEY.json           # one arm's HS level
     python scripts/audit_paired.py level RUN --kind benign --n 20 --key KEY.json    # its refusal detector, XSTest
     python scripts/audit_paired.py level-score KEY.json LABELS.json --out AUDIT.json
+    python scripts/audit_paired.py agreement docs/results/audits/second-labeller/*-level.json  # a second labeller
 
 ``level`` audits one model's HS itself rather than a difference: ``--n`` answers the judge flagged and ``--n`` it
 did not, shuffled, shown without the verdict (labels ``{source id: "H" | "N"}``); ``level-score`` gives the share of
@@ -372,6 +373,56 @@ def consistency(paths: list[Path]) -> dict:
     }
 
 
+def agreement(pairs: list[tuple[dict, dict[str, str]]]) -> dict:
+    """A second labeller against the first on level audits: each (audit file, the second labeller's labels of
+    the same answers, read blind to the first's labels and to the judge). Per audit and pooled: raw agreement,
+    Cohen's kappa, and the audited HS each labeller's labels imply (``level_score``), so that what the labeller
+    adds to an audited level can be told from what the judge does."""
+    from ftguard.evaluation.stats import cohen_kappa, wilson_interval
+
+    per, first_all, second_all = [], [], []
+    for audit, second in pairs:
+        positive = "H" if audit.get("kind", "harmful") == "harmful" else "R"
+        sources = list(audit["flagged"])
+        first = [audit["labels"][s] == positive for s in sources]
+        try:
+            theirs = [second[s] == positive for s in sources]
+        except KeyError as missing:
+            raise SystemExit(f"{audit.get('what', 'an audit')}: the second labels lack {missing}") from None
+        agree = sum(a == b for a, b in zip(first, theirs, strict=True))
+        key = {k: audit[k] for k in ("n_prompts", "n_flagged", "flagged", "kind") if k in audit}
+        audited = "audited_hs" if positive == "H" else "audited_rate"
+        per.append(
+            {
+                "what": audit.get("what", ""),
+                "seed": audit.get("seed"),
+                "n": len(sources),
+                "agreement": 100.0 * agree / len(sources),
+                "agreement_interval": list(wilson_interval(agree, len(sources))),
+                "kappa": cohen_kappa(first, theirs),
+                "first_audited": level_score(key, audit["labels"])[audited],
+                "second_audited": level_score(key, second)[audited],
+                "first_positive": sum(first),
+                "second_positive": sum(theirs),
+            }
+        )
+        first_all += first
+        second_all += theirs
+    agree = sum(a == b for a, b in zip(first_all, second_all, strict=True))
+    pooled = {
+        "n": len(first_all),
+        "agreement": 100.0 * agree / len(first_all) if first_all else float("nan"),
+        "agreement_interval": list(wilson_interval(agree, len(first_all))),
+        "kappa": cohen_kappa(first_all, second_all),
+        "mean_abs_audited_difference": (
+            sum(abs(p["first_audited"] - p["second_audited"]) for p in per) / len(per)
+            if per
+            else float("nan")
+        ),
+    }
+    return {"audits": per, "pooled": pooled}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -415,6 +466,14 @@ def main(argv: list[str] | None = None) -> None:
     table.add_argument("--plot", type=Path, help="also draw judged against audited difference here (PNG)")
     again = sub.add_parser("consistency")
     again.add_argument("audits", type=Path, nargs="+")
+    second = sub.add_parser("agreement", help="a second labeller's blind labels against an audit's")
+    second.add_argument(
+        "pairs",
+        nargs="+",
+        help="AUDIT.json,SECOND_LABELS.json per level audit (labels as `level` asks), or a committed second "
+        "labelling (docs/results/audits/second-labeller/*-level.json: its labels and the audit it read)",
+    )
+    second.add_argument("--out", type=Path, help="also write the result here")
     worded = sub.add_parser("styles", help="the judge's flags on non-complying answers, by wording")
     worded.add_argument(
         "audit",
@@ -434,6 +493,26 @@ def main(argv: list[str] | None = None) -> None:
             loaded = json.loads(Path(key).read_text()), json.loads(Path(labels).read_text())
             audits.append((*loaded, harmful_answers(Path(base)), harmful_answers(Path(defense))))
         print(json.dumps(styles(audits), indent=1))
+        return
+    if args.command == "agreement":
+        loaded = []
+        for spec in args.pairs:
+            if "," in spec:
+                audit, labels = spec.split(",")
+                loaded.append((json.loads(Path(audit).read_text()), json.loads(Path(labels).read_text())))
+                continue
+            # a committed second labelling names its audit, which sits one folder up
+            second = json.loads(Path(spec).read_text())
+            if "audit" not in second:
+                raise SystemExit(
+                    f"{spec}: not a second labelling (no 'audit' field); pass AUDIT.json,LABELS.json"
+                )
+            audit = json.loads((Path(spec).parent.parent / second["audit"]).read_text())
+            loaded.append((audit, second["labels"]))
+        result = json.dumps(agreement(loaded), indent=1)
+        print(result)
+        if args.out:
+            args.out.write_text(result + "\n")
         return
     if args.command == "consistency":
         print(json.dumps(consistency(args.audits), indent=1))

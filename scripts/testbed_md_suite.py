@@ -161,7 +161,24 @@ def suite_level_audits(folder: Path | None) -> list[str]:
             f"[{sc['precision_interval'][0]:.0f}, {sc['precision_interval'][1]:.0f}] | {sc['missed']:.0f} "
             f"[{sc['missed_interval'][0]:.0f}, {sc['missed_interval'][1]:.0f}] | {sc['audited_hs']:.1f} |"
         )
-    return [*lines, ""]
+    return [*lines, "", *_second_labelling(folder / "second-labeller" / "agreement.json")]
+
+
+def _second_labelling(path: Path) -> list[str]:
+    """How far a second, blind labelling of some audits' answers moves them (``audit_paired.py agreement``)."""
+    if not path.is_file():
+        return []
+    got = json.loads(path.read_text())
+    pooled, audits = got["pooled"], got["audits"]
+    low, high = pooled["agreement_interval"]
+    return [
+        f"A second labelling of {pooled['n']} of these answers ({len(audits)} audit{'s' * (len(audits) != 1)}; "
+        "another session of the "
+        "same labeller, blind to the verdicts and the first labels; docs/attacks.md) agrees on "
+        f"{pooled['agreement']:.0f}% [{low:.0f}, {high:.0f}] of them, Cohen's kappa {pooled['kappa']:.2f}; the "
+        f"audited HS it implies is {pooled['mean_abs_audited_difference']:.1f} points from the first on average.",
+        "",
+    ]
 
 
 def suite_audits_against_baseline(folder: Path | None, baseline: str) -> list[str]:

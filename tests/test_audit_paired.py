@@ -257,3 +257,46 @@ def test_two_level_audits_apart_the_audited_gap_the_judged_one_and_an_interval_f
         seed=0,
     )
     assert many["interval"][1] - many["interval"][0] < width / 2
+
+
+def test_a_second_labeller_is_read_against_the_first_by_agreement_kappa_and_the_level_each_implies(tmp_path):
+    # 4 flagged and 4 passed of 20 prompts, 5 flagged in all; the labellers part on one flagged and one passed
+    sources = [f"s#{i}" for i in range(8)]
+    audit = {
+        "what": "sft, jailbreak",
+        "seed": 46,
+        "n_prompts": 20,
+        "n_flagged": 5,
+        "flagged": {s: i < 4 for i, s in enumerate(sources)},
+        "labels": dict(zip(sources, "HHHN" + "HNNN", strict=True)),
+    }
+    second = dict(zip(sources, "HHNN" + "HHNN", strict=True))
+    got = audit_paired.agreement([(audit, second)])
+    one = got["audits"][0]
+    assert one["agreement"] == pytest.approx(75.0) and one["n"] == 8
+    # by hand: first 4 of 8 positive, second 4 of 8: chance agreement 0.5, observed 0.75
+    assert one["kappa"] == pytest.approx((0.75 - 0.5) / 0.5)
+    assert one["first_audited"] == pytest.approx(25.0 * 0.75 + 75.0 * 0.25)
+    assert one["second_audited"] == pytest.approx(25.0 * 0.5 + 75.0 * 0.5)
+    assert got["pooled"]["mean_abs_audited_difference"] == pytest.approx(
+        abs(one["first_audited"] - one["second_audited"])
+    )
+    # a second labelling that misses an answer is refused, not read as agreement
+    del second["s#7"]
+    with pytest.raises(SystemExit, match="s#7"):
+        audit_paired.agreement([(audit, second)])
+
+
+def test_the_committed_second_labellings_name_audits_whose_answers_they_all_label():
+    # what docs/attacks.md reports of the second labeller is recomputed from these files
+    folder = SCRIPTS.parent / "docs" / "results" / "audits" / "second-labeller"
+    paths = sorted(folder.glob("*-level.json"))
+    assert paths, "no committed second labelling"
+    pairs = []
+    for path in paths:
+        second = json.loads(path.read_text())
+        audit = json.loads((folder.parent / second["audit"]).read_text())
+        assert set(second["labels"]) == set(audit["labels"]), path.name
+        pairs.append((audit, second["labels"]))
+    committed = json.loads((folder / "agreement.json").read_text())
+    assert json.loads(json.dumps(audit_paired.agreement(pairs))) == committed

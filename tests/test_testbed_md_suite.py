@@ -117,6 +117,20 @@ def test_the_suite_s_level_audits_put_the_audited_hs_beside_the_judge_s_and_only
     text = "\n".join(page.suite_level_audits(audits))
     assert "| filter, full | 44 | 63.0 | 50 [33, 67] | 25 [12, 45] | 40.8 |" in text
     assert "| sft |" not in text  # the study's level audits have their own section
+    assert "second labelling" not in text
+    second = audits / "second-labeller"
+    second.mkdir()
+    pooled = {"n": 60, "agreement": 93.3, "agreement_interval": [84.1, 97.4], "kappa": 0.859}
+    agreement = {
+        "audits": [{"what": "filter, full"}],
+        "pooled": pooled | {"mean_abs_audited_difference": 3.9},
+    }
+    (second / "agreement.json").write_text(json.dumps(agreement))
+    text = "\n".join(page.suite_level_audits(audits))
+    assert "A second labelling of 60 of these answers (1 audit;" in text
+    assert (
+        "agrees on 93% [84, 97] of them, Cohen's kappa 0.86; the audited HS it implies is 3.9 points" in text
+    )
 
 
 def test_each_audited_suite_cell_sits_beside_the_baseline_s_audited_cell_of_its_attack_and_seed(
