@@ -2,12 +2,15 @@
 
     python scripts/compare_runs.py runs/sweeps/X/runs/booster-lam5-s128-refresh2 \\
         runs/sweeps/X/runs/booster-lam5-s128 [--points align finetune]
+    python scripts/compare_runs.py SUITE/runs/antidote SUITE/runs/sft --points finetune --only seed46
 
 Each argument is a run folder (holding results.json) or a defense's folder of a sweep (holding one run folder per
 seed). A sweep report pairs every defense against its baseline only; this pairs any two, e.g. a variant against
 the setting it amortises. Runs pair by folder name (attack setting and seed, as a sweep names them) and rates
 by their per-prompt outcomes: the two-level paired bootstrap of ``ftguard.evaluation.paired`` over the same seeds and
-prompts. Outcomes over different prompts refuse to pair.
+prompts. Outcomes over different prompts refuse to pair. Beside each difference: how many items the two score
+differently (a difference of 0 can hide flips both ways), e.g. a post-stage defense's fine-tuned models against
+the baseline's, made again on another machine (the second example).
 """
 
 from __future__ import annotations
@@ -55,9 +58,14 @@ def _point(results: dict, point: str, p: float | None) -> dict | None:
     return stages[keys[0]] if keys else None
 
 
-def compare(treated: Path, control: Path, points: list[str], p: float | None = None) -> list[str]:
+def compare(
+    treated: Path, control: Path, points: list[str], p: float | None = None, only: str | None = None
+) -> list[str]:
+    """The table; ``only``: pair just the runs whose label holds it (``seed46``: one seed of a suite)."""
     a, b = _runs(treated), _runs(control)
     common = sorted(set(a) & set(b))
+    if only is not None:
+        common = [run for run in common if only in run]
     if not common:
         raise SystemExit(f"no run in common: {treated.name} has {sorted(a)}, {control.name} has {sorted(b)}")
     ratio = "" if p is None else f" at p = {p:g}"
@@ -65,8 +73,8 @@ def compare(treated: Path, control: Path, points: list[str], p: float | None = N
         f"`{treated.name}` − `{control.name}`{ratio}, paired over {', '.join(common)} and the same prompts, in "
         "points [95% interval of the two-level bootstrap]; ↓/↑ when the interval excludes 0.",
         "",
-        "| point | rate | treated | control | difference | detectable |",
-        "|---|---|---|---|---|---|",
+        "| point | rate | treated | control | difference | detectable | items apart |",
+        "|---|---|---|---|---|---|---|",
     ]
     for point in points:
         stages = [(_point(a[run], point, p), _point(b[run], point, p)) for run in common]
@@ -87,9 +95,14 @@ def compare(treated: Path, control: Path, points: list[str], p: float | None = N
             low, high = cell["interval"]
             mean_t = 100 * sum(map(sum, t)) / sum(map(len, t))
             mean_c = 100 * sum(map(sum, c)) / sum(map(len, c))
+            # how many items the two score differently: a difference of 0 can hide many flips both ways
+            apart = sum(
+                x != y for run_t, run_c in zip(t, c, strict=True) for x, y in zip(run_t, run_c, strict=True)
+            )
             lines.append(
                 f"| {point} | {metric.label} | {mean_t:.1f} | {mean_c:.1f} | "
-                f"{cell['diff']:+.1f} [{low:+.1f}, {high:+.1f}] {cell['mark']} | {cell['detectable']:.1f} |"
+                f"{cell['diff']:+.1f} [{low:+.1f}, {high:+.1f}] {cell['mark']} | {cell['detectable']:.1f} | "
+                f"{apart} of {sum(map(len, t))} |"
             )
     return lines
 
@@ -105,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--p", type=float, help="the harmful ratio to read (needed when the runs hold several)"
     )
+    parser.add_argument("--only", help="pair just the runs whose label holds this (e.g. seed46)")
     args = parser.parse_args(argv)
-    sys.stdout.write("\n".join(compare(args.treated, args.control, args.points, args.p)) + "\n")
+    sys.stdout.write("\n".join(compare(args.treated, args.control, args.points, args.p, args.only)) + "\n")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,14 @@ def test_the_difference_pairs_by_seed_and_skips_a_seed_one_arm_lacks(tmp_path):
     (row,) = [line for line in lines if line.startswith("| finetune | HS |")]
     # treated 3 of 8, control 6 of 8: −37.5 points, computed by hand
     assert row.startswith("| finetune | HS | 37.5 | 75.0 | -37.5 [")
+    # seed 44 parts on one prompt, seed 45 on two
+    assert row.endswith("| 3 of 8 |")
+    (row,) = [
+        line
+        for line in compare_runs.compare(treated, control, ["finetune"], only="seed45")
+        if line.startswith("| finetune | HS |")
+    ]
+    assert row.startswith("| finetune | HS | 25.0 | 75.0 | -50.0 [") and row.endswith("| 2 of 4 |")
 
 
 def test_outcomes_over_different_prompts_refuse_to_pair(tmp_path):
