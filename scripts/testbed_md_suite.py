@@ -173,8 +173,7 @@ def _second_labelling(path: Path) -> list[str]:
     low, high = pooled["agreement_interval"]
     return [
         f"A second labelling of {pooled['n']} of these answers ({len(audits)} audit{'s' * (len(audits) != 1)}; "
-        "another session of the "
-        "same labeller, blind to the verdicts and the first labels; docs/attacks.md) agrees on "
+        "other sessions of the same labeller, blind to the verdicts and the first labels; docs/attacks.md) agrees on "
         f"{pooled['agreement']:.0f}% [{low:.0f}, {high:.0f}] of them, Cohen's kappa {pooled['kappa']:.2f}; the "
         f"audited HS it implies is {pooled['mean_abs_audited_difference']:.1f} points from the first on average.",
         "",
