@@ -455,6 +455,11 @@ def main() -> None:
             "",
             section(attack[0], "Attack curve").replace("## Attack curve", "### Attack curve", 1),
         ]
+        if (args.attack / "attack_curve.png").is_file():
+            out += [
+                f"![HS at each attack setting, a line per p](results/{SWEEPS['attack']}/attack_curve.png)",
+                "",
+            ]
     else:
         out += ["Pending.", ""]
 
