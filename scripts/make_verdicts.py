@@ -423,7 +423,8 @@ def fill_ledger(
         if match:
             parts = line.split(" | ")
             method = match.group(1)
-            plan = plans.get(method, "not in the testbed")
+            # a method in no testbed sweep is not waiting for a run: "pending" would promise one
+            plan = plans.get(method, ("not in the testbed", "not run in the testbed"))
             study, verdict_text = cells.get(method) or (
                 plan if isinstance(plan, tuple) else (plan, "pending")
             )

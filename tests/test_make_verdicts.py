@@ -191,7 +191,7 @@ def test_the_ledger_rows_take_the_study_and_the_verdict_of_their_method(study, t
     assert "calibrated attack (`selective`): reproduced qualitatively" in verdict_cell
     assert "calibrated attack (`nothing`): not reproduced (detects ≥ 5.5 points)" in verdict_cell
     assert filled[4].endswith("| calibration | in `sweeps/x`, not run yet | pending |")
-    assert filled[5].endswith("| calibration | not in the testbed | pending |")
+    assert filled[5].endswith("| calibration | not in the testbed | not run in the testbed |")
     # SFT: its HS before the attack (mean of 30 and 32) and after it (50 at every seed of the fixture)
     assert filled[6].endswith(
         "| calibration | calibrated attack: HS 31.0 before the attack; after it, at p = 0 / 0.1: 50.0 / 50.0 (2 of 5 "
