@@ -54,9 +54,12 @@ LANE_A=(
 # issue's result waits on (moved on 2026-12-05).
 # Vaccine joined the study on 2026-12-05 with seed 48 of six defenses still to run: that seed comes first, so
 # that those defenses' five-seed rows are complete before Vaccine's five runs (about an hour each) begin.
+# The alignment calibration's last settings were put before the uncalibrated defenses on 2026-12-07: they decide
+# whether Booster joins the study (issue 20), the added defenses decide no issue, and lane A alone would hold
+# them for a session more (Booster at 192 steps: about 75 minutes of training on one thread).
 LANE_B=(
   testbed-study:ewc,filter,antidote,safelora,recovery,repnoise
-  testbed-study testbed-study-strong cpu-attack-suite testbed-study-uncalibrated
+  testbed-study testbed-study-strong cpu-attack-suite testbed-align-calibration testbed-study-uncalibrated
 )
 OUT=${OUT:-runs/sweeps}
 UNITS=${UNITS:-runs/units}
