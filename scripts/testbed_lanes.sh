@@ -57,6 +57,8 @@ LANE_A=(
 # The alignment calibration's last settings were put before the uncalibrated defenses on 2026-12-07: they decide
 # whether Booster joins the study (issue 20), the added defenses decide no issue, and lane A alone would hold
 # them for a session more (Booster at 192 steps: about 75 minutes of training on one thread).
+# Booster joined the study on 2026-12-07 (λ 5 at 192 steps): its runs are testbed-study's last, taken by both lanes
+# before the uncalibrated defenses.
 LANE_B=(
   testbed-study:ewc,filter,antidote,safelora,recovery,repnoise
   testbed-study testbed-study-strong cpu-attack-suite testbed-align-calibration testbed-study-uncalibrated
