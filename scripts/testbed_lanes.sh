@@ -54,11 +54,9 @@ LANE_A=(
 # issue's result waits on (moved on 2026-12-05).
 # Vaccine joined the study on 2026-12-05 with seed 48 of six defenses still to run: that seed comes first, so
 # that those defenses' five-seed rows are complete before Vaccine's five runs (about an hour each) begin.
-# The alignment calibration's last settings were put before the uncalibrated defenses on 2026-12-07: they decide
-# whether Booster joins the study (issue 20), the added defenses decide no issue, and lane A alone would hold
-# them for a session more (Booster at 192 steps: about 75 minutes of training on one thread).
-# Booster joined the study on 2026-12-07 (λ 5 at 192 steps): its runs are testbed-study's last, taken by both lanes
-# before the uncalibrated defenses.
+# On 2026-12-07 the alignment calibration went before the uncalibrated defenses (its last settings decided whether
+# Booster joins the study; the added defenses decide no issue). Booster joined that day (λ 5 at 192 steps): its
+# runs are testbed-study's last, taken by both lanes before the uncalibrated defenses.
 LANE_B=(
   testbed-study:ewc,filter,antidote,safelora,recovery,repnoise
   testbed-study testbed-study-strong cpu-attack-suite testbed-align-calibration testbed-study-uncalibrated
