@@ -1,4 +1,5 @@
-"""Sweep aggregation and reports on synthetic runs: mean/std, paired effects and Holm, worst case and its guard, the attack curve, RESULTS.md."""
+"""Sweep aggregation and reports on synthetic runs: mean/std, paired effects and Holm, worst case and its
+guard, the attack curve, RESULTS.md."""
 
 from __future__ import annotations
 

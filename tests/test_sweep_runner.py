@@ -1,4 +1,5 @@
-"""The sweep runner: unit locks, shards, deferral, selection (--defenses, --seeds), --stop-after, reuse, redoing runs judged by refitted heads, hardware records."""
+"""The sweep runner: unit locks, shards, deferral, selection (--defenses, --seeds), --stop-after, reuse,
+redoing runs judged by refitted heads, hardware records."""
 
 from __future__ import annotations
 
