@@ -32,6 +32,7 @@ from testbed_md_suite import attack_suite
 
 from ftguard.evaluation.paired import detectable_before_the_run
 from ftguard.metrics import METRICS
+from ftguard.sweep.aggregate import mean_std
 
 HEADER = """# CPU results: the testbed (SmolLM2-135M-Instruct)
 
@@ -414,6 +415,40 @@ def other_judges(folder: Path | None) -> list[str]:
     return lines
 
 
+def aligned_under_judges(folder: Path | None) -> list[str]:
+    """The aligned models' HS before the attack with the same answers judged by every rescoring judge: whether
+    a start's miss (or match) belongs to the study's judge or to the model."""
+    found = [j for j in RESCORED_JUDGES if folder is not None and (folder / j / "runs.json").is_file()]
+    if "ftguard-judge" not in found or len(found) < 2:
+        return []
+    # runs sharing an aligned model evaluate it once each: one value per alignment method and seed
+    hs: dict[str, dict[str, dict[int, float]]] = {}
+    for judge in found:
+        for r in json.loads((folder / judge / "runs.json").read_text()):
+            if r["point"] == "align" and r.get("harmful_score") is not None:
+                hs.setdefault(r["method"], {}).setdefault(judge, {}).setdefault(r["seed"], r["harmful_score"])
+    if not hs:
+        return []
+
+    def cell(values: dict[int, float]) -> str:
+        if not values:
+            return "–"
+        mean, std = mean_std(list(values.values()))
+        return f"{mean:.1f} ± {std or 0.0:.1f}"
+
+    lines = [
+        "The same aligned models' answers judged again (`ftguard judge rescore`, the runs whose answers are still "
+        "on disk; docs/results/testbed-study-rescored/): HS before the attack, mean ± std over seeds.",
+        "",
+        "| alignment | seeds | " + " | ".join(f"`{j}`" for j in found) + " |",
+        "|---|---|" + "---|" * len(found),
+    ]
+    for method, by_judge in hs.items():
+        seeds = len(by_judge.get("ftguard-judge", {}))
+        lines.append(f"| {method} | {seeds} | " + " | ".join(cell(by_judge.get(j, {})) for j in found) + " |")
+    return [*lines, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -439,6 +474,7 @@ def main() -> None:
             "OR ≤ 25, IR ≤ 10.",
             "",
             before_attack(rows),
+            *aligned_under_judges(args.rescored),
         ]
     else:
         out += [

@@ -213,3 +213,45 @@ def test_the_study_effect_is_scaled_by_the_share_of_the_judged_fall_each_audit_k
     text = "\n".join(page.at_audited_shares(paths, study, [outside]))
     assert "| lisa | -10.0 [-15.0, -5.0] | 100% (seed 46), 75% (seed 47) | -10.0 to -7.5 | 7.0 |" in text
     assert page.at_audited_shares(paths, None) == []
+
+
+def test_the_aligned_models_hs_under_every_rescoring_judge_counts_each_model_once(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    folder = tmp_path / "rescored"
+    assert page.aligned_under_judges(None) == []
+
+    def write(judge, sft_hs, vaccine_hs):
+        (folder / judge).mkdir(parents=True)
+        runs = []
+        for seed, sft, vaccine in zip((46, 47), sft_hs, vaccine_hs, strict=True):
+            # two runs (sft, lisa) share SFT's aligned model: its HS must count once per seed
+            for defense in ("sft", "lisa"):
+                runs.append(
+                    {"defense": defense, "method": "sft", "seed": seed, "point": "align"}
+                    | {"harmful_score": sft}
+                )
+            runs.append(
+                {
+                    "defense": "vaccine",
+                    "method": "vaccine",
+                    "seed": seed,
+                    "point": "align",
+                    "harmful_score": vaccine,
+                }
+            )
+            runs.append(
+                {"defense": "sft", "method": "sft", "seed": seed, "point": "finetune", "harmful_score": 90.0}
+            )
+        (folder / judge / "runs.json").write_text(json.dumps(runs))
+
+    write("keyword", [60.0, 70.0], [50.0, 50.0])
+    assert page.aligned_under_judges(folder) == []  # the study's judge is the reference column
+    write("ftguard-judge", [30.0, 40.0], [20.0, 30.0])
+    write("ftguard-cross-judge", [18.0, 22.0], [10.0, 10.0])
+    text = "\n".join(page.aligned_under_judges(folder))
+    assert "| alignment | seeds | `ftguard-judge` | `keyword` | `ftguard-cross-judge` |" in text
+    sd = 7.1  # the sample std of 30 and 40
+    assert f"| sft | 2 | 35.0 ± {sd} | 65.0 ± {sd} | 20.0 ± 2.8 |" in text
+    assert f"| vaccine | 2 | 25.0 ± {sd} | 50.0 ± 0.0 | 10.0 ± 0.0 |" in text
+    assert "90.0" not in text  # after-the-attack points are not starts
