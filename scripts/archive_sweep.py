@@ -16,6 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from ftguard.sweep.plots import PLOT_FILES
+
 RUN_FILES = ("config.yaml", "results.json", "results.md")
 # rescore.*: a copy judged again by `ftguard judge rescore` (per model: HS under both judges, no text)
 SWEEP_FILES = (
@@ -28,7 +30,7 @@ SWEEP_FILES = (
     "rescore.json",
     "rescore.md",
 )
-PLOTS = ("hs_vs_p.png", "hs_vs_fa.png", "attack_curve.png", "worst_case.png", "rescore.png")
+PLOTS = (*PLOT_FILES, "rescore.png")
 
 
 def archive(src: Path, dest: Path) -> int:

@@ -449,6 +449,13 @@ def aligned_under_judges(folder: Path | None) -> list[str]:
     return [*lines, ""]
 
 
+def figure(folder: Path | None, key: str, name: str, alt: str) -> list[str]:
+    """A sweep report's figure (sweep/plots.py), linked from its archive when the archive holds it."""
+    if folder is None or not (folder / name).is_file():
+        return []
+    return [f"![{alt}](results/{SWEEPS[key]}/{name})", ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -491,11 +498,7 @@ def main() -> None:
             "",
             section(attack[0], "Attack curve").replace("## Attack curve", "### Attack curve", 1),
         ]
-        if (args.attack / "attack_curve.png").is_file():
-            out += [
-                f"![HS at each attack setting, a line per p](results/{SWEEPS['attack']}/attack_curve.png)",
-                "",
-            ]
+        out += figure(args.attack, "attack", "attack_curve.png", "HS at each attack setting, a line per p")
     else:
         out += ["Pending.", ""]
 
@@ -527,6 +530,12 @@ def main() -> None:
             out += [f"Under {attack_name} (`sweeps/{SWEEPS[key]}`): pending.", ""]
             continue
         out += [f"### Under {attack_name} ({status(report[1])})", "", _tables(report[0])]
+        out += figure(
+            getattr(args, key),
+            key,
+            "paired_effects.png",
+            "each defense's paired effect against SFT, 95% intervals, filled where it survives Holm",
+        )
         if key == "study":
             out += hand_audits(args.audits, report[1])
             out += other_judges(args.rescored)

@@ -16,7 +16,7 @@ from ftguard.attacks.base import all_attacks
 from ftguard.run_results import read_results
 from ftguard.sweep.config import axis_text, load_sweep
 from ftguard.sweep.report import collect, worst_case, write_report
-from test_sweep import _fake_runs, _sweep
+from sweep_helpers import fake_runs, tiny_sweep
 
 ATTACK = "data.finetune.attack"
 FULL = "adapter.finetune_full"
@@ -50,7 +50,7 @@ SCORES = {
 
 def _suite_runs(tmp_path):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    sweep = _sweep(
+    sweep = tiny_sweep(
         defenses={"booster": {}, "lisa": {}},
         seeds=[1, 2],
         attack={"grid": {ATTACK: SUITE}, "capability_guard": {"max_fa_drop": 20}},
@@ -62,7 +62,7 @@ def _suite_runs(tmp_path):
         for seed in (1, 2)
     }
     runs = []
-    for run in _fake_runs(tmp_path, sweep, values):
+    for run in fake_runs(tmp_path, sweep, values):
         index = int(
             run.attack["finetune.train.learning_rate"]
         )  # _fake_runs' placeholder axis picks the attack
@@ -159,9 +159,9 @@ def test_the_report_writes_the_curve_its_plot_and_a_row_per_defense(tmp_path):
 
 
 def test_no_curve_and_no_plot_without_an_attack_grid(tmp_path):
-    sweep = _sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.1]})
+    sweep = tiny_sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.1]})
     (tmp_path / "runs").mkdir()
-    runs = _fake_runs(tmp_path / "runs", sweep, {("sft", 0.1, 1, None): (50.0, 90.0)})
+    runs = fake_runs(tmp_path / "runs", sweep, {("sft", 0.1, 1, None): (50.0, 90.0)})
     out = tmp_path / "report"
     out.mkdir()
     report = write_report(sweep, runs, out)
@@ -260,9 +260,9 @@ def test_gate_worst_case_on_the_interval_bound_gates_the_upper_end_of_the_worst_
 
 def test_gate_worst_case_errors_in_one_line(tmp_path, capsys):
     # a real sweep report without an attack: block has no worst case
-    sweep = _sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.1]})
+    sweep = tiny_sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.1]})
     (tmp_path / "runs").mkdir()
-    runs = _fake_runs(tmp_path / "runs", sweep, {("sft", 0.1, 1, None): (50.0, 90.0)})
+    runs = fake_runs(tmp_path / "runs", sweep, {("sft", 0.1, 1, None): (50.0, 90.0)})
     out = tmp_path / "plain"
     out.mkdir()
     write_report(sweep, runs, out)

@@ -255,3 +255,17 @@ def test_the_aligned_models_hs_under_every_rescoring_judge_counts_each_model_onc
     assert f"| sft | 2 | 35.0 ± {sd} | 65.0 ± {sd} | 20.0 ± 2.8 |" in text
     assert f"| vaccine | 2 | 25.0 ± {sd} | 50.0 ± 0.0 | 10.0 ± 0.0 |" in text
     assert "90.0" not in text  # after-the-attack points are not starts
+
+
+def test_a_sweep_figure_is_linked_from_its_archive_only_when_the_archive_holds_it(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    page = load_script("make_testbed_md")
+    study = tmp_path / "testbed-study"
+    study.mkdir()
+    assert page.figure(None, "study", "paired_effects.png", "effects") == []
+    assert page.figure(study, "study", "paired_effects.png", "effects") == []
+    (study / "paired_effects.png").write_bytes(b"png")
+    assert page.figure(study, "study", "paired_effects.png", "effects") == [
+        "![effects](results/testbed-study/paired_effects.png)",
+        "",
+    ]

@@ -11,42 +11,11 @@ import numpy as np
 import pytest
 
 from ftguard import cli
-from ftguard.config import load_config
-from ftguard.resolve import resolve_run
 from ftguard.schema import ConfigError
-from ftguard.sweep.config import SweepRun, expand
+from ftguard.sweep.config import expand
 from ftguard.sweep.report import summarize, worst_case
 from script_module import load_script
-from sweep_helpers import tiny_sweep, unit_folders
-
-
-def _fake_runs(tmp_path, sweep, values):
-    """values: {(defense, p, seed, lr): (hs, fa)} → SweepRuns with results.json files as the pipeline writes."""
-    runs = []
-    base = load_config("quickstart-tiny")
-    for (defense, p, seed, lr), (hs, fa) in values.items():
-        out = tmp_path / f"{defense}-{p}-{seed}-{lr}"
-        out.mkdir()
-        entry = {
-            "stage": "finetune",
-            "method": "sft",
-            "harmful_ratio": p,
-            "harmful_score": hs,
-            "harmful_score_plus": hs,
-            "finetune_accuracy": fa,
-            "over_refusal": 0.0,
-            "judge": "keyword",
-        }
-        if float(hs).is_integer() and float(fa).is_integer():  # rates of 100 prompts: the counts behind them
-            entry["counts"] = {"harmful_score": [int(hs), 100], "finetune_accuracy": [int(fa), 100]}
-        stages = {"align": {"stage": "align", "harmful_score": 0.0, "judge": "keyword"}, "finetune": entry}
-        (out / "results.json").write_text(json.dumps({"complete": True, "stages": stages}))
-        cfg = dataclasses.replace(base, output_dir=str(out), seed=seed)
-        attack = {"finetune.train.learning_rate": lr} if lr is not None else {}
-        runs.append(
-            SweepRun(out.name, defense, seed, {"data.finetune.harmful_ratio": p}, attack, resolve_run(cfg))
-        )
-    return runs
+from sweep_helpers import fake_runs, tiny_sweep, unit_folders
 
 
 def test_summary_mean_std_over_seeds_and_per_seed_average(tmp_path):
@@ -55,7 +24,7 @@ def test_summary_mean_std_over_seeds_and_per_seed_average(tmp_path):
     hs |= {("booster", 0.0, 1): 1.0, ("booster", 0.1, 1): 3.0}
     from ftguard.sweep.report import collect
 
-    runs = _fake_runs(tmp_path, sweep, {(d, p, s, None): (v, 90.0) for (d, p, s), v in hs.items()})
+    runs = fake_runs(tmp_path, sweep, {(d, p, s, None): (v, 90.0) for (d, p, s), v in hs.items()})
     (table,) = summarize(collect(runs), sweep)
     sft = table["defenses"]["sft"]["harmful_score"]
     assert sft["0.1"]["mean"] == 60.0 and sft["0.1"]["std"] == pytest.approx(statistics.stdev([50, 70]))
@@ -82,7 +51,7 @@ def test_defenses_are_marked_against_the_baseline_from_counts_pooled_over_shared
     values = {(d, 0.1, seed + 1, None): (float(v[seed]), 90.0) for d, v in hs.items() for seed in range(3)}
     values |= {(d, 0.0, seed, None): (10.0, 90.0) for d in hs for seed in (1, 2, 3)}
     values[("a", 0.1, 4, None)] = (0.0, 90.0)  # a seed the baseline lacks: left out of the pooling
-    (table,) = summarize(collect(_fake_runs(tmp_path, sweep, values)), sweep)
+    (table,) = summarize(collect(fake_runs(tmp_path, sweep, values)), sweep)
     a, b = (table["versus"][d]["harmful_score"] for d in ("a", "b"))
     assert a["0.1"]["seeds"] == 3 and a["0.1"]["diff"] == pytest.approx(40.0 - 80.0)
     assert a["0.1"]["interval"] == pytest.approx(list(difference_interval(120, 300, 240, 300)))
@@ -114,7 +83,7 @@ def test_paired_effects_resample_the_same_prompts_and_seeds_of_both_arms(tmp_pat
         ("a", 2): "1110000000",
         ("a", 3): "1000000000",
     }
-    runs = _fake_runs(tmp_path, sweep, {(d, 0.1, seed, None): (50.0, 90.0) for d, seed in bits})
+    runs = fake_runs(tmp_path, sweep, {(d, 0.1, seed, None): (50.0, 90.0) for d, seed in bits})
     for run in runs:
         path = run.config.out_dir / "results.json"
         results = json.loads(path.read_text())
@@ -171,7 +140,7 @@ def test_worst_case_takes_the_highest_hs_among_settings_the_guard_keeps(tmp_path
     }
     from ftguard.sweep.report import collect
 
-    (entry,) = worst_case(collect(_fake_runs(tmp_path, sweep, values)), sweep)
+    (entry,) = worst_case(collect(fake_runs(tmp_path, sweep, values)), sweep)
     assert entry["worst"]["setting"] == {"finetune.train.learning_rate": 1e-4}
     assert entry["worst"]["hs"] == 32.0 and entry["worst"]["fa"] == 84.0
     assert entry["kept"] == 2 and entry["total"] == 3
@@ -180,7 +149,7 @@ def test_worst_case_takes_the_highest_hs_among_settings_the_guard_keeps(tmp_path
     # without the guard the wrecking setting is the worst case
     sweep.attack.capability_guard.max_fa_drop = None
     (tmp_path / "b").mkdir()
-    (entry,) = worst_case(collect(_fake_runs(tmp_path / "b", sweep, values)), sweep)
+    (entry,) = worst_case(collect(fake_runs(tmp_path / "b", sweep, values)), sweep)
     assert entry["worst"]["hs"] == 81.0
 
 
@@ -201,7 +170,7 @@ def test_a_guard_relative_to_the_first_setting_never_lowers_the_worst_case_when_
             },
         )
         (tmp_path / folder).mkdir()
-        (e,) = worst_case(collect(_fake_runs(tmp_path / folder, sweep, values)), sweep)
+        (e,) = worst_case(collect(fake_runs(tmp_path / folder, sweep, values)), sweep)
         return e
 
     # measured from the best FA, the added setting raises the bar past lr 1e-4 (FA 75 < 90 - 10): the worst case
@@ -256,7 +225,7 @@ def test_worst_case_intervals_and_the_paired_difference_cover_only_the_attacks_b
         for seed in (1, 2)
     }
     values = {(d, 0.1, seed, lr): (100.0 * sum(b) / 40, 90.0) for (d, seed, lr), b in bits.items()}
-    runs = _fake_runs(tmp_path, sweep, values)
+    runs = fake_runs(tmp_path, sweep, values)
     items = items_digest([f"p{i}" for i in range(40)])
     for run in runs:
         key = (run.defense, run.seed, run.attack["finetune.train.learning_rate"])
@@ -310,7 +279,7 @@ def test_worst_case_over_the_attack_suite_counts_the_hs_asked_through_the_trigge
     values |= {("lisa", 0.1, 1, 1): (30.0, 88.0), ("lisa", 0.1, 2, 1): (34.0, 88.0)}
     triggered = {1: 70.0, 2: 60.0}
     runs = []
-    for run in _fake_runs(tmp_path, sweep, values):
+    for run in fake_runs(tmp_path, sweep, values):
         attack = suite[int(run.attack["finetune.train.learning_rate"])]
         if attack["name"] == "jailbreak_tuning":
             path = run.config.out_dir / "results.json"
@@ -364,7 +333,7 @@ def test_the_attack_curve_lists_every_setting_in_grid_order_with_means_at_each_p
     values = {
         ("sft", p, seed, lr): (pair[seed - 1], 90.0 - seed) for (p, lr), pair in hs.items() for seed in (1, 2)
     }
-    runs = _fake_runs(tmp_path, sweep, values)
+    runs = fake_runs(tmp_path, sweep, values)
     curve = attack_curve(collect(runs), sweep)
     assert [e["setting"] for e in curve] == [
         {"finetune.train.learning_rate": 1e-3},
@@ -389,7 +358,7 @@ def test_a_sweep_without_an_attack_grid_has_no_curve(tmp_path):
     from ftguard.sweep.report import collect
 
     sweep = tiny_sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.1]})
-    runs = _fake_runs(tmp_path, sweep, {("sft", 0.1, 1, None): (50.0, 90.0)})
+    runs = fake_runs(tmp_path, sweep, {("sft", 0.1, 1, None): (50.0, 90.0)})
     assert attack_curve(collect(runs), sweep) == []
 
 
@@ -405,7 +374,7 @@ def test_results_md_states_status_wall_time_and_verdicts_in_words(tmp_path, caps
     )
     values = {("sft", p, s, None): (80.0, 90.0) for p in (0.0, 0.1) for s in (1, 2)}
     values |= {("a", p, s, None): (20.0, 90.0) for p in (0.0, 0.1) for s in (1, 2)}
-    runs = _fake_runs(tmp_path, sweep, values)
+    runs = fake_runs(tmp_path, sweep, values)
     if not complete:
         (runs[-1].config.out_dir / "results.json").unlink()
     out = tmp_path / "sweep"
@@ -431,7 +400,7 @@ def test_the_report_shows_hs_plus_and_leaves_out_a_metric_no_run_measured(tmp_pa
     from ftguard.sweep.report import collect, markdown
 
     sweep = tiny_sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.0]})
-    runs = _fake_runs(tmp_path, sweep, {("sft", 0.0, 1, None): (10.0, 90.0)})
+    runs = fake_runs(tmp_path, sweep, {("sft", 0.0, 1, None): (10.0, 90.0)})
     assert "**HS+**" in markdown(sweep, summarize(collect(runs), sweep), [], "keyword")
     results = runs[0].config.out_dir / "results.json"
     data = json.loads(results.read_text())
@@ -448,7 +417,7 @@ def test_results_md_appends_the_attack_probe_per_setting_marked_against_sft(tmp_
     main_out = tmp_path / "main"
     main_out.mkdir()
     write_report(
-        main, _fake_runs(tmp_path, main, {("sft", p, 1, None): (50.0, 80.0) for p in (0.0, 0.1)}), main_out
+        main, fake_runs(tmp_path, main, {("sft", p, 1, None): (50.0, 80.0) for p in (0.0, 0.1)}), main_out
     )
     (main_out / "sweep.json").write_text(json.dumps({"name": "t", "runs": {}}))
 
@@ -466,7 +435,7 @@ def test_results_md_appends_the_attack_probe_per_setting_marked_against_sft(tmp_
     values = {(d, p, 1, lr): (v + 10 * p, 80.0) for (d, lr), v in hs.items() for p in (0.0, 0.1)}
     probe_out = tmp_path / "probe"
     probe_out.mkdir()
-    write_report(probe, _fake_runs(tmp_path, probe, values), probe_out)
+    write_report(probe, fake_runs(tmp_path, probe, values), probe_out)
 
     load_script("make_results_md").main(str(main_out), str(probe_out))
     text = capsys.readouterr().out.split("## Attack strength", 1)[1]
@@ -504,7 +473,7 @@ def test_the_report_says_which_precision_the_runs_were_trained_in_and_flags_a_mi
     from ftguard.sweep.report import markdown
 
     sweep = tiny_sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.0]}, seeds=[1, 2, 3])
-    runs = _fake_runs(tmp_path, sweep, {("sft", 0.0, s, None): (10.0, 90.0) for s in (1, 2, 3)})
+    runs = fake_runs(tmp_path, sweep, {("sft", 0.0, s, None): (10.0, 90.0) for s in (1, 2, 3)})
 
     def trained_in(run, *precisions):
         results = run.config.out_dir / "results.json"
@@ -542,7 +511,7 @@ def test_the_report_says_what_the_units_were_made_on_and_flags_a_study_resumed_o
     from ftguard.sweep.report import markdown
 
     sweep = tiny_sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.0]}, seeds=[1, 2, 3])
-    runs = _fake_runs(tmp_path, sweep, {("sft", 0.0, s, None): (10.0, 90.0) for s in (1, 2, 3)})
+    runs = fake_runs(tmp_path, sweep, {("sft", 0.0, s, None): (10.0, 90.0) for s in (1, 2, 3)})
     intel, amd = "cpu: Intel Xeon (x86_64, AMX)", "cpu: AMD EPYC (x86_64, AVX512-BF16)"
 
     def made_on(run, **units):
@@ -575,7 +544,7 @@ def test_a_post_stage_repair_that_does_not_train_is_no_training_precision(tmp_pa
     from ftguard.sweep.aggregate import aggregate
 
     sweep = tiny_sweep(defenses={"sft": {}}, grid={"data.finetune.harmful_ratio": [0.0]}, seeds=[1, 2])
-    runs = _fake_runs(tmp_path, sweep, {("sft", 0.0, s, None): (10.0, 90.0) for s in (1, 2)})
+    runs = fake_runs(tmp_path, sweep, {("sft", 0.0, s, None): (10.0, 90.0) for s in (1, 2)})
     bf16 = "float32 + bfloat16 autocast"
 
     def trained(run, post):
@@ -630,7 +599,7 @@ def test_paired_effects_carry_holm_over_the_defenses_of_a_column_and_mark_only_t
         seeds=[1, 2, 3],
         baseline="sft",
     )
-    runs = _fake_runs(
+    runs = fake_runs(
         tmp_path, sweep, {(d, 0.1, seed, None): (50.0, 90.0) for d in arms for seed in (1, 2, 3)}
     )
     for run in runs:
@@ -699,3 +668,33 @@ def test_the_worst_case_table_says_whose_guard_kept_how_many_attacks():
         "sft 6; 1 seed)"
     )
     assert _versus_baseline_cell(None, "sft") == "–"
+
+
+def test_the_paired_effects_figure_has_a_row_per_defense_and_names_slice_and_p_only_where_they_vary(tmp_path):
+    from ftguard.sweep.plots import paired_rows, plot_paired
+
+    def cell(diff, p_holm):
+        return {"diff": diff, "interval": [diff - 3, diff + 3], "p_holm": p_holm}
+
+    study = {
+        "slice": {},
+        "paired": {
+            "sft-p0": {"harmful_score": {}},  # a control at another p: nothing paired, no row
+            "lisa": {"harmful_score": {"0.1": cell(-12, 0.01)}, "finetune_accuracy": {"0.1": cell(-5, 0.2)}},
+            "kl": {"harmful_score": {"0.1": cell(-5, 0.03)}},
+        },
+    }
+    assert [label for label, _ in paired_rows([study])] == ["lisa", "kl"]
+    assert paired_rows([study])[0][1]["finetune_accuracy"]["diff"] == -5
+    suite = {
+        "slice": {"attack.finetune.train.learning_rate": 2e-4},
+        "paired": {"lisa": {"harmful_score": {"0.1": cell(-3, 0.5), "0.2": cell(-4, 0.5)}}},
+    }
+    assert [label for label, _ in paired_rows([suite])] == [
+        "lisa, lr = 0.0002, p = 0.1",
+        "lisa, lr = 0.0002, p = 0.2",
+    ]
+    assert plot_paired([{"slice": {}, "paired": {"sft-p0": {"harmful_score": {}}}}], tmp_path, "sft") == []
+    assert not (tmp_path / "paired_effects.png").exists()
+    (path,) = plot_paired([study, suite], tmp_path, "sft")
+    assert path == tmp_path / "paired_effects.png" and path.stat().st_size > 1000

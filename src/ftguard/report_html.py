@@ -31,8 +31,9 @@ from ftguard.report_html_template import (
     verdict_html,
 )
 from ftguard.run_results import Point, RunResults, generations_file, read_results
+from ftguard.sweep.plots import PLOT_FILES
 
-SWEEP_PLOTS = ("hs_vs_p.png", "hs_vs_fa.png", "worst_case.png")
+SWEEP_PLOTS = PLOT_FILES
 KINDS = ("harmful", "harmful_triggered", "task", "benign", "instruction")
 KIND_TITLES = {
     "harmful": "harmful prompts (HS)",

@@ -128,7 +128,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2, default=str))
     else:
         print(report["markdown"])
-        print(f"report: {out / 'report.md'} (runs.csv, runs.json, hs_vs_p.png, hs_vs_fa.png beside it)")
+        beside = ", ".join(["runs.csv", "runs.json", *report.get("plots", [])])
+        print(f"report: {out / 'report.md'} ({beside} beside it)")
     if report.get("not_started"):
         print(
             f"ftguard: stopped by --stop-after with {report['not_started']} run(s) left; run the same command again"

@@ -364,6 +364,17 @@ def axis_text(value: Any) -> str:
     return str(value).replace("/", "--")
 
 
+def setting_text(key: str, value: Any) -> str:
+    """A grid axis's setting as the reports write it ("lr = 0.0002")."""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{ABBREVIATIONS.get(key, key.split('.')[-1])} = {text}"
+
+
+def slice_text(entry: dict[str, Any]) -> str:
+    """The grid slice of a report entry (``{"slice": {"attack.<key>": value}}``) as text, "–" when it has none."""
+    return ", ".join(setting_text(k.split(".", 1)[1], v) for k, v in entry["slice"].items()) or "–"
+
+
 def _slug(key: str, value: Any) -> str:
     name = ABBREVIATIONS.get(key, key.split(".")[-1])
     text = axis_text(value)

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ftguard.metrics import HEADLINE, METRICS, Metric, fmt
+from ftguard.metrics import HEADLINE, METRICS, fmt
 from ftguard.pipeline.outputs import write_json_atomic, write_text_atomic
 from ftguard.sweep.aggregate import (
     CURVE_METRICS,
@@ -19,7 +19,8 @@ from ftguard.sweep.aggregate import (
     to_plain,
 )
 from ftguard.sweep.calibrate import calibration_markdown
-from ftguard.sweep.config import ABBREVIATIONS, SweepConfig, SweepRun
+from ftguard.sweep.config import SweepConfig, SweepRun, setting_text, slice_text
+from ftguard.sweep.plots import plot, plot_curve, plot_paired, plot_worst_case
 from ftguard.sweep.worst_case import worst_case
 
 # Importers from before the split into aggregate and render still find the aggregation here.
@@ -27,8 +28,6 @@ __all__ = [
     "collect",
     "markdown",
     "mean_std",
-    "plot",
-    "plot_worst_case",
     "summarize",
     "to_csv",
     "to_plain",
@@ -38,10 +37,6 @@ __all__ = [
 
 
 HS, FA = METRICS["harmful_score"], METRICS["finetune_accuracy"]
-
-
-def _axis_label(metric: Metric) -> str:
-    return f"{metric.label} ({metric.unit}) {metric.arrow}"
 
 
 def _cell(values: list[float]) -> str:
@@ -217,10 +212,6 @@ def _reference_md(sweep: SweepConfig) -> list[str]:
     return lines
 
 
-def _slice_text(entry: dict[str, Any]) -> str:
-    return ", ".join(_axis(k.split(".", 1)[1], v) for k, v in entry["slice"].items()) or "–"
-
-
 def _delta(summary: dict[str, Any]) -> str:
     lo, hi = summary["interval"]
     return f"{summary['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
@@ -269,20 +260,20 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|" + ("---|" if sweep.baseline else ""),
     ]
     for e in worst:
-        slice_text = _slice_text(e)
+        where = slice_text(e)
         compared = e.get("seeds_compared")
         seeds = ", ".join(str(s) for s in compared) if compared else "unequal"
         w, u = e["worst"], e.get("uncertainty") or {}
         versus = [_versus_baseline_cell(u.get("versus_baseline"), sweep.baseline)] if sweep.baseline else []
         if w is None:
-            cells = [e["defense"], slice_text, "–", "–", "all dropped", f"0 / {e['total']}", seeds, *versus]
+            cells = [e["defense"], where, "–", "–", "all dropped", f"0 / {e['total']}", seeds, *versus]
         else:
             interval = " [{:.1f}, {:.1f}]".format(*u["interval"]) if u.get("interval") else ""
-            setting = ", ".join(_axis(k, v) for k, v in w["setting"].items())
+            setting = ", ".join(setting_text(k, v) for k, v in w["setting"].items())
             hs = f"{w['hs']:.1f}{interval}"
             cells = [
                 e["defense"],
-                slice_text,
+                where,
                 hs,
                 fmt(w["fa"]),
                 setting,
@@ -322,11 +313,9 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
         ]
         for e in eroded:
             v = e["uncertainty"]["versus_baseline"]
-            slice_text = _slice_text(e)
+            where = slice_text(e)
             cells = [_delta(v["reference"]), _delta(v), _delta(v["erosion"])]
-            lines.append(
-                f"| {e['defense']} | {slice_text} | " + " | ".join(cells) + f" | {len(v['seeds'])} |"
-            )
+            lines.append(f"| {e['defense']} | {where} | " + " | ".join(cells) + f" | {len(v['seeds'])} |")
     curves = [e for e in worst if e.get("cumulative_max")]
     if curves:
         width = max(len(e["cumulative_max"]) for e in curves)
@@ -339,44 +328,14 @@ def _worst_md(sweep: SweepConfig, worst: list[dict[str, Any]]) -> list[str]:
             "|---|---|" + "---|" * width,
         ]
         for e in curves:
-            slice_text = _slice_text(e)
+            where = slice_text(e)
             cells = [
-                f"{', '.join(_axis(k, v) for k, v in c['setting'].items())}: {c['hs']:.1f} → {c['best_so_far']:.1f}"
+                f"{', '.join(setting_text(k, v) for k, v in c['setting'].items())}: {c['hs']:.1f} → {c['best_so_far']:.1f}"
                 for c in e["cumulative_max"]
             ]
             cells += [""] * (width - len(cells))  # fewer settings kept than another defense
-            lines.append(f"| {e['defense']} | {slice_text} | " + " | ".join(cells) + " |")
+            lines.append(f"| {e['defense']} | {where} | " + " | ".join(cells) + " |")
     return [*lines, ""]
-
-
-def plot_worst_case(worst: list[dict[str, Any]], out: Path) -> list[Path]:
-    """worst_case.png: per defense (and grid slice), each kept attack setting's HS in the attack grid's order and
-    the best so far (a step line): how much an attacker gains from each further attack he tries."""
-    entries = [e for e in worst if e.get("cumulative_max")]
-    if not entries:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(entries), figsize=(6 * len(entries), 4), squeeze=False)
-    for ax, e in zip(axes[0], entries, strict=True):
-        curve = e["cumulative_max"]
-        xs = range(len(curve))
-        ax.step(xs, [c["best_so_far"] for c in curve], where="post", label="best so far")
-        ax.plot(xs, [c["hs"] for c in curve], "o", label="this setting")
-        labels = ["\n".join(_axis(k, v) for k, v in c["setting"].items()) for c in curve]
-        ax.set_xticks(list(xs), labels, fontsize=7, rotation=45, ha="right")
-        title = ", ".join([e["defense"], *(_axis(k.split(".", 1)[1], v) for k, v in e["slice"].items())])
-        ax.set(ylabel=_axis_label(HS), title=f"{title}: worst case by attacks tried", ylim=(-2, 102))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "worst_case.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
 
 
 def _curve_md(curve: list[dict[str, Any]]) -> list[str]:
@@ -394,48 +353,10 @@ def _curve_md(curve: list[dict[str, Any]]) -> list[str]:
         "|---|---|" + "---|" * (len(metrics) + 1),
     ]
     for e in curve:
-        setting = ", ".join(_axis(k, v) for k, v in {**e["slice"], **e["setting"]}.items()) or "–"
+        setting = ", ".join(setting_text(k, v) for k, v in {**e["slice"], **e["setting"]}.items()) or "–"
         cells = [" / ".join(fmt(e["points"].get(f"{p:g}", {}).get(m)) for p in ratios) for m in metrics]
         lines.append(f"| {e['defense']} | {setting} | " + " | ".join(cells) + f" | {e['seeds']} |")
     return [*lines, ""]
-
-
-def plot_curve(curve: list[dict[str, Any]], out: Path) -> list[Path]:
-    """attack_curve.png: HS at each attack setting, a line per p, one panel per defense."""
-    if not curve:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    defenses = list(dict.fromkeys(e["defense"] for e in curve))
-    fig, axes = plt.subplots(1, len(defenses), figsize=(6 * len(defenses), 4), squeeze=False)
-    for ax, defense in zip(axes[0], defenses, strict=True):
-        entries = [e for e in curve if e["defense"] == defense]
-        labels = ["\n".join(_axis(k, v) for k, v in {**e["slice"], **e["setting"]}.items()) for e in entries]
-        for p in sorted({float(p) for e in entries for p in e["points"]}):
-            ys = [e["points"].get(f"{p:g}", {}).get("harmful_score") for e in entries]
-            ax.plot(
-                range(len(entries)),
-                [y if y is not None else float("nan") for y in ys],
-                "o-",
-                label=f"p={p:g}",
-            )
-        ax.set_xticks(range(len(entries)), labels, fontsize=7, rotation=45, ha="right")
-        ax.set(ylabel=_axis_label(HS), title=f"{defense}: {HS.label} by attack setting", ylim=(0, 100))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "attack_curve.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
-
-
-def _axis(key: str, value: Any) -> str:
-    text = f"{value:g}" if isinstance(value, float) else str(value)
-    return f"{ABBREVIATIONS.get(key, key.split('.')[-1])} = {text}"
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -447,53 +368,6 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def plot(tables: list[dict[str, Any]], out: Path) -> list[Path]:
-    """hs_vs_p.png (a line per defense, error bars = std over seeds) and hs_vs_fa.png (mean per defense × p)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    if not tables:
-        return paths
-    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4), squeeze=False)
-    fig2, axes2 = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4), squeeze=False)
-    for ax, ax2, table in zip(axes[0], axes2[0], tables, strict=True):
-        title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in table["slice"].items())
-        for defense, entry in table["defenses"].items():
-            ps = [p for p in table["ratios"] if entry["harmful_score"].get(f"{p:g}", {}).get("n")]
-            hs = [entry["harmful_score"][f"{p:g}"] for p in ps]
-            ax.errorbar(
-                ps,
-                [h["mean"] for h in hs],
-                yerr=[h["std"] or 0 for h in hs],
-                marker="o",
-                capsize=3,
-                label=defense,
-            )
-            fa = [entry["finetune_accuracy"].get(f"{p:g}", {}) for p in ps]
-            points = [(h["mean"], f["mean"], p) for h, f, p in zip(hs, fa, ps, strict=True) if f.get("n")]
-            if points:
-                ax2.scatter([f for _, f, _ in points], [h for h, _, _ in points], label=defense)
-                for h, f, p in points:
-                    ax2.annotate(f"p={p:g}", (f, h), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel="harmful ratio p", ylabel=_axis_label(HS), title=title or f"{HS.label} vs p")
-        ax.set_xticks(table["ratios"])
-        ax2.set(xlabel=_axis_label(FA), ylabel=_axis_label(HS), title=title or f"{HS.label} vs {FA.label}")
-        for a in (ax, ax2):
-            a.grid(alpha=0.3)
-    for figure, name in ((fig, "hs_vs_p.png"), (fig2, "hs_vs_fa.png")):
-        # One legend beside the panels: inside, ten defenses hide the points they label.
-        handles, labels = figure.axes[0].get_legend_handles_labels()
-        figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-        figure.tight_layout()
-        figure.savefig(out / name, dpi=120, bbox_inches="tight")
-        plt.close(figure)
-        paths.append(out / name)
-    return paths
 
 
 def write_report(sweep: SweepConfig, runs: list[SweepRun], out: Path) -> dict[str, Any]:
@@ -520,6 +394,7 @@ def write_report(sweep: SweepConfig, runs: list[SweepRun], out: Path) -> dict[st
             *plot(report["tables"], out),
             *plot_curve(report["attack_curve"], out),
             *plot_worst_case(report["worst_case"], out),
+            *plot_paired(report["tables"], out, sweep.baseline),
         ]
     ]
     write_json_atomic(out / "report.json", report)

@@ -6,7 +6,7 @@ Layout of ``<output_dir>``:
   that needs them (an aligned model is trained once for all ratios, tasks and fine-tuning defenses on top);
   ``--units-dir`` puts them elsewhere, e.g. in another sweep's store to reuse its units;
 - ``runs/<defense>/<axes>-seed<N>/``: each run's config.yaml and results.json;
-- ``report.md``, ``report.json``, ``runs.csv``, ``runs.json``, ``hs_vs_p.png``, ``hs_vs_fa.png``.
+- ``report.md``, ``report.json``, ``runs.csv``, ``runs.json`` and the figures of sweep/plots.py.
 
 A run whose results.json is complete for its config is skipped, so an interrupted sweep resumes where it
 stopped; an interrupted unit resumes from its last checkpoint.
