@@ -318,8 +318,11 @@ def ledger_cells(folders: tuple[Path | None, Path | None, Path | None]) -> dict[
     HS, FA, OR and IR differences against SFT at p = 0.1 and the computed verdict, per sweep the method is in;
     for SFT, the baseline's HS before and after the attack."""
     found: dict[str, tuple[list[str], list[str]]] = {}
+    read_settings = set()
     for folder, setting in zip(folders, SETTINGS, strict=True):
         read = readings(folder) if folder else None
+        if read:
+            read_settings.add(setting)
         if read and setting != SETTINGS[2] and (base := baseline_reading(folder, read[1])):
             study, verdicts = found.setdefault("sft", ([], []))
             study.append(f"{setting}: {base}")
@@ -344,7 +347,19 @@ def ledger_cells(folders: tuple[Path | None, Path | None, Path | None]) -> dict[
             study, verdicts = found.setdefault(e["method"], ([], []))
             study.append(f"{label}: {numbers}")
             verdicts.append(f"{label}: {e['verdict']}")
+    if SETTINGS[1] in read_settings:
+        # a calibrated defense the strong sweep does not hold says so, rather than leaving the reader to wonder
+        for method, (study, _) in found.items():
+            settings = {c.split(":", 1)[0].split(" (`", 1)[0] for c in study}
+            if method != "sft" and SETTINGS[0] in settings and SETTINGS[1] not in settings:
+                study.append(f"{SETTINGS[1]}: {NOT_IN_STRONG}")
     return {method: ("; ".join(study), "; ".join(v)) for method, (study, v) in found.items()}
+
+
+NOT_IN_STRONG = (
+    "not in `sweeps/testbed-study-strong`, which holds the defenses that moved validation HS most under the "
+    "calibrated attack and the post-stage repairs"
+)
 
 
 SWEEP_FILES = Path(__file__).resolve().parents[1] / "src" / "ftguard" / "configs" / "sweeps"

@@ -289,3 +289,20 @@ def test_a_calibration_that_kept_no_setting_says_why_in_the_ledger(tmp_path):
     )
     row = verdicts.fill_ledger(page, {}, plans).splitlines()[1]
     assert row.endswith(f"| calibration | {study} | {verdict} |")
+
+
+def test_a_calibrated_defense_the_strong_sweep_does_not_hold_says_so_in_the_ledger(study, tmp_path):
+    import shutil
+
+    strong = tmp_path / "strong"
+    shutil.copytree(study, strong, ignore=shutil.ignore_patterns("strong"))
+    sweep = yaml.safe_load((strong / "sweep.yaml").read_text())
+    sweep["defenses"] = {k: v for k, v in sweep["defenses"].items() if k in ("sft", "guard_missing")}
+    (strong / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    kl_study, _ = verdicts.ledger_cells((study, strong, None))["kl"]
+    assert "strong attack (`guard_missing`): HS -8.0" in kl_study and verdicts.NOT_IN_STRONG not in kl_study
+    lisa_study, lisa_verdict = verdicts.ledger_cells((study, strong, None))["lisa"]
+    assert lisa_study.endswith(f"; strong attack: {verdicts.NOT_IN_STRONG}")
+    assert "strong attack" not in lisa_verdict
+    # without the strong sweep's report, nothing is said of it
+    assert "strong attack" not in verdicts.ledger_cells((study, None, None))["lisa"][0]
