@@ -674,7 +674,7 @@ def test_the_paired_effects_figure_has_a_row_per_defense_and_names_slice_and_p_o
     from ftguard.sweep.plots import paired_rows, plot_paired
 
     def cell(diff, p_holm):
-        return {"diff": diff, "interval": [diff - 3, diff + 3], "p_holm": p_holm}
+        return {"diff": diff, "interval": [diff - 3, diff + 3], "p_holm": p_holm, "seeds": 5}
 
     study = {
         "slice": {},
@@ -682,9 +682,10 @@ def test_the_paired_effects_figure_has_a_row_per_defense_and_names_slice_and_p_o
             "sft-p0": {"harmful_score": {}},  # a control at another p: nothing paired, no row
             "lisa": {"harmful_score": {"0.1": cell(-12, 0.01)}, "finetune_accuracy": {"0.1": cell(-5, 0.2)}},
             "kl": {"harmful_score": {"0.1": cell(-5, 0.03)}},
+            "booster": {"harmful_score": {"0.1": cell(+7, 1.0) | {"seeds": 2}}},
         },
     }
-    assert [label for label, _ in paired_rows([study])] == ["lisa", "kl"]
+    assert [label for label, _ in paired_rows([study])] == ["lisa", "kl", "booster (2 of 5 seeds)"]
     assert paired_rows([study])[0][1]["finetune_accuracy"]["diff"] == -5
     suite = {
         "slice": {"attack.finetune.train.learning_rate": 2e-4},

@@ -148,10 +148,16 @@ def paired_rows(tables: list[dict[str, Any]]) -> list[tuple[str, dict[str, dict[
                     by_column.setdefault(column, {}).setdefault(defense, {})[metric] = cell
         where = slice_text(table)
         for column, defenses in by_column.items():
+            # a defense still short of the others' seeds is marked: its interval is not yet the design's
+            most = max(
+                (c.get("seeds") or 0 for cells in defenses.values() for c in cells.values()), default=0
+            )
             for defense, cells in defenses.items():
                 label = [defense, *([where] if where != "–" else [])]
                 label += [f"p = {column}"] if len(by_column) > 1 else []
-                rows.append((", ".join(label), cells))
+                seeds = max((c.get("seeds") or 0 for c in cells.values()), default=0)
+                text = ", ".join(label) + (f" ({seeds} of {most} seeds)" if 0 < seeds < most else "")
+                rows.append((text, cells))
     return rows
 
 
