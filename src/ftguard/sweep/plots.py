@@ -14,6 +14,16 @@ HS, FA = METRICS["harmful_score"], METRICS["finetune_accuracy"]
 PLOT_FILES = ("hs_vs_p.png", "hs_vs_fa.png", "paired_effects.png", "attack_curve.png", "worst_case.png")
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Write the figure and free it: pyplot keeps every open figure alive, and a sweep report draws several."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def axis_label(metric: Metric) -> str:
     return f"{metric.label} ({metric.unit}) {metric.arrow}"
 
@@ -62,10 +72,7 @@ def plot(tables: list[dict[str, Any]], out: Path) -> list[Path]:
         # One legend beside the panels: inside, ten defenses hide the points they label.
         handles, labels = figure.axes[0].get_legend_handles_labels()
         figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-        figure.tight_layout()
-        figure.savefig(out / name, dpi=120, bbox_inches="tight")
-        plt.close(figure)
-        paths.append(out / name)
+        paths.append(_save(figure, out / name))
     return paths
 
 
@@ -97,11 +104,7 @@ def plot_curve(curve: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set(ylabel=axis_label(HS), title=f"{defense}: {HS.label} by attack setting", ylim=(0, 100))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "attack_curve.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "attack_curve.png")]
 
 
 def plot_worst_case(worst: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -129,11 +132,7 @@ def plot_worst_case(worst: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set(ylabel=axis_label(HS), title=f"{title}: worst case by attacks tried", ylim=(-2, 102))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "worst_case.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "worst_case.png")]
 
 
 def paired_rows(tables: list[dict[str, Any]]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
@@ -201,8 +200,4 @@ def plot_paired(tables: list[dict[str, Any]], out: Path, baseline: str | None) -
         ax.grid(alpha=0.3, axis="x")
     axes[0][0].set_yticks(ys, [label for label, _ in rows], fontsize=8)
     fig.suptitle("Paired effects against the baseline, 95% intervals (filled: survives Holm)", fontsize=10)
-    fig.tight_layout()
-    path = out / "paired_effects.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "paired_effects.png")]
