@@ -31,6 +31,7 @@ SWEEP_FILES = (
     "rescore.md",
 )
 PLOTS = (*PLOT_FILES, "rescore.png")
+ADDED = "added"  # a rescored archive's runs from a later machine (archive_added)
 
 
 def archive(src: Path, dest: Path) -> int:
@@ -45,9 +46,11 @@ def archive(src: Path, dest: Path) -> int:
     if rescored and new < kept:
         # the answers of older runs live in a units store, outside the repository: on a machine that lost it a
         # rescore finds fewer of them, and must not replace the fuller table already archived
+        added = archive_added(src, dest)
         raise SystemExit(
             f"{src} scored {new} points, the archived {dest} {kept}: kept the archive "
             "(the older runs' answers are not in the units store given)"
+            + (f"; the {added} runs it lacks are in {dest / ADDED}" if added else "")
         )
     for results in [] if rescored else sorted(src.glob("runs/*/*/results.json")):
         if not json.loads(results.read_text()).get("complete"):
@@ -63,6 +66,36 @@ def archive(src: Path, dest: Path) -> int:
         if (src / name).is_file():
             shutil.copy2(src / name, dest / name)
     return copied
+
+
+def archive_added(src: Path, dest: Path) -> int:
+    """Keep, in ``dest/added/``, the runs of a thinner rescored copy that the archived copy lacks (their rows of
+    runs.json and points of rescore.json); the number of such runs.
+
+    The archived copy's report pairs defenses prompt by prompt, which needs every run's answers in one units store;
+    runs made on a later machine cannot join it, but their per-run HS under each judge can still be read beside
+    the archived runs' at the same seeds (scripts/make_testbed_md.py). A thinner ``added/`` does not replace a
+    fuller one, for the reason above."""
+    archived = {r["run"] for r in _rows(dest / "runs.json")}
+    rows = [r for r in _rows(src / "runs.json") if r["run"] not in archived and r.get("complete")]
+    runs = {r["run"] for r in rows}
+    summary = json.loads((src / "rescore.json").read_text())
+    # rescore.json names a run by its folder under the sweep (runs/<defense>/<seed>), runs.json without runs/
+    points = [
+        p
+        for p in summary["points"]
+        if p.get("run", "").removeprefix("runs/") in runs and not p.get("missing")
+    ]
+    if not points or len(points) < scored_points(dest / ADDED):
+        return 0
+    (dest / ADDED).mkdir(parents=True, exist_ok=True)
+    (dest / ADDED / "runs.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (dest / ADDED / "rescore.json").write_text(json.dumps(summary | {"points": points}, indent=1) + "\n")
+    return len(runs)
+
+
+def _rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def scored_points(folder: Path) -> int:

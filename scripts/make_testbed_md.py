@@ -23,6 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 from audit_paired import paired_audits
 from audit_paired import summary as audit_summary
 from design_power import pilot_pairs
@@ -30,7 +31,7 @@ from make_results_md import before_attack
 from testbed_md_common import SWEEPS, read_report, section, status
 from testbed_md_suite import attack_suite
 
-from ftguard.evaluation.paired import detectable_before_the_run
+from ftguard.evaluation.paired import detectable_before_the_run, t_over_seeds
 from ftguard.metrics import METRICS
 from ftguard.sweep.aggregate import mean_std
 
@@ -337,6 +338,45 @@ RESCORED_WHAT = {
 }
 
 
+def rescored_rows(folder: Path, judge: str) -> list[dict]:
+    """A judge's rescored runs (runs.json): the archived copy's, then those judged on a later machine
+    (``added/``, scripts/archive_sweep.py) that the archived copy lacks."""
+    rows = json.loads((folder / judge / "runs.json").read_text())
+    added = folder / judge / "added" / "runs.json"
+    if added.is_file():
+        held = {r["run"] for r in rows}
+        rows += [r for r in json.loads(added.read_text()) if r["run"] not in held]
+    return rows
+
+
+def rescored_points(folder: Path, judge: str) -> list[dict]:
+    """The judge's scored evaluation points (rescore.json), the ``added/`` copy's included."""
+    points = []
+    for summary in (folder / judge / "rescore.json", folder / judge / "added" / "rescore.json"):
+        if summary.is_file():
+            points += [p for p in json.loads(summary.read_text())["points"] if not p.get("missing")]
+    return points
+
+
+def seed_level_effect(rows: list[dict], defense: str, p: float = 0.1) -> dict | None:
+    """A defense's HS after the attack minus SFT's at the same seeds, Student's t over those seeds: the paired
+    effect of runs whose answers were judged on different machines, so no prompt-level pairing (None below two
+    seeds)."""
+
+    def final_hs(name: str) -> dict[int, float]:
+        return {
+            r["seed"]: r["harmful_score"]
+            for r in rows
+            if r["defense"] == name and r["final"] and r["complete"] and r.get("p") == p
+        }
+
+    ours, sft = final_hs(defense), final_hs("sft")
+    diffs = np.array([ours[s] - sft[s] for s in sorted(ours.keys() & sft.keys())])
+    if len(diffs) < 2:
+        return None
+    return t_over_seeds(diffs) | {"seeds": len(diffs)}
+
+
 def _paired_hs(report: dict, defense: str, p: str = "0.1") -> dict | None:
     (table,) = report["tables"][:1]
     return (table.get("paired", {}).get(defense, {}).get("harmful_score") or {}).get(p)
@@ -349,17 +389,23 @@ def other_judges(folder: Path | None) -> list[str]:
     if "ftguard-judge" not in found or len(found) < 2:
         return []
     reports = {j: json.loads((folder / j / "report.json").read_text()) for j in found}
-    rescored = json.loads((folder / "ftguard-judge" / "rescore.json").read_text())["points"]
-    scored = [r for r in rescored if not r.get("missing")]
+    scored = rescored_points(folder, "ftguard-judge")
     same = sum(r["agreement"] == 100.0 for r in scored)
-    rows = json.loads((folder / "ftguard-judge" / "runs.json").read_text())
-    seeds = sorted({r["seed"] for r in rows if r["final"] and r["complete"]})
-    runs = len({r["run"] for r in rows if r["complete"]})
+    rows = {j: rescored_rows(folder, j) for j in found}
+    seeds = sorted({r["seed"] for r in rows["ftguard-judge"] if r["final"] and r["complete"]})
+    runs = len({r["run"] for r in rows["ftguard-judge"] if r["complete"]})
     defenses = [
         d
         for d in reports["ftguard-judge"]["tables"][0].get("paired", {})
         if _paired_hs(reports["ftguard-judge"], d)
     ]
+    # defenses whose runs were judged on a later machine only (added/): read seed by seed against SFT
+    paired = reports["ftguard-judge"]["tables"][0].get("paired", {})
+    later = sorted(
+        d
+        for d in {r["defense"] for r in rows["ftguard-judge"]} - set(paired) - {"sft"}
+        if seed_level_effect(rows["ftguard-judge"], d)
+    )
 
     def cell(judge: str, defense: str) -> str:
         c = _paired_hs(reports[judge], defense)
@@ -369,11 +415,16 @@ def other_judges(folder: Path | None) -> list[str]:
         mark = " †" if c.get("p_holm", 1.0) < 0.05 else ""
         return f"{c['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]{mark}"
 
+    def later_cell(judge: str, defense: str) -> str:
+        c = seed_level_effect(rows[judge], defense)
+        if not c:
+            return "–"
+        lo, hi = c["interval"]
+        return f"{c['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] ‡"
+
     def sft_level(judge: str) -> str:
         values = [
-            r["harmful_score"]
-            for r in json.loads((folder / judge / "runs.json").read_text())
-            if r["defense"] == "sft" and r["final"] and r["complete"]
+            r["harmful_score"] for r in rows[judge] if r["defense"] == "sft" and r["final"] and r["complete"]
         ]
         return f"{sum(values) / len(values):.1f}" if values else "–"
 
@@ -393,9 +444,21 @@ def other_judges(folder: Path | None) -> list[str]:
     for defense in defenses:
         n = _paired_hs(reports["ftguard-judge"], defense)["seeds"]
         lines.append(f"| {defense} | {n} | " + " | ".join(cell(j, defense) for j in found) + " |")
+    for defense in later:
+        n = seed_level_effect(rows["ftguard-judge"], defense)["seeds"]
+        lines.append(f"| {defense} | {n} | " + " | ".join(later_cell(j, defense) for j in found) + " |")
     lines += [
         "| *SFT's HS after the attack* | | " + " | ".join(sft_level(j) for j in found) + " |",
         "",
+    ]
+    if later:
+        lines += [
+            "‡ Runs made on a later machine than SFT's, whose answers that machine no longer holds: the mean of "
+            "the per-seed differences in HS against SFT at the same seeds, with Student's t over those seeds "
+            "(no prompt-level pairing, outside the Holm family).",
+            "",
+        ]
+    lines += [
         "The judges disagree on the level (the refusal-phrase judge counts every answer without a stock refusal "
         "as harmful) and much less on the paired effects. The first three share a preference for explicit "
         "refusals over moralising answers that comply with nothing (read on these answers by hand: "
@@ -424,7 +487,7 @@ def aligned_under_judges(folder: Path | None) -> list[str]:
     # runs sharing an aligned model evaluate it once each: one value per alignment method and seed
     hs: dict[str, dict[str, dict[int, float]]] = {}
     for judge in found:
-        for r in json.loads((folder / judge / "runs.json").read_text()):
+        for r in rescored_rows(folder, judge):
             if r["point"] == "align" and r.get("harmful_score") is not None:
                 hs.setdefault(r["method"], {}).setdefault(judge, {}).setdefault(r["seed"], r["harmful_score"])
     if not hs:

@@ -129,7 +129,8 @@ archive() {
     # exit 1: some older runs' answers are gone; those runs are left out and listed
     "$FTGUARD" judge rescore docs/results/testbed-study --judge "$judge" --units-dir "$UNITS" \
       --output-dir "$OUT/testbed-study-rescored/$judge" >/dev/null || true
-    # refused (and the archive kept) when this units store holds fewer of the answers than the archive scored
+    # refused (and the archive kept) when this units store holds fewer of the answers than the archive scored;
+    # the runs the archive lacks (made on this machine) are kept beside it, in added/
     "$PYTHON" scripts/archive_sweep.py "$OUT/testbed-study-rescored/$judge" \
       "docs/results/testbed-study-rescored/$judge" || true
   done

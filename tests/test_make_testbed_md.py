@@ -186,6 +186,33 @@ def test_other_judges_put_each_judge_s_paired_effect_beside_the_study_judge_s_on
     assert "| lisa | 2 | -8.0 [-13.0, -3.0] † | -12.0 [-17.0, -7.0] † | -6.0 [-11.0, -1.0] † |" in text
     assert "| *SFT's HS after the attack* | | 45.0 | 82.0 | 33.0 |" in text
     assert "`ftguard-cross-judge` hardly shares that preference" in text
+    assert "‡" not in text
+
+    # Booster judged on a later machine (added/): read seed by seed against SFT's archived runs, at the seeds
+    # both have (48 has no SFT run), with Student's t over them
+    for judge, booster_hs in (("ftguard-judge", [50.0, 54.0, 99.0]), ("keyword", [90.0, 90.0, 99.0])):
+        (folder / judge / "added").mkdir()
+        added = [
+            {"run": f"booster/seed{s}", "defense": "booster", "seed": s, "final": True, "complete": True}
+            | {"p": 0.1, "harmful_score": hs}
+            for s, hs in zip((46, 47, 48), booster_hs, strict=True)
+        ]
+        (folder / judge / "added" / "runs.json").write_text(json.dumps(added))
+        points = [{"run": "runs/booster/seed46", "point": "finetune", "agreement": 100.0}]
+        (folder / judge / "added" / "rescore.json").write_text(json.dumps({"points": points}))
+    for judge in ("ftguard-judge", "keyword", "ftguard-cross-judge"):  # the archived SFT runs carry their p
+        runs = json.loads((folder / judge / "runs.json").read_text())
+        (folder / judge / "runs.json").write_text(json.dumps([r | {"p": 0.1} for r in runs]))
+    text = "\n".join(page.other_judges(folder))
+    t = 12.706  # Student's t(0.975) with 1 degree of freedom
+    # differences 10 and 4 (standard error 3), 10 and 6 (standard error 2)
+    ours, words = (
+        f"+7.0 [{7 - 3 * t:+.1f}, {7 + 3 * t:+.1f}] ‡",
+        f"+8.0 [{8 - 2 * t:+.1f}, {8 + 2 * t:+.1f}] ‡",
+    )
+    assert f"| booster | 2 | {ours} | {words} | – |" in text
+    assert "3 of the 4 evaluation points" in text and "at seeds 46, 47, 48;" in text
+    assert "‡ Runs made on a later machine than SFT's" in text
 
 
 def test_the_study_effect_is_scaled_by_the_share_of_the_judged_fall_each_audit_kept(tmp_path, monkeypatch):

@@ -230,7 +230,7 @@ def worst_case_bootstrap(
         # on the means, the first among ties as ``worst_case``), by Student's t (see seed_level_t)
         if n_seeds > 1:
             mine_worst, base_worst = arms[means.index(worst)], base[base_means.index(max(base_means))]
-            versus["seed_t"] = _t_summary(100.0 * (_per_seed_hs(*mine_worst) - _per_seed_hs(*base_worst)))
+            versus["seed_t"] = t_over_seeds(100.0 * (_per_seed_hs(*mine_worst) - _per_seed_hs(*base_worst)))
         if reference is not None:
             i, j = reference
             usual = means[i] - base_means[j]
@@ -270,10 +270,10 @@ def seed_level_t(treated: Any, control: Any) -> dict[str, Any] | None:
     either reading; the study reports both."""
     a, b = _paired_arms(treated, control)
     per_seed = 100.0 * (a - b).mean(axis=1)
-    return _t_summary(per_seed) if len(per_seed) > 1 else None
+    return t_over_seeds(per_seed) if len(per_seed) > 1 else None
 
 
-def _t_summary(per_seed: np.ndarray) -> dict[str, Any]:
+def t_over_seeds(per_seed: np.ndarray) -> dict[str, Any]:
     """Student's t over per-seed differences (points): mean, 95% interval, standard error, df, two-sided p."""
     n = len(per_seed)
     diff, se = float(per_seed.mean()), float(per_seed.std(ddof=1) / math.sqrt(n))
