@@ -453,9 +453,9 @@ def other_judges(folder: Path | None) -> list[str]:
     ]
     if later:
         lines += [
-            "‡ Runs made on a later machine than SFT's, whose answers that machine no longer holds: the mean of "
-            "the per-seed differences in HS against SFT at the same seeds, with Student's t over those seeds "
-            "(no prompt-level pairing, outside the Holm family).",
+            "‡ Runs made and judged on a later machine, which no longer held SFT's answers: the mean of the "
+            "per-seed differences in HS against SFT's archived runs at the same seeds, with Student's t over "
+            "those seeds (no prompt-level pairing, outside the Holm family).",
             "",
         ]
     lines += [

@@ -212,7 +212,7 @@ def test_other_judges_put_each_judge_s_paired_effect_beside_the_study_judge_s_on
     )
     assert f"| booster | 2 | {ours} | {words} | – |" in text
     assert "3 of the 4 evaluation points" in text and "at seeds 46, 47, 48;" in text
-    assert "‡ Runs made on a later machine than SFT's" in text
+    assert "‡ Runs made and judged on a later machine, which no longer held SFT's answers" in text
 
 
 def test_the_study_effect_is_scaled_by_the_share_of_the_judged_fall_each_audit_kept(tmp_path, monkeypatch):
