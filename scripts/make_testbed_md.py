@@ -394,13 +394,9 @@ def other_judges(folder: Path | None) -> list[str]:
     rows = {j: rescored_rows(folder, j) for j in found}
     seeds = sorted({r["seed"] for r in rows["ftguard-judge"] if r["final"] and r["complete"]})
     runs = len({r["run"] for r in rows["ftguard-judge"] if r["complete"]})
-    defenses = [
-        d
-        for d in reports["ftguard-judge"]["tables"][0].get("paired", {})
-        if _paired_hs(reports["ftguard-judge"], d)
-    ]
-    # defenses whose runs were judged on a later machine only (added/): read seed by seed against SFT
     paired = reports["ftguard-judge"]["tables"][0].get("paired", {})
+    defenses = [d for d in paired if _paired_hs(reports["ftguard-judge"], d)]
+    # defenses whose runs were judged on a later machine only (added/): read seed by seed against SFT
     later = sorted(
         d
         for d in {r["defense"] for r in rows["ftguard-judge"]} - set(paired) - {"sft"}
